@@ -1,0 +1,313 @@
+"""The one record schema every data source is written in, ArrayRecord shards and their manifest.
+
+A record is a msgpack map::
+
+    schema    int      SCHEMA_VERSION
+    image     bytes    PNG, RGB uint8, fundus-cropped and resized at prep time (HxWx3)
+    mask      bytes    PNG, single channel, 0/255 retinal (field-of-view) mask (HxW)
+    vessel    bytes    PNG, single channel, 0/255 vessel mask, or b"" when none is known
+    dr_grade  int      DR grade (0-4 EyeQ, 0-3 Messidor), -1 unknown
+    quality   int      0 good, 1 usable, 2 reject, -1 unknown
+    id        str      stable example id (file stem), unique within a dataset
+    source    str      dataset name ("eyeq", "messidor", "drive", "synthetic", ...)
+
+Shards of a split are ``<name>-<split>.array_record-NNNNN-of-MMMMM`` in one directory, beside a
+``manifest.json`` that lists every split's shards and counts by grade x quality (the paper's
+Table I). A split is written under a temporary directory and moved into place only when
+complete, so an interrupted run never leaves shards that look complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import cv2
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+QUALITY_NAMES = ("good", "usable", "reject")
+# "group_size:1" keeps every record individually addressable for random access (grain).
+WRITER_OPTIONS = "group_size:1"
+
+
+class RecordError(ValueError):
+    """A record or shard set that does not follow the schema."""
+
+
+def shard_name(name: str, split: str, index: int, count: int) -> str:
+    return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+def id_hash(example_id: str) -> int:
+    """A stable 31-bit integer for an example id (used to derive fixed per-example eval keys)."""
+    return zlib.crc32(example_id.encode("utf-8")) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------- encode / decode
+def _png(array: np.ndarray, what: str) -> bytes:
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RecordError(f"could not PNG-encode the {what} (shape {array.shape}, dtype {array.dtype})")
+    return buf.tobytes()
+
+
+def encode_record(example: Mapping[str, Any]) -> bytes:
+    """Serialise one example dict (fields as yielded by `decode_record`) to record bytes.
+
+    image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None.
+    """
+    image = np.asarray(example["image"])
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise RecordError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
+    mask = _binary(example["mask"], image.shape[:2], "mask")
+    vessel = example.get("vessel")
+    vessel_bytes = b"" if vessel is None else _png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "image": _png(image[..., ::-1], "image"),  # OpenCV writes BGR
+        "mask": _png(mask * 255, "mask"),
+        "vessel": vessel_bytes,
+        "dr_grade": int(example.get("dr_grade", -1)),
+        "quality": int(example.get("quality", -1)),
+        "id": str(example["id"]),
+        "source": str(example.get("source", "")),
+    }
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def _binary(array: Any, shape: tuple[int, int], what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise RecordError(f"{what} must have the image's shape {shape}, got {array.shape}")
+    return (array > (127 if array.dtype == np.uint8 and array.max() > 1 else 0)).astype(np.uint8)
+
+
+def decode_record(data: bytes, *, decode_images: bool = True) -> dict[str, Any]:
+    """Record bytes -> dict(image HxWx3 uint8 RGB, mask HxW uint8 {0,1}, vessel HxW uint8 {0,1}
+    or None, dr_grade int, quality int, id str, source str).
+
+    With ``decode_images=False`` image/mask/vessel stay PNG bytes (vessel b"" when absent).
+    """
+    try:
+        payload = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several types for corrupt input
+        raise RecordError(f"not a cleaq_jax record ({e})") from e
+    if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_VERSION:
+        raise RecordError(
+            f"record schema {payload.get('schema') if isinstance(payload, dict) else '?'} is not "
+            f"{SCHEMA_VERSION}: rebuild the shards with this version's data_prep")
+    if not decode_images:
+        return payload
+    out = dict(payload)
+    del out["schema"]
+    out["image"] = decode_png(payload["image"], color=True)
+    out["mask"] = (decode_png(payload["mask"], color=False) > 127).astype(np.uint8)
+    out["vessel"] = (
+        (decode_png(payload["vessel"], color=False) > 127).astype(np.uint8) if payload["vessel"] else None)
+    return out
+
+
+def decode_png(data: bytes, *, color: bool) -> np.ndarray:
+    """PNG bytes -> HxWx3 RGB uint8 (color) or HxW uint8."""
+    flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if array is None:
+        raise RecordError("undecodable PNG in record")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB) if color else array
+
+
+# --------------------------------------------------------------------------- manifest
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {data_dir} holds no complete shard set. Build one with "
+            f"`python -m data_prep.synthetic --out {data_dir}` or the data_prep CLI for your dataset.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".manifest-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, dict[str, int]]:
+    """Counts by quality x grade, as in the paper's Table I: {quality_name: {grade: n, 'all': n}}."""
+    table: dict[str, dict[str, int]] = {}
+    for g, q in zip(grades, qualities):
+        qname = QUALITY_NAMES[q] if 0 <= q < len(QUALITY_NAMES) else "unknown"
+        row = table.setdefault(qname, {})
+        key = str(g) if g >= 0 else "unknown"
+        row[key] = row.get(key, 0) + 1
+        row["all"] = row.get("all", 0) + 1
+    return table
+
+
+def split_shards(data_dir: str, split: str) -> list[str]:
+    """Absolute paths of a split's shards, in order, as listed by the manifest."""
+    manifest = read_manifest(data_dir)
+    if split not in manifest.get("splits", {}):
+        raise KeyError(
+            f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} "
+            f"(it has: {sorted(manifest.get('splits', {}))})")
+    paths = [os.path.join(data_dir, s) for s in manifest["splits"][split]["shards"]]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {data_dir}")
+    return paths
+
+
+# --------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Writes one split of a dataset as ArrayRecord shards, atomically.
+
+    Records go round-robin into ``num_shards`` shards under a hidden temporary directory; `close()`
+    renames them into ``out_dir`` as ``<name>-<split>.array_record-NNNNN-of-MMMMM`` (empty shards are
+    dropped, so M is the number that hold records) and merges the split into ``manifest.json``.
+    Leaving the context with an exception discards everything written. Use as::
+
+        with ShardWriter(out, "eyeq", "train", num_shards=16) as w:
+            for example in examples:
+                w.write(example)
+    """
+
+    def __init__(self, out_dir: str, name: str, split: str, num_shards: int = 8,
+                 extra_manifest: Mapping[str, Any] | None = None):
+        from array_record.python import array_record_module
+
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.out_dir, self.name, self.split = out_dir, name, split
+        self.extra = dict(extra_manifest or {})
+        os.makedirs(out_dir, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{name}-{split}-")
+        self._writers = [
+            array_record_module.ArrayRecordWriter(os.path.join(self._tmp, f"part-{i:05d}"), WRITER_OPTIONS)
+            for i in range(num_shards)]
+        self._counts = [0] * num_shards
+        self._ids: set[str] = set()
+        self._grades: list[int] = []
+        self._qualities: list[int] = []
+        self._has_vessel = 0
+        self._image_size: tuple[int, int] | None = None
+        self._n = 0
+
+    def write(self, example: Mapping[str, Any] | bytes) -> None:
+        """Append one example (a dict in the schema, or bytes from `encode_record`)."""
+        data = example if isinstance(example, bytes) else encode_record(example)
+        meta = decode_record(data, decode_images=False)
+        if meta["id"] in self._ids:
+            raise RecordError(f"duplicate id {meta['id']!r} in {self.name}/{self.split}")
+        self._ids.add(meta["id"])
+        if self._image_size is None:
+            self._image_size = decode_png(meta["image"], color=False).shape
+        shard = self._n % len(self._writers)
+        self._writers[shard].write(data)
+        self._counts[shard] += 1
+        self._grades.append(meta["dr_grade"])
+        self._qualities.append(meta["quality"])
+        self._has_vessel += bool(meta["vessel"])
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def close(self) -> list[str]:
+        """Finish: move shards into place, update the manifest; returns the shard paths."""
+        for w in self._writers:
+            w.close()
+        used = [i for i, c in enumerate(self._counts) if c > 0]
+        if not used:
+            self.abort()
+            raise RecordError(f"no records were written for {self.name}/{self.split}")
+        # Remove any older shards of this split first so a rewrite with fewer shards leaves no strays.
+        prefix = f"{self.name}-{self.split}.array_record-"
+        for old in os.listdir(self.out_dir):
+            if old.startswith(prefix):
+                os.remove(os.path.join(self.out_dir, old))
+        names = []
+        for j, i in enumerate(used):
+            final = shard_name(self.name, self.split, j, len(used))
+            os.replace(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
+            names.append(final)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._update_manifest(names)
+        return [os.path.join(self.out_dir, n) for n in names]
+
+    def abort(self) -> None:
+        for w in self._writers:
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _update_manifest(self, names: list[str]) -> None:
+        path = os.path.join(self.out_dir, MANIFEST)
+        manifest: dict[str, Any] = {"schema": SCHEMA_VERSION, "splits": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                manifest = json.load(f)
+        manifest["schema"] = SCHEMA_VERSION
+        manifest.setdefault("splits", {})[self.split] = {
+            "name": self.name,
+            "shards": names,
+            "num_records": self._n,
+            "records_per_shard": [c for c in self._counts if c > 0],
+            "image_size": list(self._image_size or ()),
+            "with_vessel_mask": self._has_vessel,
+            "counts": count_table(self._grades, self._qualities),
+            **self.extra,
+        }
+        _atomic_write_json(path, manifest)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------- reading
+def _shard_files(path: str, split: str | None) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is neither a shard file nor a shard directory")
+    if split is not None:
+        return split_shards(path, split)
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        manifest = read_manifest(path)
+        return [os.path.join(path, s) for sp in sorted(manifest["splits"]) for s in manifest["splits"][sp]["shards"]]
+    files = sorted(f for f in os.listdir(path) if ".array_record-" in f and not f.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no ArrayRecord shards in {path}")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_records(path: str, split: str | None = None, *, decode_images: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield decoded records from a shard file, or from every shard of a directory (one split when
+    ``split`` is given; all splits in manifest order otherwise)."""
+    from array_record.python import array_record_module
+
+    for shard in _shard_files(path, split):
+        reader = array_record_module.ArrayRecordReader(shard)
+        try:
+            for i in range(reader.num_records()):
+                yield decode_record(reader.read([i])[0], decode_images=decode_images)
+        finally:
+            reader.close()
