@@ -1,0 +1,262 @@
+"""The training program: one loop for every stage, and the dispatcher main.py calls.
+
+``run(config, workdir)`` dispatches on ``config.stage``: "stage1", "stage2", "stage3" train one stage into
+``<workdir>/<stage>``; "eval" evaluates a checkpoint; "pipeline" runs stage 1, 2, 3 and the evaluation in
+order (the demo). A stage resumes automatically from its latest checkpoint, stops cleanly on SIGTERM after
+saving, and refuses to start when its inputs are missing, naming what to run first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cleaq_jax import checkpoint, parallel, steps
+from cleaq_jax import train_state as ts
+from cleaq_jax.data import pipeline, records
+
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- entry points
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run what ``cfg.stage`` names; returns the evaluation results when an evaluation ran."""
+    from cleaq_jax import evaluate
+
+    ensure_data(cfg, workdir)
+    if cfg.stage in steps.STAGES:
+        return train_stage(cfg, workdir, cfg.stage)
+    if cfg.stage == "eval":
+        return evaluate.run(cfg, workdir)
+    if cfg.stage == "pipeline":
+        result: dict[str, Any] = {}
+        for stage in pipeline_stages(cfg):
+            result = train_stage(cfg, workdir, stage)
+        return result
+    raise ValueError(f"config.stage={cfg.stage!r} is not one of {steps.STAGES + ('eval', 'pipeline')}")
+
+
+def pipeline_stages(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stages a full run goes through after the task switches (ablations drop some)."""
+    t = cfg.tasks
+    chosen = []
+    if t.iqe or t.dr:
+        chosen.append("stage1")
+    if t.iqa:
+        chosen.append("stage2")
+    if t.iqe and (t.iqa or t.dr):
+        chosen.append("stage3")
+    return tuple(chosen)
+
+
+def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """config.data.dir, or <workdir>/data when it is empty and synthetic data is configured."""
+    if cfg.data.dir:
+        return cfg.data.dir
+    if cfg.data.synthetic.num > 0:
+        return os.path.join(workdir, "data")
+    raise ValueError("config.data.dir is empty: point it at shards written by data_prep "
+                     "(e.g. `python -m data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
+
+
+def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Check the shards exist (building the synthetic set on first use when configured)."""
+    path = data_dir(cfg, workdir)
+    manifest = os.path.join(path, records.MANIFEST)
+    if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
+        if jax.process_index() == 0:
+            from data_prep import synthetic
+
+            logging.info("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
+                         cfg.data.image_size, path)
+            synthetic.build_synthetic(path, num=int(cfg.data.synthetic.num), size=int(cfg.data.image_size),
+                                      seed=int(cfg.data.synthetic.seed))
+        _barrier("synthetic-data")
+    if not os.path.exists(manifest):
+        raise FileNotFoundError(
+            f"no shards at config.data.dir={path} ({records.MANIFEST} missing). Build them first, e.g. "
+            f"`python -m data_prep.synthetic --out {path} --size {cfg.data.image_size}` or the data_prep "
+            f"CLI for your dataset (docs/data.md)")
+    size = records.read_manifest(path)["splits"].get(cfg.data.train_split, {}).get("image_size")
+    if size and size[0] != cfg.data.image_size:
+        raise ValueError(f"config.data.image_size={cfg.data.image_size} but the shards in {path} are "
+                         f"{size[0]} px: set --config.data.image_size={size[0]} or re-run data_prep with --size")
+    return path
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------- one stage
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
+    """Train one stage to config.num_epochs (resuming from <workdir>/<stage>/checkpoints if present)."""
+    from cleaq_jax import evaluate
+
+    data = ensure_data(cfg, workdir)
+    out = stage_dir(workdir, stage)
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    parallel.check_batch_divisible(cfg.batch_size, mesh)
+    loader = pipeline.train_loader(
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size, seed=cfg.seed,
+        class_balance=cfg.data.class_balance, balance_by=cfg.data.balance_by, augment=cfg.data.augment,
+        worker_count=cfg.data.worker_count, image_size=cfg.data.image_size)
+    steps_per_epoch = pipeline.num_batches_per_epoch(
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size, class_balance=cfg.data.class_balance,
+        balance_by=cfg.data.balance_by, seed=cfg.seed)
+    total_steps = int(cfg.num_epochs) * steps_per_epoch
+    models = steps.build_models(cfg)
+    tx = steps.make_optimizer(cfg, steps_per_epoch)
+    nets = steps.stage_nets(cfg, stage)
+    ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                                   best_metric=cfg.checkpoint_metric, best_mode=cfg.checkpoint_mode)
+    state, shardings = _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader)
+    start = int(jax.device_get(state.step))
+    step_fn = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
+                                      shardings, mesh)
+    logging.info("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
+                 start, total_steps, dict(mesh.shape))
+    state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    if cfg.eval_at_end:
+        return evaluate.evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
+    return {}
+
+
+def _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader):
+    """Resume from the stage's latest checkpoint, else initialise (stage 3: from stages 1 and 2)."""
+    key = jax.random.key(int(cfg.seed))
+    init = lambda k: steps.init_state(cfg, models, nets, tx, k)  # noqa: E731
+    abstract = jax.eval_shape(init, key)
+    shardings = parallel.state_shardings(abstract, mesh)
+    if ckpt.latest_step() is not None:
+        target = checkpoint.abstract_with_shardings(abstract, shardings)
+        state = ckpt.restore(target, data_iter=loader)
+        logging.info("%s: resumed from step %d", stage, ckpt.latest_step())
+        return state, shardings
+    state = jax.jit(init, out_shardings=shardings)(key)
+    if stage == "stage3":
+        state = _load_pretrained_stages(cfg, workdir, models, nets, state, shardings)
+    return state, shardings
+
+
+def _load_pretrained_stages(cfg, workdir, models, nets, state, shardings):
+    """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints named by config.init."""
+    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    for source, config_name in (("stage1", "configs/stage1.py"), ("stage2", "configs/stage2.py")):
+        source_nets = tuple(n for n in steps.stage_nets(cfg, source) if n in nets) if _trains(cfg, source) else ()
+        if not source_nets:
+            continue
+        directory = os.path.join(cfg.init[source] or stage_dir(workdir, source), "checkpoints")
+        if checkpoint.latest_step_in(directory) is None:
+            raise FileNotFoundError(
+                f"stage 3 starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
+                f"Run `python -m cleaq_jax.main --config={config_name} --workdir={workdir}` first, with the "
+                f"same model and data settings.")
+        source_nets_all = steps.stage_nets(cfg, source)
+        init = lambda k: steps.init_state(cfg, models, source_nets_all, steps.make_optimizer(cfg, 1), k)  # noqa: E731
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, state_mesh(shardings)))
+        restored = checkpoint.restore_state(directory, target)
+        for n in source_nets:
+            params[n], batch_stats[n] = restored.params[n], restored.batch_stats[n]
+        logging.info("stage3: %s initialised from %s", "+".join(source_nets), directory)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _trains(cfg, stage) -> bool:
+    try:
+        steps.stage_nets(cfg, stage)
+        return True
+    except ValueError:
+        return False
+
+
+def state_mesh(shardings) -> jax.sharding.Mesh:
+    return jax.tree.leaves(shardings)[0].mesh
+
+
+# --------------------------------------------------------------------------- the loop
+def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models):
+    from clu import metric_writers, periodic_actions
+
+    writer = metric_writers.create_default_writer(os.path.join(out, "tensorboard"),
+                                                  just_logging=jax.process_index() != 0)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=None,
+                                             every_steps=cfg.log_every_steps)]
+    if cfg.profile_steps and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
+                                              num_profile_steps=cfg.profile_steps, first_profile=start + 5))
+    batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
+    pending: list[dict[str, jax.Array]] = []
+    last_metrics: dict[str, float] = {}
+    with checkpoint.PreemptionGuard() as guard:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(batches)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, batch)
+            pending.append(metrics)
+            for hook in hooks:
+                hook(step)
+            last = step == total_steps
+            if step % cfg.log_every_steps == 0 or last:
+                last_metrics = _write_metrics(writer, step, pending, stage)
+                pending = []
+            if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last):
+                _write_images(cfg, writer, step, state, batch, models, stage)
+            stop = guard.should_stop()
+            if step % cfg.checkpoint_every_steps == 0 or last or stop:
+                if pending:
+                    last_metrics = _write_metrics(writer, step, pending, stage)
+                    pending = []
+                ckpt.save(step, state, data_iter=loader, config=cfg, metrics=last_metrics, force=last or stop)
+            if stop:
+                logging.warning("%s: SIGTERM received; saved step %d and stopping", stage, step)
+                ckpt.wait_until_finished()
+                writer.flush()
+                raise SystemExit(0)
+    writer.flush()
+    return state
+
+
+def _write_metrics(writer, step: int, pending: list[dict[str, jax.Array]], stage: str) -> dict[str, float]:
+    """Fetch the interval's metrics from device once, average, check finiteness, write."""
+    stacked = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *pending))
+    means = {k: float(np.mean(v)) for k, v in stacked.items()}
+    bad = {k: v for k, v in means.items() if k.startswith("loss") and not np.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"{stage}: non-finite loss at or before step {step}: {bad}. The last good checkpoint is kept; "
+            f"lower config.optim.learning_rate or check the data.")
+    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    return means
+
+
+def _write_images(cfg, writer, step, state, batch, models, stage) -> None:
+    """TensorBoard grid: low-quality input / enhanced / reference / vessel mask (first examples)."""
+    if "iqe" not in state.params:
+        return
+    from cleaq_jax import evaluate
+
+    n = min(4, batch["image"].shape[0])
+    small = jax.tree.map(lambda a: a[:n], batch)
+    grid = evaluate.enhancement_panels(cfg, state, models, small)
+    writer.write_images(step, {f"{stage}/low_enhanced_reference_vessel": grid})

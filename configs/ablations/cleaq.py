@@ -1,0 +1,10 @@
+"""Ablation "CLEAQ (no DR)" (paper Tables IV, VI): IQE and IQA trained jointly, no DR grader."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.stage = "pipeline"
+    c.tasks.dr = False
+    return c

@@ -1,0 +1,11 @@
+"""Ablation "IQA only" (paper Table VI): IQA pre-trained alone (stage 2)."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.stage = "pipeline"
+    c.tasks.iqe = False
+    c.tasks.dr = False
+    return c

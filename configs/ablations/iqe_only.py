@@ -1,0 +1,11 @@
+"""Ablation "IQE only" (paper Table IV): IQE pre-trained alone (stage 1 without DR)."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.stage = "pipeline"
+    c.tasks.dr = False
+    c.tasks.iqa = False
+    return c

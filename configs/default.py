@@ -1,0 +1,92 @@
+"""Default configuration: every knob of every stage, with the paper's values (IV-B).
+
+Stage configs (stage1.py, stage2.py, stage3.py, eval.py, demo.py, ablations/*) import this and change a
+few keys. Any key can be overridden on the command line, e.g. ``--config.batch_size=8``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Which program main.py runs: "stage1" (IQE + DR pre-training), "stage2" (IQA pre-training),
+    # "stage3" (joint fine-tuning), "eval", "pipeline" (stage1 -> stage2 -> stage3 -> eval).
+    c.stage = "stage3"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # Shard directory written by data_prep (holds manifest.json).
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_size = 512  # Must equal the size the shards were prepared at.
+    c.data.num_grades = 5  # 5 for EyeQ (DR-0..4), 4 for Messidor (0..3).
+    c.data.class_balance = 0.0  # 0 natural frequencies, 1 equal classes (paper IV-B class-balanced augmentation).
+    c.data.balance_by = "dr_grade"
+    c.data.augment = True  # Random rotation + horizontal/vertical flips.
+    c.data.worker_count = 0  # grain worker processes per host (0: decode in the main process).
+    # Build synthetic shards into data.dir on first use when num > 0 (demo and tests).
+    c.data.synthetic = ml_collections.ConfigDict(dict(num=0, seed=0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 1.0  # Channel multiplier of every subnetwork (1.0 = the paper's networks).
+    c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+    c.model.remat = False  # Rematerialise residual blocks (less memory, ~30% more compute).
+    c.model.use_seg = True  # Seg-IQE branch of IQE (False: the "IQE w/o Seg-IQE" ablation).
+    c.model.use_lqi = True  # LQI-IQA branch of IQA (False: the "IQA w/o LQI-IQA" ablation).
+    c.model.encoder_stages = (3, 4, 6, 3)  # ResNet-34 blocks per stage (Seg-IQE, LQI-IQA encoders).
+    c.model.classifier_stages = (3, 4, 6, 3)  # ResNet-50 blocks per stage (C-IQA, DR).
+    c.model.uiqe_blocks = 1  # Residual blocks per U-IQE level (paper: 1; the authors' code: 3).
+
+    # Which subnetworks are trained (ablations switch them off). Stage 1 trains IQE and DR, stage 2 IQA.
+    c.tasks = ml_collections.ConfigDict(dict(iqe=True, iqa=True, dr=True))
+
+    # Quality transform QT (cofe-Net degradation model); empty = the documented defaults. Keys are the
+    # fields of cleaq_jax.data.degrade.QTParams.
+    c.qt = ml_collections.ConfigDict()
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.qe = "l2"  # L_QE: "l2" (paper eq. 6) or "l1" (the authors' code).
+    c.loss.seg = "dice"  # L_Seg: "dice" (paper eq. 5) or "bce" (the authors' code).
+    c.loss.lqi = "l2"  # L_LQI: "l2" (paper eq. 9) or "l1" (the authors' code).
+    c.loss.lambda_seg = 1.0
+    c.loss.lambda_lqi = 1.0
+    c.loss.weighting = "lbtw"  # "lbtw" (loss-balanced task weighting, paper IV-B) or "fixed".
+    c.loss.alpha = 0.5  # LBTW exponent.
+    c.loss.lbtw_reset = "epoch"  # Re-take the initial losses L(0) every "epoch" or "once".
+    c.loss.fixed = ml_collections.ConfigDict(dict(dr=1.0, iqe=1.0, iqa=1.0))  # weights when weighting="fixed"
+    c.loss.grl_scale = 1.0  # Gradient-reversal scale between IQA and IQE in stage 3.
+    c.loss.usable_self_reference = False  # Stage 3: L_QE also on usable images against themselves.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.constant_epochs = 60  # lr constant, then times (1 - epoch/total_epochs)^power
+    c.optim.power = 0.9
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.batch_size = 32  # Global batch (all devices, all hosts).
+    c.num_epochs = 150
+    c.eval_batch_size = 32
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # devices on the data / parameter-sharding axes
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+
+    c.log_every_steps = 50
+    c.image_every_steps = 500  # TensorBoard image grid (low-quality / enhanced / reference / vessel mask).
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3  # Latest checkpoints kept; the best one by checkpoint_metric is kept as well.
+    c.checkpoint_metric = "loss"  # Training metric that picks the best checkpoint ...
+    c.checkpoint_mode = "min"  # ... lower ("min") or higher ("max") is better.
+    c.profile_steps = 0  # >0: write a profile of that many steps to TensorBoard after warm-up.
+    c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
+
+    # Stage 3 starts from the checkpoints of these stage directories; "" means <workdir>/stage1 and
+    # <workdir>/stage2 (every stage writes to <workdir>/<stage>).
+    c.init = ml_collections.ConfigDict(dict(stage1="", stage2=""))
+    # Optional torchvision ImageNet ResNet-50 weights converted with `python -m cleaq_jax.models.pretrained`.
+    c.pretrained = ml_collections.ConfigDict(dict(dr="", c_iqa=""))
+
+    # Evaluation (configs/eval.py): checkpoint directory to restore (a stage directory or its checkpoints/).
+    c.checkpoint_dir = ""
+    c.eval = ml_collections.ConfigDict(dict(gate_quality=False, num_examples_grid=8))
+    return c

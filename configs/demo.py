@@ -1,0 +1,28 @@
+"""The demo: the whole pipeline (stage 1, 2, 3 and evaluation) on synthetic fundus images built on first
+use, small enough to finish on a 2-core CPU in minutes. Same code path as a real run; only sizes differ.
+
+    python -m cleaq_jax.main --config=configs/demo.py --workdir=demo_workdir
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.stage = "pipeline"
+    c.data.dir = ""  # -> <workdir>/data, built on first use
+    c.data.synthetic.num = 240
+    c.data.image_size = 64
+    c.data.class_balance = 0.5
+    c.model.width = 0.125
+    c.model.encoder_stages = (1, 1, 1, 1)
+    c.model.classifier_stages = (1, 1, 1, 1)
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.num_epochs = 3
+    c.optim.constant_epochs = 2
+    c.log_every_steps = 5
+    c.image_every_steps = 20
+    c.checkpoint_every_steps = 10
+    c.keep_checkpoints = 2
+    return c
