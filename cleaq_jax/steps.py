@@ -226,7 +226,7 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
     clean_weight = quality == 0
     if s.usable_self_reference:
         clean_weight = clean_weight | (quality == 1)
-    enhanced, l_iqe, metrics, new_bs = None, None, {}, {}
+    new_bs = {}
     enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(
         models["iqe"], state, params, degraded, x, mask, clean_weight.astype(jnp.float32), batch, s)
     task_losses, metrics = {"iqe": l_iqe}, dict(terms)
@@ -242,12 +242,11 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
     names = stage_tasks(nets)
     vector = jnp.stack([task_losses[t] for t in names])
     if s.weighting == "lbtw":
-        epoch = state.step // steps_per_epoch
-        weights, lbtw = losses.lbtw_weights(jax.lax.stop_gradient(vector), state.lbtw, epoch=epoch,
+        weights, lbtw = losses.lbtw_weights(vector, state.lbtw, epoch=state.step // steps_per_epoch,
                                             alpha=s.alpha, reset=s.lbtw_reset)
     else:
         fixed = dict(s.fixed)
-        weights, lbtw = jnp.array([fixed[t] for t in names], jnp.float32), state.lbtw
+        weights, lbtw = losses.fixed_weights(vector, state.lbtw, values=[fixed[t] for t in names])
     total = losses.combine(vector, weights)
     for i, t in enumerate(names):
         metrics[f"loss_{t}"], metrics[f"weight_{t}"] = vector[i], weights[i]
