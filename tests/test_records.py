@@ -1,0 +1,100 @@
+"""The record schema: ShardWriter -> shards + manifest -> iter_records / decode_record."""
+
+import os
+
+import msgpack
+import numpy as np
+import pytest
+
+from cleaq_jax.data import records
+
+
+def _example(i: int, size: int = 32, *, vessel: bool = True, grade: int = 1, quality: int = 0) -> dict:
+    rng = np.random.default_rng(i)
+    return {
+        "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 2, (size, size), dtype=np.uint8),
+        "vessel": rng.integers(0, 2, (size, size), dtype=np.uint8) if vessel else None,
+        "dr_grade": grade,
+        "quality": quality,
+        "id": f"img_{i:03d}",
+        "source": "test",
+    }
+
+
+def test_every_field_survives_a_round_trip_through_shards(tmp_path):
+    examples = [_example(i, grade=i % 5, quality=i % 3) for i in range(5)]
+    with records.ShardWriter(str(tmp_path), "t", "train", num_shards=2) as writer:
+        for example in examples:
+            writer.write(example)
+    back = {r["id"]: r for r in records.iter_records(str(tmp_path), "train")}
+    assert sorted(back) == [e["id"] for e in examples]
+    for example in examples:
+        got = back[example["id"]]
+        np.testing.assert_array_equal(got["image"], example["image"])  # RGB order preserved
+        np.testing.assert_array_equal(got["mask"], example["mask"])
+        np.testing.assert_array_equal(got["vessel"], example["vessel"])
+        assert (got["dr_grade"], got["quality"], got["source"]) == (example["dr_grade"], example["quality"], "test")
+
+
+def test_missing_vessel_mask_reads_back_as_none(tmp_path):
+    with records.ShardWriter(str(tmp_path), "t", "train", num_shards=1) as writer:
+        writer.write(_example(0, vessel=False))
+    (got,) = records.iter_records(str(tmp_path), "train")
+    assert got["vessel"] is None
+    assert records.decode_record(records.encode_record(_example(0, vessel=False)), decode_images=False)["vessel"] == b""
+
+
+def test_id_hash_is_a_pinned_31_bit_value():
+    # Eval keys derive from this hash: a change would silently change every fixed eval degradation.
+    # crc32("10009_left") & 0x7fffffff, unlike Python's hash() the same in every process and run.
+    assert records.id_hash("10009_left") == 624001414
+    assert records.id_hash("10009_right") != records.id_hash("10009_left")
+    assert all(0 <= records.id_hash(f"x{i}") < 2**31 for i in range(1000))
+
+
+def test_duplicate_id_is_an_error_and_leaves_no_shards(tmp_path):
+    with pytest.raises(records.RecordError, match="duplicate id 'img_000'"):
+        with records.ShardWriter(str(tmp_path), "t", "train") as writer:
+            writer.write(_example(0))
+            writer.write(_example(0))
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupted_split_leaves_nothing_and_keeps_other_splits(tmp_path):
+    with records.ShardWriter(str(tmp_path), "t", "test", num_shards=1) as writer:
+        writer.write(_example(0))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RuntimeError):
+        with records.ShardWriter(str(tmp_path), "t", "train", num_shards=3) as writer:
+            writer.write(_example(1))
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == before  # no shard, no temp dir, manifest unchanged
+    assert list(records.read_manifest(str(tmp_path))["splits"]) == ["test"]
+
+
+def test_manifest_counts_grades_by_quality_and_lists_shards(tmp_path):
+    labels = [(0, 0), (0, 0), (2, 0), (1, 1), (-1, 2), (3, -1)]  # (grade, quality)
+    with records.ShardWriter(str(tmp_path), "t", "train", num_shards=4) as writer:
+        for i, (grade, quality) in enumerate(labels):
+            writer.write(_example(i, size=16, vessel=i % 2 == 0, grade=grade, quality=quality))
+    entry = records.read_manifest(str(tmp_path))["splits"]["train"]
+    assert entry["counts"] == {
+        "good": {"0": 2, "2": 1, "all": 3}, "usable": {"1": 1, "all": 1},
+        "reject": {"unknown": 1, "all": 1}, "unknown": {"3": 1, "all": 1}}
+    assert (entry["num_records"], sum(entry["records_per_shard"]), entry["with_vessel_mask"]) == (6, 6, 3)
+    assert entry["image_size"] == [16, 16]
+    assert [os.path.basename(p) for p in records.split_shards(str(tmp_path), "train")] == [
+        f"t-train.array_record-{i:05d}-of-00004" for i in range(4)]
+
+
+def test_record_of_another_schema_version_is_rejected_with_a_rebuild_hint():
+    payload = msgpack.unpackb(records.encode_record(_example(0)), raw=False)
+    payload["schema"] = records.SCHEMA_VERSION + 1
+    with pytest.raises(records.RecordError, match="rebuild the shards"):
+        records.decode_record(msgpack.packb(payload, use_bin_type=True))
+
+
+def test_bytes_that_are_not_a_record_are_rejected():
+    with pytest.raises(records.RecordError, match="not a cleaq_jax record"):
+        records.decode_record(b"\xc1 definitely not msgpack")
