@@ -1,0 +1,417 @@
+"""Evaluation metrics: accuracy, confusion matrix, quadratic-weighted kappa, macro precision/recall/F1
+(DR grading and IQA, paper Sec. IV-B) and PSNR/SSIM (IQE), plus `clu.metrics` that accumulate on device.
+
+Every function takes numpy or jax arrays and is written in `jax.numpy`, so it runs under `jax.jit`
+(pass `num_classes` as a static argument). Conventions, fixed here once:
+
+- Confusion matrices are ``cm[true, predicted]`` (scikit-learn's layout). Pairs whose label or
+  prediction falls outside ``[0, num_classes)`` are dropped, so unknown labels (-1) need no mask.
+- Quadratic-weighted kappa weighs a disagreement between classes i and j by (i - j)^2 over the full
+  class range ``0..num_classes-1``: a grade absent from a batch keeps its place on the scale. This is
+  scikit-learn's ``cohen_kappa_score(weights='quadratic', labels=range(num_classes))``. Undefined kappa
+  (no pairs, or truth and prediction both one single class) is NaN, as in scikit-learn.
+- Macro precision/recall/F1 average over the classes present in truth or prediction (a row or
+  column of the confusion matrix is non-zero); a class with no predictions has precision 0, one with
+  no true examples recall 0 (scikit-learn's ``average='macro', zero_division=0``).
+- SSIM (Wang et al. 2004): Gaussian window 11 taps, sigma 1.5, K1 0.01, K2 0.03, population
+  covariance, per channel then averaged. Only pixels whose whole 11x11 window lies inside the image
+  are averaged (scikit-image crops the same 5-pixel border). With a mask, only pixels whose whole
+  window lies inside the mask count (the mask eroded by the window), so pixels outside the mask never
+  change the value, and an all-ones mask gives the unmasked value.
+- PSNR: ``10 log10(data_range^2 / MSE)``, MSE over pixels and channels (over mask pixels with a mask);
+  identical images give +inf.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+from jax import lax
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+NUM_QUALITY_LEVELS = 3  # good, usable, reject
+
+
+# --------------------------------------------------------------------------- classification
+def _valid_pairs(y_true, y_pred, num_classes: int | None, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Flattened int labels and predictions and a bool mask of the pairs that count."""
+    y_true = jnp.asarray(y_true).reshape(-1).astype(jnp.int32)
+    y_pred = jnp.asarray(y_pred).reshape(-1).astype(jnp.int32)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"labels have {y_true.shape[0]} elements but predictions {y_pred.shape[0]}")
+    keep = jnp.ones(y_true.shape, bool)
+    if valid is not None:
+        keep = jnp.asarray(valid).reshape(-1).astype(bool)
+        if keep.shape != y_true.shape:
+            raise ValueError(f"valid has {keep.shape[0]} elements but labels {y_true.shape[0]}")
+    if num_classes is not None:
+        in_range = (y_true >= 0) & (y_true < num_classes) & (y_pred >= 0) & (y_pred < num_classes)
+        keep = keep & in_range
+    return y_true, y_pred, keep
+
+
+def accuracy(y_true, y_pred, valid=None) -> jax.Array:
+    """Fraction of predictions equal to the labels.
+
+    Args:
+      y_true, y_pred: int arrays of the same size (any shape, flattened).
+      valid: optional bool array of the same size; only True entries count.
+    Returns:
+      float32 scalar; NaN when nothing counts.
+    """
+    y_true, y_pred, keep = _valid_pairs(y_true, y_pred, None, valid)
+    hits = jnp.sum((y_true == y_pred) & keep)
+    return hits.astype(jnp.float32) / jnp.sum(keep).astype(jnp.float32)
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int, valid=None) -> jax.Array:
+    """Counts ``cm[i, j]`` of examples with label i predicted as j.
+
+    Args:
+      y_true, y_pred: int arrays of the same size (any shape, flattened). Pairs with either value
+        outside ``[0, num_classes)`` are dropped (e.g. -1 for an unknown grade).
+      num_classes: number of classes (static under jit).
+      valid: optional bool array of the same size; only True entries count.
+    Returns:
+      int32 array (num_classes, num_classes).
+    """
+    y_true, y_pred, keep = _valid_pairs(y_true, y_pred, num_classes, valid)
+    true_1h = jax.nn.one_hot(y_true, num_classes, dtype=jnp.int32) * keep[:, None].astype(jnp.int32)
+    pred_1h = jax.nn.one_hot(y_pred, num_classes, dtype=jnp.int32)
+    return true_1h.T @ pred_1h
+
+
+def kappa_from_confusion(cm) -> jax.Array:
+    """Quadratic-weighted Cohen's kappa of a confusion matrix ``cm[true, predicted]``.
+
+    Args:
+      cm: (K, K) counts (int or float).
+    Returns:
+      float32 scalar in [-1, 1]; NaN when undefined (no counts, or no expected disagreement).
+    """
+    cm = jnp.asarray(cm, jnp.float32)
+    k = cm.shape[0]
+    grades = jnp.arange(k, dtype=jnp.float32)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    n = jnp.sum(cm)
+    expected = jnp.outer(jnp.sum(cm, axis=1), jnp.sum(cm, axis=0)) / n
+    observed_cost = jnp.sum(weights * cm)
+    expected_cost = jnp.sum(weights * expected)
+    # 0/0 and x/0 both become NaN, the value scikit-learn reports for an undefined kappa.
+    undefined = (n == 0) | (expected_cost == 0)
+    return jnp.where(undefined, jnp.nan, 1.0 - observed_cost / jnp.where(undefined, 1.0, expected_cost))
+
+
+def quadratic_weighted_kappa(y_true, y_pred, num_classes: int, valid=None) -> jax.Array:
+    """Quadratic-weighted kappa of integer grades (the paper's Kappa, Sec. IV-B).
+
+    Args:
+      y_true, y_pred: int arrays of the same size; values outside ``[0, num_classes)`` are dropped.
+      num_classes: number of grades (static under jit); weights use the full range 0..num_classes-1.
+      valid: optional bool array of the same size.
+    Returns:
+      float32 scalar; NaN when undefined.
+    """
+    return kappa_from_confusion(confusion_matrix(y_true, y_pred, num_classes, valid))
+
+
+def macro_precision_recall_f1(cm) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Macro-averaged precision, recall and F1 of a confusion matrix ``cm[true, predicted]``.
+
+    The mean runs over classes present in truth or prediction; a zero denominator gives 0 for that
+    class (scikit-learn's ``average='macro', zero_division=0`` with its default labels).
+
+    Args:
+      cm: (K, K) counts.
+    Returns:
+      (precision, recall, f1), float32 scalars; NaN when the matrix is empty.
+    """
+    cm = jnp.asarray(cm, jnp.float32)
+    tp = jnp.diag(cm)
+    predicted = jnp.sum(cm, axis=0)
+    actual = jnp.sum(cm, axis=1)
+    present = ((predicted + actual) > 0).astype(jnp.float32)
+
+    def ratio(num, den):
+        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+    precision = ratio(tp, predicted)
+    recall = ratio(tp, actual)
+    # 2tp / (2tp + fp + fn) equals the harmonic mean where defined and is 0 where tp is 0.
+    f1 = ratio(2.0 * tp, predicted + actual)
+    n_present = jnp.sum(present)
+    return tuple(jnp.sum(v * present) / n_present for v in (precision, recall, f1))
+
+
+# --------------------------------------------------------------------------- images
+def _as_batch(x, y, mask) -> tuple[jax.Array, jax.Array, jax.Array | None, bool]:
+    """Images as float32 (B, H, W, C), mask as float32 0/1 (B, H, W) or None, and whether x was batched."""
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"images must be HxWxC or BxHxWxC, got shape {x.shape}")
+    batched = x.ndim == 4
+    if not batched:
+        x, y = x[None], y[None]
+    if mask is None:
+        return x, y, None, batched
+    m = jnp.asarray(mask)
+    batch, height, width = x.shape[:3]
+    if m.ndim in (3, 4) and m.shape[-1] == 1 and m.shape[-3:-1] == (height, width):
+        m = m[..., 0]  # a trailing singleton channel
+    if m.shape not in ((height, width), (batch, height, width)):
+        raise ValueError(f"mask shape {jnp.shape(mask)} does not fit images of shape {jnp.shape(x)}: "
+                         "expected HxW or BxHxW (a trailing 1 is allowed)")
+    return x, y, jnp.broadcast_to((m != 0).astype(jnp.float32), (batch, height, width)), batched
+
+
+def psnr(x, y, mask=None, data_range: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio in dB.
+
+    Args:
+      x, y: float images HxWxC or BxHxWxC with values in [0, data_range].
+      mask: optional HxW (or BxHxW, trailing 1 allowed); non-zero pixels count, MSE is over them and
+        all channels.
+      data_range: peak value.
+    Returns:
+      float32 scalar, or (B,) per image for a batch; +inf for identical images.
+    """
+    x, y, m, batched = _as_batch(x, y, mask)
+    sq = jnp.mean((x - y) ** 2, axis=-1)
+    if m is None:
+        mse = jnp.mean(sq, axis=(1, 2))
+    else:
+        mse = jnp.sum(sq * m, axis=(1, 2)) / jnp.sum(m, axis=(1, 2))
+    value = 10.0 * jnp.log10(data_range**2 / mse)
+    return value if batched else value[0]
+
+
+def _gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    r = size // 2
+    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def _filter_valid(img: jax.Array, taps: np.ndarray) -> jax.Array:
+    """Separable Gaussian filter of (B, H, W, C) per channel, 'VALID' (no border pixels produced)."""
+    c = img.shape[-1]
+    k = len(taps)
+    dims = ("NHWC", "HWIO", "NHWC")
+    # HIGHEST keeps float32 on accelerators whose default conv precision is bfloat16.
+    kw = dict(padding="VALID", dimension_numbers=dims, feature_group_count=c, precision=lax.Precision.HIGHEST)
+    col = jnp.broadcast_to(jnp.asarray(taps).reshape(k, 1, 1, 1), (k, 1, 1, c))
+    row = jnp.broadcast_to(jnp.asarray(taps).reshape(1, k, 1, 1), (1, k, 1, c))
+    out = lax.conv_general_dilated(img, col, (1, 1), **kw)
+    return lax.conv_general_dilated(out, row, (1, 1), **kw)
+
+
+def ssim_map(x, y, data_range: float = 1.0) -> jax.Array:
+    """Local SSIM at every pixel whose 11x11 window lies inside the image.
+
+    Args:
+      x, y: float (B, H, W, C) in [0, data_range], H and W >= 11.
+    Returns:
+      float32 (B, H - 10, W - 10, C); entry (i, j) belongs to image pixel (i + 5, j + 5).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    if min(x.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {x.shape[1:3]}")
+    taps = _gaussian_taps(SSIM_WINDOW, SSIM_SIGMA)
+    mu_x, mu_y = _filter_valid(x, taps), _filter_valid(y, taps)
+    var_x = _filter_valid(x * x, taps) - mu_x**2
+    var_y = _filter_valid(y * y, taps) - mu_y**2
+    cov = _filter_valid(x * y, taps) - mu_x * mu_y
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    return num / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def ssim(x, y, mask=None, data_range: float = 1.0) -> jax.Array:
+    """Mean structural similarity (Wang et al. 2004), matching scikit-image's
+    ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
+
+    Args:
+      x, y: float images HxWxC or BxHxWxC in [0, data_range], H and W >= 11.
+      mask: optional HxW (or BxHxW, trailing 1 allowed); the SSIM map is averaged over pixels whose
+        whole 11x11 window is inside the mask, so pixels outside it never matter.
+      data_range: peak value.
+    Returns:
+      float32 scalar, or (B,) per image for a batch; NaN where the mask has no such pixel.
+    """
+    x, y, m, batched = _as_batch(x, y, mask)
+    per_pixel = jnp.mean(ssim_map(x, y, data_range), axis=-1)
+    if m is None:
+        value = jnp.mean(per_pixel, axis=(1, 2))
+    else:
+        win = (1, SSIM_WINDOW, SSIM_WINDOW)
+        inside = lax.reduce_window(m, jnp.inf, lax.min, win, (1, 1, 1), "VALID")  # mask eroded by the window
+        value = jnp.sum(per_pixel * inside, axis=(1, 2)) / jnp.sum(inside, axis=(1, 2))
+    return value if batched else value[0]
+
+
+# --------------------------------------------------------------------------- clu metrics
+def _with_outputs(cls, class_vars: dict[str, Any], names: dict[str, str | None]):
+    """A registered subclass of `cls` with class variables set that reads only the named model outputs.
+
+    `names` maps each argument of `cls.from_model_output` to the model-output key that feeds it (None:
+    the argument keeps its default), so one `clu.metrics.Collection` can hold, say, a DR and an IQA
+    confusion matrix without either picking up the other's inputs.
+    """
+    base_from_output = cls.from_model_output
+
+    def from_model_output(sub, **model_output):
+        missing = [key for key in names.values() if key is not None and key not in model_output]
+        if missing:
+            raise KeyError(f"{cls.__name__} reads model outputs {missing}; the eval step passed only "
+                           f"{sorted(model_output)}")
+        kwargs = {arg: model_output[key] for arg, key in names.items() if key is not None}
+        return base_from_output.__func__(sub, **kwargs)
+
+    body = dict(class_vars, from_model_output=classmethod(from_model_output))
+    return flax.struct.dataclass(type(cls.__name__, (cls,), body))
+
+
+@flax.struct.dataclass
+class ConfusionMatrix(clu_metrics.Metric):
+    """Confusion matrix accumulated on device; `compute()` returns ``cm[true, predicted]`` (int32).
+
+    Build the class with `ConfusionMatrix.from_outputs(num_classes, ...)`. `from_model_output` takes
+    ``labels`` (B,) int, ``predictions`` (B,) int or (B, K) logits (argmax taken), optional
+    ``valid`` (B,) bool. Merge is a sum, so it works inside a jitted eval step and across steps.
+    """
+
+    matrix: jax.Array
+    num_classes: ClassVar[int] = 0
+
+    @classmethod
+    def from_outputs(cls, num_classes: int, labels: str = "labels", predictions: str = "predictions",
+                     valid: str | None = None):
+        """Subclass for `num_classes` classes reading the named model outputs."""
+        if num_classes < 1:
+            raise ValueError(f"ConfusionMatrix needs num_classes >= 1, got {num_classes}")
+        names = {"labels": labels, "predictions": predictions, "valid": valid}
+        return _with_outputs(cls, {"num_classes": num_classes}, names)
+
+    @classmethod
+    def empty(cls):
+        return cls(matrix=jnp.zeros((cls._classes(), cls._classes()), jnp.int32))
+
+    @classmethod
+    def from_model_output(cls, *, labels, predictions, valid=None, **_):
+        predictions = jnp.asarray(predictions)
+        if predictions.ndim == jnp.ndim(labels) + 1:
+            predictions = jnp.argmax(predictions, axis=-1)
+        return cls(matrix=confusion_matrix(labels, predictions, cls._classes(), valid))
+
+    @classmethod
+    def _classes(cls) -> int:
+        if cls.num_classes < 1:
+            raise TypeError("use ConfusionMatrix.from_outputs(num_classes, ...) to set the number of classes")
+        return cls.num_classes
+
+    def merge(self, other):
+        return type(self)(matrix=self.matrix + other.matrix)
+
+    def compute(self) -> jax.Array:
+        return self.matrix
+
+
+@flax.struct.dataclass
+class MeanPSNR(clu_metrics.Average):
+    """Average per-image PSNR. `from_model_output(enhanced, reference, retinal_mask=None, valid=None)`:
+    images (B, H, W, C) in [0, 1], retinal mask (B, H, W), valid (B,) marks images with a reference."""
+
+    score = staticmethod(psnr)  # per-image score; not a dataclass field (no annotation)
+
+    @classmethod
+    def from_outputs(cls, enhanced: str = "enhanced", reference: str = "reference",
+                     retinal_mask: str | None = None, valid: str | None = None):
+        """Subclass reading only the named model outputs (None: unmasked / every image counts)."""
+        names = {"enhanced": enhanced, "reference": reference, "retinal_mask": retinal_mask, "valid": valid}
+        return _with_outputs(cls, {}, names)
+
+    @classmethod
+    def from_model_output(cls, *, enhanced, reference, retinal_mask=None, valid=None, **_):
+        values = cls.score(enhanced, reference, retinal_mask)
+        return super().from_model_output(values=values, mask=valid)
+
+
+@flax.struct.dataclass
+class MeanSSIM(MeanPSNR):
+    """Average per-image SSIM; same inputs as `MeanPSNR`."""
+
+    score = staticmethod(ssim)
+
+
+@flax.struct.dataclass
+class PerQualityAverage(clu_metrics.Average):
+    """`clu.metrics.Average` kept separately per quality level: ``total`` and ``count`` are
+    (num_levels,) vectors; `compute()` returns the (num_levels,) means (NaN for an unseen level).
+
+    `from_model_output(values, quality, valid=None)`: values (B,) float, quality (B,) int in
+    [0, num_levels) (others dropped), valid (B,) bool.
+    """
+
+    num_levels: ClassVar[int] = NUM_QUALITY_LEVELS
+
+    @classmethod
+    def from_outputs(cls, values: str = "values", quality: str = "quality", valid: str | None = None,
+                     num_levels: int = NUM_QUALITY_LEVELS):
+        """Subclass with `num_levels` levels reading only the named model outputs."""
+        names = {"values": values, "quality": quality, "valid": valid}
+        return _with_outputs(cls, {"num_levels": num_levels}, names)
+
+    @classmethod
+    def empty(cls):
+        return cls(total=jnp.zeros((cls.num_levels,), jnp.float32), count=jnp.zeros((cls.num_levels,), jnp.int32))
+
+    @classmethod
+    def from_model_output(cls, *, values, quality, valid=None, **_):
+        values = jnp.asarray(values, jnp.float32).reshape(-1)
+        level_1h = jax.nn.one_hot(jnp.asarray(quality).reshape(-1), cls.num_levels, dtype=jnp.float32)
+        if valid is not None:
+            level_1h = level_1h * jnp.asarray(valid).reshape(-1, 1).astype(jnp.float32)
+        # where() rather than a product so a +inf PSNR at an excluded example cannot become NaN.
+        total = jnp.sum(jnp.where(level_1h > 0, values[:, None], 0.0), axis=0)
+        return cls(total=total, count=jnp.sum(level_1h, axis=0).astype(jnp.int32))
+
+
+@flax.struct.dataclass
+class PSNRPerQuality(PerQualityAverage):
+    """Mean PSNR per quality level. `from_model_output(enhanced, reference, quality, retinal_mask=None,
+    valid=None)` with the shapes of `MeanPSNR`; quality (B,) is the level of each original image."""
+
+    score = staticmethod(psnr)
+
+    @classmethod
+    def from_outputs(cls, enhanced: str = "enhanced", reference: str = "reference", quality: str = "quality",
+                     retinal_mask: str | None = None, valid: str | None = None,
+                     num_levels: int = NUM_QUALITY_LEVELS):
+        """Subclass with `num_levels` levels reading only the named model outputs."""
+        names = {"enhanced": enhanced, "reference": reference, "quality": quality,
+                 "retinal_mask": retinal_mask, "valid": valid}
+        return _with_outputs(cls, {"num_levels": num_levels}, names)
+
+    @classmethod
+    def from_model_output(cls, *, enhanced, reference, quality, retinal_mask=None, valid=None, **_):
+        values = cls.score(enhanced, reference, retinal_mask)
+        return super().from_model_output(values=values, quality=quality, valid=valid)
+
+
+@flax.struct.dataclass
+class SSIMPerQuality(PSNRPerQuality):
+    """Mean SSIM per quality level; same inputs as `PSNRPerQuality`."""
+
+    score = staticmethod(ssim)
