@@ -122,7 +122,7 @@ def test_load_image_rejects_a_truncated_file_naming_it(tmp_path, ext):
 
 def test_load_image_rejects_a_file_that_is_not_an_image(tmp_path):
     path = write_unreadable(str(tmp_path / "page.jpeg"))
-    with pytest.raises(BadImageError, match="page.jpeg"):
+    with pytest.raises(BadImageError, match="page.jpeg: not a JPEG"):
         fundus.load_image(path)
 
 

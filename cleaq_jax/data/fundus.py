@@ -68,19 +68,30 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     Raises BadImageError naming the file when it is missing, not an image, or truncated
     (decoding from memory makes OpenCV reject truncated JPEGs instead of padding them with grey).
     """
-    image = cv2.imdecode(_read_bytes(path), cv2.IMREAD_COLOR)
+    data = _read_bytes(path)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
-        raise BadImageError(
-            f"{path}: not a readable JPEG/PNG/TIFF/GIF image, or the file is truncated; "
-            "copy or download it again")
+        raise BadImageError(_undecodable(path, data))
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF"}
+
+
+def _undecodable(path: str | os.PathLike, data: np.ndarray) -> str:
+    head = data[:8].tobytes()
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind:
+        return f"{path}: the {kind} file is truncated or corrupt; copy or download it again"
+    return f"{path}: not a JPEG/PNG/TIFF/GIF image (it starts with {head!r})"
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a single-channel mask (e.g. DRIVE's GIF masks) as HxW uint8 {0,1} (pixel > 127)."""
-    mask = cv2.imdecode(_read_bytes(path), cv2.IMREAD_GRAYSCALE)
+    data = _read_bytes(path)
+    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise BadImageError(f"{path}: not a readable mask image, or the file is truncated")
+        raise BadImageError(_undecodable(path, data))
     return (mask > 127).astype(np.uint8)
 
 
@@ -192,7 +203,9 @@ def _edge_support(pts: np.ndarray, shape: tuple[int, int], disc: Disc) -> tuple[
     near = np.zeros(shape, np.uint8)
     near[pts[:, 1].astype(int), pts[:, 0].astype(int)] = 1
     near = cv2.dilate(near, np.ones((5, 5), np.uint8))
-    on_edge = near[np.clip(np.round(y[visible]), 0, h - 1).astype(int), np.clip(np.round(x[visible]), 0, w - 1).astype(int)]
+    rows = np.clip(np.round(y[visible]), 0, h - 1).astype(int)
+    cols = np.clip(np.round(x[visible]), 0, w - 1).astype(int)
+    on_edge = near[rows, cols]
     return float(visible.mean()), float(on_edge.mean())
 
 
