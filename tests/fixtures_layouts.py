@@ -116,7 +116,7 @@ def eyeq_layout(root: str, n_good: int = 6) -> dict:
         good[image_id] = (grade, quality)
     faults = {
         "20001_left": ("truncated", lambda p: truncate(write_image(p, small_fundus(1)))),
-        "20002_left": ("not a readable", write_unreadable),
+        "20002_left": ("not a JPEG/PNG/TIFF/GIF image", write_unreadable),
         "20003_left": ("no retinal disc", lambda p: write_image(p, np.zeros((240, 320, 3), np.uint8))),
         "20004_left": ("not found", None),
     }
@@ -163,12 +163,15 @@ def write_xls(path: str, header: list, rows: list, sheet: str = "Feuil1") -> str
     return path
 
 
-def messidor_layout(root: str, per_base: int = 6, bases: tuple[str, ...] = ("11", "12")) -> dict:
+def messidor_layout(root: str, per_base: int = 6, bases: tuple[str, ...] = ("11", "12"),
+                    faults: bool = True) -> dict:
     """Base folders with .tif images (Messidor's 3:2 canvas) and an Annotation_BaseNN.xls each.
 
-    Returns {"good": {id: grade}} for the rows a prep run should keep.
+    With ``faults``, the last base also lists a grade out of range, a missing image, a duplicated
+    row and an image without a disc, and Annotation_Base13.xls lacks the grade column.
+    Returns {"good": {id: grade}, "bad": {id or spreadsheet name: reason keyword}}.
     """
-    good = {}
+    good, bad = {}, {}
     for b, base in enumerate(bases):
         folder = os.path.join(root, f"Base{base}")
         rows = []
@@ -176,11 +179,24 @@ def messidor_layout(root: str, per_base: int = 6, bases: tuple[str, ...] = ("11"
             k = b * per_base + i
             name = f"2005{base}_{k:05d}_0100_PP.tif"
             write_image(os.path.join(folder, name), small_fundus(k, (300, 200)))
-            grade = k % 4
-            rows.append([name, "Service Ophtalmologie Lariboisiere", float(grade), float(k % 3)])
-            good[os.path.splitext(name)[0]] = grade
+            rows.append([name, "Service Ophtalmologie Lariboisiere", float(k % 4), float(k % 3)])
+            good[os.path.splitext(name)[0]] = k % 4
+        if faults and b == len(bases) - 1:
+            rows += _messidor_faults(folder, rows[0][0], bad)
         write_xls(os.path.join(root, f"Annotation_Base{base}.xls"), MESSIDOR_HEADER, rows)
-    return {"good": good}
+    if faults:
+        write_xls(os.path.join(root, "Annotation_Base13.xls"), ["Image name", "Grade"], [["x.tif", 1.0]])
+        bad["Annotation_Base13.xls"] = "lacks column(s) Retinopathy grade"
+    return {"good": good, "bad": bad}
+
+
+def _messidor_faults(folder: str, first_name: str, bad: dict) -> list[list]:
+    write_image(os.path.join(folder, "20059_90001_0100_PP.tif"), small_fundus(1, (300, 200)))
+    write_image(os.path.join(folder, "20059_90003_0100_PP.tif"), np.zeros((200, 300, 3), np.uint8))
+    bad.update({"20059_90001_0100_PP": "out of range 0-3", "20059_90002_0100_PP": "not found",
+                "20059_90003_0100_PP": "no retinal disc", os.path.splitext(first_name)[0]: "annotated twice"})
+    return [["20059_90001_0100_PP.tif", "x", 5.0, 0.0], ["20059_90002_0100_PP.tif", "x", 1.0, 0.0],
+            ["20059_90003_0100_PP.tif", "x", 2.0, 0.0], [first_name, "x", 0.0, 0.0]]
 
 
 # --------------------------------------------------------------------------- DRIVE
