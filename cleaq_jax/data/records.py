@@ -20,6 +20,7 @@ complete, so an interrupted run never leaves shards that look complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -138,6 +139,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
 
 def _atomic_write_json(path: str, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".manifest-", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; shard sets are often shared between accounts
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -255,6 +257,12 @@ class ShardWriter:
 
     def _update_manifest(self, names: list[str]) -> None:
         path = os.path.join(self.out_dir, MANIFEST)
+        # Two prep runs finishing into one directory (train and test) must not drop each other's split.
+        with open(os.path.join(self.out_dir, ".manifest.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_manifest(path, names)
+
+    def _merge_manifest(self, path: str, names: list[str]) -> None:
         manifest: dict[str, Any] = {"schema": SCHEMA_VERSION, "splits": {}}
         if os.path.exists(path):
             with open(path) as f:
