@@ -10,6 +10,8 @@ host only decodes. The RNG lives in the state. Stages (paper III-A, IV-B):
 - stage3: joint: X~ = QT(X) -> IQE -> X^; IQA sees X^ through the gradient-reversal layer (IQA minimises
   L_IQA, IQE maximises it); DR grades X^; L = sum_i w_i L_i over the active tasks with loss-balanced
   task weighting (eq. 11).
+- teacher_a, teacher_b: the CE-Net vessel teacher for pseudo structure masks (paper III-C), trained on
+  DRIVE's manual masks (a), then fine-tuned on QT-degraded copies of the same images (b); Dice + BCE.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import optax
 from cleaq_jax import losses
 from cleaq_jax import train_state as ts
 from cleaq_jax.data import degrade
+from cleaq_jax.models import cenet as cenet_lib
 from cleaq_jax.models import dr as dr_lib
 from cleaq_jax.models import iqa as iqa_lib
 from cleaq_jax.models import iqe as iqe_lib
 from cleaq_jax.models import layers
 
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = ("stage1", "stage2", "stage3", "teacher_a", "teacher_b")
 TASK_ORDER = ("dr", "iqe", "iqa")
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -90,6 +93,7 @@ def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
                            classifier_stages=tuple(m.classifier_stages), **common),
         "dr": dr_lib.DRGrader(num_grades=int(cfg.data.num_grades), stage_sizes=tuple(m.classifier_stages),
                               **common),
+        "cenet": cenet_lib.CENet(stage_sizes=tuple(m.encoder_stages), **common),
     }
 
 
@@ -97,6 +101,8 @@ def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
     """The subnetworks a stage trains, in a fixed order, after the config's task switches."""
     _choice(stage, STAGES, "stage")
     t = cfg.tasks
+    if stage.startswith("teacher"):
+        return ("cenet",)
     if stage == "stage1":
         nets = tuple(n for n in ("iqe", "dr") if t[n])
     elif stage == "stage2":
@@ -112,7 +118,8 @@ def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
 
 
 def stage_tasks(nets: tuple[str, ...]) -> tuple[str, ...]:
-    """The weighted tasks of a stage (eq. 11): one per trained subnetwork, in TASK_ORDER."""
+    """The weighted tasks of a stage (eq. 11): one per trained subnetwork, in TASK_ORDER (none for the
+    vessel teacher, whose single loss needs no weighting)."""
     return tuple(t for t in TASK_ORDER if t in nets)
 
 
@@ -253,6 +260,25 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
     return total, (metrics, new_bs, lbtw)
 
 
+def _teacher_loss(params, state, batch, key, models, nets, qt, s, degrade_input: bool):
+    """CE-Net on (image, manual vessel mask): Dice + BCE inside the field of view (CE-Net's training).
+
+    With ``degrade_input`` (teacher_b) each image is degraded by op1 or op2 at random first, so the
+    teacher learns to segment the low-quality images it will be run on.
+    """
+    x, mask = inputs(batch)
+    if degrade_input:
+        k_op, k_pick = jax.random.split(key)
+        keys = jax.random.split(k_op, x.shape[0])
+        quality = jax.random.randint(k_pick, x.shape[:1], 0, 2)  # 0 -> op2, 1 -> op1
+        x = degrade.quality_transform_batch(x, mask, quality, keys, qt)
+    out, bs = _apply(models["cenet"], state, params, "cenet", x)
+    vessel, weight = batch["vessel"].astype(jnp.float32), batch["has_vessel"].astype(jnp.float32)
+    dice = losses.dice_loss(out["vessel_logits"], vessel, mask, weight)
+    bce = losses.bce_loss(out["vessel_logits"], vessel, mask, weight)
+    return dice + bce, ({"loss_dice": dice, "loss_bce": bce}, {"cenet": bs}, state.lbtw)
+
+
 # --------------------------------------------------------------------------- the step
 def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,
                     stage: str, steps_per_epoch: int) -> Step:
@@ -262,7 +288,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module]
     s = LossSettings.from_config(cfg)
     schedule = lr_schedule(cfg, steps_per_epoch)
     loss_fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
-               "stage3": lambda *a: _stage3_loss(*a, steps_per_epoch)}[stage]
+               "stage3": lambda *a: _stage3_loss(*a, steps_per_epoch),
+               "teacher_a": lambda *a: _teacher_loss(*a, degrade_input=False),
+               "teacher_b": lambda *a: _teacher_loss(*a, degrade_input=True)}[stage]
 
     def step(state: ts.TrainState, batch: Batch):
         key, state = state.next_key()

@@ -1,8 +1,9 @@
 """The training program: one loop for every stage, and the dispatcher main.py calls.
 
-``run(config, workdir)`` dispatches on ``config.stage``: "stage1", "stage2", "stage3" train one stage into
-``<workdir>/<stage>``; "eval" evaluates a checkpoint; "pipeline" runs stage 1, 2, 3 and the evaluation in
-order (the demo). A stage resumes automatically from its latest checkpoint, stops cleanly on SIGTERM after
+``run(config, workdir)`` dispatches on ``config.stage``: "stage1", "stage2", "stage3" (and the vessel
+teacher's "teacher_a", "teacher_b") train one stage into ``<workdir>/<stage>``; "eval" evaluates a
+checkpoint; "pipeline" runs stage 1, 2, 3, each followed by its evaluation (the demo); "teacher" runs
+teacher_a then teacher_b. A stage resumes automatically from its latest checkpoint, stops cleanly on SIGTERM after
 saving, and refuses to start when its inputs are missing, naming what to run first.
 """
 
@@ -38,12 +39,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return train_stage(cfg, workdir, cfg.stage)
     if cfg.stage == "eval":
         return evaluate.run(cfg, workdir)
-    if cfg.stage == "pipeline":
+    if cfg.stage in ("pipeline", "teacher"):
         result: dict[str, Any] = {}
-        for stage in pipeline_stages(cfg):
+        for stage in pipeline_stages(cfg) if cfg.stage == "pipeline" else ("teacher_a", "teacher_b"):
             result = train_stage(cfg, workdir, stage)
         return result
-    raise ValueError(f"config.stage={cfg.stage!r} is not one of {steps.STAGES + ('eval', 'pipeline')}")
+    raise ValueError(f"config.stage={cfg.stage!r} is not one of {steps.STAGES + ('eval', 'pipeline', 'teacher')}")
 
 
 def pipeline_stages(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -112,6 +113,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
 
     data = ensure_data(cfg, workdir)
     out = stage_dir(workdir, stage)
+    cfg = _for_stage(cfg, stage)
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_divisible(cfg.batch_size, mesh)
     loader = pipeline.train_loader(
@@ -136,9 +138,20 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
     ckpt.wait_until_finished()
     ckpt.close()
-    if cfg.eval_at_end:
-        return evaluate.evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
-    return {}
+    if not cfg.eval_at_end:
+        return {}
+    if stage.startswith("teacher"):
+        from cleaq_jax import teacher
+
+        return teacher.evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
+    return evaluate.evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
+
+
+def _for_stage(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """A copy of the config naming the stage it trains (checkpoints record which stage they hold)."""
+    stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    stage_cfg.stage = stage
+    return stage_cfg
 
 
 def _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader):
@@ -153,41 +166,48 @@ def _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader):
         logging.info("%s: resumed from step %d", stage, ckpt.latest_step())
         return state, shardings
     state = jax.jit(init, out_shardings=shardings)(key)
-    if stage == "stage3":
-        state = _load_pretrained_stages(cfg, workdir, models, nets, state, shardings)
+    state = _load_pretrained_stages(cfg, workdir, stage, models, nets, state, shardings)
     return state, shardings
 
 
-def _load_pretrained_stages(cfg, workdir, models, nets, state, shardings):
-    """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints named by config.init."""
+# A stage that starts from earlier stages' checkpoints: (source stage, config that trains it).
+INIT_FROM = {
+    "stage3": (("stage1", "configs/stage1.py"), ("stage2", "configs/stage2.py")),
+    "teacher_b": (("teacher_a", "configs/vessel_teacher.py"),),
+}
+
+
+def _load_pretrained_stages(cfg, workdir, stage, models, nets, state, shardings):
+    """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints named by config.init;
+    the teacher's fine-tuning (teacher_b) from teacher_a."""
     params, batch_stats = dict(state.params), dict(state.batch_stats)
-    for source, config_name in (("stage1", "configs/stage1.py"), ("stage2", "configs/stage2.py")):
-        source_nets = tuple(n for n in steps.stage_nets(cfg, source) if n in nets) if _trains(cfg, source) else ()
-        if not source_nets:
+    for source, config_name in INIT_FROM.get(stage, ()):
+        source_nets = _trained_nets(cfg, source)
+        wanted = tuple(n for n in source_nets if n in nets)
+        if not wanted:
             continue
-        directory = os.path.join(cfg.init[source] or stage_dir(workdir, source), "checkpoints")
-        if checkpoint.latest_step_in(directory) is None:
-            raise FileNotFoundError(
-                f"stage 3 starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
-                f"Run `python -m cleaq_jax.main --config={config_name} --workdir={workdir}` first, with the "
-                f"same model and data settings.")
-        source_nets_all = steps.stage_nets(cfg, source)
-        init = lambda k: steps.init_state(cfg, models, source_nets_all, steps.make_optimizer(cfg, 1), k)  # noqa: E731
+        directory = os.path.join(cfg.init.get(source, "") or stage_dir(workdir, source), "checkpoints")
+        init = lambda k: steps.init_state(cfg, models, source_nets, steps.make_optimizer(cfg, 1), k)  # noqa: E731
         abstract = jax.eval_shape(init, jax.random.key(0))
         target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, state_mesh(shardings)))
-        restored = checkpoint.restore_state(directory, target)
-        for n in source_nets:
+        try:
+            restored = checkpoint.restore_state(directory, target)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{stage} starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
+                f"Run `python -m cleaq_jax.main --config={config_name} --workdir={workdir}` first, with the "
+                f"same model and data settings.") from e
+        for n in wanted:
             params[n], batch_stats[n] = restored.params[n], restored.batch_stats[n]
-        logging.info("stage3: %s initialised from %s", "+".join(source_nets), directory)
+        logging.info("%s: %s initialised from %s", stage, "+".join(wanted), directory)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
-def _trains(cfg, stage) -> bool:
+def _trained_nets(cfg, stage) -> tuple[str, ...]:
     try:
-        steps.stage_nets(cfg, stage)
-        return True
+        return steps.stage_nets(cfg, stage)
     except ValueError:
-        return False
+        return ()
 
 
 def state_mesh(shardings) -> jax.sharding.Mesh:

@@ -10,7 +10,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Which program main.py runs: "stage1" (IQE + DR pre-training), "stage2" (IQA pre-training),
-    # "stage3" (joint fine-tuning), "eval", "pipeline" (stage1 -> stage2 -> stage3 -> eval).
+    # "stage3" (joint fine-tuning), "eval", "pipeline" (stage1 -> stage2 -> stage3, each evaluated),
+    # "teacher" (the CE-Net vessel teacher: teacher_a on DRIVE, then teacher_b on QT-degraded DRIVE).
     c.stage = "stage3"
     c.seed = 0
 
@@ -80,9 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.profile_steps = 0  # >0: write a profile of that many steps to TensorBoard after warm-up.
     c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
 
-    # Stage 3 starts from the checkpoints of these stage directories; "" means <workdir>/stage1 and
-    # <workdir>/stage2 (every stage writes to <workdir>/<stage>).
-    c.init = ml_collections.ConfigDict(dict(stage1="", stage2=""))
+    # Stage 3 starts from the checkpoints of these stage directories (teacher_b from teacher_a); ""
+    # means <workdir>/<stage> (every stage writes to <workdir>/<stage>).
+    c.init = ml_collections.ConfigDict(dict(stage1="", stage2="", teacher_a=""))
     # Optional torchvision ImageNet ResNet-50 weights converted with `python -m cleaq_jax.models.pretrained`.
     c.pretrained = ml_collections.ConfigDict(dict(dr="", c_iqa=""))
 
