@@ -1,0 +1,340 @@
+"""Orbax checkpoints of a training stage: train state, data-iterator position, config, metrics.
+
+A stage writes to ``<workdir>/<stage>/checkpoints/<step>/`` with the items
+
+    state    the train-state pytree (StandardSave), restored onto any mesh or device count
+    data     the grain iterator position of every process (optional)
+    config   the stage's ConfigDict as JSON, so a run can be resumed or evaluated as it was set up
+    metrics  the evaluation metrics passed to `Checkpointer.save` (they rank the best checkpoint)
+
+Retention keeps the latest ``max_to_keep`` checkpoints and, when ``best_metric`` is set, the best
+one by that metric as well, however old it is. Every process calls save and restore; orbax
+coordinates the writes. `PreemptionGuard` turns SIGTERM into a flag the loop polls to save and
+exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+PyTree = Any
+_policies = ocp.checkpoint_managers
+
+
+def checkpoint_dir(workdir: str | os.PathLike, stage: str) -> epath.Path:
+    """The checkpoint directory of a stage: ``<workdir>/<stage>/checkpoints`` (local or gs://)."""
+    return _as_path(workdir) / stage / "checkpoints"
+
+
+def _as_path(directory: str | os.PathLike) -> epath.Path:
+    path = epath.Path(directory)
+    # Local paths are made absolute (orbax requires it); URIs such as gs:// are kept as they are.
+    return path if "://" in os.fspath(directory) else path.absolute()
+
+
+class _NoMetricsWarningFilter:
+    """Drops orbax's per-save warning about missing metrics: periodic saves between evaluations
+    legitimately have none."""
+
+    def filter(self, record: Any) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+_NO_METRICS_FILTER = _NoMetricsWarningFilter()
+
+
+def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree:
+    """Restore target: the ShapeDtypeStructs of ``abstract_state`` carrying ``shardings``.
+
+    abstract_state: pytree of arrays or ShapeDtypeStruct (``jax.eval_shape`` of the init);
+    shardings: matching pytree of jax.sharding.Sharding, e.g. from `parallel.state_shardings`
+        on the mesh to restore onto (which may differ from the mesh that saved).
+    """
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def _metric_fn(best_metric: str | None):
+    def metric(metrics: dict[str, Any]) -> float:
+        if best_metric is None:
+            return 0.0
+        if best_metric not in metrics:
+            raise KeyError(f"best_metric={best_metric!r} is not among the saved metrics {sorted(metrics)}")
+        return float(metrics[best_metric])
+
+    return metric
+
+
+def _manager_options(max_to_keep: int | None, best_metric: str | None, best_mode: str, async_save: bool):
+    if best_mode not in ("max", "min"):
+        raise ValueError(f"checkpoint best_mode={best_mode!r} must be 'max' or 'min'")
+    if max_to_keep is not None and max_to_keep < 1:
+        raise ValueError(f"checkpoint max_to_keep={max_to_keep} must be at least 1 (or None to keep all)")
+    keep: list[Any] = [_policies.LatestN(n=max_to_keep)]
+    if best_metric is not None:
+        # BestN keeps the top n by the metric; checkpoints saved without metrics fall to LatestN alone.
+        keep.append(
+            _policies.BestN(
+                get_metric_fn=_metric_fn(best_metric),
+                reverse=best_mode == "min",
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    return ocp.CheckpointManagerOptions(
+        # best_fn makes orbax write the "metrics" item; retention itself is the preservation policy.
+        best_fn=_metric_fn(best_metric),
+        best_mode=best_mode,
+        preservation_policy=_policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+
+
+def _handlers() -> dict[str, Any]:
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+    }
+
+
+def _config_json(config: ml_collections.ConfigDict | dict) -> dict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config, default=repr))
+
+
+def _lists_to_tuples(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_lists_to_tuples(v) for v in tree)
+    return tree
+
+
+class Checkpointer:
+    """Saves and restores one stage's checkpoints (see the module docstring for the items).
+
+    directory: the stage's checkpoint directory (`checkpoint_dir`), created on first use.
+    max_to_keep: keep the latest N checkpoints (None: all).
+    best_metric, best_mode: also keep the checkpoint with the max/min value of this metric.
+    async_save: write in a background thread; call `wait_until_finished` before reading them.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
+        self.directory = _as_path(directory)
+        self.best_metric = best_metric
+        pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
+        options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        data_iter: Any = None,
+        config: ml_collections.ConfigDict | dict | None = None,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves a checkpoint at ``step``; returns False when that step is saved already.
+
+        state: the train-state pytree (jax arrays, any sharding). data_iter: a grain iterator
+        (or `parallel.DevicePrefetcher`) whose position to keep. config: the stage config.
+        metrics: name -> scalar; needs ``best_metric`` among them when one was set.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            logging.info("checkpoint for step %d exists already in %s; not saving again", step, self.directory)
+            return False
+        if metrics is not None:
+            metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+            _metric_fn(self.best_metric)(metrics)  # fail now, not in orbax's background thread
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_config_json(config))
+        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None when the directory holds no checkpoint."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best ``best_metric`` (the latest step when none is set)."""
+        return self._manager.best_step() if self.best_metric else self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every step still on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        """The metrics saved with ``step`` (None if it was saved without)."""
+        return self._manager.metrics(step)
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self._manager.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(
+                    f"no checkpoint in {self.directory}; train this stage first or check --workdir"
+                )
+            return self._manager.latest_step()
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}")
+        return step
+
+    def restore(self, target_abstract_state: PyTree, *, step: int | None = None, data_iter: Any = None) -> PyTree:
+        """Restores the train state of ``step`` (default: latest) and, given one, the data position.
+
+        target_abstract_state: pytree of jax.ShapeDtypeStruct WITH shardings (see
+            `abstract_with_shardings`): the layout to restore onto, any mesh or device count.
+        data_iter: a grain iterator (or `parallel.DevicePrefetcher`) moved in place to the saved
+            position of this process.
+        """
+        step = self._resolve(step)
+        _check_target(target_abstract_state)
+        items = {"state": ocp.args.StandardRestore(target_abstract_state)}
+        if data_iter is not None:
+            if "data" not in self._item_names(step):
+                raise ValueError(
+                    f"checkpoint {self.directory}/{step} holds no data-iterator state; restore without data_iter"
+                )
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
+        """The config saved with ``step`` (default: latest) as a ConfigDict.
+
+        JSON has no tuples: sequences come back as tuples, the way config files write them.
+        """
+        step = self._resolve(step)
+        if "config" not in self._item_names(step):
+            raise ValueError(f"checkpoint {self.directory}/{step} was saved without a config")
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
+
+    def _item_names(self, step: int) -> set[str]:
+        return set(self._manager.item_metadata(step).keys())
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _check_target(target: PyTree) -> None:
+    leaves = jax.tree.leaves(target)
+    bad = [type(x).__name__ for x in leaves if getattr(x, "sharding", None) is None]
+    if bad:
+        raise ValueError(
+            f"restore target has {len(bad)} leaves without a sharding (e.g. {bad[0]}); build it with "
+            "checkpoint.abstract_with_shardings(jax.eval_shape(init_fn, ...), shardings)"
+        )
+
+
+def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
+    """Restores only the train state from a checkpoint directory with a fresh, read-only manager.
+
+    For evaluation and prediction. target: as in `Checkpointer.restore`; step: default latest.
+    """
+    directory = _as_path(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
+        steps = manager.all_steps()
+        if step is None:
+            step = manager.latest_step()
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else f'for step {step} '}in {directory} "
+                f"(saved steps: {sorted(steps)}); check the checkpoint path in the config"
+            )
+        _check_target(target)
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and any other given signals) into a flag the training loop polls.
+
+    Use as a context manager around the loop; the previous handlers are restored on exit::
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                ...
+                if step % interval == 0 and guard.should_stop():
+                    checkpointer.save(step, state, force=True); break
+
+    In a multi-process run `should_stop` is a collective: every process must call it at the
+    same steps, and all of them get True once any of them received the signal.
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+        self._signals = tuple(signals)
+        self._received = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        logging.warning("received signal %d: will save a checkpoint and stop at the next check", signum)
+        self._received.set()
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be entered in the main thread (Python delivers signals there)")
+        for sig in self._signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            # None means a handler installed outside Python; the default action is the closest restore.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    @property
+    def received(self) -> bool:
+        """True once this process got a signal (local; no agreement with other processes)."""
+        return self._received.is_set()
+
+    def should_stop(self) -> bool:
+        """True once any process received a signal (a collective when there are several processes)."""
+        local = self._received.is_set()
+        if jax.process_count() == 1:
+            return local
+        flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        return bool(np.any(flags))
