@@ -293,18 +293,24 @@ class PreemptionGuard:
 
     Use as a context manager around the loop; the previous handlers are restored on exit::
 
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(sync_every_steps=100) as guard:
             for step in ...:
                 ...
-                if step % interval == 0 and guard.should_stop():
+                if guard.should_stop(step):
                     checkpointer.save(step, state, force=True); break
 
-    In a multi-process run `should_stop` is a collective: every process must call it at the
-    same steps, and all of them get True once any of them received the signal.
+    With several processes, every process must stop at the same step, so `should_stop(step)`
+    agrees across them (an all-gather of the flags) at steps divisible by ``sync_every_steps``
+    and returns False in between without any communication: the all-gather waits for the
+    devices, so doing it every step would stall asynchronous dispatch. Every process must call
+    it with the same steps. With one process the local flag is returned at every step.
     """
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), sync_every_steps: int = 1):
+        if sync_every_steps < 1:
+            raise ValueError(f"sync_every_steps={sync_every_steps} must be at least 1")
         self._signals = tuple(signals)
+        self._sync_every = int(sync_every_steps)
         self._received = threading.Event()
         self._previous: dict[int, Any] = {}
 
@@ -331,10 +337,15 @@ class PreemptionGuard:
         """True once this process got a signal (local; no agreement with other processes)."""
         return self._received.is_set()
 
-    def should_stop(self) -> bool:
-        """True once any process received a signal (a collective when there are several processes)."""
+    def should_stop(self, step: int | None = None) -> bool:
+        """True once any process received a signal; a collective with several processes.
+
+        step: the training step, to agree only every ``sync_every_steps`` (None: agree now).
+        """
         local = self._received.is_set()
         if jax.process_count() == 1:
             return local
+        if step is not None and int(step) % self._sync_every:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
         return bool(np.any(flags))
