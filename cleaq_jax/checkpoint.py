@@ -171,9 +171,11 @@ class Checkpointer:
         if step in self._manager.all_steps():
             logging.info("checkpoint for step %d exists already in %s; not saving again", step, self.directory)
             return False
-        if metrics is not None:
+        if metrics:  # an empty dict ranks nothing: saved as "no metrics"
             metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
             _metric_fn(self.best_metric)(metrics)  # fail now, not in orbax's background thread
+        else:
+            metrics = None
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)

@@ -296,27 +296,26 @@ class DevicePrefetcher:
     def _read_state(self) -> Any:
         return self._it.get_state() if hasattr(self._it, "get_state") else None
 
+    @staticmethod
+    def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+        """Blocks until the item is queued (True) or a stop is requested (False)."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         try:
             for local in self._it:
-                item = (global_batch(local, self._mesh), self._read_state())
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(out, (global_batch(local, self._mesh), self._read_state()), stop):
                     return
             item = (_END, None)
         except Exception as error:  # pylint: disable=broad-except
             item = (error, None)  # re-raised in the consumer's thread
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._put(out, item, stop)
 
     def start_prefetch(self) -> None:
         """Starts the background thread unless it runs already (a restart would drop queued batches)."""

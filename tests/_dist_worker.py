@@ -4,7 +4,7 @@ The device count must be fixed before jax is imported, hence a separate process:
 
   meshes   --devices 8: the toy trained 3 steps on 1 device, data=8 and data=4 x fsdp=2
   multi    --devices 2 per process, jax.distributed (explicit flags or JAX_* environment):
-           2 steps with per-process data, then a SIGTERM to the last process only at step 3
+           3 steps with per-process data, then a SIGTERM to the last process only at step 3
   save     --devices 8: train 2 steps with data=4 x fsdp=2 and checkpoint them
   loop     a toy loop up to --steps that saves every --save-every steps and on SIGTERM,
            resuming from the latest checkpoint
@@ -118,11 +118,11 @@ def run_multi(args):
     pid, count = jax.process_index(), jax.process_count()
     per = GLOBAL_BATCH // count
     mesh = parallel.make_mesh()
-    state, _, step_fn, losses = _train(mesh, 2, slice(pid * per, (pid + 1) * per))
+    state, _, step_fn, losses = _train(mesh, 3, slice(pid * per, (pid + 1) * per))
     params = [np.asarray(x) for x in jax.tree.leaves(multihost_utils.process_allgather(state.params, tiled=True))]
     stopped_at = -1
     with PreemptionGuard(sync_every_steps=2) as guard:
-        for step in range(2, 7):
+        for step in range(3, 8):
             if step == 3 and pid == count - 1:
                 os.kill(os.getpid(), signal.SIGTERM)  # only one process is preempted
                 time.sleep(0.2)

@@ -12,6 +12,7 @@ import sys
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import portpicker
 import pytest
@@ -103,17 +104,13 @@ def meshes(runs):
     return runs["meshes"].result()
 
 
-@pytest.fixture(scope="module")
-def single_process_two_steps():
-    """The reference: the toy trained 2 steps on this process's single device."""
-    mesh = parallel.make_mesh()
-    state, shardings = parallel.create_sharded_state(_toy.init_state, mesh, jax.random.key(0))
-    step = parallel.jit_train_step(_toy.train_step, shardings, mesh)
-    losses = []
-    for i in range(2):
-        state, metrics = step(state, parallel.global_batch(_toy.make_batch(8, i), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.asarray(losses), _toy.to_numpy(state.params)
+def _counter_init(key: jax.Array) -> dict[str, jax.Array]:
+    return {"w": jax.random.key_data(key).astype(np.float32), "n": jnp.zeros((), np.int32)}
+
+
+def _counter_step(state, batch):
+    """A minimal step (state, batch) -> (state, metrics) for properties of the jitted step itself."""
+    return {"w": state["w"] + batch["x"].mean(), "n": state["n"] + 1}, {"mean": batch["x"].mean()}
 
 
 # --------------------------------------------------------------------------- mesh
@@ -181,22 +178,33 @@ def test_global_batch_builds_arrays_split_on_the_batch_dimension():
 
 
 # --------------------------------------------------------------------------- the step
-def test_donated_state_buffers_are_deleted_after_the_step():
+def _counter_setup(donate: bool):
     mesh = parallel.make_mesh()
-    state, shardings = parallel.create_sharded_state(_toy.init_state, mesh, jax.random.key(0))
-    step = parallel.jit_train_step(_toy.train_step, shardings, mesh, donate=True)
+    state, shardings = parallel.create_sharded_state(_counter_init, mesh, jax.random.key(0))
+    step = parallel.jit_train_step(_counter_step, shardings, mesh, donate=donate)
+    return state, step, parallel.global_batch({"x": np.ones((4, 2), np.float32)}, mesh)
+
+
+def test_donated_state_buffers_are_deleted_after_the_step():
+    state, step, batch = _counter_setup(donate=True)
     old_leaves = jax.tree.leaves(state)
-    new_state, _ = step(state, parallel.global_batch(_toy.make_batch(4, 0), mesh))
+    new_state, _ = step(state, batch)
     assert all(leaf.is_deleted() for leaf in old_leaves)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))
 
 
 def test_state_is_kept_when_donation_is_off():
-    mesh = parallel.make_mesh()
-    state, shardings = parallel.create_sharded_state(_toy.init_state, mesh, jax.random.key(0))
-    step = parallel.jit_train_step(_toy.train_step, shardings, mesh, donate=False)
-    step(state, parallel.global_batch(_toy.make_batch(4, 0), mesh))
+    state, step, batch = _counter_setup(donate=False)
+    step(state, batch)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+
+
+def test_step_returns_state_in_its_shardings_and_metrics_replicated():
+    state, step, batch = _counter_setup(donate=False)
+    new_state, metrics = step(state, batch)
+    assert int(new_state["n"]) == 1 and float(metrics["mean"]) == 1.0
+    assert new_state["w"].sharding.is_equivalent_to(state["w"].sharding, 1)
+    assert metrics["mean"].sharding.is_fully_replicated
 
 
 # --------------------------------------------------------------------------- prefetch
@@ -267,15 +275,16 @@ def test_fsdp_two_by_data_four_gives_one_device_training(meshes):
 
 # --------------------------------------------------------------------------- two processes (subprocesses)
 @pytest.mark.parametrize("init", ["explicit", "env"])
-def test_two_processes_match_single_process(request, single_process_two_steps, init):
+def test_two_processes_match_single_process(request, meshes, init):
     job = request.getfixturevalue("runs" if init == "explicit" else "env_job")
-    losses, params = single_process_two_steps
     for pid in range(2):
         result = job[f"{init}{pid}"].result()
         assert int(result["process_count"]) == 2 and int(result["local_devices"]) == 2
-        np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
-        for i, expected in enumerate(params):
-            np.testing.assert_allclose(result[f"param{i}"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result["losses"], meshes["one_losses"], rtol=1e-5)
+        params = sorted(k for k in meshes if k.startswith("one_param"))
+        assert len(params) == len([k for k in result if k.startswith("param")])
+        for key in params:
+            np.testing.assert_allclose(result[key.replace("one_", "")], meshes[key], rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_next_agreed_step(runs):
