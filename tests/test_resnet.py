@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax.models import pretrained as P
-from cleaq_jax.models.resnet import (BasicBlock, Bottleneck, ResNet, Stage, channels,
+from cleaq_jax.models.resnet import (BasicBlock, Bottleneck, ResNet, Stage, Stem, channels,
                                      imagenet_normalize, resnet34, resnet50, stem_pool)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "resnet_torch.npz")
@@ -389,3 +389,24 @@ def test_graft_of_the_wrong_block_type_lists_mismatched_paths(torch_ref, importe
 def test_graft_into_a_missing_path_names_it(torch_ref, imported):
     with pytest.raises(P.PretrainedError, match=r"params/dr/trunk does not exist.*\['backbone', 'head'\]"):
         P.graft(_outer_variables(None, _nhwc(torch_ref)), imported["bottleneck"][1], into="dr/trunk")
+
+
+class _Fused(nn.Module):
+    """A ResNet-50 built from resnet.py's pieces with an extra conv of its own (as C-IQA's fusion)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.Conv(8, (1, 1), name="fuse0")(stem_pool(Stem(8, name="stem")(x, train)))
+        for i in range(4):
+            h = Stage(Bottleneck, 1, 8 * 2 ** i, 1 if i == 0 else 2, name=f"layer{i + 1}")(h, train)
+        return h
+
+
+def test_graft_leaves_the_models_extra_modules_as_they_are(torch_ref, imported):
+    variables = _random_variables(_Fused(), _nhwc(torch_ref))
+    pre = imported["bottleneck"][1]
+    grafted = P.graft(variables, pre, into=())
+    np.testing.assert_array_equal(grafted["params"]["fuse0"]["kernel"], variables["params"]["fuse0"]["kernel"])
+    np.testing.assert_array_equal(grafted["params"]["layer3"]["block0"]["conv2"]["kernel"],
+                                  pre["params"]["layer3"]["block0"]["conv2"]["kernel"])
+    np.testing.assert_array_equal(grafted["batch_stats"]["stem"]["bn"]["var"], pre["batch_stats"]["stem"]["bn"]["var"])

@@ -36,6 +36,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -322,8 +323,10 @@ def graft(variables: Mapping, pretrained: Mapping, into: str | Sequence[str],
     Args:
       variables: the model's variables, {'params': ..., 'batch_stats': ..., ...}.
       pretrained: {'params', 'batch_stats'} of a ResNet, e.g. ``load(DIR)``.
-      into: module path of the ResNet inside the model, 'dr/backbone' or ('dr', 'backbone');
-        the same path is used in every collection of ``pretrained``.
+      into: module path of the ResNet inside the model, 'dr/backbone' or ('dr', 'backbone')
+        ('' or (): the whole collection); the same path is used in every collection of
+        ``pretrained``. The target may hold modules of its own beside the ResNet's (C-IQA's
+        fusion convs): they keep their values.
       head: name of the classifier sub-tree; it is copied only when the target has one of the
         same shapes (same class count) and otherwise keeps the target's initialisation.
     Returns:
@@ -333,34 +336,42 @@ def graft(variables: Mapping, pretrained: Mapping, into: str | Sequence[str],
       PretrainedError listing every pretrained leaf the target lacks, every target leaf the
       pretrained weights lack, and every shape mismatch (with '/'-joined paths).
     """
-    into = tuple(into.split("/")) if isinstance(into, str) else tuple(into)
-    out = dict(variables)
-    problems = []
+    into = tuple(into.split("/")) if isinstance(into, str) and into else tuple(into)
+    out, problems = dict(variables), []
     for coll in sorted(pretrained, key=lambda c: c != "params"):  # report params paths first
-        tree = pretrained[coll]
-        where = f"{coll}/{'/'.join(into)}"
+        where = "/".join((coll,) + into)
         target = flatten_dict(_subtree(variables.get(coll, {}), into, coll))
-        source = flatten_dict(tree)
-        new = dict(target)
-        heads_fit = all(p in target and target[p].shape == np.shape(v)
-                        for p, v in source.items() if p[0] == head)
-        for path, value in source.items():
-            name = f"{where}/{'/'.join(path)}"
-            if path[0] == head and not heads_fit:
-                continue  # class count differs or the target has no head: keep its own
-            if path not in target:
-                problems.append(f"{name}: not in the model")
-            elif target[path].shape != np.shape(value):
-                problems.append(f"{name}: pretrained {np.shape(value)}, model {target[path].shape}")
-            else:
-                new[path] = _place(value, target[path])
-        problems += [f"{where}/{'/'.join(p)}: not in the pretrained weights"
-                     for p in target if p not in source and p[0] != head]
+        new, found, kept = _graft_leaves(target, flatten_dict(pretrained[coll]), where, head)
+        problems += found
+        if kept and coll == "params":
+            logging.info("graft into %s: kept the model's own %s", where, ", ".join(kept))
         out[coll] = _replace(variables[coll], into, unflatten_dict(new))
     if problems:
         raise PretrainedError("graft: the pretrained ResNet does not fit the model at "
-                              f"{'/'.join(into)}:\n  " + "\n  ".join(problems))
+                              f"{'/'.join(into) or 'the top level'}:\n  " + "\n  ".join(problems))
     return out
+
+
+def _graft_leaves(target: dict, source: dict, where: str, head: str):
+    """Flat target leaves with the source's copied in: (new leaves, problems, kept module names)."""
+    new, problems = dict(target), []
+    heads_fit = all(p in target and target[p].shape == np.shape(v) for p, v in source.items() if p[0] == head)
+    for path, value in source.items():
+        name = f"{where}/{'/'.join(path)}"
+        if path[0] == head and not heads_fit:
+            continue  # class count differs or the target has no head: keep its own
+        if path not in target:
+            problems.append(f"{name}: not in the model")
+        elif target[path].shape != np.shape(value):
+            problems.append(f"{name}: pretrained {np.shape(value)}, model {target[path].shape}")
+        else:
+            new[path] = _place(value, target[path])
+    # Modules the ResNet has must be complete; the model's own extras (fusion convs) keep their values.
+    shared = {p[0] for p in source}
+    problems += [f"{where}/{'/'.join(p)}: not in the pretrained weights"
+                 for p in target if p not in source and p[0] in shared and p[0] != head]
+    kept = sorted({p[0] for p in target if p[0] not in shared or (p[0] == head and not heads_fit)})
+    return new, problems, kept
 
 
 def _replace(tree: Mapping, into: Sequence[str], value: Any) -> dict:

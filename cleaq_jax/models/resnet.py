@@ -63,16 +63,21 @@ def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
                         dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """Fields shared by the residual blocks: output/inner width, stride of the first conv, compute dtype."""
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+
+class BasicBlock(_Block):
     """torchvision BasicBlock: conv3x3(stride)-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
 
     ``features`` is the block's output width; a 1x1 conv + BN shortcut is added when the stride
     or the channel count changes.
     """
 
-    features: int
-    strides: int = 1
-    dtype: Any = jnp.float32
     expansion = 1
 
     @nn.compact
@@ -85,15 +90,12 @@ class BasicBlock(nn.Module):
         return nn.relu(y + _shortcut(x, self.features, self.strides, train, self.dtype))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """torchvision Bottleneck v1.5: 1x1, 3x3(stride), 1x1 (x4 channels), each with BN.
 
     ``features`` is the inner width; the output has ``4 * features`` channels.
     """
 
-    features: int
-    strides: int = 1
-    dtype: Any = jnp.float32
     expansion = 4
 
     @nn.compact
