@@ -267,6 +267,7 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
             f.write(flax.serialization.msgpack_serialize(variables))
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
         os.rename(tmp, out_dir)  # the directory appears only when complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
