@@ -4,7 +4,8 @@ The device count must be fixed before jax is imported, hence a separate process:
 
   meshes   --devices 8: the toy trained 3 steps on 1 device, data=8 and data=4 x fsdp=2
   multi    --devices 2 per process, jax.distributed (explicit flags or JAX_* environment):
-           3 steps with per-process data, then a SIGTERM to the last process only at step 3
+           3 steps with per-process data on data=2 x fsdp=2, a checkpoint saved and restored by
+           both processes (with --ckpt), then a SIGTERM to the last process only
   save     --devices 8: train 2 steps with data=4 x fsdp=2 and checkpoint them
   loop     a toy loop up to --steps that saves every --save-every steps and on SIGTERM,
            resuming from the latest checkpoint
@@ -109,7 +110,6 @@ def run_multi(args):
     from jax.experimental import multihost_utils
 
     from cleaq_jax import parallel
-    from cleaq_jax.checkpoint import PreemptionGuard
 
     if args.init == "explicit":
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -117,21 +117,55 @@ def run_multi(args):
         parallel.initialize_distributed()
     pid, count = jax.process_index(), jax.process_count()
     per = GLOBAL_BATCH // count
-    mesh = parallel.make_mesh()
-    state, _, step_fn, losses = _train(mesh, 3, slice(pid * per, (pid + 1) * per))
-    params = [np.asarray(x) for x in jax.tree.leaves(multihost_utils.process_allgather(state.params, tiled=True))]
+    mesh = parallel.make_mesh(-1, 2)  # fsdp across devices, data across processes
+    state, shardings, _, losses = _train(mesh, 3, slice(pid * per, (pid + 1) * per))
+    gather = lambda tree: [np.asarray(x) for x in jax.tree.leaves(multihost_utils.process_allgather(tree, tiled=True))]
+    out = {f"param{i}": p for i, p in enumerate(gather(state.params))}
+    out["sharded"] = _sharded_leaves(state)
+    if args.ckpt:
+        out.update(_multi_checkpoint(args.ckpt, state, shardings, pid, gather))
+    out.update(_multi_preemption(pid, count))
+    np.savez(args.out, losses=np.asarray(losses), process_count=count, local_devices=jax.local_device_count(), **out)
+
+
+def _multi_checkpoint(directory, state, shardings, pid, gather):
+    """Every process saves (its own data position: pid + 1 elements read) and restores."""
+    import grain
+    import jax
+    import numpy as np
+
+    import _toy
+    from cleaq_jax import checkpoint
+
+    dataset = grain.MapDataset.range(10).to_iter_dataset()
+    data = iter(dataset)
+    for _ in range(pid + 1):
+        next(data)
+    with checkpoint.Checkpointer(directory) as ckpt:
+        ckpt.save(3, state, data_iter=data)
+        ckpt.wait_until_finished()
+        fresh = iter(dataset)
+        abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
+        restored = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings), data_iter=fresh)
+    numeric = lambda s: (s.step, s.params, s.batch_stats, s.opt_state, jax.random.key_data(s.rng))
+    same = all(np.array_equal(a, b) for a, b in zip(gather(numeric(restored)), gather(numeric(state)), strict=True))
+    return {"restored_equal": same, "next_after_restore": int(next(fresh))}
+
+
+def _multi_preemption(pid, count):
+    """A SIGTERM to the last process only, at step 3; processes agree every 2 steps."""
+    from cleaq_jax.checkpoint import PreemptionGuard
+
     stopped_at = -1
     with PreemptionGuard(sync_every_steps=2) as guard:
         for step in range(3, 8):
             if step == 3 and pid == count - 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # only one process is preempted
+                os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.2)
-            if guard.should_stop(step):  # processes agree at even steps only
+            if guard.should_stop(step):
                 stopped_at = step
                 break
-    extra = {f"param{i}": p for i, p in enumerate(params)}
-    np.savez(args.out, losses=np.asarray(losses), process_count=count, local_devices=jax.local_device_count(),
-             stopped_at=stopped_at, received=guard.received, **extra)
+    return {"stopped_at": stopped_at, "received": guard.received}
 
 
 def run_save(args):

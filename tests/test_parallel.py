@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 import _toy
-from cleaq_jax import parallel
+from cleaq_jax import checkpoint, parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_dist_worker.py")
@@ -67,7 +67,8 @@ def _two_processes(tmp, init: str) -> dict[str, _Run]:
         args = ["multi", "--devices", "2", "--init", init]
         env = _clean_env(str(tmp / "cache"))
         if init == "explicit":
-            args += ["--coordinator", address, "--num-processes", "2", "--process-id", str(pid)]
+            args += ["--coordinator", address, "--num-processes", "2", "--process-id", str(pid),
+                     "--ckpt", str(tmp / "ckpt")]
         else:
             env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         started[f"{init}{pid}"] = _Run(str(tmp / f"{init}{pid}.npz"), args, env)
@@ -309,3 +310,21 @@ def test_initialize_distributed_names_missing_settings(monkeypatch):
     monkeypatch.setattr(parallel, "_cluster_detected", lambda: None)
     with pytest.raises(ValueError, match="num_processes / JAX_NUM_PROCESSES, process_id / JAX_PROCESS_ID"):
         parallel.initialize_distributed()
+
+
+def test_two_processes_save_and_restore_one_checkpoint_with_their_own_data_positions(runs):
+    results = [runs[f"explicit{pid}"].result() for pid in range(2)]
+    assert all(bool(r["restored_equal"]) for r in results)
+    # Process i had read i + 1 elements when it saved.
+    assert [int(r["next_after_restore"]) for r in results] == [1, 2]
+
+
+def test_two_process_fsdp_checkpoint_restores_on_one_device(runs, meshes):
+    assert all(int(runs[f"explicit{pid}"].result()["sharded"]) == 6 for pid in range(2))
+    mesh = parallel.make_mesh()
+    abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
+    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    restored = checkpoint.restore_state(runs["tmp"] / "ckpt", target)
+    params = _toy.to_numpy(restored.params)
+    for i, leaf in enumerate(params):
+        np.testing.assert_allclose(leaf, meshes[f"one_param{i}"], rtol=1e-5, atol=1e-6)
