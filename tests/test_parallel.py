@@ -46,12 +46,15 @@ class _Run:
         self.proc = subprocess.Popen(
             [sys.executable, WORKER, *args, "--out", out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        self._result: dict[str, np.ndarray] | None = None
 
     def result(self) -> dict[str, np.ndarray]:
-        log, _ = self.proc.communicate(timeout=TIMEOUT)
-        assert self.proc.returncode == 0, log.decode(errors="replace")[-3000:]
-        with np.load(self.out) as data:
-            return dict(data)
+        if self._result is None:
+            log, _ = self.proc.communicate(timeout=TIMEOUT)
+            assert self.proc.returncode == 0, log.decode(errors="replace")[-3000:]
+            with np.load(self.out) as data:
+                self._result = dict(data)
+        return self._result
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -130,6 +133,26 @@ def test_mesh_size_mismatch_names_the_config_keys():
 def test_mesh_rejects_both_axes_minus_one():
     with pytest.raises(ValueError, match="mesh.data and mesh.fsdp cannot both be -1"):
         parallel.make_mesh(-1, -1)
+
+
+# --------------------------------------------------------------------------- start-up
+_LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
+                     "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def test_initialize_distributed_is_a_no_op_without_settings(monkeypatch):
+    for name in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False
+    assert not jax.distributed.is_initialized()
+
+
+def test_initialize_distributed_names_missing_settings(monkeypatch):
+    for name in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ValueError, match="num_processes / JAX_NUM_PROCESSES, process_id / JAX_PROCESS_ID"):
+        parallel.initialize_distributed()
 
 
 # --------------------------------------------------------------------------- shardings
@@ -293,23 +316,6 @@ def test_sigterm_to_one_process_stops_every_process_at_the_next_agreed_step(runs
     results = [runs[f"explicit{pid}"].result() for pid in range(2)]
     assert [bool(r["received"]) for r in results] == [False, True]
     assert [int(r["stopped_at"]) for r in results] == [4, 4]
-
-
-def test_initialize_distributed_is_a_no_op_without_settings(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(parallel, "_cluster_detected", lambda: None)
-    assert parallel.initialize_distributed() is False
-    assert not jax.distributed.is_initialized()
-
-
-def test_initialize_distributed_names_missing_settings(monkeypatch):
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
-    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
-    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
-    monkeypatch.setattr(parallel, "_cluster_detected", lambda: None)
-    with pytest.raises(ValueError, match="num_processes / JAX_NUM_PROCESSES, process_id / JAX_PROCESS_ID"):
-        parallel.initialize_distributed()
 
 
 def test_two_processes_save_and_restore_one_checkpoint_with_their_own_data_positions(runs):
