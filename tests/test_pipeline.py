@@ -248,17 +248,42 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, tmp_pa
     np.testing.assert_array_equal(got["id_hash"], expected["id_hash"])
 
 
-def test_worker_processes_yield_the_same_batches_as_in_process_loading(data_dir):
+def test_worker_processes_yield_the_same_batches_and_states_as_in_process_loading(data_dir):
     kwargs = dict(global_batch_size=4, seed=4, num_epochs=1, process_index=0, process_count=1)
     in_process = list(pipeline.train_loader(data_dir, read_threads=0, **kwargs))
     workers = pipeline.train_loader(data_dir, worker_count=2, **kwargs)
     try:
-        with_workers = list(workers)
+        head = [next(workers) for _ in range(2)]
+        state = workers.get_state()
+        with_workers = head + list(workers)
     finally:
         workers.close()
     assert len(with_workers) == len(in_process) == N // 4
     for want, got in zip(in_process, with_workers):
         assert want["image"].tobytes() == got["image"].tobytes()
+    resumed = pipeline.train_loader(data_dir, read_threads=0, **kwargs)
+    resumed.set_state(state)  # saved with 2 workers, restored without any
+    assert next(resumed)["image"].tobytes() == in_process[2]["image"].tobytes()
+
+
+def test_state_restores_into_another_process_count(data_dir):
+    kwargs = dict(global_batch_size=8, seed=6, read_threads=0)
+    single = pipeline.train_loader(data_dir, process_index=0, process_count=1, **kwargs)
+    for _ in range(3):
+        next(single)
+    state = single.get_state()
+    expected = next(single)
+    for p in range(2):
+        part = pipeline.train_loader(data_dir, process_index=p, process_count=2, **kwargs)
+        part.set_state(state)
+        np.testing.assert_array_equal(next(part)["image"], expected["image"][p::2])
+
+
+def test_state_of_a_loader_with_other_settings_is_rejected(data_dir):
+    kwargs = dict(global_batch_size=8, process_index=0, process_count=1, read_threads=0)
+    state = pipeline.train_loader(data_dir, seed=1, **kwargs).get_state()
+    with pytest.raises(ValueError, match="does not fit this loader.*'seed': \\(1, 2\\)"):
+        pipeline.train_loader(data_dir, seed=2, **kwargs).set_state(state)
 
 
 # --------------------------------------------------------------------------- eval
