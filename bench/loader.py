@@ -73,17 +73,27 @@ def reencode(record: bytes, image_codec: str, bilevel_masks: bool) -> bytes:
     return msgpack.packb(payload, use_bin_type=True)
 
 
-def build_shards(out_dir: str, num: int, size: int, *, image_codec: str = "png", bilevel_masks: bool = False,
-                 seed: int = 0) -> str:
-    """Write ``num`` fundus-like records as split "train" of ``out_dir``; returns out_dir."""
-    from skimage import data as skdata
+def build_shards(out_dir: str, num: int, size: int, *, source: str = "retina", image_codec: str = "png",
+                 bilevel_masks: bool = False, seed: int = 0) -> str:
+    """Write ``num`` records as split "train" of ``out_dir``; returns out_dir.
 
+    source "retina": `fundus_like` variants of a real photograph (realistic noise, so realistic PNG
+    sizes and decode times); "synthetic": `cleaq_jax.data.synthetic` (smoother, so more compressible).
+    """
     rng = np.random.default_rng(seed)
-    base = skdata.retina()
+    if source == "retina":
+        from skimage import data as skdata
+
+        base = skdata.retina()
+    else:
+        from cleaq_jax.data import synthetic
     with records.ShardWriter(out_dir, "bench", "train", num_shards=4) as writer:
         for i in range(num):
-            example = {**fundus_like(rng, base, size), "dr_grade": int(rng.integers(0, 5)),
-                       "quality": int(rng.integers(0, 3)), "id": f"bench_{i:05d}", "source": "bench"}
+            if source == "retina":
+                example = {**fundus_like(rng, base, size), "dr_grade": int(rng.integers(0, 5)),
+                           "quality": int(rng.integers(0, 3)), "id": f"bench_{i:05d}", "source": "bench"}
+            else:
+                example = synthetic.generate_example(seed, i, size)
             writer.write(reencode(records.encode_record(example), image_codec, bilevel_masks))
     return out_dir
 
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="shard directory (default: build fundus-like shards in a temp dir)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--num", type=int, default=256, help="records to build when --data is not given")
+    parser.add_argument("--source", choices=("retina", "synthetic"), default="retina",
+                        help="what to build: variants of a real photograph, or cleaq_jax.data.synthetic fundi")
     parser.add_argument("--size", type=int, default=512, help="image side of built records")
     parser.add_argument("--image-codec", choices=sorted(IMAGE_CODECS), default="png",
                         help="image encoding of built records (png: the records' own)")
@@ -208,15 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     tmp = None
     if args.data is None:
         tmp = tempfile.TemporaryDirectory(prefix="cleaq-bench-")
-        args.data = build_shards(tmp.name, args.num, args.size, image_codec=args.image_codec,
-                                 bilevel_masks=args.bilevel_masks)
+        args.data = build_shards(tmp.name, args.num, args.size, source=args.source,
+                                 image_codec=args.image_codec, bilevel_masks=args.bilevel_masks)
     size = records.read_manifest(args.data)["splits"][args.split]["image_size"][0]
     blobs = _record_bytes(args.data, args.split, 64)
     shards = records.split_shards(args.data, args.split)
     disk_kib = sum(map(os.path.getsize, shards)) / len(grain.sources.ArrayRecordDataSource(shards)) / 1024
-    print(json.dumps({"setting": "profile_cpu_ms_per_example", "image_size": size, "data": args.data
-                      if tmp is None else f"built: image {args.image_codec}, bilevel masks {args.bilevel_masks}",
-                      "kib_per_record_on_disk": round(disk_kib, 1), **profile(blobs, size)}), flush=True)
+    built = f"built {args.source}: image {args.image_codec}, bilevel masks {args.bilevel_masks}"
+    print(json.dumps({"setting": "profile_cpu_ms_per_example", "image_size": size,
+                      "data": args.data if tmp is None else built, "kib_per_record_on_disk": round(disk_kib, 1),
+                      **profile(blobs, size)}), flush=True)
     report("decode_augment_function", *time_function(blobs, size, args.seconds), size)
     settings = [(0, 0), (0, args.threads)] + ([(args.workers, 0)] if args.workers > 0 else [])
     for workers, threads in settings:
