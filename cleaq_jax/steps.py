@@ -263,39 +263,51 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
 def _teacher_loss(params, state, batch, key, models, nets, qt, s, degrade_input: bool):
     """CE-Net on (image, manual vessel mask): Dice + BCE inside the field of view (CE-Net's training).
 
-    With ``degrade_input`` (teacher_b) each image is degraded by op1 or op2 at random first, so the
-    teacher learns to segment the low-quality images it will be run on.
+    Each image first gets CE-Net's colour and scale augmentation on device (`teacher.augment_batch`;
+    flips and rotations come from the loader). With ``degrade_input`` (teacher_b) it is then degraded by
+    op1 or op2 at random, so the teacher learns to segment the low-quality images it will be run on.
     """
+    from cleaq_jax import teacher  # teacher.py builds on this module (evaluation, restoring)
+
     x, mask = inputs(batch)
+    k_aug, key = jax.random.split(key)
+    x, mask, vessel = teacher.augment_batch(x, mask, batch["vessel"].astype(jnp.float32), k_aug)
     if degrade_input:
         k_op, k_pick = jax.random.split(key)
         keys = jax.random.split(k_op, x.shape[0])
         quality = jax.random.randint(k_pick, x.shape[:1], 0, 2)  # 0 -> op2, 1 -> op1
         x = degrade.quality_transform_batch(x, mask, quality, keys, qt)
     out, bs = _apply(models["cenet"], state, params, "cenet", x)
-    vessel, weight = batch["vessel"].astype(jnp.float32), batch["has_vessel"].astype(jnp.float32)
+    weight = batch["has_vessel"].astype(jnp.float32)
     dice = losses.dice_loss(out["vessel_logits"], vessel, mask, weight)
     bce = losses.bce_loss(out["vessel_logits"], vessel, mask, weight)
     return dice + bce, ({"loss_dice": dice, "loss_bce": bce}, {"cenet": bs}, state.lbtw)
 
 
 # --------------------------------------------------------------------------- the step
-def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,
-                    stage: str, steps_per_epoch: int) -> Step:
-    """The stage's pure train step ``(state, batch) -> (state, metrics)`` (jit it with parallel.py)."""
+def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], stage: str, steps_per_epoch: int):
+    """The stage's loss ``fn(params, state, batch, key) -> (loss, (metrics, new_batch_stats, lbtw_state))``,
+    differentiable w.r.t. ``params`` ({subnetwork: params})."""
     nets = stage_nets(cfg, stage)
     qt = degrade.QTParams.from_config(cfg.qt, image_size=int(cfg.data.image_size))
     s = LossSettings.from_config(cfg)
+    fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
+          "stage3": lambda *a: _stage3_loss(*a, steps_per_epoch),
+          "teacher_a": lambda *a: _teacher_loss(*a, degrade_input=False),
+          "teacher_b": lambda *a: _teacher_loss(*a, degrade_input=True)}[stage]
+    return lambda params, state, batch, key: fn(params, state, batch, key, models, nets, qt, s)
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,
+                    stage: str, steps_per_epoch: int) -> Step:
+    """The stage's pure train step ``(state, batch) -> (state, metrics)`` (jit it with parallel.py)."""
+    loss_fn = stage_loss(cfg, models, stage, steps_per_epoch)
     schedule = lr_schedule(cfg, steps_per_epoch)
-    loss_fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
-               "stage3": lambda *a: _stage3_loss(*a, steps_per_epoch),
-               "teacher_a": lambda *a: _teacher_loss(*a, degrade_input=False),
-               "teacher_b": lambda *a: _teacher_loss(*a, degrade_input=True)}[stage]
 
     def step(state: ts.TrainState, batch: Batch):
         key, state = state.next_key()
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, new_bs, lbtw)), grads = grad_fn(state.params, state, batch, key, models, nets, qt, s)
+        (loss, (metrics, new_bs, lbtw)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state, batch, key)
         new_state = ts.apply_gradients(state, grads, new_bs, tx).replace(lbtw=lbtw)
         metrics = {**metrics, "loss": loss, "learning_rate": schedule(state.step)}
         return new_state, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)

@@ -166,8 +166,36 @@ def _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader):
         logging.info("%s: resumed from step %d", stage, ckpt.latest_step())
         return state, shardings
     state = jax.jit(init, out_shardings=shardings)(key)
+    state = _graft_imagenet(cfg, state)
     state = _load_pretrained_stages(cfg, workdir, stage, models, nets, state, shardings)
     return state, shardings
+
+
+# config.pretrained key -> the ResNet trunks it initialises: (subnetwork, module path inside it).
+IMAGENET_TARGETS = {
+    "dr": (("dr", "backbone"),),
+    "c_iqa": (("iqa", "c_iqa"),),
+    "resnet34": (("iqe", "seg_iqe/encoder"), ("iqa", "lqi_iqa/encoder"), ("cenet", "encoder")),
+}
+
+
+def _graft_imagenet(cfg, state: ts.TrainState) -> ts.TrainState:
+    """Put torchvision ImageNet weights (converted by `python -m cleaq_jax.models.pretrained`) into the
+    ResNet trunks that config.pretrained names, before any training."""
+    from cleaq_jax.models import pretrained
+
+    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    for key, targets in IMAGENET_TARGETS.items():
+        directory = cfg.pretrained.get(key, "")
+        if not directory:
+            continue
+        weights = pretrained.load(directory)
+        for net, path in targets:
+            if net in params:
+                merged = pretrained.graft({"params": params[net], "batch_stats": batch_stats[net]}, weights, into=path)
+                params[net], batch_stats[net] = merged["params"], merged["batch_stats"]
+                logging.info("%s/%s initialised from ImageNet weights in %s", net, path, directory)
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 # A stage that starts from earlier stages' checkpoints: (source stage, config that trains it).
@@ -228,7 +256,8 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
     batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
-    with checkpoint.PreemptionGuard() as guard:
+    # Processes agree on a SIGTERM only at checkpoint steps: an all-gather every step would stall.
+    with checkpoint.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
         for step in range(start + 1, total_steps + 1):
             batch = next(batches)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -242,12 +271,13 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
                 pending = []
             if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last):
                 _write_images(cfg, writer, step, state, batch, models, stage)
-            stop = guard.should_stop()
+            stop = guard.should_stop(step)
             if step % cfg.checkpoint_every_steps == 0 or last or stop:
                 if pending:
                     last_metrics = _write_metrics(writer, step, pending, stage)
                     pending = []
-                ckpt.save(step, state, data_iter=loader, config=cfg, metrics=last_metrics, force=last or stop)
+                # The prefetcher's position is that of the last batch consumed, not of those queued.
+                ckpt.save(step, state, data_iter=batches, config=cfg, metrics=last_metrics, force=last or stop)
             if stop:
                 logging.warning("%s: SIGTERM received; saved step %d and stopping", stage, step)
                 ckpt.wait_until_finished()

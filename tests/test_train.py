@@ -1,0 +1,257 @@
+"""The training engine: stage steps, the joint step's gradient reversal, device-count invariance,
+resume after SIGKILL, guardrails, and what a finished run leaves on disk."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cleaq_jax import parallel, steps, train
+from tests import tiny
+
+
+# --------------------------------------------------------------------------- pure pieces
+def test_lr_schedule_is_constant_then_polynomial_in_the_epoch():
+    cfg = tiny.tiny_config(**{"optim.learning_rate": 1e-3, "optim.constant_epochs": 60, "num_epochs": 150})
+    sched = steps.lr_schedule(cfg, steps_per_epoch=10)
+    assert float(sched(jnp.int32(0))) == pytest.approx(1e-3)
+    assert float(sched(jnp.int32(599))) == pytest.approx(1e-3)  # epoch 59
+    assert float(sched(jnp.int32(600))) == pytest.approx(1e-3 * (1 - 60 / 150) ** 0.9, rel=1e-5)
+    assert float(sched(jnp.int32(1205))) == pytest.approx(1e-3 * (1 - 120 / 150) ** 0.9, rel=1e-5)
+
+
+@pytest.mark.parametrize("name, stages", [
+    ("dr_only", ("stage1",)), ("iqe_only", ("stage1",)), ("iqe_no_seg", ("stage1",)),
+    ("iqa_only", ("stage2",)), ("iqa_no_lqi", ("stage2",)), ("cleaq", ("stage1", "stage2", "stage3")),
+    ("cleq_dr", ("stage1", "stage3")), ("cleaq_dr", ("stage1", "stage2", "stage3"))])
+def test_each_ablation_config_runs_the_stages_its_variant_needs(name, stages):
+    import importlib
+
+    cfg = importlib.import_module(f"configs.ablations.{name}").get_config()
+    assert train.pipeline_stages(cfg) == stages
+    if "stage3" in stages:
+        nets = steps.stage_nets(cfg, "stage3")
+        assert ("iqa" in nets) == cfg.tasks.iqa and ("dr" in nets) == cfg.tasks.dr
+
+
+def _joint_setup(**overrides):
+    cfg = tiny.tiny_config(**{"loss.weighting": "fixed", **overrides})
+    models = steps.build_models(cfg)
+    nets = steps.stage_nets(cfg, "stage3")
+    tx = steps.make_optimizer(cfg, 1)
+    state = jax.jit(lambda k: steps.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, tiny.random_batch(4, cfg.data.image_size))
+    return cfg, models, state, batch
+
+
+def _joint_grads(grl_scale: float, drop_iqa: bool = False):
+    cfg, models, state, batch = _joint_setup(**{"loss.grl_scale": grl_scale, "tasks.dr": False})
+    if drop_iqa:
+        cfg.loss.fixed.iqa = 0.0
+    loss_fn = steps.stage_loss(cfg, models, "stage3", steps_per_epoch=1)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, state, batch, jax.random.key(1))[0]))(state.params)
+    return jax.tree.map(np.asarray, grads)
+
+
+def test_joint_step_reverses_the_iqa_gradient_into_iqe():
+    """IQE receives -scale times IQA's gradient: (g(1) - g(0)) == -(g(-1) - g(0)) and is not zero."""
+    g1, g0, gm1 = _joint_grads(1.0), _joint_grads(0.0), _joint_grads(-1.0)
+    reversed_part = jax.tree.map(lambda a, b: a - b, g1["iqe"], g0["iqe"])
+    plain_part = jax.tree.map(lambda a, b: a - b, gm1["iqe"], g0["iqe"])
+    norm = sum(float(np.abs(x).sum()) for x in jax.tree.leaves(reversed_part))
+    assert norm > 1e-6, "the IQA loss does not reach IQE at all"
+    for r, p in zip(jax.tree.leaves(reversed_part), jax.tree.leaves(plain_part)):
+        np.testing.assert_allclose(r, -p, rtol=1e-4, atol=1e-7)
+    # IQA itself always descends its own loss: its gradient ignores the reversal scale.
+    for a, b in zip(jax.tree.leaves(g1["iqa"]), jax.tree.leaves(gm1["iqa"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_with_grl_scale_zero_iqe_gradient_equals_training_without_iqa_loss():
+    g0 = _joint_grads(0.0)
+    g_no_iqa = _joint_grads(1.0, drop_iqa=True)
+    for a, b in zip(jax.tree.leaves(g0["iqe"]), jax.tree.leaves(g_no_iqa["iqe"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_joint_step_updates_every_subnetwork_and_the_task_weights():
+    cfg, models, state, batch = _joint_setup(**{"loss.weighting": "lbtw"})
+    step = jax.jit(steps.make_train_step(cfg, models, steps.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, batch)
+    state, metrics = step(state, batch)
+    for net in ("iqe", "iqa", "dr"):
+        changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[net]),
+                                                               jax.tree.leaves(state.params[net]))]
+        assert all(changed), f"{net}: {changed.count(False)} parameter arrays did not move"
+    weights = np.array([float(metrics[f"weight_{t}"]) for t in ("dr", "iqe", "iqa")])
+    assert weights.sum() == pytest.approx(3.0, rel=1e-5)
+    assert int(state.step) == 2 and int(state.lbtw.epoch) == 0
+
+
+# --------------------------------------------------------------------------- device-count invariance
+_DEVICES_SCRIPT = r"""
+import json, jax, numpy as np
+from cleaq_jax import parallel, steps
+from tests import tiny
+cfg = tiny.tiny_config(**{"batch_size": 8})
+models = steps.build_models(cfg)
+nets = steps.stage_nets(cfg, "stage3")
+tx = steps.make_optimizer(cfg, 3)
+losses = {}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = parallel.make_mesh(devices=devices)
+    init = lambda k: steps.init_state(cfg, models, nets, tx, k)
+    state, shardings = parallel.create_sharded_state(init, mesh, jax.random.key(0))
+    step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", 3), shardings, mesh)
+    out = []
+    for i in range(3):
+        state, m = step(state, parallel.global_batch(tiny.random_batch(8, 32, seed=i), mesh))
+        out.append({k: float(v) for k, v in m.items() if k.startswith("loss")})
+    losses[name] = out
+print("LOSSES" + json.dumps(losses))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_joint_losses_as_one_over_three_steps():
+    proc = tiny.run_python(_DEVICES_SCRIPT, devices=8)
+    losses = json.loads(proc.stdout.split("LOSSES", 1)[1])
+    for one, eight in zip(losses["one"], losses["eight"]):
+        assert one.keys() == eight.keys() and "loss_iqa" in one
+        for k in one:
+            assert eight[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), k
+
+
+# --------------------------------------------------------------------------- runs through main
+def _main_cmd(workdir: str, *overrides: str) -> list[str]:
+    cfg = tiny.tiny_config()
+    args = [sys.executable, "-m", "cleaq_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"]
+    for key in ("data.image_size", "data.synthetic.num", "model.width", "batch_size", "eval_batch_size",
+                "log_every_steps", "image_every_steps", "checkpoint_every_steps"):
+        node = cfg
+        for p in key.split("."):
+            node = node[p]
+        args.append(f"--config.{key}={node}")
+    args += ["--config.model.encoder_stages=(1,1,1,1)", "--config.model.classifier_stages=(1,1,1,1)"]
+    return args + [f"--config.{o}" for o in overrides]
+
+
+def _final_params(workdir: str, stage: str) -> dict[str, np.ndarray]:
+    from cleaq_jax import checkpoint
+
+    cfg = tiny.tiny_config()
+    cfg.stage = stage
+    models = steps.build_models(cfg)
+    nets = steps.stage_nets(cfg, stage)
+    abstract = jax.eval_shape(lambda k: steps.init_state(cfg, models, nets, steps.make_optimizer(cfg, 1), k),
+                              jax.random.key(0))
+    mesh = parallel.make_mesh()
+    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    state = checkpoint.restore_state(os.path.join(workdir, stage, "checkpoints"), target)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_and_ends_equal_to_an_uninterrupted_run(tmp_path):
+    common = ("stage=stage1", "num_epochs=3", "eval_at_end=False", "image_every_steps=0")
+    env = tiny.subprocess_env()
+    # The data set is built once and shared, so both runs see identical shards.
+    data = str(tmp_path / "data")
+    subprocess.run(_main_cmd(str(tmp_path / "straight"), *common, f"data.dir={data}",
+                             "data.synthetic.num=40"), env=env, cwd=tiny.REPO, check=True, capture_output=True,
+                   timeout=900)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(_main_cmd(killed, *common, f"data.dir={data}"), env=env, cwd=tiny.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = os.path.join(killed, "stage1", "checkpoints")
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(d.isdigit() and int(d) >= 4 for d in _ls(ckpts)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(d) for d in _ls(ckpts) if d.isdigit())
+    assert saved and saved[-1] < 12, f"the run was not interrupted mid-stage (checkpoints {saved})"
+    subprocess.run(_main_cmd(killed, *common, f"data.dir={data}"), env=env, cwd=tiny.REPO, check=True,
+                   capture_output=True, timeout=900)
+    a, b = _final_params(str(tmp_path / "straight"), "stage1"), _final_params(killed, "stage1")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _ls(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+# --------------------------------------------------------------------------- guardrails
+def test_stage3_without_stage1_checkpoint_names_the_config_to_run_first(tmp_path):
+    cfg = tiny.tiny_config(stage="stage3")
+    with pytest.raises(FileNotFoundError, match=r"configs/stage1\.py"):
+        train.run(cfg, str(tmp_path))
+
+
+def test_missing_shards_name_the_command_that_builds_them(tmp_path):
+    cfg = tiny.tiny_config(stage="stage1", **{"data.dir": str(tmp_path / "nowhere"), "data.synthetic.num": 0})
+    with pytest.raises(FileNotFoundError, match=r"data_prep"):
+        train.run(cfg, str(tmp_path))
+
+
+def test_a_non_finite_loss_stops_naming_step_and_loss_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny.tiny_config(stage="stage2", num_epochs=1, eval_at_end=False, image_every_steps=0,
+                           **{"optim.learning_rate": 1e30, "checkpoint_every_steps": 1, "log_every_steps": 1})
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+.*loss"):
+        train.run(cfg, str(tmp_path))
+    from cleaq_jax import checkpoint
+
+    with checkpoint.Checkpointer(os.path.join(tmp_path, "stage2", "checkpoints")) as ckpt:
+        saved = ckpt.all_steps()
+        assert saved, "no good checkpoint was kept"
+        assert all(np.isfinite(ckpt.metrics(s)["loss"]) for s in saved)
+
+
+# --------------------------------------------------------------------------- a whole (tiny) pipeline
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    result = train.run(tiny.tiny_config(), workdir)
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_pipeline_leaves_a_checkpoint_per_stage_and_an_evaluation(pipeline_run):
+    workdir, result = pipeline_run
+    for stage in ("stage1", "stage2", "stage3"):
+        steps_saved = [d for d in _ls(os.path.join(workdir, stage, "checkpoints")) if d.isdigit()]
+        assert steps_saved, stage
+        with open(os.path.join(workdir, stage, "eval", "eval.json")) as f:
+            report = json.load(f)
+        assert report["stage"] == stage and report["num_examples"] > 0
+    assert {"dr", "iqa", "enhancement"} <= set(result)
+
+
+@pytest.mark.slow
+def test_pipeline_writes_tensorboard_scalars_and_images(pipeline_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir, _ = pipeline_run
+    events = glob.glob(os.path.join(workdir, "stage3", "tensorboard", "events.out.tfevents.*"))
+    assert events
+    acc = event_accumulator.EventAccumulator(os.path.dirname(events[0]), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/loss_dr", "train/loss_iqa", "train/loss_iqe", "train/weight_dr",
+                "train/learning_rate"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    image_tags = set(acc.Tags()["images"]) | {t for t in tags if "enhanced" in t}
+    assert any("low_enhanced_reference_vessel" in t for t in image_tags), sorted(image_tags)

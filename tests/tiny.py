@@ -1,0 +1,76 @@
+"""Tiny configurations and data for tests: the real code paths at sizes two CPU cores afford."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shared by the test process and its subprocesses: one compilation of each tiny step per CI run.
+COMPILE_CACHE = os.environ.get("CLEAQ_TEST_COMPILE_CACHE", "/tmp/cleaq_jax_test_compile_cache")
+
+
+def tiny_config(**overrides):
+    """configs/demo.py shrunk: 32 px, width 1/16, one block per ResNet stage, 1 epoch."""
+    from configs import demo
+
+    c = demo.get_config()
+    c.data.image_size = 32
+    c.data.synthetic.num = 40
+    c.model.width = 1 / 16
+    c.model.encoder_stages = (1, 1, 1, 1)
+    c.model.classifier_stages = (1, 1, 1, 1)
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_epochs = 1
+    c.log_every_steps = 2
+    c.image_every_steps = 2
+    c.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def random_batch(n: int, size: int, seed: int = 0, num_grades: int = 5) -> dict[str, np.ndarray]:
+    """A loader-shaped batch of random images inside a disc mask, every quality level present."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (((yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2) < (0.48 * size) ** 2).astype(np.uint8)
+    vessel = (rng.random((n, size, size)) < 0.1).astype(np.uint8) * disc
+    return {
+        "image": (rng.integers(0, 256, (n, size, size, 3)) * disc[..., None]).astype(np.uint8),
+        "mask": np.broadcast_to(disc, (n, size, size)).copy(),
+        "vessel": vessel,
+        "has_vessel": np.ones(n, bool),
+        "dr_grade": (np.arange(n) % num_grades).astype(np.int32),
+        "quality": (np.arange(n) % 3).astype(np.int32),
+        "id_hash": np.arange(n, dtype=np.int32),
+        "valid": np.ones(n, bool),
+    }
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """Environment for a child Python: CPU, `devices` fake devices, the shared compilation cache."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh interpreter; raises with its output on failure."""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices, **env), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
