@@ -400,15 +400,14 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
     out = collect(cfg, state, models, nets, mesh, data, stage)
     dr_input = ("raw" if not (enhance_before_grading(stage) and "iqe" in nets) else
-                "enhanced unless IQA rates it good" if cfg.eval.gate_quality else "enhanced")
+                "gated" if cfg.eval.gate_quality else "enhanced")
     result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "nets": list(nets),
               "dr_input": dr_input if "dr" in nets else None, **summarise(out)}
+    panels = None
+    if "iqe" in nets and int(cfg.eval.num_examples_grid) > 0:
+        # Every process runs it: the state may span devices of all of them.
+        panels = enhancement_panels(cfg, state, models, _first_examples(data, cfg, int(cfg.eval.num_examples_grid)))
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        panels = None
-        if "iqe" in nets:
-            batch = _first_examples(data, cfg, int(cfg.eval.num_examples_grid))
-            panels = enhancement_panels(cfg, state, models, batch)
         report.write(result, out_dir, panels=panels)
         logging.info("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
     return result

@@ -24,7 +24,6 @@ import csv
 import io
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -33,7 +32,7 @@ import cv2
 import jax
 import numpy as np
 
-from cleaq_jax import evaluate, parallel
+from cleaq_jax import evaluate, parallel, report
 from cleaq_jax.data import fundus, records
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
@@ -89,14 +88,11 @@ def _prepared(paths: list[str], size: int, ahead: int) -> Iterator[tuple[str, An
 
 # --------------------------------------------------------------------------- outputs
 def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    report.atomic_file(path, write)
 
 
 def _png(image_rgb_uint8: np.ndarray) -> bytes:

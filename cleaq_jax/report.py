@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-QUALITY = ("good", "usable", "reject")
+from cleaq_jax.data.records import QUALITY_NAMES as QUALITY
+
+TASK_TITLES = {"dr": "DR grading", "iqa": "Quality assessment (raw image)",
+               "iqa_enhanced": "Quality assessment (enhanced image)"}
+DR_INPUT = {"raw": "DR grades the images as they are (a stage-1 DR network was trained on them).",
+            "enhanced": "DR grades IQE's enhancement of each image (inference is IQE then DR, paper III-B).",
+            "gated": "DR grades IQE's enhancement of the images IQA does not rate good, and the good ones as "
+                     "they are (config.eval.gate_quality)."}
 
 
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
+def atomic_file(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``.
+
+    The temporary file is created with open(), not mkstemp, so the result gets the usual umask
+    permissions; it is removed if ``write`` fails.
+    """
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -41,11 +53,13 @@ def _class_rows(block: dict[str, Any]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The run's tables as Markdown."""
+    """The run's tables as Markdown (the `evaluate.summarise` dict with stage, split, data_dir, nets)."""
     lines = [f"# Evaluation: {result.get('stage', '?')} on split {result.get('split', '?')}",
-             "", f"{result.get('num_examples', 0)} examples from `{result.get('data_dir', '?')}`.", ""]
+             "", f"{result.get('num_examples', 0)} examples from `{result.get('data_dir', '?')}`; "
+                 f"subnetworks: {', '.join(result.get('nets', [])) or '?'}.", ""]
     if "dr" in result:
-        lines += ["## DR grading (paper Tables II, V; per quality level as in Fig. 12)", ""]
+        lines += ["## DR grading (paper Tables II, V; per quality level as in Fig. 12)", "",
+                  DR_INPUT.get(result.get("dr_input"), ""), ""]
         lines += _class_rows(result["dr"]) + [""]
     if "enhancement" in result:
         lines += ["## Enhancement (paper Tables III, IV): PSNR (dB) / SSIM inside the retinal mask", "",
@@ -55,10 +69,14 @@ def markdown(result: dict[str, Any]) -> str:
         for name, m in [("all", e["overall"])] + list(e.get("per_quality", {}).items()):
             lines.append(f"| {name} | {m['n']} | {_fmt(m['psnr_input'], 2)} | {_fmt(m['psnr_enhanced'], 2)} | "
                          f"{_fmt(m['ssim_input'])} | {_fmt(m['ssim_enhanced'])} |")
-        lines += ["", "Input = the QT-degraded original (op2 for good, op1 for usable images, fixed keys)."
-                      " Reject images have no reference and are left out.", ""]
+        lines += ["", "Input = the QT-degraded original (op2 for good, op1 for usable images, fixed keys); "
+                      "the reference is the original. Reject images have no reference and are left out.", ""]
     if "iqa" in result:
-        lines += ["## Quality assessment (paper Table VI)", ""] + _class_rows(result["iqa"]) + [""]
+        lines += ["## Quality assessment (paper Table VI): IQA on the raw image", ""] + _class_rows(result["iqa"]) + [""]
+    if "iqa_enhanced" in result:
+        lines += ["## Quality assessment of IQE's output (the joint model's own input to IQA)", "",
+                  "Labelled with the quality of the original, as in training (why the joint model's "
+                  "IQA accuracy falls, paper Table VI).", ""] + _class_rows(result["iqa_enhanced"]) + [""]
     return "\n".join(lines)
 
 
@@ -75,13 +93,14 @@ def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None
         with open(tmp, "w") as f:
             f.write(markdown(result))
 
-    _atomic(os.path.join(out_dir, "eval.json"), dump_json)
-    _atomic(os.path.join(out_dir, "eval.md"), dump_md)
+    atomic_file(os.path.join(out_dir, "eval.json"), dump_json)
+    atomic_file(os.path.join(out_dir, "eval.md"), dump_md)
     if "dr" in result or "iqa" in result:
-        _atomic(os.path.join(out_dir, "confusion_matrix.png"), lambda t: confusion_figure(result, t))
-        _atomic(os.path.join(out_dir, "per_quality.png"), lambda t: per_quality_figure(result, t))
+        atomic_file(os.path.join(out_dir, "confusion_matrix.png"), lambda t: confusion_figure(result, t))
+    if any(k in result for k in ("dr", "iqa", "enhancement")):
+        atomic_file(os.path.join(out_dir, "per_quality.png"), lambda t: per_quality_figure(result, t))
     if panels is not None:
-        _atomic(os.path.join(out_dir, "enhancement_grid.png"), lambda t: grid_figure(panels, t))
+        atomic_file(os.path.join(out_dir, "enhancement_grid.png"), lambda t: grid_figure(panels, t))
 
 
 def _pyplot():
@@ -94,46 +113,63 @@ def _pyplot():
 
 
 def confusion_figure(result: dict[str, Any], path: str) -> None:
-    """Confusion matrices (rows: truth, columns: prediction) of DR grading and IQA."""
+    """Confusion matrices (rows: truth, columns: prediction; counts, coloured by share of the row) of DR
+    grading and IQA, as in paper Fig. 11."""
     plt = _pyplot()
-    tasks = [(t, title) for t, title in (("dr", "DR grade"), ("iqa", "Quality")) if t in result
-             and "confusion_matrix" in result[t]["overall"]]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, (task, title) in zip(axes[0], tasks):
+    tasks = [t for t in ("dr", "iqa", "iqa_enhanced") if "confusion_matrix" in result.get(t, {}).get("overall", {})]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.9), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
         cm = np.asarray(result[task]["overall"]["confusion_matrix"])
-        ax.imshow(cm, cmap="Blues")
+        share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # rare grades stay readable
+        ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-        labels = list(QUALITY) if task == "iqa" else [str(i) for i in range(cm.shape[0])]
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+        labels = list(QUALITY) if task.startswith("iqa") else [str(i) for i in range(cm.shape[0])]
         ax.set(xticks=range(cm.shape[1]), yticks=range(cm.shape[0]), xticklabels=labels, yticklabels=labels,
-               xlabel="predicted", ylabel="true", title=f"{title} (kappa {result[task]['overall']['kappa']:.3f})")
+               xlabel="predicted", ylabel="true")
+        ax.set_title(f"{TASK_TITLES[task]}\nkappa {_fmt(result[task]['overall'].get('kappa'), 3)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
+def _bars(ax, per: dict[str, Any], metrics: tuple[str, ...], title: str, ylim: tuple[float, float]) -> None:
+    """Grouped bars of ``metrics`` per quality level; an undefined value is marked n/a, not drawn as 0."""
+    names = [q for q in QUALITY if q in per]
+    x = np.arange(len(names))
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
+        offset = (k - (len(metrics) - 1) / 2) * width
+        values = [per[q].get(metric) for q in names]
+        ax.bar(x + offset, [0.0 if v is None else v for v in values], width=width, label=metric.replace("_", " "))
+        for xi, v in zip(x, values):
+            if v is None:
+                ax.text(xi + offset, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(x, [f"{q}\n(n={per[q].get('n', 0)})" for q in names])
+    drawn = [per[q].get(m) for q in names for m in metrics if per[q].get(m) is not None]
+    ax.set_ylim(min([ylim[0]] + [v - 0.05 for v in drawn]), ylim[1] + 0.15)  # room for a negative kappa, the legend
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", ncol=len(metrics), fontsize=8, frameon=False)
+
+
 def per_quality_figure(result: dict[str, Any], path: str) -> None:
-    """Accuracy and kappa per quality level (paper Fig. 12) for DR grading and IQA."""
+    """Per quality level of the original image (paper Fig. 12): accuracy and kappa of DR grading and IQA,
+    and SSIM of the QT-degraded input and its enhancement."""
     plt = _pyplot()
-    tasks = [t for t in ("dr", "iqa") if t in result]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        per = result[task].get("per_quality", {})
-        names = [q for q in QUALITY if q in per]
-        x = np.arange(len(names))
-        for k, (metric, off) in enumerate((("accuracy", -0.2), ("kappa", 0.2))):
-            vals = [per[q].get(metric) or 0.0 for q in names]
-            ax.bar(x + off, vals, width=0.4, label=metric)
-        ax.set(xticks=x, xticklabels=names, ylim=(min(0.0, ax.get_ylim()[0]), 1.0),
-               title=f"{'DR grading' if task == 'dr' else 'Quality assessment'} per quality level")
-        ax.legend(loc="lower left")
+    panels = [(t, ("accuracy", "kappa"), TASK_TITLES[t], (0.0, 1.0)) for t in ("dr", "iqa") if t in result]
+    if "enhancement" in result:
+        panels.append(("enhancement", ("ssim_input", "ssim_enhanced"), "Enhancement: SSIM vs original", (0.0, 1.0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
+    for ax, (task, metrics, title, ylim) in zip(axes[0], panels):
+        _bars(ax, result[task].get("per_quality", {}), metrics, title + " per quality level", ylim)
+        ax.axhline(0.0, color="black", linewidth=0.6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
 def grid_figure(panels: np.ndarray, path: str) -> None:
-    """Rows of degraded input | enhanced | reference | vessel mask."""
+    """Rows of QT-degraded input | enhanced | reference | vessel mask; panels (n, H, 4W, 3) in [0, 1]."""
     plt = _pyplot()
     n = panels.shape[0]
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.1 * n), squeeze=False)
@@ -142,5 +178,5 @@ def grid_figure(panels: np.ndarray, path: str) -> None:
         ax.axis("off")
     axes[0, 0].set_title("QT-degraded input  |  enhanced  |  reference  |  vessel mask", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -25,6 +25,7 @@ from cleaq_jax import evaluate, metrics, parallel, report, steps
 from cleaq_jax.data import fundus, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILE_CACHE = os.environ.get("CLEAQ_TEST_COMPILE_CACHE", "/tmp/cleaq_jax_test_compile_cache")
 SIZE = 32
 NETS = ("iqe", "iqa", "dr")
 # Grade and quality of the test split's examples: every quality level, grades 0-4.
@@ -119,7 +120,9 @@ _SAVE_ON_8 = textwrap.dedent("""
 def save_on_8_devices(directory: str) -> None:
     """Write the tiny stage-3 checkpoint from a process with 8 fake CPU devices (data 4 x fsdp 2)."""
     code = _SAVE_ON_8.format(repo=REPO, out=directory)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    # orbax compiles a few hundred small slicing programs for an 8-way replicated save: cache them across runs.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -291,10 +294,11 @@ def test_grid_shows_input_enhanced_reference_and_vessels(stage3_dir, data_dir):
 # --------------------------------------------------------------------------- which image DR grades
 def _inference(restored, stage):
     image, mask = fundus.preprocess(skimage.data.retina(), SIZE, name="retina")
-    x = jnp.asarray(image[None], jnp.float32) / 255.0
+    # Two images, as test_predict's batches: run in one pytest process they share this compilation.
+    x = jnp.asarray(np.stack([image, image[:, ::-1]]), jnp.float32) / 255.0
     fn = evaluate.compiled_inference(restored.models, restored.nets, gate_quality=False,
                                      enhance_first=evaluate.enhance_before_grading(stage))
-    return x, fn(restored.state, x, jnp.asarray(mask[None], jnp.float32))
+    return x, fn(restored.state, x, jnp.asarray(np.stack([mask, mask[:, ::-1]]), jnp.float32))
 
 
 def _dr(restored, image):
