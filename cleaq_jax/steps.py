@@ -17,6 +17,7 @@ host only decodes. The RNG lives in the state. Stages (paper III-A, IV-B):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -196,8 +197,9 @@ def _dr_terms(model, state, params, x, grade):
 
 
 # --------------------------------------------------------------------------- stage losses
-def _stage1_loss(params, state, batch, key, models, nets, qt, s):
+def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
     """Eq. (1): IQE on op2-degraded good images; DR on X. The two share no parameters."""
+    del grl_scale  # no gradient reversal before stage 3
     x, mask = inputs(batch)
     quality, grade = batch["quality"], batch["dr_grade"]
     total, metrics, new_bs = 0.0, {}, {}
@@ -215,8 +217,9 @@ def _stage1_loss(params, state, batch, key, models, nets, qt, s):
     return total, (metrics, new_bs, state.lbtw)
 
 
-def _stage2_loss(params, state, batch, key, models, nets, qt, s):
+def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
     """Eq. (2): IQA on X, with LQI-IQA reconstructing QT(X)."""
+    del grl_scale
     x, mask = inputs(batch)
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, batch["quality"], keys, qt)
@@ -224,7 +227,7 @@ def _stage2_loss(params, state, batch, key, models, nets, qt, s):
     return l_iqa, ({**terms, "loss_iqa": l_iqa}, {"iqa": bs}, state.lbtw)
 
 
-def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch):
+def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_epoch, grl_scale=None):
     """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA through gradient reversal, DR}; weighted tasks."""
     x, mask = inputs(batch)
     quality = batch["quality"]
@@ -238,7 +241,8 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
         models["iqe"], state, params, degraded, x, mask, clean_weight.astype(jnp.float32), batch, s)
     task_losses, metrics = {"iqe": l_iqe}, dict(terms)
     if "iqa" in nets:
-        reversed_enh = layers.grad_reverse(enhanced, jnp.float32(s.grl_scale))
+        scale = jnp.float32(s.grl_scale) if grl_scale is None else grl_scale
+        reversed_enh = layers.grad_reverse(enhanced, scale)
         task_losses["iqa"], terms, new_bs["iqa"] = _iqa_terms(models["iqa"], state, params, reversed_enh,
                                                               degraded, mask, quality, s)
         metrics.update(terms)
@@ -260,7 +264,7 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, steps_per_epoch
     return total, (metrics, new_bs, lbtw)
 
 
-def _teacher_loss(params, state, batch, key, models, nets, qt, s, degrade_input: bool):
+def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_input: bool, grl_scale=None):
     """CE-Net on (image, manual vessel mask): Dice + BCE inside the field of view (CE-Net's training).
 
     Each image first gets CE-Net's colour and scale augmentation on device (`teacher.augment_batch`;
@@ -286,16 +290,20 @@ def _teacher_loss(params, state, batch, key, models, nets, qt, s, degrade_input:
 
 # --------------------------------------------------------------------------- the step
 def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], stage: str, steps_per_epoch: int):
-    """The stage's loss ``fn(params, state, batch, key) -> (loss, (metrics, new_batch_stats, lbtw_state))``,
-    differentiable w.r.t. ``params`` ({subnetwork: params})."""
+    """The stage's loss ``fn(params, state, batch, key, grl_scale=None) -> (loss, (metrics, new_batch_stats,
+    lbtw_state))``, differentiable w.r.t. ``params`` ({subnetwork: params}). ``grl_scale`` (stage 3) may be a
+    traced value replacing config.loss.grl_scale, e.g. to schedule it."""
     nets = stage_nets(cfg, stage)
     qt = degrade.QTParams.from_config(cfg.qt, image_size=int(cfg.data.image_size))
     s = LossSettings.from_config(cfg)
     fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
-          "stage3": lambda *a: _stage3_loss(*a, steps_per_epoch),
-          "teacher_a": lambda *a: _teacher_loss(*a, degrade_input=False),
-          "teacher_b": lambda *a: _teacher_loss(*a, degrade_input=True)}[stage]
-    return lambda params, state, batch, key: fn(params, state, batch, key, models, nets, qt, s)
+          "stage3": functools.partial(_stage3_loss, steps_per_epoch=steps_per_epoch),
+          "teacher_a": functools.partial(_teacher_loss, degrade_input=False),
+          "teacher_b": functools.partial(_teacher_loss, degrade_input=True)}[stage]
+    if stage in ("stage1", "stage2"):
+        fn = (lambda f: lambda *a, grl_scale: f(*a))(fn)
+    return lambda params, state, batch, key, grl_scale=None: fn(params, state, batch, key, models, nets, qt, s,
+                                                                grl_scale=grl_scale)
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,

@@ -127,17 +127,17 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     models = steps.build_models(cfg)
     tx = steps.make_optimizer(cfg, steps_per_epoch)
     nets = steps.stage_nets(cfg, stage)
-    ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
-                                   best_metric=cfg.checkpoint_metric, best_mode=cfg.checkpoint_mode)
-    state, shardings = _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader)
-    start = int(jax.device_get(state.step))
-    step_fn = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
-                                      shardings, mesh)
-    logging.info("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
-                 start, total_steps, dict(mesh.shape))
-    state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
-    ckpt.wait_until_finished()
-    ckpt.close()
+    # Leaving the block (also on an error) waits for in-flight asynchronous saves: the last good
+    # checkpoint is always complete on disk.
+    with checkpoint.Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                                 best_metric=cfg.checkpoint_metric, best_mode=cfg.checkpoint_mode) as ckpt:
+        state, shardings = _initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader)
+        start = int(jax.device_get(state.step))
+        step_fn = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
+                                          shardings, mesh)
+        logging.info("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
+                     start, total_steps, dict(mesh.shape))
+        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
     if not cfg.eval_at_end:
         return {}
     if stage.startswith("teacher"):
