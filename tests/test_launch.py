@@ -292,8 +292,6 @@ def test_one_of_four_processes_reads_its_records_and_the_shard_indexes_only(tmp_
 
 
 @needs_proc_io
-@pytest.mark.xfail(strict=True, reason="pipeline.split_labels reads every record of the split in every "
-                   "process to learn the class labels that class_balance > 0 needs")
 def test_with_class_balance_one_of_four_processes_reads_its_records_and_the_shard_indexes_only(tmp_path):
     read, total, own = _bytes_for_one_epoch(str(tmp_path), class_balance=0.5)
     assert own < read < own + SHARDS * FOOTER_READ + 0.02 * total, f"read {read} of {total} bytes; own records {own}"

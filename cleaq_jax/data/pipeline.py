@@ -127,9 +127,16 @@ def manifest_class_counts(data_dir: str, split: str, balance_by: str) -> tuple[d
 def split_labels(data_dir: str, split: str, balance_by: str) -> np.ndarray:
     """(N,) int32 labels (``dr_grade`` or ``quality``) of a split's records, in source order.
 
-    One pass over the records without decoding images; cached while the shards are unchanged.
+    From the split's labels file (no record is opened, so a host reads only its own records); shard
+    sets written before that file existed fall back to one pass over the records without decoding
+    images, cached while the shards are unchanged.
     """
     _check_balance_by(balance_by)
+    listed = records.split_labels(data_dir, split)
+    if listed is not None:
+        labels = np.asarray(listed[balance_by], np.int32)
+        labels.setflags(write=False)
+        return labels
     paths = tuple(records.split_shards(data_dir, split))
     stamp = tuple((os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths)
     return _labels_of(paths, stamp, balance_by)

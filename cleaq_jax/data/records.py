@@ -13,7 +13,8 @@ A record is a msgpack map::
 
 Shards of a split are ``<name>-<split>.array_record-NNNNN-of-MMMMM`` in one directory, beside a
 ``manifest.json`` that lists every split's shards and counts by grade x quality (the paper's
-Table I). A split is written under a temporary directory and moved into place only when
+Table I), and ``<name>-<split>.labels.json`` with every record's grade and quality in reading order
+(so class-balanced loaders need not open the records). A split is written under a temporary directory and moved into place only when
 complete, so an interrupted run never leaves shards that look complete.
 """
 
@@ -46,6 +47,20 @@ class RecordError(ValueError):
 
 def shard_name(name: str, split: str, index: int, count: int) -> str:
     return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+def labels_name(name: str, split: str) -> str:
+    return f"{name}-{split}.labels.json"
+
+
+def split_labels(data_dir: str, split: str) -> dict[str, list[int]] | None:
+    """{'dr_grade': [...], 'quality': [...]} of a split's records in reading order (shard by shard),
+    or None for shard sets written before the labels file existed."""
+    entry = read_manifest(data_dir)["splits"].get(split)
+    if entry is None or "labels" not in entry:
+        return None
+    with open(os.path.join(data_dir, entry["labels"])) as f:
+        return json.load(f)
 
 
 def id_hash(example_id: str) -> int:
@@ -201,6 +216,7 @@ class ShardWriter:
             array_record_module.ArrayRecordWriter(os.path.join(self._tmp, f"part-{i:05d}"), WRITER_OPTIONS)
             for i in range(num_shards)]
         self._counts = [0] * num_shards
+        self._shard_labels: list[list[tuple[int, int]]] = [[] for _ in range(num_shards)]
         self._ids: set[str] = set()
         self._grades: list[int] = []
         self._qualities: list[int] = []
@@ -220,6 +236,7 @@ class ShardWriter:
         shard = self._n % len(self._writers)
         self._writers[shard].write(data)
         self._counts[shard] += 1
+        self._shard_labels[shard].append((meta["dr_grade"], meta["quality"]))
         self._grades.append(meta["dr_grade"])
         self._qualities.append(meta["quality"])
         self._has_vessel += bool(meta["vessel"])
@@ -246,6 +263,9 @@ class ShardWriter:
             final = shard_name(self.name, self.split, j, len(used))
             os.replace(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
             names.append(final)
+        ordered = [lab for i in used for lab in self._shard_labels[i]]
+        labels = {"dr_grade": [g for g, _ in ordered], "quality": [q for _, q in ordered]}
+        _atomic_write_json(os.path.join(self.out_dir, labels_name(self.name, self.split)), labels)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._update_manifest(names)
         return [os.path.join(self.out_dir, n) for n in names]
@@ -272,6 +292,7 @@ class ShardWriter:
         manifest.setdefault("splits", {})[self.split] = {
             "name": self.name,
             "shards": names,
+            "labels": labels_name(self.name, self.split),
             "num_records": self._n,
             "records_per_shard": [c for c in self._counts if c > 0],
             "image_size": list(self._image_size or ()),
