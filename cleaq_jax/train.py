@@ -9,6 +9,7 @@ saving, and refuses to start when its inputs are missing, naming what to run fir
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -95,11 +96,20 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
+def _barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait for every process at the coordination service (no device collective, so no collective
+    timeout however long the others take, e.g. to compile or to build data)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination-service client; orbax uses it the same way
+
+    client = distributed.global_state.client
+    if client is None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(f"cleaq_jax:{name}", timeout_in_ms=timeout_s * 1000)
 
 
 # --------------------------------------------------------------------------- one stage
@@ -254,12 +264,17 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
         hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
                                               num_profile_steps=cfg.profile_steps, first_profile=start + 5))
     batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
+    if start >= total_steps:
+        return state
+    first = next(batches)
+    step_fn = _compile(step_fn, state, first, stage)
+    stream = itertools.chain([first], batches)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
     # Processes agree on a SIGTERM only at checkpoint steps: an all-gather every step would stall.
     with checkpoint.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
         for step in range(start + 1, total_steps + 1):
-            batch = next(batches)
+            batch = next(stream)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, batch)
             pending.append(metrics)
@@ -285,6 +300,16 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
                 raise SystemExit(0)
     writer.flush()
     return state
+
+
+def _compile(step_fn, state, batch, stage: str):
+    """Compile the step before the first step and line the processes up after it: collectives time out
+    when one process (e.g. with a warm compilation cache) reaches step 1 long before the others."""
+    t0 = time.time()
+    compiled = step_fn.lower(state, batch).compile()
+    logging.info("%s: step compiled in %.1f s", stage, time.time() - t0)
+    _barrier(f"{stage}-compiled")
+    return compiled
 
 
 def _write_metrics(writer, step: int, pending: list[dict[str, jax.Array]], stage: str) -> dict[str, float]:
