@@ -29,6 +29,11 @@ def shapes(module, x, **kw):
     return {"/".join(k): v.shape for k, v in flatten_dict(tree).items()}
 
 
+def outputs(module, x):
+    """Abstract outputs (shapes and dtypes) of ``module`` on ``x``, nothing computed."""
+    return jax.eval_shape(lambda x: module.init_with_output(KEY, x)[0], x)
+
+
 def fixed_variables(module, x, seed):
     """Variables shaped like ``module.init(key, x)``: kernels ~ N(0, 1/fan_in), BN identity."""
     rng = np.random.default_rng(seed)
@@ -102,8 +107,7 @@ def test_vessel_logits_are_finite_at_32px_where_rmp_pools_exceed_the_map(joint):
 
 
 def test_cenet_decoder_features_are_d4_d3_d2_d1_with_ce_net_channels():
-    out = jax.eval_shape(lambda x: CENet(stage_sizes=STAGES, **TINY).init_with_output(KEY, x)[0],
-                         jnp.zeros((2, 64, 64, 3)))
+    out = outputs(CENet(stage_sizes=STAGES, **TINY), jnp.zeros((2, 64, 64, 3)))
     assert out["vessel_logits"].shape == (2, 64, 64, 1)
     assert out["vessel_logits"].dtype == jnp.float32
     # channels(256/128/64/64, 1/16) at S/16, S/8, S/4, S/2.
@@ -113,8 +117,7 @@ def test_cenet_decoder_features_are_d4_d3_d2_d1_with_ce_net_channels():
 
 def test_full_width_networks_at_512px_give_the_documented_shapes():
     x = jnp.zeros((1, 512, 512, 3))
-    outs = {name: jax.eval_shape(lambda x, m=m: m.init_with_output(KEY, x)[0], x)
-            for name, m in [("iqe", IQE()), ("iqa", IQA()), ("dr", DRGrader())]}
+    outs = {name: outputs(m, x) for name, m in [("iqe", IQE()), ("iqa", IQA()), ("dr", DRGrader())]}
     got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), outs)
     assert got == {
         "iqe": {"enhanced": ((1, 512, 512, 3), "float32"),
@@ -152,8 +155,7 @@ def test_iqe_without_seg_has_no_seg_iqe_subtree_and_narrower_up_convs():
     # Seg-IQE's d3, d2, d1 (8, 4, 4 channels at width 1/16) widen the inputs of up2, up1, up0.
     widened = {k: (with_seg[k][2] - without[k][2]) for k in without if with_seg[k] != without[k]}
     assert widened == {"u_iqe/up2/kernel": 8, "u_iqe/up1/kernel": 4, "u_iqe/up0/kernel": 4}
-    out = jax.eval_shape(lambda x: IQE(use_seg=False, **TINY).init_with_output(KEY, x)[0], x)
-    assert set(out) == {"enhanced"}
+    assert set(outputs(IQE(use_seg=False, **TINY), x)) == {"enhanced"}
 
 
 def test_iqa_without_lqi_is_a_plain_resnet50_classifier():
@@ -161,8 +163,7 @@ def test_iqa_without_lqi_is_a_plain_resnet50_classifier():
     without = shapes(IQA(use_lqi=False, classifier_stages=STAGES, **TINY), x)
     plain = shapes(resnet.resnet50(3, stage_sizes=STAGES, **TINY), x)
     assert without == {"c_iqa/" + k: v for k, v in plain.items()}
-    out = jax.eval_shape(lambda x: IQA(use_lqi=False, **TINY).init_with_output(KEY, x)[0], x)
-    assert set(out) == {"quality_logits"}
+    assert set(outputs(IQA(use_lqi=False, **TINY), x)) == {"quality_logits"}
 
 
 def test_iqa_with_lqi_adds_four_fusion_convs_to_the_resnet50():
