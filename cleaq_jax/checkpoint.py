@@ -221,13 +221,13 @@ class Checkpointer:
         """
         step = self._resolve(step)
         _check_target(target_abstract_state)
-        items = {"state": ocp.args.StandardRestore(target_abstract_state)}
         if data_iter is not None:
             if "data" not in self._item_names(step):
                 raise ValueError(
                     f"checkpoint {self.directory}/{step} holds no data-iterator state; restore without data_iter"
                 )
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            _restore_position(os.path.join(self.directory, str(step), "data"), data_iter)
+        items = {"state": ocp.args.StandardRestore(target_abstract_state)}
         return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
@@ -258,6 +258,24 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _restore_position(data_dir: str, data_iter: Any) -> None:
+    """Move ``data_iter`` to the saved position. grain writes one file per process
+    (``process_i-of-n.json``); the loaders' positions are the same on every process, so a run resumed
+    with another process count reads process 0's file instead of failing."""
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not os.path.exists(own):
+        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
+        if not saved:
+            raise FileNotFoundError(f"{data_dir} holds no data-iterator position")
+        logging.info("data position saved by another process layout (%s); using %s", saved, saved[0])
+        own = os.path.join(data_dir, saved[0])
+    with open(own) as f:
+        text = f.read()
+    data_iter.set_state(json.loads(text) if isinstance(data_iter, grain.DatasetIterator) else text.encode())
+    if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
 
 
 def _check_target(target: PyTree) -> None:

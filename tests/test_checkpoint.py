@@ -177,6 +177,21 @@ def test_data_iterator_position_round_trips(tmp_path):
     assert int(next(fresh)["x"][0]) == 5
 
 
+def test_data_position_saved_by_two_processes_restores_in_one(tmp_path):
+    iterator = iter(_numbers())
+    for _ in range(7):
+        next(iterator)
+    with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(7, _tiny(7), data_iter=iterator)
+    data = tmp_path / "7" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        fresh = iter(_numbers())
+        ckpt.restore(_tiny_target(), data_iter=fresh)
+    assert int(next(fresh)["x"][0]) == 7
+
+
 def test_prefetched_position_round_trips_without_losing_queued_batches(tmp_path):
     mesh = parallel.make_mesh()
     prefetcher = parallel.prefetch_to_device(iter(_numbers()), 2, mesh)
