@@ -219,8 +219,9 @@ def predict(restored: evaluate.Restored, paths: list[str], out_dir: str, *, gate
 
     for path, prepared in _prepared(paths, size, ahead=2 * batch_size):
         if isinstance(prepared, Exception):
-            skipped.append((path, str(prepared)))
-            print(f"skipped {path}: {prepared}", file=log)
+            reason = str(prepared).removeprefix(f"{path}: ")  # the errors name the file already
+            skipped.append((path, reason))
+            print(f"skipped {path}: {reason}", file=log)
         else:
             chunk.append((path, *prepared))
         if len(chunk) == batch_size:

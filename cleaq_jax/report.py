@@ -153,10 +153,13 @@ def _bars(ax, per: dict[str, Any], metrics: tuple[str, ...], title: str, ylim: t
 
 
 def per_quality_figure(result: dict[str, Any], path: str) -> None:
-    """Per quality level of the original image (paper Fig. 12): accuracy and kappa of DR grading and IQA,
-    and SSIM of the QT-degraded input and its enhancement."""
+    """Per quality level of the original image (paper Fig. 12): accuracy and kappa of DR grading, IQA's
+    accuracy (the recall of that level), and SSIM of the QT-degraded input and of its enhancement."""
     plt = _pyplot()
-    panels = [(t, ("accuracy", "kappa"), TASK_TITLES[t], (0.0, 1.0)) for t in ("dr", "iqa") if t in result]
+    panels = [("dr", ("accuracy", "kappa"), TASK_TITLES["dr"], (0.0, 1.0))] if "dr" in result else []
+    if "iqa" in result:
+        # Within one quality level the true class is constant: kappa says nothing, accuracy is its recall.
+        panels.append(("iqa", ("accuracy",), TASK_TITLES["iqa"], (0.0, 1.0)))
     if "enhancement" in result:
         panels.append(("enhancement", ("ssim_input", "ssim_enhanced"), "Enhancement: SSIM vs original", (0.0, 1.0)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
