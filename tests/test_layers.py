@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax.models.layers import (ConvTranspose2x, ResidualBlock, check_divisible,
-                                     conv_transpose_2x, depth_to_space, grad_reverse)
+                                     conv_transpose_2x, depth_to_space, grad_reverse, max_pool_2x)
 
 
 def _rand(shape, seed):
@@ -121,6 +121,18 @@ def test_depth_to_space_places_channel_blocks_as_sub_pixels():
     # Channel block (ry * 2 + rx) holds the sub-pixel at row offset ry, column offset rx.
     x = jnp.arange(4.0).reshape(1, 1, 1, 4)
     np.testing.assert_array_equal(np.asarray(depth_to_space(x))[0, :, :, 0], [[0, 1], [2, 3]])
+
+
+def test_max_pool_2x_equals_flax_max_pool():
+    x = jnp.asarray(_rand((2, 6, 8, 3), 13))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x(x)),
+                                  np.asarray(nn.max_pool(x, (2, 2), strides=(2, 2))))
+
+
+def test_max_pool_2x_sends_the_gradient_to_each_window_maximum():
+    x = jnp.asarray([[1.0, 4.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(max_pool_2x(x)))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[0.0, 1.0], [0.0, 0.0]])
 
 
 # ----------------------------------------------------------------------------- residual block
