@@ -60,7 +60,7 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """Environment for a child Python: CPU, `devices` fake devices, the shared compilation cache."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
