@@ -1,4 +1,4 @@
-"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint:
+r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint:
 
     python -m cleaq_jax.predict --checkpoint RUN/stage3 --input photos/ extra.jpg --out predictions/ \
         [--gate-quality] [--batch-size 8]
@@ -65,9 +65,10 @@ def prepare(path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prepared(paths: list[str], size: int, ahead: int) -> Iterator[tuple[str, Any]]:
-    """(path, (image, mask) or the exception) in input order, read by a thread pool at most ``ahead``
-    files ahead of the consumer, so memory stays bounded on long inputs."""
-    workers = max(1, min(8, os.cpu_count() or 1))
+    """(path, (image, mask) or the exception) in input order, read by a thread per core at most ``ahead``
+    files (or two per thread) ahead of the consumer, so memory stays bounded on long inputs."""
+    workers = os.cpu_count() or 1
+    ahead = max(ahead, 2 * workers)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         pending: collections.deque = collections.deque()
         todo = iter(paths)
@@ -246,7 +247,8 @@ def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, 
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.predict", description=__doc__.split("\n\n")[0],
+    """The command line (argv without the program name; default sys.argv[1:])."""
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")

@@ -25,7 +25,6 @@ from cleaq_jax import evaluate, metrics, parallel, report, steps
 from cleaq_jax.data import fundus, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_CACHE = os.environ.get("CLEAQ_TEST_COMPILE_CACHE", "/tmp/cleaq_jax_test_compile_cache")
 SIZE = 32
 NETS = ("iqe", "iqa", "dr")
 # Grade and quality of the test split's examples: every quality level, grades 0-4.
@@ -105,7 +104,7 @@ def write_split(data_dir: str, split: str = "test") -> list[str]:
 
 _SAVE_ON_8 = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "tests")]
     import jax
@@ -120,9 +119,9 @@ _SAVE_ON_8 = textwrap.dedent("""
 def save_on_8_devices(directory: str) -> None:
     """Write the tiny stage-3 checkpoint from a process with 8 fake CPU devices (data 4 x fsdp 2)."""
     code = _SAVE_ON_8.format(repo=REPO, out=directory)
-    # orbax compiles a few hundred small slicing programs for an 8-way replicated save: cache them across runs.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    # The child inherits conftest's settings, the shared compilation cache among them: orbax compiles a few
+    # hundred small slicing programs for an 8-way replicated save.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
