@@ -35,11 +35,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run what ``cfg.stage`` names; returns the evaluation results when an evaluation ran."""
     from cleaq_jax import evaluate
 
+    if cfg.stage == "eval":  # the data settings come from the checkpoint's config (evaluate.merge_for_eval)
+        return evaluate.run(cfg, workdir)
     ensure_data(cfg, workdir)
     if cfg.stage in steps.STAGES:
         return train_stage(cfg, workdir, cfg.stage)
-    if cfg.stage == "eval":
-        return evaluate.run(cfg, workdir)
     if cfg.stage in ("pipeline", "teacher"):
         result: dict[str, Any] = {}
         for stage in pipeline_stages(cfg) if cfg.stage == "pipeline" else ("teacher_a", "teacher_b"):
