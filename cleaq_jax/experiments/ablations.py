@@ -1,0 +1,573 @@
+"""The ablation study of the paper (Tables IV, V, VI and Fig. 12): every variant x seed on one shard set.
+
+    python -m cleaq_jax.experiments.ablations --data DIR --workdir DIR --seeds 3 [--size S]
+        [--variants dr_only,cleaq_dr,...] [--preset tiny|bench|full] [--build-synthetic N]
+        [--jobs J] [--tabulate-only] [--config.KEY=VALUE ...]
+
+Each variant is a config in configs/ablations/ (which subnetworks train); the preset
+(configs/ablations/presets.py) sets sizes and schedule; ``--config.KEY=VALUE`` flags override both.
+Run ``<variant>, seed k`` is ``python -m cleaq_jax.main --config=configs/ablations/<variant>.py
+--workdir=<workdir>/<variant>/seed<k> --config.seed=k --config.data.dir=<data> ...`` in a subprocess:
+each run starts with clean memory and JAX state, a crash stops only that run, its exact command is
+recorded, and its log lands in ``<run>/train.log``. Runs share XLA's persistent compilation cache
+(``<workdir>/.jax_cache`` unless JAX_COMPILATION_CACHE_DIR is set), so later seeds skip compilation.
+
+A run is finished when its final stage wrote ``eval/eval.json`` (stage 3 for the joint variants,
+stage 1 for dr_only / iqe_only / iqe_no_seg, stage 2 for iqa_*); finished runs are skipped, so the
+study resumes where it stopped (an unfinished run resumes from its own checkpoints). The study then
+tabulates every finished run's eval.json into ``results.json``, ``results.md``,
+``per_quality_kappa.png`` and ``enhancement_examples.png`` in the workdir: mean and sample standard
+deviation over seeds, nothing else. Shards from data_prep (EyeQ, Messidor) work unchanged: pass
+``--config.data.num_grades=4`` for Messidor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cleaq_jax.data import records
+from cleaq_jax.report import atomic_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join("configs", "ablations")
+# The paper's names for the variants, in the order the tables list them.
+VARIANTS = {"dr_only": "DR grading", "iqe_only": "IQE", "iqe_no_seg": "IQE w/o Seg-IQE", "iqa_only": "IQA",
+            "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR"}
+CLASSIFICATION = ("accuracy", "kappa", "precision", "f1")
+ENHANCEMENT = ("psnr_input", "psnr_enhanced", "ssim_input", "ssim_enhanced")
+SUBSETS = ("all",) + records.QUALITY_NAMES
+BASELINE = "dr_only"
+
+
+# --------------------------------------------------------------------------- configs and commands
+def config_path(variant: str) -> str:
+    """configs/ablations/<variant>.py, relative to the repository root (raises ValueError if unknown)."""
+    path = os.path.join(CONFIG_DIR, f"{variant}.py")
+    if variant not in VARIANTS or not os.path.exists(os.path.join(ROOT, path)):
+        raise ValueError(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)} (configs in {CONFIG_DIR}/)")
+    return path
+
+
+def preset(name: str) -> dict[str, Any]:
+    """configs/ablations/presets.py's entry: {"overrides": {key: value}, "data": {"num", "size"}}."""
+    from configs.ablations import presets
+
+    if name not in presets.PRESETS:
+        raise ValueError(f"--preset {name!r} is not one of {', '.join(presets.PRESETS)} (configs/ablations/presets.py)")
+    return presets.PRESETS[name]
+
+
+def flag_value(value: Any) -> str:
+    """A config value as ml_collections' command-line parser reads it (tuples as "(1,1,1,1)")."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(flag_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """["--config.a.b=1", ...] -> {"a.b": "1"}; anything else is an error naming the argument."""
+    out: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not key.startswith("--config.") or not sep or key == "--config.":
+            raise ValueError(f"unexpected argument {arg!r}: config overrides are written --config.KEY=VALUE")
+        out[key[len("--config."):]] = value
+    return out
+
+
+def override_flags(overrides: Mapping[str, str]) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
+    """The config file at ``path`` (relative to the repository root) with overrides applied exactly as
+    ``cleaq_jax.main`` applies them; a bad key or value raises naming it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["ablations", f"--config={os.path.join(ROOT, path)}", *override_flags(overrides)]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        values(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise ValueError(f"{path}: a --config override does not apply ({e}); keys are listed in "
+                         "configs/default.py") from e
+    return values.config
+
+
+def final_stage(cfg: ml_collections.ConfigDict) -> str:
+    """The last stage a variant's pipeline trains; its eval/eval.json holds the variant's results."""
+    from cleaq_jax import train
+
+    return train.pipeline_stages(cfg)[-1]
+
+
+# --------------------------------------------------------------------------- plan and run
+def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
+              overrides: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One entry per variant x seed (seed-major, so later seeds reuse the first seed's compilations):
+    variant, seed, dir, stage (the evaluated one), command (argv, run from the repository root)."""
+    runs = []
+    stages = {v: final_stage(load_config(config_path(v), overrides)) for v in variants}
+    for seed in seeds:
+        for v in variants:
+            run_dir = os.path.join(workdir, v, f"seed{seed}")
+            command = [sys.executable, "-m", "cleaq_jax.main", f"--config={config_path(v)}",
+                       f"--workdir={run_dir}", *override_flags({**overrides, "seed": str(seed)})]
+            runs.append({"variant": v, "seed": seed, "dir": run_dir, "stage": stages[v], "command": command})
+    return runs
+
+
+def eval_json(run: Mapping[str, Any]) -> str:
+    return os.path.join(run["dir"], run["stage"], "eval", "eval.json")
+
+
+def run_record(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's run.json (command, wall time, status), or None before its first start."""
+    path = os.path.join(run["dir"], "run.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def shown(command: Sequence[str]) -> str:
+    """A run's command as a user types it (``python -m cleaq_jax.main ...``, from the repository root)."""
+    return shlex.join(["python", *command[1:]])
+
+
+def check_same_settings(run: Mapping[str, Any]) -> None:
+    """Refuse to resume or reuse a run directory that was made with another command."""
+    record = run_record(run)
+    if record is not None and record["command"][1:] != run["command"][1:]:
+        raise ValueError(
+            f"{run['dir']} was run with other settings:\n  {shown(record['command'])}\nnot\n  "
+            f"{shown(run['command'])}\nUse another --workdir, or delete that run directory to redo it.")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_file(path, dump)
+
+
+def _environment(workdir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, ".jax_cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _start(run: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    os.makedirs(run["dir"], exist_ok=True)
+    log = open(os.path.join(run["dir"], "train.log"), "ab")
+    print(f"[ablations] start {run['variant']} seed {run['seed']}: {shown(run['command'])}", flush=True)
+    started = time.time()
+    _write_json(os.path.join(run["dir"], "run.json"),
+                {"command": run["command"], "status": "running", "started": started})
+    proc = subprocess.Popen(run["command"], cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    return {"run": run, "proc": proc, "log": log, "started": started, "load_start": os.getloadavg()[0]}
+
+
+def _finish(job: dict[str, Any]) -> dict[str, Any]:
+    job["log"].close()
+    run, rc = job["run"], job["proc"].returncode
+    wall = time.time() - job["started"]
+    status = "finished" if rc == 0 and os.path.exists(eval_json(run)) else "failed"
+    record = {"command": run["command"], "status": status, "returncode": rc, "started": job["started"],
+              "wall_s": round(wall, 1), "load_average_1min": [round(job["load_start"], 2),
+                                                               round(os.getloadavg()[0], 2)]}
+    _write_json(os.path.join(run["dir"], "run.json"), record)
+    print(f"[ablations] {status} {run['variant']} seed {run['seed']} in {wall:.0f} s"
+          + ("" if status == "finished" else f" (exit {rc}); log: {os.path.join(run['dir'], 'train.log')}"),
+          flush=True)
+    return record
+
+
+def execute(runs: Sequence[dict[str, Any]], workdir: str, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every unfinished run (at most ``jobs`` at once); returns the runs that failed."""
+    todo = []
+    for run in runs:
+        if os.path.exists(eval_json(run)):
+            print(f"[ablations] skip {run['variant']} seed {run['seed']}: {eval_json(run)} exists", flush=True)
+        else:
+            todo.append(run)
+    env, active, failed = _environment(workdir), [], []
+    while todo or active:
+        while todo and len(active) < max(1, jobs):
+            active.append(_start(todo.pop(0), env))
+        time.sleep(0.2)
+        for job in [j for j in active if j["proc"].poll() is not None]:
+            active.remove(job)
+            if _finish(job)["status"] != "finished":
+                failed.append(job["run"])
+    return failed
+
+
+# --------------------------------------------------------------------------- tabulate
+def stat(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None with one value) of the defined values; n counts
+    them, n_expected counts every value given (undefined ones, e.g. kappa of one class, are left out)."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not kept:
+        return {"mean": None, "std": None, "n": 0, "n_expected": len(values), "values": []}
+    std = float(np.std(kept, ddof=1)) if len(kept) > 1 else None
+    return {"mean": float(np.mean(kept)), "std": std, "n": len(kept), "n_expected": len(values), "values": kept}
+
+
+def _subset(block: Mapping[str, Any], subset: str) -> Mapping[str, Any]:
+    return block.get("overall", {}) if subset == "all" else block.get("per_quality", {}).get(subset, {})
+
+
+def aggregate(evals: Sequence[Mapping[str, Any] | None], task: str, metrics: Sequence[str]) -> dict[str, Any] | None:
+    """{subset: {metric: stat}} over one variant's runs (eval.json dicts, None for a run not finished)
+    for one task ("dr", "iqa", "iqa_enhanced", "enhancement"); subsets are "all" and the quality levels.
+    None when no run evaluated the task. "examples" is the subset's number of test images."""
+    if not any(e and task in e for e in evals):
+        return None
+    blocks = [(e or {}).get(task, {}) for e in evals]
+    first = next(b for b in blocks if b)
+    return {s: {m: {**stat([_subset(b, s).get(m) for b in blocks]), "examples": _subset(first, s).get("n", 0)}
+                for m in metrics} for s in SUBSETS if any(_subset(b, s) for b in blocks)}
+
+
+def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any] | None]], variant: str,
+                      metric: str = "kappa") -> dict[str, Any]:
+    """Per subset: stat of (variant - DR-only) ``metric`` of DR grading, paired by seed."""
+    out = {}
+    for subset in SUBSETS:
+        diffs = []
+        for seed, e in evals_by_seed.get(variant, {}).items():
+            base = evals_by_seed.get(BASELINE, {}).get(seed)
+            a = _subset(e.get("dr", {}), subset).get(metric) if e else None
+            b = _subset(base.get("dr", {}), subset).get(metric) if base else None
+            diffs.append(None if a is None or b is None else a - b)
+        out[subset] = stat(diffs)
+    return out
+
+
+def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every table of the study from the finished runs' eval.json files (and their run.json)."""
+    evals: dict[str, dict[int, dict[str, Any] | None]] = {}
+    listed = []
+    for run in runs:
+        record = run_record(run) or {}
+        done = os.path.exists(eval_json(run))
+        evals.setdefault(run["variant"], {})[run["seed"]] = None
+        if done:
+            with open(eval_json(run)) as f:
+                evals[run["variant"]][run["seed"]] = json.load(f)
+        listed.append({k: run[k] for k in ("variant", "seed", "dir", "stage")} | {
+            "eval_json": eval_json(run), "status": "finished" if done else record.get("status", "not run"),
+            "wall_s": record.get("wall_s"), "command": shown(run["command"])})
+    tables: dict[str, Any] = {"runs": listed}
+    for task, metrics in (("dr", CLASSIFICATION), ("iqa", CLASSIFICATION), ("iqa_enhanced", CLASSIFICATION),
+                          ("enhancement", ENHANCEMENT)):
+        per_variant = {v: aggregate(list(by_seed.values()), task, metrics) for v, by_seed in evals.items()}
+        tables[task] = {v: t for v, t in per_variant.items() if t is not None}
+    if BASELINE in tables["dr"]:
+        tables["dr_kappa_minus_dr_only"] = {v: paired_difference(evals, v) for v in tables["dr"] if v != BASELINE}
+    return tables
+
+
+# --------------------------------------------------------------------------- Markdown
+def fmt(s: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """"mean ± std" of a `stat` ("mean" alone with one seed, "-" with none)."""
+    if not s or s.get("mean") is None:
+        return "-"
+    text = f"{s['mean']:.{digits}f}"
+    return text + (f" ± {s['std']:.{digits}f}" if s.get("std") is not None else "") + (
+        f" (n={s['n']})" if s.get("n_expected") and s["n"] != s["n_expected"] else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _classification_table(block: Mapping[str, Any], subset: str = "all") -> list[str]:
+    rows = [[VARIANTS[v], str(t[subset]["kappa"]["examples"])] + [fmt(t[subset][m]) for m in CLASSIFICATION]
+            for v, t in _ordered(block) if subset in t]
+    return _table(["method", "test images", "accuracy", "kappa", "precision", "F1"], rows)
+
+
+def _ordered(block: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    return [(v, block[v]) for v in VARIANTS if v in block]
+
+
+def _per_quality_table(results: Mapping[str, Any], metric: str) -> list[str]:
+    dr = results["dr"]
+    levels = [q for q in SUBSETS if any(q in t for t in dr.values())]
+    rows = [[VARIANTS[v]] + [fmt(t.get(q, {}).get(metric)) for q in levels] for v, t in _ordered(dr)]
+    for v, diff in _ordered(results.get("dr_kappa_minus_dr_only", {})) if metric == "kappa" else []:
+        rows.append([f"{VARIANTS[v]} − DR grading (paired by seed)"] + [fmt(diff.get(q)) for q in levels])
+    examples = {q: next((t[q][metric]["examples"] for t in dr.values() if q in t), 0) for q in levels}
+    return _table(["method"] + [f"{q} (n={examples[q]})" for q in levels], rows)
+
+
+def _enhancement_table(results: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for v, t in _ordered(results["enhancement"]):
+        for q in [q for q in SUBSETS if q in t]:
+            rows.append([VARIANTS[v], q, str(t[q]["psnr_input"]["examples"])] + [
+                fmt(t[q][m], 2 if m.startswith("psnr") else 3) for m in ENHANCEMENT])
+    return _table(["method", "subset", "test images", "PSNR input", "PSNR enhanced", "SSIM input",
+                   "SSIM enhanced"], rows)
+
+
+def _runs_table(results: Mapping[str, Any]) -> list[str]:
+    rows = [[VARIANTS[r["variant"]], str(r["seed"]), r["stage"], r["status"],
+             "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in results["runs"]]
+    return _table(["method", "seed", "evaluated stage", "status", "wall time (s)"], rows)
+
+
+def _study_lines(study: Mapping[str, Any]) -> list[str]:
+    counts = ", ".join(f"{split}: {info['num_records']} ({', '.join(f'{q} {n}' for q, n in info['quality'].items())})"
+                       for split, info in study["data"].items())
+    o = study["overrides"]
+    return [f"- Command: `{study['command']}`",
+            f"- Data: `{study['data_dir']}`; {counts}. Evaluated on split `{study['eval_split']}`.",
+            f"- Preset `{study['preset']}`: {o.get('data.image_size', '?')} px, width {o.get('model.width', '?')}, "
+            f"batch {o.get('batch_size', '?')}, {study['num_epochs']} epoch(s) per stage, seeds "
+            f"{', '.join(map(str, study['seeds']))}.",
+            f"- Overrides given to every run: `{' '.join(override_flags(o))}`",
+            f"- Machine: {study['machine']}; {study['jobs']} run(s) at a time; 1-min load average "
+            f"{study['load_average'][0]:.1f} at the start, {study['load_average'][1]:.1f} at the end; "
+            f"total wall time {study['wall_s']:.0f} s.",
+            "- One run's exact command (every run's is in results.json):", "",
+            f"      {study['example_command']}"]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """results.md: the study, then Tables V, Fig. 12, IV and VI analogues (mean ± sample std over seeds)."""
+    lines = ["# Ablation study (paper Tables IV-VI, Fig. 12)", "", *_study_lines(results["study"]), "",
+             "Every number is the mean ± sample standard deviation over the seeds of that method's runs, read "
+             "from each run's eval.json; n is given where fewer seeds finished.", ""]
+    if results["dr"]:
+        lines += ["## DR grading (Table V analogue)", "", *_classification_table(results["dr"]), "",
+                  "## DR grading per quality level of the original image (Fig. 12 analogue)", "",
+                  "Quadratic-weighted kappa:", "", *_per_quality_table(results, "kappa"), "",
+                  "Accuracy:", "", *_per_quality_table(results, "accuracy"), ""]
+    if results["enhancement"]:
+        lines += ["## Enhancement (Table IV analogue): PSNR (dB) and SSIM against the original, inside the mask",
+                  "", "Input: the QT-degraded original (op2 for good, op1 for usable images, fixed keys).", "",
+                  *_enhancement_table(results), ""]
+    for task, title in (("iqa", "IQA on the raw image"), ("iqa_enhanced", "IQA on IQE's enhancement (joint models)")):
+        if results[task]:
+            lines += [f"## Quality assessment (Table VI analogue): {title}", "", *_classification_table(results[task]), ""]
+    lines += ["## Runs", "", *_runs_table(results), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_quality_kappa_figure(results: Mapping[str, Any], path: str) -> None:
+    """Grouped bars: DR kappa per quality level (and all) for each variant with DR grading; error bars are
+    the sample std over seeds, dots the individual seeds (paper Fig. 12)."""
+    plt = _pyplot()
+    dr = _ordered(results["dr"])
+    levels = [q for q in SUBSETS if any(q in t for _, t in dr)]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(levels) * max(1, len(dr)) / 2, 3.6))
+    width = 0.8 / max(1, len(dr))
+    for k, (v, t) in enumerate(dr):
+        x = np.arange(len(levels)) + (k - (len(dr) - 1) / 2) * width
+        s = [t.get(q, {}).get("kappa", {}) for q in levels]
+        means = [np.nan if si.get("mean") is None else si["mean"] for si in s]
+        errs = [0.0 if si.get("std") is None else si["std"] for si in s]
+        ax.bar(x, np.nan_to_num(means), width, yerr=errs, capsize=3, label=VARIANTS[v], alpha=0.85)
+        for xi, si in zip(x, s):
+            ax.plot([xi] * len(si.get("values", [])), si.get("values", []), "k.", markersize=3)
+    examples = [next((t[q]["kappa"]["examples"] for _, t in dr if q in t), 0) for q in levels]
+    ax.set_xticks(np.arange(len(levels)), [f"{q}\n(n={n})" for q, n in zip(levels, examples)])
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_ylabel("quadratic-weighted kappa")
+    ax.set_title("DR grading per quality level (mean ± std over seeds; dots: seeds)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def _examples_by_quality(cfg: ml_collections.ConfigDict, per_quality: int) -> dict[str, np.ndarray]:
+    """The first ``per_quality`` test images of each quality level (host arrays)."""
+    from cleaq_jax.data import pipeline
+
+    loader = pipeline.eval_loader(cfg.data.dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
+                                  process_index=0, process_count=1, image_size=int(cfg.data.image_size))
+    picked: dict[int, list[dict[str, np.ndarray]]] = {q: [] for q in range(len(records.QUALITY_NAMES))}
+    for batch in loader:
+        for i in np.flatnonzero(batch["valid"]):
+            q = int(batch["quality"][i])
+            if q in picked and len(picked[q]) < per_quality:
+                picked[q].append({k: v[i] for k, v in batch.items()})
+        if all(len(p) == per_quality for p in picked.values()):
+            break
+    rows = [row for q in sorted(picked) for row in picked[q]]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    mse = float(((a - b) ** 2 * mask[..., None]).sum() / max(3.0 * mask.sum(), 1.0))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2) -> None:
+    """Rows of low-quality input | enhanced | reference from a trained IQE (a stage directory), for the
+    first test images of each quality level. Good and usable inputs are QT-degraded (op2 / op1, the
+    evaluation's fixed keys); reject images pass unchanged and have no reference but themselves."""
+    from cleaq_jax import evaluate
+
+    restored = evaluate.load_checkpoint(stage_dir)
+    batch = _examples_by_quality(restored.config, per_quality)
+    panels = evaluate.enhancement_panels(restored.config, restored.state, restored.models, batch)
+    size = panels.shape[1]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 3, figsize=(6.3, 2.2 * len(panels)), squeeze=False)
+    mask = batch["mask"].astype(np.float32)
+    for i, row in enumerate(panels):
+        low, enhanced, ref = (row[:, j * size:(j + 1) * size] for j in range(3))
+        quality = records.QUALITY_NAMES[int(batch["quality"][i])]
+        titles = (f"{quality}: input, {_masked_psnr(low, ref, mask[i]):.1f} dB",
+                  f"enhanced, {_masked_psnr(enhanced, ref, mask[i]):.1f} dB", "reference")
+        for ax, image, title in zip(axes[i], (low, enhanced, ref), titles):
+            ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"IQE of {os.path.relpath(stage_dir)} (PSNR against the reference, inside the mask)", fontsize=8)
+    fig.tight_layout()
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the study
+def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, str], seeds: Sequence[int],
+               runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What results.md states about the study: command, data, schedule, machine."""
+    cfg = load_config(config_path(runs[0]["variant"]), overrides)
+    splits = records.read_manifest(data_dir)["splits"]
+    data = {name: {"num_records": s.get("num_records"),
+                   "quality": {q: s.get("counts", {}).get(q, {}).get("all", 0) for q in records.QUALITY_NAMES}}
+            for name, s in sorted(splits.items())}
+    return {"command": "python -m cleaq_jax.experiments.ablations " + shlex.join(args.argv), "preset": args.preset,
+            "overrides": dict(overrides), "data_dir": data_dir, "data": data, "eval_split": cfg.data.eval_split,
+            "num_epochs": int(cfg.num_epochs), "seeds": list(seeds), "variants": sorted({r["variant"] for r in runs},
+                                                                                       key=list(VARIANTS).index),
+            "jobs": args.jobs, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.system()})",
+            "example_command": shown(runs[-1]["command"])}
+
+
+def write_results(workdir: str, study: dict[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """results.json, results.md and the figures into workdir, from the runs' own files."""
+    results = {"study": study, **tabulate(runs)}
+    _write_json(os.path.join(workdir, "results.json"), results)
+    atomic_file(os.path.join(workdir, "results.md"), lambda tmp: open(tmp, "w").write(markdown(results)))
+    if results["dr"]:
+        per_quality_kappa_figure(results, os.path.join(workdir, "per_quality_kappa.png"))
+    joint = [r for r in runs if r["variant"] == "cleaq_dr" and os.path.exists(eval_json(r))]
+    if joint:
+        enhancement_examples_figure(os.path.join(joint[0]["dir"], joint[0]["stage"]),
+                                    os.path.join(workdir, "enhancement_examples.png"))
+    return results
+
+
+def prepare_data(data_dir: str, size: int | None, build_synthetic: int, synthetic_seed: int,
+                 default_size: int = 512) -> int:
+    """Check the shards (building ``build_synthetic`` synthetic examples at ``size`` or ``default_size``
+    px when there are none); returns their image size."""
+    if not os.path.exists(os.path.join(data_dir, records.MANIFEST)):
+        if not build_synthetic:
+            raise FileNotFoundError(
+                f"--data {data_dir}: no {records.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
+                "or pass --build-synthetic N (and --size S) to build a synthetic set there")
+        from data_prep import synthetic
+
+        synthetic.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed)
+    splits = records.read_manifest(data_dir)["splits"]
+    sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
+    built = next(iter(sizes))[0] if len(sizes) == 1 else None
+    if size is not None and built is not None and size != built:
+        raise ValueError(f"--size {size}, but the shards in {data_dir} are {built} px: pass --size {built} "
+                         "or another --data")
+    if size is None and built is None:
+        raise ValueError(f"--data {data_dir}: the manifest gives no single image size; pass --size S")
+    return int(size or built)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cleaq_jax.experiments.ablations", description=__doc__.split("\n")[0],
+                                epilog="Further arguments --config.KEY=VALUE override every run's config.")
+    p.add_argument("--data", required=True, help="shard directory (data_prep output) shared by every run")
+    p.add_argument("--workdir", required=True, help="study directory: <variant>/seed<k>/ runs and the results")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: 0..N-1 (default 3)")
+    p.add_argument("--size", type=int, default=None, help="image size in px (default: the shards' size)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--preset", default="full", help="size preset: tiny, bench or full (configs/ablations/presets.py)")
+    p.add_argument("--build-synthetic", type=int, default=0, metavar="N",
+                   help="when --data has no shards yet, build N synthetic examples there first")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="generator seed for --build-synthetic")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: a run uses every core)")
+    p.add_argument("--tabulate-only", action="store_true", help="start no run; tabulate the finished ones")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _parser().parse_known_args(argv)
+    args.argv = argv
+    t0, load0 = time.time(), os.getloadavg()[0]
+    try:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        [config_path(v) for v in variants]  # noqa: B018  (unknown names fail before any work)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds {args.seeds}: need at least 1")
+        workdir, data_dir = os.path.abspath(args.workdir), os.path.abspath(args.data)
+        chosen = preset(args.preset)
+        overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
+        size = prepare_data(data_dir, args.size, args.build_synthetic, args.synthetic_seed, chosen["data"]["size"])
+        overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
+        overrides.update(parse_overrides(rest))
+        runs = plan_runs(workdir, variants, range(args.seeds), overrides)
+        for run in runs:
+            check_same_settings(run)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(workdir, exist_ok=True)
+    failed = [] if args.tabulate_only else execute(runs, workdir, args.jobs)
+    study = study_info(args, data_dir, overrides, range(args.seeds), runs)
+    study.update(wall_s=time.time() - t0, load_average=[load0, os.getloadavg()[0]])
+    write_results(workdir, study, runs)
+    print(f"[ablations] results in {os.path.join(workdir, 'results.md')}", flush=True)
+    if failed:
+        print(f"[ablations] {len(failed)} run(s) failed: " + ", ".join(f"{r['variant']} seed {r['seed']}"
+                                                                      for r in failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

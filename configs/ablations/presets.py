@@ -1,0 +1,66 @@
+"""Size presets of the ablation study (`python -m cleaq_jax.experiments.ablations --preset NAME`).
+
+A preset is a set of config overrides laid over every variant config in this folder (the variants say
+which subnetworks train; a preset says how big and how long). The study passes them to each run as
+``--config.KEY=VALUE`` flags, so every run's exact command is printed and recorded. Flags given to the
+study after the preset win over it.
+
+- tiny: for tests and a first look: 32 px, width 1/16, one block per ResNet stage, one epoch.
+  Each run is dominated by XLA compilation (tens of seconds on a 2-core CPU).
+- bench: the benchmark that fits in about 90 minutes on a 2-core x86-64 CPU for all 8 variants x 3
+  seeds (docs/results.md gives the measured step times this was sized from).
+- full: the paper's networks and schedule (IV-B) at 512 px, for a GPU or TPU host.
+
+``data`` gives the synthetic set a preset was sized for: ``--build-synthetic N`` builds N examples at
+``size`` px when the data directory has no shards yet (``--size`` overrides). The image size of every
+run is the shards' own, so a preset runs unchanged on EyeQ or Messidor shards of any size.
+"""
+
+PRESETS = {
+    "tiny": {
+        "overrides": {
+            "model.width": 0.0625,
+            "model.encoder_stages": (1, 1, 1, 1),
+            "model.classifier_stages": (1, 1, 1, 1),
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "num_epochs": 1,
+            "optim.constant_epochs": 1,
+            "log_every_steps": 2,
+            "image_every_steps": 0,
+            "checkpoint_every_steps": 1000,
+            "keep_checkpoints": 1,
+            "eval.num_examples_grid": 0,
+        },
+        "data": {"num": 40, "size": 32},
+    },
+    "bench": {
+        "overrides": {
+            "data.class_balance": 0.5,
+            "model.width": 0.125,
+            "model.encoder_stages": (1, 1, 1, 1),
+            "model.classifier_stages": (1, 1, 1, 1),
+            "batch_size": 16,
+            "eval_batch_size": 32,
+            "num_epochs": 4,
+            "optim.constant_epochs": 3,
+            "log_every_steps": 10,
+            "image_every_steps": 0,
+            "checkpoint_every_steps": 200,
+            "keep_checkpoints": 1,
+            "eval.num_examples_grid": 0,
+        },
+        "data": {"num": 400, "size": 64},
+    },
+    "full": {
+        "overrides": {
+            "model.width": 1.0,
+            "batch_size": 32,
+            "eval_batch_size": 32,
+            "num_epochs": 150,
+            "optim.constant_epochs": 60,
+            "eval.num_examples_grid": 8,
+        },
+        "data": {"num": 20000, "size": 512},
+    },
+}

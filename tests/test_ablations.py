@@ -1,0 +1,175 @@
+"""The ablation study script: planning, tabulation, and one tiny study run end to end.
+
+The end-to-end fixture runs two variants x two seeds at the tiny preset (four training subprocesses,
+two at a time); every other test reads what it wrote or works on hand-made eval.json dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cleaq_jax.experiments import ablations
+
+VARIANTS = "dr_only,iqe_no_seg"
+SEEDS = 2
+
+
+def _study_args(data, workdir, *extra):
+    return ["--data", str(data), "--workdir", str(workdir), "--seeds", str(SEEDS), "--variants", VARIANTS,
+            "--preset", "tiny", "--jobs", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablations")
+    data, workdir = root / "data", root / "study"
+    args = _study_args(data, workdir, "--build-synthetic", "40", "--size", "32")
+    assert ablations.main(args) == 0
+    with open(workdir / "results.json") as f:
+        results = json.load(f)
+    return {"data": data, "workdir": workdir, "args": args, "results": results}
+
+
+def _eval(workdir, variant, seed, stage="stage1"):
+    with open(workdir / variant / f"seed{seed}" / stage / "eval" / "eval.json") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- end to end
+def test_every_variant_and_seed_is_trained_and_evaluated_in_its_final_stage(study):
+    runs = study["results"]["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+        (v, s) for v in VARIANTS.split(",") for s in range(SEEDS))
+    for r in runs:
+        assert r["stage"] == "stage1" and r["status"] == "finished" and r["wall_s"] > 0
+        assert os.path.exists(r["eval_json"])
+        assert f"--config.seed={r['seed']}" in r["command"]
+
+
+def test_dr_table_is_mean_and_sample_std_of_the_runs_eval_json(study):
+    accuracy = [_eval(study["workdir"], "dr_only", s)["dr"]["overall"]["accuracy"] for s in range(SEEDS)]
+    got = study["results"]["dr"]["dr_only"]["all"]["accuracy"]
+    assert got["values"] == pytest.approx(accuracy)
+    assert got["mean"] == pytest.approx(np.mean(accuracy))
+    assert got["std"] == pytest.approx(np.std(accuracy, ddof=1))
+    text = (study["workdir"] / "results.md").read_text()
+    assert ablations.fmt(got) in text
+
+
+def test_per_quality_enhancement_table_comes_from_the_runs(study):
+    psnr = [_eval(study["workdir"], "iqe_no_seg", s)["enhancement"]["per_quality"]["good"]["psnr_enhanced"]
+            for s in range(SEEDS)]
+    got = study["results"]["enhancement"]["iqe_no_seg"]["good"]["psnr_enhanced"]
+    assert got["mean"] == pytest.approx(np.mean(psnr)) and got["std"] == pytest.approx(np.std(psnr, ddof=1))
+    assert "dr_only" not in study["results"]["enhancement"] and "iqe_no_seg" not in study["results"]["dr"]
+
+
+def test_per_quality_kappa_figure_is_written(study):
+    with open(study["workdir"] / "per_quality_kappa.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_runs(study, capsys):
+    before = {p: os.stat(p).st_mtime_ns for p in study["workdir"].glob("*/seed*/run.json")}
+    assert len(before) == 4
+    assert ablations.main(study["args"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[ablations] skip") == 4 and "[ablations] start" not in out
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+
+
+def test_rerun_with_other_settings_is_refused(study, capsys):
+    assert ablations.main(study["args"] + ["--config.num_epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "was run with other settings" in err and str(study["workdir"]) in err
+
+
+def test_enhancement_examples_show_each_quality_level(study, tmp_path):
+    path = tmp_path / "examples.png"
+    ablations.enhancement_examples_figure(str(study["workdir"] / "iqe_no_seg" / "seed0" / "stage1"), str(path),
+                                          per_quality=1)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > image.shape[1]  # three rows (good, usable, reject) of three panels
+
+
+# --------------------------------------------------------------------------- planning and arguments
+@pytest.mark.parametrize("variant, stage", [("dr_only", "stage1"), ("iqe_only", "stage1"), ("iqe_no_seg", "stage1"),
+                                            ("iqa_only", "stage2"), ("iqa_no_lqi", "stage2"), ("cleaq", "stage3"),
+                                            ("cleq_dr", "stage3"), ("cleaq_dr", "stage3")])
+def test_each_variant_is_read_from_its_final_stage(variant, stage):
+    assert ablations.final_stage(ablations.load_config(ablations.config_path(variant), {})) == stage
+
+
+def test_overrides_reach_the_config_as_main_parses_them():
+    cfg = ablations.load_config(ablations.config_path("cleaq_dr"),
+                                {"model.encoder_stages": "(1,1,1,1)", "tasks.iqa": "False", "model.width": "0.5"})
+    assert cfg.model.encoder_stages == (1, 1, 1, 1) and cfg.tasks.iqa is False and cfg.model.width == 0.5
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ValueError, match="not_a_key"):
+        ablations.load_config(ablations.config_path("dr_only"), {"not_a_key": "1"})
+
+
+def test_arguments_other_than_config_overrides_are_refused():
+    with pytest.raises(ValueError, match="--config.KEY=VALUE"):
+        ablations.parse_overrides(["--epochs=3"])
+
+
+def test_tuples_are_written_as_the_command_line_reads_them():
+    assert ablations.flag_value((1, 2, 3)) == "(1,2,3)" and ablations.flag_value((4,)) == "(4,)"
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(ValueError, match="dr_ony"):
+        ablations.config_path("dr_ony")
+
+
+def test_missing_data_without_build_flag_names_the_directory(tmp_path, capsys):
+    assert ablations.main(["--data", str(tmp_path / "none"), "--workdir", str(tmp_path / "w"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "none") in err and "--build-synthetic" in err
+
+
+def test_seeds_are_run_seed_major_so_later_seeds_reuse_compilations(tmp_path):
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "iqa_only"], range(2), {"data.dir": "/d"})
+    assert [(r["variant"], r["seed"]) for r in runs] == [("dr_only", 0), ("iqa_only", 0), ("dr_only", 1),
+                                                         ("iqa_only", 1)]
+    assert runs[3]["command"][-1] == "--config.seed=1" and "--config.data.dir=/d" in runs[3]["command"]
+
+
+# --------------------------------------------------------------------------- statistics
+def test_stat_is_mean_and_sample_std_of_defined_values():
+    s = ablations.stat([0.5, None, 0.7, float("nan")])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert (s["n"], s["n_expected"]) == (2, 4)
+
+
+def test_stat_of_one_value_has_no_std():
+    assert ablations.stat([0.3]) | {"values": None} == {"mean": 0.3, "std": None, "n": 1, "n_expected": 1,
+                                                          "values": None}
+
+
+def _dr_eval(kappa_all, kappa_reject):
+    return {"dr": {"overall": {"n": 10, "kappa": kappa_all}, "per_quality": {"reject": {"n": 3, "kappa": kappa_reject}}}}
+
+
+def test_an_unfinished_seed_is_counted_and_shown():
+    table = ablations.aggregate([_dr_eval(0.4, 0.2), None, _dr_eval(0.6, 0.4)], "dr", ("kappa",))
+    assert table["all"]["kappa"]["n"] == 2 and table["all"]["kappa"]["n_expected"] == 3
+    assert ablations.fmt(table["all"]["kappa"]).endswith("(n=2)")
+    assert table["reject"]["kappa"]["examples"] == 3
+
+
+def test_difference_to_dr_only_is_paired_by_seed():
+    evals = {"dr_only": {0: _dr_eval(0.5, 0.1), 1: _dr_eval(0.6, 0.5)},
+             "cleaq_dr": {0: _dr_eval(0.7, 0.4), 1: None}}
+    diff = ablations.paired_difference(evals, "cleaq_dr")
+    assert diff["reject"]["values"] == [pytest.approx(0.3)] and diff["reject"]["n_expected"] == 2
+    assert diff["all"]["mean"] == pytest.approx(0.2)
