@@ -173,3 +173,16 @@ def test_difference_to_dr_only_is_paired_by_seed():
     diff = ablations.paired_difference(evals, "cleaq_dr")
     assert diff["reject"]["values"] == [pytest.approx(0.3)] and diff["reject"]["n_expected"] == 2
     assert diff["all"]["mean"] == pytest.approx(0.2)
+
+
+def test_a_run_recorded_with_its_flags_in_another_order_counts_as_the_same(tmp_path):
+    run = ablations.plan_runs(str(tmp_path), ["dr_only"], range(1), {"data.dir": "/d", "batch_size": "8"})[0]
+    os.makedirs(run["dir"])
+    reordered = run["command"][:4] + run["command"][4:][::-1]
+    with open(os.path.join(run["dir"], "run.json"), "w") as f:
+        json.dump({"command": reordered}, f)
+    ablations.check_same_settings(run)
+    with open(os.path.join(run["dir"], "run.json"), "w") as f:
+        json.dump({"command": [c.replace("batch_size=8", "batch_size=4") for c in reordered]}, f)
+    with pytest.raises(ValueError, match="other settings"):
+        ablations.check_same_settings(run)

@@ -154,7 +154,8 @@ def shown(command: Sequence[str]) -> str:
 def check_same_settings(run: Mapping[str, Any]) -> None:
     """Refuse to resume or reuse a run directory that was made with another command."""
     record = run_record(run)
-    if record is not None and record["command"][1:] != run["command"][1:]:
+    # Flags in another order (a preset's keys reordered) are the same settings.
+    if record is not None and sorted(record["command"][1:]) != sorted(run["command"][1:]):
         raise ValueError(
             f"{run['dir']} was run with other settings:\n  {shown(record['command'])}\nnot\n  "
             f"{shown(run['command'])}\nUse another --workdir, or delete that run directory to redo it.")

@@ -16,41 +16,42 @@ study after the preset win over it.
 run is the shards' own, so a preset runs unchanged on EyeQ or Messidor shards of any size.
 """
 
+# What both CPU presets share: one block per ResNet stage, no image grids, one checkpoint kept.
+_CPU = {
+    "model.encoder_stages": (1, 1, 1, 1),
+    "model.classifier_stages": (1, 1, 1, 1),
+    "image_every_steps": 0,
+    "keep_checkpoints": 1,
+    "eval.num_examples_grid": 0,
+}
+
 PRESETS = {
     "tiny": {
         "overrides": {
+            **_CPU,
             "model.width": 0.0625,
-            "model.encoder_stages": (1, 1, 1, 1),
-            "model.classifier_stages": (1, 1, 1, 1),
             "batch_size": 8,
             "eval_batch_size": 8,
             "num_epochs": 1,
             "optim.constant_epochs": 1,
             "log_every_steps": 2,
-            "image_every_steps": 0,
             "checkpoint_every_steps": 1000,
-            "keep_checkpoints": 1,
-            "eval.num_examples_grid": 0,
         },
         "data": {"num": 40, "size": 32},
     },
     "bench": {
         "overrides": {
+            **_CPU,
             "data.class_balance": 0.5,
             "model.width": 0.125,
-            "model.encoder_stages": (1, 1, 1, 1),
-            "model.classifier_stages": (1, 1, 1, 1),
             "batch_size": 16,
             "eval_batch_size": 32,
-            "num_epochs": 4,
-            "optim.constant_epochs": 3,
+            "num_epochs": 10,
+            "optim.constant_epochs": 8,
             "log_every_steps": 10,
-            "image_every_steps": 0,
             "checkpoint_every_steps": 200,
-            "keep_checkpoints": 1,
-            "eval.num_examples_grid": 0,
         },
-        "data": {"num": 400, "size": 64},
+        "data": {"num": 600, "size": 64},
     },
     "full": {
         "overrides": {
