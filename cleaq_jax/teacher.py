@@ -1,0 +1,332 @@
+"""The CE-Net vessel teacher of the pseudo structure masks (paper III-C): its on-device augmentation,
+its evaluation, and restoring it for the mask pass.
+
+- `augment_batch`: CE-Net's colour and scale augmentation, jittable and vmapped, run inside the teacher's
+  train step (flips and rotations come from the loader). Each image gets, with probability 1/2 each, a
+  shift of hue (up to 60 degrees), saturation (5/255) and value (15/255), and a random scale (0.9-1.1),
+  aspect ratio (0.9-1.1) and shift (10% of the side), applied to image, field of view and vessels alike.
+- `evaluate_state`: Dice, accuracy, sensitivity, specificity and AUC of the vessel map inside the
+  field-of-view mask on ``config.data.eval_split`` (DRIVE test), on the images as they are and on
+  QT-degraded copies of them (op1 or op2 by example id, fixed keys), written as eval.json and eval.md.
+- `restore_teacher` / `predict_vessels`: a teacher_a or teacher_b checkpoint on the present devices and
+  its vessel probabilities for batches of uint8 images (used by ``python -m data_prep.pseudo_masks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cleaq_jax import checkpoint, evaluate, parallel, report, steps
+from cleaq_jax.data import degrade, pipeline
+
+# CE-Net's training augmentation (Gu et al. 2019, their data loader); hue in degrees (their +-30 is on
+# OpenCV's 0-180 hue scale), saturation and value on a 0-1 scale.
+AUGMENT_PROB = 0.5
+HUE_SHIFT_DEG = 60.0
+SAT_SHIFT = 5.0 / 255.0
+VAL_SHIFT = 15.0 / 255.0
+SCALE_LIMIT = 0.1
+ASPECT_LIMIT = 0.1
+SHIFT_LIMIT = 0.1
+THRESHOLD = 0.5  # vessel probability above which a pixel is a vessel (CE-Net's)
+# AUC from histograms of the logits: bins of 1/128 logit over [-32, 32] (exact to ~1e-4 in tests).
+AUC_BINS = 8192
+AUC_LOGIT_RANGE = 32.0
+TEACHER_STAGES = ("teacher_a", "teacher_b")
+
+
+# --------------------------------------------------------------------------- augmentation
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    """(..., 3) RGB in [0, 1] -> (..., 3) HSV, each in [0, 1] (hue as a fraction of a turn)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = jnp.max(rgb, axis=-1)
+    chroma = value - jnp.min(rgb, axis=-1)
+    safe = jnp.where(chroma > 0, chroma, 1.0)
+    hue = jnp.where(value == r, jnp.mod((g - b) / safe, 6.0),
+                    jnp.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) / 6.0
+    saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
+    return jnp.stack([jnp.where(chroma > 0, hue, 0.0), saturation, value], axis=-1)
+
+
+def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    """(..., 3) HSV in [0, 1] -> (..., 3) RGB in [0, 1]; the inverse of `rgb_to_hsv`."""
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sector = jnp.floor(h * 6.0)
+    f = h * 6.0 - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sector = jnp.mod(sector, 6).astype(jnp.int32)
+    pick = lambda *c: jnp.choose(sector, c, mode="clip")  # noqa: E731
+    return jnp.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], axis=-1)
+
+
+def colour_jitter(image: jax.Array, inside: jax.Array, key: jax.Array) -> jax.Array:
+    """CE-Net's random HSV shift of one image, applied with probability 1/2.
+
+    image: (H, W, 3) float32 in [0, 1]; inside: (H, W) float32 {0, 1} field of view (zero outside
+    stays zero). Returns (H, W, 3) float32.
+    """
+    k_apply, k_shift = jax.random.split(key)
+    u = jax.random.uniform(k_shift, (3,), minval=-1.0, maxval=1.0)
+    hsv = rgb_to_hsv(jnp.clip(image, 0.0, 1.0))
+    shifted = jnp.stack([jnp.mod(hsv[..., 0] + u[0] * HUE_SHIFT_DEG / 360.0, 1.0),
+                         jnp.clip(hsv[..., 1] + u[1] * SAT_SHIFT, 0.0, 1.0),
+                         jnp.clip(hsv[..., 2] + u[2] * VAL_SHIFT, 0.0, 1.0)], axis=-1)
+    jittered = hsv_to_rgb(shifted) * inside[..., None]
+    return jnp.where(jax.random.bernoulli(k_apply, AUGMENT_PROB), jittered, image)
+
+
+def shift_scale(planes: jax.Array, key: jax.Array) -> jax.Array:
+    """CE-Net's random scale, aspect ratio and shift (no rotation) of stacked planes, probability 1/2.
+
+    planes: (H, W, C) float32 (image channels and masks, warped alike, bilinear, zero outside).
+    Returns (H, W, C) float32; output pixel p samples the input at centre + (p - centre - shift) / scale.
+    """
+    k_apply, k_draw = jax.random.split(key)
+    u = jax.random.uniform(k_draw, (4,), minval=-1.0, maxval=1.0)
+    h, w = planes.shape[:2]
+    scale, aspect = 1.0 + SCALE_LIMIT * u[0], 1.0 + ASPECT_LIMIT * u[1]
+    sy, sx = scale / jnp.sqrt(aspect), scale * jnp.sqrt(aspect)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    src_y = cy + (yy - cy - SHIFT_LIMIT * h * u[2]) / sy
+    src_x = cx + (xx - cx - SHIFT_LIMIT * w * u[3]) / sx
+    sample = lambda plane: jax.scipy.ndimage.map_coordinates(plane, [src_y, src_x], order=1,  # noqa: E731
+                                                             mode="constant", cval=0.0)
+    warped = jax.vmap(sample, in_axes=-1, out_axes=-1)(planes)
+    return jnp.where(jax.random.bernoulli(k_apply, AUGMENT_PROB), warped, planes)
+
+
+def augment_batch(x: jax.Array, mask: jax.Array, vessel: jax.Array, key: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """CE-Net's colour and scale augmentation of a batch (one independent draw per image).
+
+    x: (B, H, W, 3) float32 in [0, 1], zero outside the mask; mask, vessel: (B, H, W) float32 {0, 1}.
+    Returns (x, mask, vessel) of the same shapes; masks stay {0, 1} and vessels inside the mask.
+    """
+    def one(image, fov, vessels, k):
+        k_geo, k_col = jax.random.split(k)
+        planes = shift_scale(jnp.concatenate([image, fov[..., None], vessels[..., None]], -1), k_geo)
+        fov = (planes[..., 3] > 0.5).astype(jnp.float32)
+        image = colour_jitter(planes[..., :3] * fov[..., None], fov, k_col)
+        return image, fov, (planes[..., 4] > 0.5).astype(jnp.float32) * fov
+
+    return jax.vmap(one)(x, mask, vessel, jax.random.split(key, x.shape[0]))
+
+
+# --------------------------------------------------------------------------- evaluation
+def segmentation_counts(logits: jax.Array, vessel: jax.Array, mask: jax.Array, weight: jax.Array
+                        ) -> dict[str, jax.Array]:
+    """Pixel counts of a batch inside the field of view, summable over batches (and devices).
+
+    logits: (B, H, W) float32 vessel logits; vessel, mask: (B, H, W) {0, 1}; weight: (B,) {0, 1} (0 for
+    padding rows and images without a vessel mask). Returns float32 scalars tp, fp, fn, tn (at
+    probability `THRESHOLD`), dice_sum (sum of per-image Dice) and images, and (AUC_BINS,) histograms
+    pos_hist / neg_hist of the logits of vessel / background pixels.
+    """
+    inside = mask.astype(jnp.float32) * weight.astype(jnp.float32)[:, None, None]
+    truth = vessel.astype(jnp.float32)
+    pred = (logits > jnp.log(THRESHOLD / (1 - THRESHOLD))).astype(jnp.float32)
+    per_image = lambda a: jnp.sum(a * inside, axis=(1, 2))  # noqa: E731
+    tp, fp = per_image(pred * truth), per_image(pred * (1 - truth))
+    fn, tn = per_image((1 - pred) * truth), per_image((1 - pred) * (1 - truth))
+    denominator = 2 * tp + fp + fn
+    dice = jnp.where(denominator > 0, 2 * tp / jnp.where(denominator > 0, denominator, 1.0), 1.0)
+    scaled = (jnp.clip(logits, -AUC_LOGIT_RANGE, AUC_LOGIT_RANGE) + AUC_LOGIT_RANGE) / (2 * AUC_LOGIT_RANGE)
+    bins = jnp.clip((scaled * AUC_BINS).astype(jnp.int32), 0, AUC_BINS - 1).ravel()
+    histogram = lambda w: jax.ops.segment_sum(w.ravel(), bins, num_segments=AUC_BINS)  # noqa: E731
+    return {"tp": tp.sum(), "fp": fp.sum(), "fn": fn.sum(), "tn": tn.sum(),
+            "dice_sum": jnp.sum(dice * weight), "images": jnp.sum(weight.astype(jnp.float32)),
+            "pos_hist": histogram(inside * truth), "neg_hist": histogram(inside * (1 - truth))}
+
+
+def auc_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float | None:
+    """Area under the ROC curve from score histograms (ties within a bin count one half).
+
+    pos_hist, neg_hist: (K,) counts of positive / negative pixels per ascending score bin.
+    Returns None when either class is absent.
+    """
+    pos, neg = np.asarray(pos_hist, np.float64), np.asarray(neg_hist, np.float64)
+    if pos.sum() <= 0 or neg.sum() <= 0:
+        return None
+    below = np.cumsum(neg) - neg
+    return float(np.sum(pos * (below + 0.5 * neg)) / (pos.sum() * neg.sum()))
+
+
+def summarise_counts(counts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`segmentation_counts` summed over a split -> {images, dice (pooled pixels), mean_image_dice,
+    accuracy, sensitivity, specificity, auc}; None where undefined."""
+    tp, fp, fn, tn = (float(counts[k]) for k in ("tp", "fp", "fn", "tn"))
+    ratio = lambda a, b: a / b if b > 0 else None  # noqa: E731
+    images = float(counts["images"])
+    return {"images": int(images), "dice": ratio(2 * tp, 2 * tp + fp + fn),
+            "mean_image_dice": ratio(float(counts["dice_sum"]), images),
+            "accuracy": ratio(tp + tn, tp + fp + fn + tn), "sensitivity": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "auc": auc_from_histograms(counts["pos_hist"], counts["neg_hist"])}
+
+
+def _eval_counts(model: nn.Module, qt: degrade.QTParams, variables: dict, batch: dict) -> dict:
+    """Counts on the images as they are ("raw") and QT-degraded ("degraded": op2 for even, op1 for odd
+    id hashes, keys fixed by the id), in one forward pass over both."""
+    x, mask = steps.inputs(batch)
+    keys = degrade.eval_keys(jax.random.key(evaluate.EVAL_KEY_SEED), batch["id_hash"])
+    degraded = degrade.quality_transform_batch(x, mask, batch["id_hash"] % 2, keys, qt)
+    logits = model.apply(variables, jnp.concatenate([x, degraded]), train=False)["vessel_logits"][..., 0]
+    weight = batch["valid"] & batch["has_vessel"]
+    n = x.shape[0]
+    return {"raw": segmentation_counts(logits[:n], batch["vessel"], mask, weight),
+            "degraded": segmentation_counts(logits[n:], batch["vessel"], mask, weight)}
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_eval_counts(model: nn.Module, qt: degrade.QTParams):
+    return jax.jit(functools.partial(_eval_counts, model, qt))
+
+
+def collect_counts(cfg: ml_collections.ConfigDict, variables: dict, model: nn.Module, mesh, data_dir: str
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """`segmentation_counts` of the teacher over config.data.eval_split, summed: {"raw", "degraded"}.
+
+    variables: CE-Net's {"params", "batch_stats"} on ``mesh``. Every process gets the same sums.
+    """
+    evaluate._check_eval_batch(cfg, mesh)
+    qt = degrade.QTParams.from_config(cfg.qt, image_size=int(cfg.data.image_size))
+    fn = _jit_eval_counts(model, qt)
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
+                                  image_size=int(cfg.data.image_size))
+    total: dict[str, dict[str, np.ndarray]] = {}
+    for local in loader:
+        out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))
+        total = out if not total else jax.tree.map(np.add, total, out)
+    if not total:
+        raise ValueError(f"split {cfg.data.eval_split!r} of {data_dir} is empty (config.data.eval_split)")
+    return total
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The teacher's evaluation as a Markdown table."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    keys = ("dice", "mean_image_dice", "accuracy", "sensitivity", "specificity", "auc")
+    lines = [f"# Vessel teacher: {result['stage']} on split {result['split']}", "",
+             f"{result['raw']['images']} images with vessel masks from `{result['data_dir']}`; pixels inside the "
+             f"field-of-view mask; vessel where the probability exceeds {result['threshold']}.", "",
+             "| input | Dice | mean Dice per image | accuracy | sensitivity | specificity | AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label in (("raw", "as is"), ("degraded", "QT-degraded (op2 / op1, fixed keys)")):
+        lines.append(f"| {label} | " + " | ".join(fmt(result[name][k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, state, models: dict, mesh,
+                   out_dir: str) -> dict[str, Any]:
+    """Evaluate the teacher in a train state on config.data.eval_split; write eval.json and eval.md.
+
+    state: a TrainState (or any object with .params / .batch_stats dicts) holding "cenet", on ``mesh``;
+    models: `steps.build_models` output. Returns {stage, split, data_dir, threshold, raw, degraded}, the
+    last two from `summarise_counts`.
+    """
+    from cleaq_jax.train import ensure_data  # data location and checks live with the trainer
+
+    data = ensure_data(cfg, workdir)
+    variables = {"params": state.params["cenet"], "batch_stats": state.batch_stats["cenet"]}
+    counts = collect_counts(cfg, variables, models["cenet"], mesh, data)
+    result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "threshold": THRESHOLD,
+              **{name: summarise_counts(c) for name, c in counts.items()}}
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        report.atomic_file(os.path.join(out_dir, "eval.json"), lambda tmp: _dump(tmp, json.dumps(result, indent=2)))
+        report.atomic_file(os.path.join(out_dir, "eval.md"), lambda tmp: _dump(tmp, markdown(result)))
+        logging.info("%s evaluation written to %s:\n%s", stage, out_dir, markdown(result))
+    return result
+
+
+def _dump(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+# --------------------------------------------------------------------------- restoring for inference
+@dataclasses.dataclass
+class Teacher:
+    """A restored vessel teacher: its training config, CE-Net module and variables (on ``mesh``)."""
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    variables: dict
+    mesh: jax.sharding.Mesh
+    directory: str
+    step: int
+
+    @property
+    def image_size(self) -> int:
+        """The side the teacher was trained at (inputs are resized to it)."""
+        return int(self.config.data.image_size)
+
+
+def _latest_step(directory: str) -> int:
+    saved = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    if not saved:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    return max(saved)
+
+
+def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Teacher:
+    """Restore a teacher_a / teacher_b checkpoint (saved on any device count) onto ``mesh``.
+
+    path: the stage directory (<workdir>/teacher_b) or its checkpoints/ folder; mesh: default every
+    local device on the data axis; step: default the latest. Raises FileNotFoundError / ValueError
+    naming the directory when it holds no vessel teacher.
+    """
+    directory = evaluate.checkpoint_directory(path)
+    cfg = evaluate.read_trained_config(directory, step)
+    if cfg.get("stage") not in TEACHER_STAGES:
+        raise ValueError(f"{directory} holds a {cfg.get('stage')!r} checkpoint, not a vessel teacher's: pass "
+                         "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
+    step = _latest_step(directory) if step is None else int(step)
+    mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
+    models = steps.build_models(cfg)
+    init = lambda k: steps.init_state(cfg, models, ("cenet",), steps.make_optimizer(cfg, 1), k)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    state = checkpoint.restore_state(directory, target, step)
+    variables = {"params": state.params["cenet"], "batch_stats": state.batch_stats["cenet"]}
+    return Teacher(cfg, models["cenet"], variables, mesh, directory, step)
+
+
+def _vessel_probs(model: nn.Module, variables: dict, batch: dict) -> jax.Array:
+    x, mask = steps.inputs(batch)
+    logits = model.apply(variables, x, train=False)["vessel_logits"][..., 0]
+    return jax.nn.sigmoid(logits) * mask
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_vessel_probs(model: nn.Module):
+    return jax.jit(functools.partial(_vessel_probs, model))
+
+
+def predict_vessels(teacher: Teacher, images: np.ndarray, masks: np.ndarray, batch_size: int | None = None
+                    ) -> np.ndarray:
+    """Vessel probabilities of a batch at the teacher's image size, batch split over its mesh.
+
+    images: (B, S, S, 3) uint8 RGB; masks: (B, S, S) uint8 {0, 1}; S = teacher.image_size. The batch is
+    padded to ``batch_size`` rows (default B), rounded up to a multiple of the device count, so that
+    batches of any B up to it share one compiled program. Returns (B, S, S) float32 in [0, 1], 0 outside
+    the mask.
+    """
+    n = images.shape[0]
+    devices = parallel.data_parallel_size(teacher.mesh)
+    pad = -(-max(n, batch_size or n) // devices) * devices - n
+    batch = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
+             "mask": np.concatenate([masks, np.zeros((pad, *masks.shape[1:]), np.uint8)])}
+    probs = _jit_vessel_probs(teacher.model)(teacher.variables, parallel.global_batch(batch, teacher.mesh))
+    return np.asarray(jax.device_get(probs))[:n]
