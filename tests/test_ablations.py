@@ -186,3 +186,20 @@ def test_a_run_recorded_with_its_flags_in_another_order_counts_as_the_same(tmp_p
         json.dump({"command": [c.replace("batch_size=8", "batch_size=4") for c in reordered]}, f)
     with pytest.raises(ValueError, match="other settings"):
         ablations.check_same_settings(run)
+
+
+def test_a_joint_run_also_reports_its_own_pre_trained_stages(tmp_path):
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleaq_dr"], range(2), {"data.dir": "/d"})
+    kappas = {("dr_only", "stage1"): (0.1, 0.2), ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6)}
+    for run in runs:
+        for (variant, stage), values in kappas.items():
+            if variant == run["variant"]:
+                os.makedirs(os.path.join(run["dir"], stage, "eval"))
+                with open(os.path.join(run["dir"], stage, "eval", "eval.json"), "w") as f:
+                    json.dump(_dr_eval(values[run["seed"]], values[run["seed"]]), f)
+    tables = ablations.tabulate(runs)
+    assert tables["dr"]["cleaq_dr@stage1"]["all"]["kappa"]["values"] == [0.3, 0.1]
+    assert tables["dr_kappa_differences"]["cleaq_dr - cleaq_dr@stage1"]["reject"]["values"] == pytest.approx([0.2, 0.5])
+    assert tables["dr_kappa_differences"]["cleaq_dr - dr_only"]["all"]["values"] == pytest.approx([0.4, 0.4])
+    text = "\n".join(ablations._per_quality_table(tables, "kappa"))
+    assert "CLEAQ-DR − CLEAQ-DR, its stage1 (pre-training) (paired by seed)" in text

@@ -251,13 +251,13 @@ def aggregate(evals: Sequence[Mapping[str, Any] | None], task: str, metrics: Seq
 
 
 def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any] | None]], variant: str,
-                      metric: str = "kappa") -> dict[str, Any]:
-    """Per subset: stat of (variant - DR-only) ``metric`` of DR grading, paired by seed."""
+                      baseline: str = BASELINE, metric: str = "kappa") -> dict[str, Any]:
+    """Per subset: stat of (variant - baseline) ``metric`` of DR grading, paired by seed."""
     out = {}
     for subset in SUBSETS:
         diffs = []
         for seed, e in evals_by_seed.get(variant, {}).items():
-            base = evals_by_seed.get(BASELINE, {}).get(seed)
+            base = evals_by_seed.get(baseline, {}).get(seed)
             a = _subset(e.get("dr", {}), subset).get(metric) if e else None
             b = _subset(base.get("dr", {}), subset).get(metric) if base else None
             diffs.append(None if a is None or b is None else a - b)
@@ -265,28 +265,52 @@ def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any]
     return out
 
 
+def title(name: str, short: bool = False) -> str:
+    """A table row's name: the paper's for a variant, and for "<variant>@stageN" that variant's own
+    pre-training stage."""
+    variant, _, stage = name.partition("@")
+    if not stage:
+        return VARIANTS[variant]
+    return f"{VARIANTS[variant]} {stage}" if short else f"{VARIANTS[variant]}, its {stage} (pre-training)"
+
+
+def _earlier_stages(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(row name, eval.json) of a joint run's pre-training stages: stage 1 trains IQE and DR alone and
+    stage 2 IQA alone, the models stage 3 starts from (the cleanest baseline for what joint training adds)."""
+    if run["stage"] != "stage3":
+        return []
+    return [(f"{run['variant']}@{s}", os.path.join(run["dir"], s, "eval", "eval.json")) for s in ("stage1", "stage2")]
+
+
 def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Every table of the study from the finished runs' eval.json files (and their run.json)."""
+    """Every table of the study from the finished runs' eval.json files (and their run.json). Rows named
+    "<variant>@stageN" hold a joint variant's own pre-trained subnetworks, read from its earlier stages."""
     evals: dict[str, dict[int, dict[str, Any] | None]] = {}
     listed = []
     for run in runs:
         record = run_record(run) or {}
         done = os.path.exists(eval_json(run))
-        evals.setdefault(run["variant"], {})[run["seed"]] = None
-        if done:
-            with open(eval_json(run)) as f:
-                evals[run["variant"]][run["seed"]] = json.load(f)
+        for name, path in [(run["variant"], eval_json(run))] + _earlier_stages(run):
+            evals.setdefault(name, {})[run["seed"]] = _read_json(path) if done else None
         listed.append({k: run[k] for k in ("variant", "seed", "dir", "stage")} | {
             "eval_json": eval_json(run), "status": "finished" if done else record.get("status", "not run"),
-            "wall_s": record.get("wall_s"), "command": shown(run["command"])})
+            "wall_s": record.get("wall_s"), "command": shown(record.get("command", run["command"]))})
     tables: dict[str, Any] = {"runs": listed}
     for task, metrics in (("dr", CLASSIFICATION), ("iqa", CLASSIFICATION), ("iqa_enhanced", CLASSIFICATION),
                           ("enhancement", ENHANCEMENT)):
         per_variant = {v: aggregate(list(by_seed.values()), task, metrics) for v, by_seed in evals.items()}
         tables[task] = {v: t for v, t in per_variant.items() if t is not None}
-    if BASELINE in tables["dr"]:
-        tables["dr_kappa_minus_dr_only"] = {v: paired_difference(evals, v) for v in tables["dr"] if v != BASELINE}
+    tables["dr_kappa_differences"] = {
+        f"{v} - {base}": paired_difference(evals, v, base) for v in tables["dr"]
+        for base in (BASELINE, f"{v}@stage1") if base != v and base in tables["dr"] and "@" not in v}
     return tables
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -304,21 +328,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _classification_table(block: Mapping[str, Any], subset: str = "all") -> list[str]:
-    rows = [[VARIANTS[v], str(t[subset]["kappa"]["examples"])] + [fmt(t[subset][m]) for m in CLASSIFICATION]
+    rows = [[title(v), str(t[subset]["kappa"]["examples"])] + [fmt(t[subset][m]) for m in CLASSIFICATION]
             for v, t in _ordered(block) if subset in t]
     return _table(["method", "test images", "accuracy", "kappa", "precision", "F1"], rows)
 
 
 def _ordered(block: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    return [(v, block[v]) for v in VARIANTS if v in block]
+    """Rows in the paper's order, each joint variant followed by its own pre-training stages."""
+    names = [n for v in VARIANTS for n in (f"{v}@stage1", f"{v}@stage2", v)]
+    return [(n, block[n]) for n in names if n in block]
 
 
 def _per_quality_table(results: Mapping[str, Any], metric: str) -> list[str]:
     dr = results["dr"]
     levels = [q for q in SUBSETS if any(q in t for t in dr.values())]
-    rows = [[VARIANTS[v]] + [fmt(t.get(q, {}).get(metric)) for q in levels] for v, t in _ordered(dr)]
-    for v, diff in _ordered(results.get("dr_kappa_minus_dr_only", {})) if metric == "kappa" else []:
-        rows.append([f"{VARIANTS[v]} − DR grading (paired by seed)"] + [fmt(diff.get(q)) for q in levels])
+    rows = [[title(v)] + [fmt(t.get(q, {}).get(metric)) for q in levels] for v, t in _ordered(dr)]
+    for name, diff in results.get("dr_kappa_differences", {}).items() if metric == "kappa" else []:
+        a, b = name.split(" - ")
+        rows.append([f"{title(a)} − {title(b)} (paired by seed)"] + [fmt(diff.get(q)) for q in levels])
     examples = {q: next((t[q][metric]["examples"] for t in dr.values() if q in t), 0) for q in levels}
     return _table(["method"] + [f"{q} (n={examples[q]})" for q in levels], rows)
 
@@ -327,7 +354,7 @@ def _enhancement_table(results: Mapping[str, Any]) -> list[str]:
     rows = []
     for v, t in _ordered(results["enhancement"]):
         for q in [q for q in SUBSETS if q in t]:
-            rows.append([VARIANTS[v], q, str(t[q]["psnr_input"]["examples"])] + [
+            rows.append([title(v), q, str(t[q]["psnr_input"]["examples"])] + [
                 fmt(t[q][m], 2 if m.startswith("psnr") else 3) for m in ENHANCEMENT])
     return _table(["method", "subset", "test images", "PSNR input", "PSNR enhanced", "SSIM input",
                    "SSIM enhanced"], rows)
@@ -393,21 +420,22 @@ def per_quality_kappa_figure(results: Mapping[str, Any], path: str) -> None:
     plt = _pyplot()
     dr = _ordered(results["dr"])
     levels = [q for q in SUBSETS if any(q in t for _, t in dr)]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(levels) * max(1, len(dr)) / 2, 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.75 * len(levels) * len(dr)), 3.8))
     width = 0.8 / max(1, len(dr))
     for k, (v, t) in enumerate(dr):
         x = np.arange(len(levels)) + (k - (len(dr) - 1) / 2) * width
         s = [t.get(q, {}).get("kappa", {}) for q in levels]
         means = [np.nan if si.get("mean") is None else si["mean"] for si in s]
         errs = [0.0 if si.get("std") is None else si["std"] for si in s]
-        ax.bar(x, np.nan_to_num(means), width, yerr=errs, capsize=3, label=VARIANTS[v], alpha=0.85)
+        ax.bar(x, np.nan_to_num(means), width, yerr=errs, capsize=3, label=title(v, short=True), alpha=0.85)
         for xi, si in zip(x, s):
             ax.plot([xi] * len(si.get("values", [])), si.get("values", []), "k.", markersize=3)
     examples = [next((t[q]["kappa"]["examples"] for _, t in dr if q in t), 0) for q in levels]
     ax.set_xticks(np.arange(len(levels)), [f"{q}\n(n={n})" for q, n in zip(levels, examples)])
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_ylabel("quadratic-weighted kappa")
-    ax.set_title("DR grading per quality level (mean ± std over seeds; dots: seeds)", fontsize=10)
+    ax.set_title("DR grading per quality level of the original image\n(bars: mean ± std over seeds; dots: "
+                 "single seeds)", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -453,13 +481,17 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
     for i, row in enumerate(panels):
         low, enhanced, ref = (row[:, j * size:(j + 1) * size] for j in range(3))
         quality = records.QUALITY_NAMES[int(batch["quality"][i])]
-        titles = (f"{quality}: input, {_masked_psnr(low, ref, mask[i]):.1f} dB",
-                  f"enhanced, {_masked_psnr(enhanced, ref, mask[i]):.1f} dB", "reference")
+        if quality == "reject":  # QT leaves it as it is: no clean reference exists
+            titles = ("reject: input", "enhanced", "(no reference: the input)")
+        else:
+            titles = (f"{quality}, QT-degraded: {_masked_psnr(low, ref, mask[i]):.1f} dB",
+                      f"enhanced: {_masked_psnr(enhanced, ref, mask[i]):.1f} dB", "reference")
         for ax, image, title in zip(axes[i], (low, enhanced, ref), titles):
             ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.suptitle(f"IQE of {os.path.relpath(stage_dir)} (PSNR against the reference, inside the mask)", fontsize=8)
+    where = os.path.join(*os.path.normpath(stage_dir).split(os.sep)[-3:])
+    fig.suptitle(f"IQE of {where} (PSNR against the reference, inside the mask)", fontsize=8)
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
