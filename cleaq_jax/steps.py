@@ -152,7 +152,8 @@ def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], net
     for i, name in enumerate(nets):
         v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
-    return ts.create(variables, tx, num_tasks=len(stage_tasks(nets)), rng=state_key)
+    # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
+    return ts.create(variables, tx, num_tasks=max(1, len(stage_tasks(nets))), rng=state_key)
 
 
 # --------------------------------------------------------------------------- inputs
