@@ -157,9 +157,12 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
     """The training program's step for ``stage`` over a mesh of all devices.
 
     Returns (jitted step, state, device batch, mesh); the state is laid out by
-    ``parallel.state_shardings`` and the batch by ``parallel.global_batch``, as in train.py.
+    ``parallel.state_shardings`` and the batch by ``parallel.global_batch``, as in train.py. The
+    state is initialised by float32 models without remat: the same tree (dtype and remat change no
+    parameter), and one init program for every configuration, so a compilation cache compiles it once.
     """
     import jax
+    import ml_collections
 
     from cleaq_jax import parallel, steps
 
@@ -167,8 +170,13 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
     models = steps.build_models(cfg)
     nets = steps.stage_nets(cfg, stage)
     tx = steps.make_optimizer(cfg, steps_per_epoch)
-    init = lambda k: steps.init_state(cfg, models, nets, tx, k)  # noqa: E731
+    init_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    init_cfg.model.dtype, init_cfg.model.remat = "float32", False
+    init_models = steps.build_models(init_cfg)
+    init = lambda k: steps.init_state(init_cfg, init_models, nets, tx, k)  # noqa: E731
     state, shardings = parallel.create_sharded_state(init, mesh, jax.random.key(int(cfg.seed)))
+    jax.block_until_ready(state)
+    progress("initialised")
     step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
                                    shardings, mesh)
     local = cfg.batch_size // jax.process_count()
@@ -177,11 +185,22 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
     return step, state, batch, mesh
 
 
+_START = time.perf_counter()
+PHASES: dict[str, float] = {}  # phase -> seconds since start-up, in the record as "phases"
+
+
+def progress(phase: str) -> None:
+    """A line on stderr: how far a configuration got and when (read back when it runs out of time)."""
+    PHASES[phase] = round(time.perf_counter() - _START, 1)
+    print(json.dumps({"phase": phase, "elapsed_s": PHASES[phase]}), file=sys.stderr, flush=True)
+
+
 def compile_step(step, state, batch) -> tuple[Any, dict]:
     """Lower and compile; returns (compiled, {compile_s, flops (per device), xla memory bytes})."""
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     info: dict[str, Any] = {"compile_s": time.perf_counter() - start}
+    progress("compiled")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info["flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -199,6 +218,7 @@ def time_steps(compiled, state, batch, warmup: int, steps: int) -> tuple[list[fl
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics) if warmup else state)
+    progress("warmed up")
     wall, cpu = [], []
     for _ in range(steps):
         t, c = time.perf_counter(), _cpu_seconds()
@@ -240,6 +260,7 @@ def measure(stage: str, args: argparse.Namespace, dtype: str, remat: bool) -> di
     import jax
 
     devices = jax.devices()
+    progress(f"backend {devices[0].platform} ready")
     cfg = bench_config(stage, args.size, args.batch * len(devices), dtype, remat, args.width,
                        parse_overrides(args.set))
     step, state, batch, _ = build_step(cfg, stage)
@@ -262,6 +283,7 @@ def measure(stage: str, args: argparse.Namespace, dtype: str, remat: bool) -> di
                       tflops_per_s=round(info["flops"] / median / 1e12, 4))
         record["mfu"] = round(record["tflops_per_s"] / peak, 4) if peak else None
     record["peak_bytes"] = device_peak_bytes(jax.local_devices())
+    record["phases"] = dict(PHASES)
     record.update({k: info[k] for k in ("xla_temp_bytes", "xla_argument_bytes") if k in info})
     return record
 
@@ -271,14 +293,22 @@ def _run_child(config: dict, args_list: list[str], timeout: float) -> dict[str, 
     cmd = [sys.executable, os.path.abspath(__file__), *args_list, "--config-json", json.dumps(config)]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout or None)
-    except subprocess.TimeoutExpired:
-        return {**config, "error": f"no result within --timeout {timeout:g} s"}
+    except subprocess.TimeoutExpired as late:
+        phases = _phases(late.stderr)
+        reached = f"; it had reached {phases[-1]['phase']!r} at {phases[-1]['elapsed_s']} s" if phases else ""
+        return {**config, "error": f"no result within --timeout {timeout:g} s{reached}", "phases": phases}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     oom = any(w in (proc.stderr or "") for w in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
     return {**config, "error": "out of memory" if oom else f"exit {proc.returncode}: {' | '.join(tail)}"}
+
+
+def _phases(stderr: bytes | str | None) -> list[dict]:
+    """The progress lines a child printed on stderr."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    return [json.loads(l) for l in text.splitlines() if l.startswith('{"phase"')]
 
 
 def _context() -> dict[str, Any]:
