@@ -28,7 +28,7 @@ import optax
 
 from cleaq_jax import losses
 from cleaq_jax import train_state as ts
-from cleaq_jax.data import degrade
+from cleaq_jax.data import augment, degrade
 from cleaq_jax.models import cenet as cenet_lib
 from cleaq_jax.models import dr as dr_lib
 from cleaq_jax.models import iqa as iqa_lib
@@ -268,15 +268,13 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_ep
 def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_input: bool, grl_scale=None):
     """CE-Net on (image, manual vessel mask): Dice + BCE inside the field of view (CE-Net's training).
 
-    Each image first gets CE-Net's colour and scale augmentation on device (`teacher.augment_batch`;
+    Each image first gets CE-Net's colour and scale augmentation on device (`augment.augment_batch`;
     flips and rotations come from the loader). With ``degrade_input`` (teacher_b) it is then degraded by
     op1 or op2 at random, so the teacher learns to segment the low-quality images it will be run on.
     """
-    from cleaq_jax import teacher  # teacher.py builds on this module (evaluation, restoring)
-
     x, mask = inputs(batch)
     k_aug, key = jax.random.split(key)
-    x, mask, vessel = teacher.augment_batch(x, mask, batch["vessel"].astype(jnp.float32), k_aug)
+    x, mask, vessel = augment.augment_batch(x, mask, batch["vessel"].astype(jnp.float32), k_aug)
     if degrade_input:
         k_op, k_pick = jax.random.split(key)
         keys = jax.random.split(k_op, x.shape[0])
