@@ -82,7 +82,8 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
             logging.info("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
                          cfg.data.image_size, path)
             synthetic.build_synthetic(path, num=int(cfg.data.synthetic.num), size=int(cfg.data.image_size),
-                                      seed=int(cfg.data.synthetic.seed))
+                                      seed=int(cfg.data.synthetic.seed),
+                                      lesion_scale=float(cfg.data.synthetic.lesion_scale))
         _barrier("synthetic-data")
     if not os.path.exists(manifest):
         raise FileNotFoundError(

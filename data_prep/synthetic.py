@@ -73,9 +73,9 @@ def _use_cpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
-def _encode(job: tuple[int, int, int]) -> bytes:
-    seed, index, size = job
-    return records.encode_record(synthetic.generate_example(seed, index, size))
+def _encode(job: tuple[int, int, int, float]) -> bytes:
+    seed, index, size, lesion_scale = job
+    return records.encode_record(synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale))
 
 
 class _Progress:
@@ -100,9 +100,13 @@ class _Progress:
         self.stream.flush()
 
 
-def _generator_info(num: int, size: int, seed: int, splits: Mapping[str, float]) -> dict[str, Any]:
-    return {"generator": {"name": NAME, "version": GENERATOR_VERSION, "num": num, "size": size, "seed": seed,
-                          "splits": dict(splits)}}
+def _generator_info(num: int, size: int, seed: int, splits: Mapping[str, float],
+                    lesion_scale: float = 1.0) -> dict[str, Any]:
+    info = {"name": NAME, "version": GENERATOR_VERSION, "num": num, "size": size, "seed": seed,
+            "splits": dict(splits)}
+    if lesion_scale != 1.0:  # recorded only when set, so sets built before the option keep their identity
+        info["lesion_scale"] = float(lesion_scale)
+    return {"generator": info}
 
 
 def _is_built(out: str, info: Mapping[str, Any]) -> bool:
@@ -122,7 +126,8 @@ def _default_workers(num: int) -> int:
 
 def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
                     splits: Mapping[str, float] | None = None, workers: int | None = None,
-                    num_shards: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+                    num_shards: int | None = None, overwrite: bool = False,
+                    lesion_scale: float = 1.0) -> dict[str, Any]:
     """Write ``num`` synthetic examples of ``size`` px into ``out`` as split shards + manifest.json.
 
     Args:
@@ -132,6 +137,8 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
       workers: processes generating in parallel (default: one per 256 examples, at most one per core).
       num_shards: shards per split (default: one per 1024 records, at least 2 when there are 2 records).
       overwrite: rebuild even when ``out`` already holds this exact set (otherwise it is kept).
+      lesion_scale: multiplier on every lesion's size (``synthetic.generate_example``): 1 keeps a 512 px
+        photograph's lesion sizes, which are sub-pixel below 128 px; 4 makes them visible at 64 px.
     Returns: the manifest dict.
     """
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
@@ -139,13 +146,15 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
     if num < len(splits) or size < 16:
         raise ValueError(f"need num >= {len(splits)} (one example per split) and size >= 16, got num={num}, "
                          f"size={size}")
-    info = _generator_info(num, size, seed, splits)
+    if not lesion_scale > 0:
+        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
+    info = _generator_info(num, size, seed, splits, lesion_scale)
     if not overwrite and _is_built(out, info):
         return records.read_manifest(out)
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".build-")
     try:
-        _write_splits(tmp, num, size, seed, splits, workers or _default_workers(num), num_shards, info)
+        _write_splits(tmp, num, size, seed, splits, workers or _default_workers(num), num_shards, info, lesion_scale)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,7 +162,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
 
 
 def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str, float], workers: int,
-                  num_shards: int | None, info: Mapping[str, Any]) -> None:
+                  num_shards: int | None, info: Mapping[str, Any], lesion_scale: float = 1.0) -> None:
     progress = _Progress(num)
     pool = None
     if workers > 1:
@@ -161,7 +170,7 @@ def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str,
     try:
         start = 0
         for split, count in split_counts(num, splits).items():
-            jobs = [(seed, i, size) for i in range(start, start + count)]
+            jobs = [(seed, i, size, float(lesion_scale)) for i in range(start, start + count)]
             start += count
             shards = num_shards or min(count, max(2, math.ceil(count / 1024)))
             with records.ShardWriter(tmp, NAME, split, num_shards=shards, extra_manifest=info) as writer:
@@ -289,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1000, help="number of examples (default 1000)")
     p.add_argument("--size", type=int, default=None, help="image side in px (default 512; pictures: cell size)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--lesion-scale", type=float, default=1.0,
+                   help="multiply every lesion's size (default 1: a 512 px photograph's; 4 for 64 px benchmarks)")
     p.add_argument("--splits", default=None, help="NAME=FRACTION,... summing to 1 (default train=0.7,val=0.1,test=0.2)")
     p.add_argument("--workers", type=int, default=None,
                    help="generating processes (default: 1 per 256 images, at most 1 per core)")
@@ -314,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_qt_examples(args.qt_examples, size=args.size or 256, seed=args.seed)
     if args.out:
         manifest = build_synthetic(args.out, args.num, size=args.size or 512, seed=args.seed, splits=splits,
-                                   workers=args.workers, num_shards=args.num_shards, overwrite=args.overwrite)
+                                   workers=args.workers, num_shards=args.num_shards, overwrite=args.overwrite,
+                                   lesion_scale=args.lesion_scale)
         counts = {k: v["num_records"] for k, v in manifest["splits"].items()}
         print(f"{args.out}: {counts}")
     return 0

@@ -57,6 +57,28 @@ def test_lesion_pixel_count_grows_with_grade():
     assert counts[4].max() < 0.03 * 0.7 * 128 * 128
 
 
+def test_lesion_scale_enlarges_lesions_and_leaves_the_eye_alone():
+    plain = synthetic.generate_example(1, 2, 64, grade=4, quality=0)
+    big = synthetic.generate_example(1, 2, 64, grade=4, quality=0, lesion_scale=4)
+    np.testing.assert_array_equal(plain["mask"], big["mask"])
+    np.testing.assert_array_equal(plain["vessel"], big["vessel"])
+    assert big["lesion"].sum() > 4 * max(plain["lesion"].sum(), 1)
+    # Same places: the enlarged lesions cover the small ones.
+    assert (big["lesion"][plain["lesion"] > 0] > 0).mean() > 0.9
+    with pytest.raises(ValueError, match="lesion_scale"):
+        synthetic.generate_example(1, 2, 64, lesion_scale=0)
+
+
+def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
+    out = str(tmp_path / "syn")
+    plain = prep.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1)
+    assert "lesion_scale" not in plain["splits"]["train"]["generator"]
+    scaled = prep.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1, lesion_scale=4)
+    assert scaled["splits"]["train"]["generator"]["lesion_scale"] == 4.0
+    rec = next(records.iter_records(os.path.join(out, scaled["splits"]["train"]["shards"][0])))
+    np.testing.assert_array_equal(rec["image"], synthetic.generate_example(0, 0, 32, lesion_scale=4)["image"])
+
+
 def test_eye_anatomy_does_not_depend_on_grade():
     healthy = synthetic.generate_example(2, 4, 128, grade=0, quality=0)
     severe = synthetic.generate_example(2, 4, 128, grade=4, quality=0)

@@ -22,7 +22,8 @@ small lesions, never by global colour (a classifier on mean colour is at chance)
 Quality is made by the quality transform QT of `cleaq_jax.data.degrade` from the clean image, which
 is returned too: good = clean; usable = op1 (one or two degradations); reject = op2 (all three) at a
 higher strength (`REJECT_QT`). Sizes are fractions of the image, so one (seed, index) gives the same
-eye at every size; lesions are a few pixels at 512 px and sub-pixel specks at 64 px.
+eye at every size; lesions are a few pixels at 512 px and sub-pixel specks at 64 px, unless
+``lesion_scale`` enlarges them (the CPU benchmark at 64 px uses 4: microaneurysms of 1-2 px).
 """
 
 from __future__ import annotations
@@ -282,21 +283,23 @@ def _ellipse(canvas: np.ndarray, center, axes, angle: float, value: int) -> None
     cv2.ellipse(canvas, c, ax, float(angle), 0.0, 360.0, int(value), -1, cv2.LINE_AA, 4)
 
 
-def _red_lesions(rng: np.random.Generator, a: Anatomy, counts: dict, canvas: np.ndarray) -> list[_Path]:
-    """Microaneurysms, dot/blot and flame haemorrhages onto ``canvas``; returns neovascular paths."""
-    big = canvas.shape[0]
+def _red_lesions(rng: np.random.Generator, a: Anatomy, counts: dict, canvas: np.ndarray,
+                 scale: float = 1.0) -> list[_Path]:
+    """Microaneurysms, dot/blot and flame haemorrhages onto ``canvas`` (sizes times ``scale``); returns
+    neovascular paths."""
+    big = canvas.shape[0] * scale
     for p in _sites(rng, a, counts["microaneurysm"], a.fovea, 0.16):
         r = rng.uniform(0.0022, 0.0045) * big
-        _ellipse(canvas, p * big - 0.5, (r, r), 0, rng.integers(200, 256))
+        _ellipse(canvas, p * canvas.shape[0] - 0.5, (r, r), 0, rng.integers(200, 256))
     for p in _sites(rng, a, counts["haemorrhage"], a.fovea, 0.2):
         r = rng.uniform(0.004, 0.011)
         for _ in range(rng.integers(1, 4)):  # a blot is a few overlapping ellipses, a dot just one
-            q = (p + rng.normal(0, 0.5 * r, 2)) * big - 0.5
+            q = (p + rng.normal(0, 0.5 * r * scale, 2)) * canvas.shape[0] - 0.5
             _ellipse(canvas, q, (r * big, r * big * rng.uniform(0.6, 1.0)), rng.uniform(0, 180), rng.integers(190, 256))
     temporal = np.array([a.temporal, 0.0])
     for p in _sites(rng, a, counts["flame"], a.disc + 0.12 * temporal, 0.12):
         along = math.degrees(math.atan2(*(p - a.disc)[::-1]))  # flames follow the nerve fibres, radially
-        _ellipse(canvas, p * big - 0.5, (rng.uniform(0.012, 0.022) * big, rng.uniform(0.003, 0.006) * big),
+        _ellipse(canvas, p * canvas.shape[0] - 0.5, (rng.uniform(0.012, 0.022) * big, rng.uniform(0.003, 0.006) * big),
                  along, rng.integers(170, 230))
     tufts = []
     for _ in range(counts["neovascular"]):
@@ -309,23 +312,25 @@ def _red_lesions(rng: np.random.Generator, a: Anatomy, counts: dict, canvas: np.
         for _ in range(rng.integers(3, 8)):
             pts, _ = _walk(rng, center + rng.normal(0, 0.008, 2), rng.uniform(0, 2 * math.pi), rng.uniform(0.025, 0.06),
                            rng.uniform(-30, 30), 0.05, wiggle=10.0, step=0.002)
-            tufts.append(_Path(pts, np.full(len(pts), rng.uniform(0.0011, 0.0018)), 0))
+            tufts.append(_Path(pts, np.full(len(pts), rng.uniform(0.0011, 0.0018) * scale), 0))
     return tufts
 
 
 def _bright_lesions(rng: np.random.Generator, a: Anatomy, counts: dict, exudate: np.ndarray,
-                    cotton: np.ndarray) -> None:
-    """Hard exudates (clusters of small yellow dots) and cotton-wool spots (soft white patches)."""
-    big = exudate.shape[0]
+                    cotton: np.ndarray, scale: float = 1.0) -> None:
+    """Hard exudates (clusters of small yellow dots) and cotton-wool spots (soft white patches), sizes
+    times ``scale``."""
+    side = exudate.shape[0]
+    big = side * scale
     for c in _sites(rng, a, counts["exudate_cluster"], a.fovea, 0.12):
-        spread = rng.uniform(0.008, 0.025)
+        spread = rng.uniform(0.008, 0.025) * scale
         for p in c + rng.normal(0, spread, (rng.integers(4, 15), 2)):
             r = rng.uniform(0.0018, 0.0045) * big
             axes = (r, r * rng.uniform(0.6, 1.0))
-            _ellipse(exudate, p * big - 0.5, axes, rng.uniform(0, 180), rng.integers(200, 256))
+            _ellipse(exudate, p * side - 0.5, axes, rng.uniform(0, 180), rng.integers(200, 256))
     for p in _sites(rng, a, counts["cotton_wool"], a.disc + np.array([a.temporal * 0.12, 0.0]), 0.14):
         r = rng.uniform(0.009, 0.018) * big
-        _ellipse(cotton, p * big - 0.5, (r, r * rng.uniform(0.5, 0.9)), rng.uniform(0, 180), rng.integers(170, 230))
+        _ellipse(cotton, p * side - 0.5, (r, r * rng.uniform(0.5, 0.9)), rng.uniform(0, 180), rng.integers(170, 230))
 
 
 def lesion_counts(rng: np.random.Generator, grade: int) -> dict[str, int]:
@@ -333,27 +338,32 @@ def lesion_counts(rng: np.random.Generator, grade: int) -> dict[str, int]:
     return {name: _between(rng, ranges[grade]) for name, ranges in LESION_COUNTS.items()}
 
 
-def render_lesions(rng: np.random.Generator, a: Anatomy, grade: int, size: int) -> np.ndarray:
-    """Coverage maps (3, size, size) float32 in [0, 1]: red lesions, hard exudates, cotton-wool spots."""
+def render_lesions(rng: np.random.Generator, a: Anatomy, grade: int, size: int, lesion_scale: float = 1.0) -> np.ndarray:
+    """Coverage maps (3, size, size) float32 in [0, 1]: red lesions, hard exudates, cotton-wool spots.
+
+    ``lesion_scale`` multiplies every lesion's size (not its count or place), so lesions stay visible
+    on small images (a benchmark at 64 px needs about 4x to show microaneurysms as pixels).
+    """
     ss = _supersample(size)
     big = size * ss
     counts = lesion_counts(rng, grade)
     red, exudate, cotton = (np.zeros((big, big), np.uint8) for _ in range(3))
-    tufts = _red_lesions(rng, a, counts, red)
-    _bright_lesions(rng, a, counts, exudate, cotton)
+    tufts = _red_lesions(rng, a, counts, red, lesion_scale)
+    _bright_lesions(rng, a, counts, exudate, cotton, lesion_scale)
     small = [cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
              for c in (red, exudate, cotton)]
     if tufts:
         small[0] = np.maximum(small[0], 0.85 * draw_paths(tufts, size, kinds=1)[0])
     # Cotton-wool spots are fluffy: soften their edges by a quarter of a typical spot radius.
-    small[2] = cv2.GaussianBlur(small[2], (0, 0), sigmaX=max(0.25, 0.004 * size))
+    small[2] = cv2.GaussianBlur(small[2], (0, 0), sigmaX=max(0.25, 0.004 * size * lesion_scale))
     return np.stack(small)
 
 
 # --------------------------------------------------------------------------- composition
-def _paint_lesions(image: np.ndarray, a: Anatomy, rng: np.random.Generator, grade: int) -> np.ndarray:
+def _paint_lesions(image: np.ndarray, a: Anatomy, rng: np.random.Generator, grade: int,
+                   lesion_scale: float = 1.0) -> np.ndarray:
     """In place: the grade's lesions onto the image; returns their coverage (3, H, W)."""
-    cover = render_lesions(rng, a, grade, image.shape[0])
+    cover = render_lesions(rng, a, grade, image.shape[0], lesion_scale)
     red, exudate, cotton = cover
     level = float(np.clip(np.mean(a.base_color) / 0.45, 0.75, 1.1))  # lesions follow the eye's brightness
     image *= 1 - red[..., None] * (1 - np.float32((0.66, 0.3, 0.36)))
@@ -367,9 +377,9 @@ def _channel_stats(image: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, n
     return pixels.mean(0), pixels.std(0) + 1e-6
 
 
-def render_clean(seed: int, index: int, size: int, grade: int) -> dict[str, np.ndarray]:
+def render_clean(seed: int, index: int, size: int, grade: int, lesion_scale: float = 1.0) -> dict[str, np.ndarray]:
     """The undegraded eye: image HxWx3 float32 in [0, 1] (0 outside the mask), mask, vessel and lesion
-    masks HxW uint8 {0, 1}. Anatomy depends on (seed, index) only; lesions on grade too.
+    masks HxW uint8 {0, 1}. Anatomy depends on (seed, index) only; lesions on grade (and lesion_scale) too.
 
     After the lesions are painted, each channel's mean and standard deviation inside the mask are set
     back to the lesion-free eye's (an affine map moving other pixels by about 1/255): a grade's lesions
@@ -386,7 +396,7 @@ def render_clean(seed: int, index: int, size: int, grade: int) -> dict[str, np.n
     mask = (np.hypot(xx - 0.5, yy - 0.5) <= a.fov_radius).astype(np.uint8)
     inside = mask > 0
     mean0, std0 = _channel_stats(image, inside)
-    lesions = _paint_lesions(image, a, _rng(seed, index, "lesions"), grade)
+    lesions = _paint_lesions(image, a, _rng(seed, index, "lesions"), grade, lesion_scale)
     if lesions.any():
         mean, std = _channel_stats(image, inside)
         image = mean0 + (image - mean) * (std0 / std)
@@ -422,7 +432,8 @@ def draw_labels(seed: int, index: int, grade_priors: Any = GRADE_PRIORS,
 
 def generate_example(seed: int, index: int, size: int, *, grade: int | None = None, quality: int | None = None,
                      grade_priors: Any = GRADE_PRIORS, quality_priors: Any = QUALITY_PRIORS,
-                     usable_qt: degrade.QTParams = USABLE_QT, reject_qt: degrade.QTParams = REJECT_QT) -> dict:
+                     usable_qt: degrade.QTParams = USABLE_QT, reject_qt: degrade.QTParams = REJECT_QT,
+                     lesion_scale: float = 1.0) -> dict:
     """One synthetic example in the record schema, deterministic in (seed, index, size).
 
     Args:
@@ -431,6 +442,7 @@ def generate_example(seed: int, index: int, size: int, *, grade: int | None = No
       grade: DR grade 0-4, or None to draw it from ``grade_priors`` (5 weights).
       quality: 0 good, 1 usable, 2 reject, or None to draw it from ``quality_priors`` (3 weights).
       usable_qt, reject_qt: QT parameters of op1 (usable) and op2 (reject).
+      lesion_scale: multiplier on every lesion's size (> 0; 1 = the sizes of a 512 px photograph).
     Returns: dict with image (HxWx3 uint8), clean (HxWx3 uint8, the undegraded image), mask, vessel and
       lesion (HxW uint8 {0, 1}), dr_grade, quality (int), id (str), source "synthetic".
     """
@@ -441,7 +453,9 @@ def generate_example(seed: int, index: int, size: int, *, grade: int | None = No
     quality = drawn_quality if quality is None else int(quality)
     if not 0 <= grade <= 4 or not 0 <= quality <= 2:
         raise ValueError(f"grade must be 0-4 and quality 0-2, got grade={grade}, quality={quality}")
-    out = render_clean(seed, index, int(size), grade)
+    if not lesion_scale > 0:
+        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
+    out = render_clean(seed, index, int(size), grade, float(lesion_scale))
     clean = np.round(out["image"] * 255).astype(np.uint8)
     image = clean
     if quality > 0:

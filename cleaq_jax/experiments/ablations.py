@@ -369,9 +369,11 @@ def _runs_table(results: Mapping[str, Any]) -> list[str]:
 def _study_lines(study: Mapping[str, Any]) -> list[str]:
     counts = ", ".join(f"{split}: {info['num_records']} ({', '.join(f'{q} {n}' for q, n in info['quality'].items())})"
                        for split, info in study["data"].items())
-    o = study["overrides"]
+    o, g = study["overrides"], study.get("generator")
+    made = (f" Synthetic: {g['num']} images at {g['size']} px, generator seed {g['seed']}, lesion scale "
+            f"{g.get('lesion_scale', 1.0):g}." if g else "")
     return [f"- Command: `{study['command']}`",
-            f"- Data: `{study['data_dir']}`; {counts}. Evaluated on split `{study['eval_split']}`.",
+            f"- Data: `{study['data_dir']}`; {counts}. Evaluated on split `{study['eval_split']}`.{made}",
             f"- Preset `{study['preset']}`: {o.get('data.image_size', '?')} px, width {o.get('model.width', '?')}, "
             f"batch {o.get('batch_size', '?')}, {study['num_epochs']} epoch(s) per stage, seeds "
             f"{', '.join(map(str, study['seeds']))}.",
@@ -506,8 +508,10 @@ def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, 
     data = {name: {"num_records": s.get("num_records"),
                    "quality": {q: s.get("counts", {}).get(q, {}).get("all", 0) for q in records.QUALITY_NAMES}}
             for name, s in sorted(splits.items())}
+    generator = splits.get(cfg.data.train_split, {}).get("generator")
     return {"command": "python -m cleaq_jax.experiments.ablations " + shlex.join(args.argv), "preset": args.preset,
-            "overrides": dict(overrides), "data_dir": data_dir, "data": data, "eval_split": cfg.data.eval_split,
+            "overrides": dict(overrides), "data_dir": data_dir, "data": data, "generator": generator,
+            "eval_split": cfg.data.eval_split,
             "num_epochs": int(cfg.num_epochs), "seeds": list(seeds), "variants": sorted({r["variant"] for r in runs},
                                                                                        key=list(VARIANTS).index),
             "jobs": args.jobs, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.system()})",
@@ -529,9 +533,9 @@ def write_results(workdir: str, study: dict[str, Any], runs: Sequence[Mapping[st
 
 
 def prepare_data(data_dir: str, size: int | None, build_synthetic: int, synthetic_seed: int,
-                 default_size: int = 512) -> int:
+                 default_size: int = 512, lesion_scale: float = 1.0) -> int:
     """Check the shards (building ``build_synthetic`` synthetic examples at ``size`` or ``default_size``
-    px when there are none); returns their image size."""
+    px, lesions enlarged by ``lesion_scale``, when there are none); returns their image size."""
     if not os.path.exists(os.path.join(data_dir, records.MANIFEST)):
         if not build_synthetic:
             raise FileNotFoundError(
@@ -539,7 +543,8 @@ def prepare_data(data_dir: str, size: int | None, build_synthetic: int, syntheti
                 "or pass --build-synthetic N (and --size S) to build a synthetic set there")
         from data_prep import synthetic
 
-        synthetic.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed)
+        synthetic.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed,
+                                  lesion_scale=lesion_scale)
     splits = records.read_manifest(data_dir)["splits"]
     sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
     built = next(iter(sizes))[0] if len(sizes) == 1 else None
@@ -563,6 +568,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--build-synthetic", type=int, default=0, metavar="N",
                    help="when --data has no shards yet, build N synthetic examples there first")
     p.add_argument("--synthetic-seed", type=int, default=0, help="generator seed for --build-synthetic")
+    p.add_argument("--lesion-scale", type=float, default=None,
+                   help="lesion size multiplier for --build-synthetic (default: the preset's; 1 = 512 px sizes)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: a run uses every core)")
     p.add_argument("--tabulate-only", action="store_true", help="start no run; tabulate the finished ones")
     return p
@@ -581,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir, data_dir = os.path.abspath(args.workdir), os.path.abspath(args.data)
         chosen = preset(args.preset)
         overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
-        size = prepare_data(data_dir, args.size, args.build_synthetic, args.synthetic_seed, chosen["data"]["size"])
+        lesion_scale = chosen["data"].get("lesion_scale", 1.0) if args.lesion_scale is None else args.lesion_scale
+        size = prepare_data(data_dir, args.size, args.build_synthetic, args.synthetic_seed, chosen["data"]["size"],
+                            lesion_scale)
         overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
         overrides.update(parse_overrides(rest))
         runs = plan_runs(workdir, variants, range(args.seeds), overrides)
