@@ -89,7 +89,8 @@ def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat))
     return {
         "iqe": iqe_lib.IQE(use_seg=bool(m.use_seg), encoder_stages=tuple(m.encoder_stages),
-                           blocks_per_level=int(m.uiqe_blocks), **common),
+                           blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width or m.width),
+                           residual=bool(m.uiqe_residual), **common),
         "iqa": iqa_lib.IQA(use_lqi=bool(m.use_lqi), num_classes=3, encoder_stages=tuple(m.encoder_stages),
                            classifier_stages=tuple(m.classifier_stages), **common),
         "dr": dr_lib.DRGrader(num_grades=int(cfg.data.num_grades), stage_sizes=tuple(m.classifier_stages),
@@ -199,18 +200,26 @@ def _dr_terms(model, state, params, x, grade):
 
 # --------------------------------------------------------------------------- stage losses
 def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
-    """Eq. (1): IQE on op2-degraded good images; DR on X. The two share no parameters."""
+    """Eq. (1): IQE on op2-degraded good images; DR on X. The two share no parameters.
+
+    With ``usable_self_reference`` IQE also learns op1(usable) -> usable, the pairs its evaluation
+    scores (op2 for good, op1 for usable images, as QT does in stage 3).
+    """
     del grl_scale  # no gradient reversal before stage 3
     x, mask = inputs(batch)
     quality, grade = batch["quality"], batch["dr_grade"]
     total, metrics, new_bs = 0.0, {}, {}
     if "iqe" in nets:
         keys = jax.random.split(key, x.shape[0])
-        degraded = jax.vmap(lambda im, m, k: degrade.op2(im, m, k, qt))(x, mask, keys)
-        good = (quality == 0).astype(jnp.float32)
-        batch = {**batch, "has_vessel": batch["has_vessel"] & (quality == 0)}
-        _, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, x, mask, good,
-                                                     batch, s)
+        if s.usable_self_reference:
+            degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
+            referenced = quality <= 1
+        else:
+            degraded = jax.vmap(lambda im, m, k: degrade.op2(im, m, k, qt))(x, mask, keys)
+            referenced = quality == 0
+        batch = {**batch, "has_vessel": batch["has_vessel"] & referenced}
+        _, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, x, mask,
+                                                     referenced.astype(jnp.float32), batch, s)
         total, metrics = total + l_iqe, {**metrics, **terms, "loss_iqe": l_iqe}
     if "dr" in nets:
         l_dr, terms, new_bs["dr"] = _dr_terms(models["dr"], state, params, x, grade)

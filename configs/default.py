@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.encoder_stages = (3, 4, 6, 3)  # ResNet-34 blocks per stage (Seg-IQE, LQI-IQA encoders).
     c.model.classifier_stages = (3, 4, 6, 3)  # ResNet-50 blocks per stage (C-IQA, DR).
     c.model.uiqe_blocks = 1  # Residual blocks per U-IQE level (paper: 1; the authors' code: 3).
+    c.model.uiqe_width = 0.0  # U-IQE's own channel multiplier (0: model.width); cheap at small sizes.
+    c.model.uiqe_residual = False  # U-IQE corrects its input (True) or draws the image anew (paper).
 
     # Which subnetworks are trained (ablations switch them off). Stage 1 trains IQE and DR, stage 2 IQA.
     c.tasks = ml_collections.ConfigDict(dict(iqe=True, iqa=True, dr=True))
@@ -57,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.lbtw_reset = "epoch"  # Re-take the initial losses L(0) every "epoch" or "once".
     c.loss.fixed = ml_collections.ConfigDict(dict(dr=1.0, iqe=1.0, iqa=1.0))  # weights when weighting="fixed"
     c.loss.grl_scale = 1.0  # Gradient-reversal scale between IQA and IQE in stage 3.
-    c.loss.usable_self_reference = False  # Stage 3: L_QE also on usable images against themselves.
+    # Stages 1 and 3: L_QE also on usable images (op1-degraded) against themselves.
+    c.loss.usable_self_reference = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

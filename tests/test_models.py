@@ -15,7 +15,7 @@ from cleaq_jax.models import resnet
 from cleaq_jax.models.cenet import CENet
 from cleaq_jax.models.dr import DRGrader
 from cleaq_jax.models.iqa import IQA
-from cleaq_jax.models.iqe import IQE, UIQE
+from cleaq_jax.models.iqe import IQE, RESIDUAL_EPS, UIQE
 from cleaq_jax.models.layers import grad_reverse
 
 TINY = dict(width=1 / 16)
@@ -156,6 +156,27 @@ def test_iqe_without_seg_has_no_seg_iqe_subtree_and_narrower_up_convs():
     widened = {k: (with_seg[k][2] - without[k][2]) for k in without if with_seg[k] != without[k]}
     assert widened == {"u_iqe/up2/kernel": 8, "u_iqe/up1/kernel": 4, "u_iqe/up0/kernel": 4}
     assert set(outputs(IQE(use_seg=False, **TINY), x)) == {"enhanced"}
+
+
+def test_uiqe_width_widens_u_iqe_alone():
+    x = jnp.zeros((1, 32, 32, 3))
+    base = shapes(IQE(encoder_stages=STAGES, **TINY), x)
+    wide = shapes(IQE(encoder_stages=STAGES, uiqe_width=0.25, **TINY), x)
+    assert {k: v for k, v in wide.items() if k.startswith("seg_iqe/")} == \
+        {k: v for k, v in base.items() if k.startswith("seg_iqe/")}
+    # U-IQE's full-resolution level: 32 * 1/16 = 2 channels at the shared width, 32 * 1/4 = 8 at its own.
+    assert base["u_iqe/head/kernel"][2] == 2 and wide["u_iqe/head/kernel"][2] == 8
+
+
+def test_residual_u_iqe_with_a_zero_head_returns_its_input():
+    x = jax.random.uniform(KEY, (2, 32, 32, 3))
+    module = UIQE(width=1 / 16, residual=True)
+    params = module.init(KEY, x)["params"]
+    params = {**params, "head": {"kernel": jnp.zeros_like(params["head"]["kernel"])}}
+    out = module.apply({"params": params}, x)
+    np.testing.assert_allclose(out, jnp.clip(x, RESIDUAL_EPS, 1 - RESIDUAL_EPS), atol=1e-5)
+    plain = UIQE(width=1 / 16)
+    assert not np.allclose(plain.apply({"params": params}, x), x, atol=0.1)  # the paper's form draws anew
 
 
 def test_iqa_without_lqi_is_a_plain_resnet50_classifier():

@@ -87,6 +87,32 @@ def test_joint_step_updates_every_subnetwork_and_the_task_weights():
     assert int(state.step) == 2 and int(state.lbtw.epoch) == 0
 
 
+def _stage1_qe_loss(usable_self_reference: bool, batch) -> float:
+    # Without Seg-IQE (BatchNorm couples the images of a batch) each image's enhancement is its own.
+    cfg = tiny.tiny_config(**{"tasks.dr": False, "model.use_seg": False,
+                              "loss.usable_self_reference": usable_self_reference})
+    models = steps.build_models(cfg)
+    nets = steps.stage_nets(cfg, "stage1")
+    state = jax.jit(lambda k: steps.init_state(cfg, models, nets, steps.make_optimizer(cfg, 1), k))(jax.random.key(0))
+    loss_fn = jax.jit(steps.stage_loss(cfg, models, "stage1", steps_per_epoch=1))
+    _, (metrics, _, _) = loss_fn(state.params, state, jax.tree.map(jnp.asarray, batch), jax.random.key(1))
+    return float(metrics["loss_qe"])
+
+
+def test_stage1_enhancement_loss_covers_usable_images_only_with_usable_self_reference():
+    """Paper eq. (1) pairs op2(good) with good; the switch adds op1(usable) -> usable. Repainting the
+    usable images moves L_QE only when the switch is on; reject images never count."""
+    batch = tiny.random_batch(6, 32)  # qualities 0, 1, 2, 0, 1, 2
+    repainted = {**batch, "image": batch["image"].copy()}
+    usable, reject = batch["quality"] == 1, batch["quality"] == 2
+    repainted["image"][usable] = 128 * batch["mask"][usable][..., None]  # flat grey: an easy target
+    assert _stage1_qe_loss(False, batch) == pytest.approx(_stage1_qe_loss(False, repainted), rel=1e-6)
+    assert abs(_stage1_qe_loss(True, batch) - _stage1_qe_loss(True, repainted)) > 1e-3
+    rejected = {**batch, "image": batch["image"].copy()}
+    rejected["image"][reject] = 128 * batch["mask"][reject][..., None]
+    assert _stage1_qe_loss(True, batch) == pytest.approx(_stage1_qe_loss(True, rejected), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- device-count invariance
 _DEVICES_SCRIPT = r"""
 import json, jax, numpy as np

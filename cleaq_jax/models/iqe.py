@@ -28,6 +28,7 @@ from cleaq_jax.models.layers import (ConvTranspose2x, ResidualStack, check_divis
 
 # Channel multipliers of U-IQE's four levels relative to base_channels (the authors' 32-64-64-128).
 UIQE_LEVELS = (1, 2, 2, 4)
+RESIDUAL_EPS = 1e-3  # input clipped to [eps, 1 - eps] before its logit (black surround -> logit -6.9)
 
 
 class UIQE(nn.Module):
@@ -38,6 +39,8 @@ class UIQE(nn.Module):
       base_channels: channels of the full-resolution level at width 1.
       blocks_per_level: residual blocks per encoder level and per decoder block (paper: 1).
       kernel_size: convolution size of the residual blocks and head (authors: 5).
+      residual: output sigmoid(head + logit(x)), so the untrained network is the identity and learns a
+        correction (the paper and the authors' code draw the image anew: sigmoid(head)).
       dtype: compute dtype; remat: rematerialise residual blocks.
     """
 
@@ -45,6 +48,7 @@ class UIQE(nn.Module):
     base_channels: int = 32
     blocks_per_level: int = 1
     kernel_size: int = 5
+    residual: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
 
@@ -76,18 +80,23 @@ class UIQE(nn.Module):
                 s = resize_to(structure[k], h.shape[1], h.shape[2]).astype(self.dtype)
                 h = jnp.concatenate([h, s], axis=-1)
         h = nn.Conv(3, (self.kernel_size,) * 2, use_bias=False, dtype=self.dtype, name="head")(h)
-        return nn.sigmoid(h.astype(jnp.float32))
+        h = h.astype(jnp.float32)
+        if self.residual:  # the head corrects the input's logit: identity is where learning starts
+            h = h + jax.scipy.special.logit(jnp.clip(x.astype(jnp.float32), RESIDUAL_EPS, 1 - RESIDUAL_EPS))
+        return nn.sigmoid(h)
 
 
 class IQE(nn.Module):
     """IQE subnetwork: U-IQE (``u_iqe``) guided by Seg-IQE (``seg_iqe``, a CENet), paper III-C.
 
     Attributes:
-      width: channel multiplier of both parts.
+      width: channel multiplier of both parts (of Seg-IQE alone when ``uiqe_width`` is set).
       use_seg: build Seg-IQE and fuse its features (False: the "IQE w/o Seg-IQE" ablation).
       encoder_stages: ResNet-34 blocks per stage of Seg-IQE's encoder.
       blocks_per_level: U-IQE residual blocks per level (paper: 1; the authors' code: 3).
       base_channels: U-IQE full-resolution channels at width 1.
+      uiqe_width: U-IQE's own channel multiplier (None: ``width``).
+      residual: U-IQE's head corrects the logit of its input instead of drawing the image anew.
       dtype: compute dtype; remat: rematerialise blocks.
     """
 
@@ -96,6 +105,8 @@ class IQE(nn.Module):
     encoder_stages: Sequence[int] = (3, 4, 6, 3)
     blocks_per_level: int = 1
     base_channels: int = 32
+    uiqe_width: float | None = None
+    residual: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
 
@@ -119,7 +130,8 @@ class IQE(nn.Module):
                         name="seg_iqe")(x_degraded, train)
             out["vessel_logits"] = seg["vessel_logits"]
             structure = seg["decoder_features"][1:]  # d3 (S/8), d2 (S/4), d1 (S/2)
-        out["enhanced"] = UIQE(self.width, self.base_channels, self.blocks_per_level,
+        uiqe_width = self.width if self.uiqe_width is None else self.uiqe_width
+        out["enhanced"] = UIQE(uiqe_width, self.base_channels, self.blocks_per_level, residual=self.residual,
                                dtype=self.dtype, remat=self.remat,
                                name="u_iqe")(x_degraded, structure)
         return out
