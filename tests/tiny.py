@@ -23,6 +23,10 @@ def tiny_config(**overrides):
     c.model.width = 1 / 16
     c.model.encoder_stages = (1, 1, 1, 1)
     c.model.classifier_stages = (1, 1, 1, 1)
+    # The paper's forms (the demo turns on switches meant for its short runs).
+    c.model.uiqe_residual = False
+    c.loss.usable_self_reference = False
+    c.data.synthetic.lesion_scale = 1.0
     c.batch_size = 8
     c.eval_batch_size = 8
     c.num_epochs = 1
