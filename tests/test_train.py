@@ -151,13 +151,15 @@ def test_eight_devices_give_the_same_joint_losses_as_one_over_three_steps():
 def _main_cmd(workdir: str, *overrides: str) -> list[str]:
     cfg = tiny.tiny_config()
     args = [sys.executable, "-m", "cleaq_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"]
-    for key in ("data.image_size", "data.synthetic.num", "model.width", "batch_size", "eval_batch_size",
-                "log_every_steps", "image_every_steps", "checkpoint_every_steps"):
+    for key in ("data.image_size", "data.synthetic.num", "data.synthetic.lesion_scale", "model.width",
+                "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "batch_size",
+                "eval_batch_size", "log_every_steps", "image_every_steps", "checkpoint_every_steps"):
         node = cfg
         for p in key.split("."):
             node = node[p]
         args.append(f"--config.{key}={node}")
-    args += ["--config.model.encoder_stages=(1,1,1,1)", "--config.model.classifier_stages=(1,1,1,1)"]
+    args += ["--config.model.encoder_stages=(1,1,1,1)", "--config.model.classifier_stages=(1,1,1,1)",
+             "--config.num_epochs=3", "--config.optim.constant_epochs=2"]
     return args + [f"--config.{o}" for o in overrides]
 
 

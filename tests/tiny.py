@@ -26,6 +26,7 @@ def tiny_config(**overrides):
     # The paper's forms (the demo turns on switches meant for its short runs).
     c.model.uiqe_residual = False
     c.loss.usable_self_reference = False
+    c.loss.grl_scale = 1.0
     c.data.synthetic.lesion_scale = 1.0
     c.batch_size = 8
     c.eval_batch_size = 8
