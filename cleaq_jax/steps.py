@@ -89,7 +89,7 @@ def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat))
     return {
         "iqe": iqe_lib.IQE(use_seg=bool(m.use_seg), encoder_stages=tuple(m.encoder_stages),
-                           blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width or m.width),
+                           blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width) or None,
                            residual=bool(m.uiqe_residual), **common),
         "iqa": iqa_lib.IQA(use_lqi=bool(m.use_lqi), num_classes=3, encoder_stages=tuple(m.encoder_stages),
                            classifier_stages=tuple(m.classifier_stages), **common),
@@ -199,6 +199,11 @@ def _dr_terms(model, state, params, x, grade):
 
 
 # --------------------------------------------------------------------------- stage losses
+def _qe_referenced(quality: jax.Array, s: LossSettings) -> jax.Array:
+    """(B,) bool: images L_QE compares with their original (good; usable too with usable_self_reference)."""
+    return (quality == 0) | ((quality == 1) & s.usable_self_reference)
+
+
 def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
     """Eq. (1): IQE on op2-degraded good images; DR on X. The two share no parameters.
 
@@ -213,10 +218,9 @@ def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
         keys = jax.random.split(key, x.shape[0])
         if s.usable_self_reference:
             degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
-            referenced = quality <= 1
         else:
             degraded = jax.vmap(lambda im, m, k: degrade.op2(im, m, k, qt))(x, mask, keys)
-            referenced = quality == 0
+        referenced = _qe_referenced(quality, s)
         batch = {**batch, "has_vessel": batch["has_vessel"] & referenced}
         _, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, x, mask,
                                                      referenced.astype(jnp.float32), batch, s)
@@ -243,12 +247,10 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_ep
     quality = batch["quality"]
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
-    clean_weight = quality == 0
-    if s.usable_self_reference:
-        clean_weight = clean_weight | (quality == 1)
     new_bs = {}
     enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(
-        models["iqe"], state, params, degraded, x, mask, clean_weight.astype(jnp.float32), batch, s)
+        models["iqe"], state, params, degraded, x, mask, _qe_referenced(quality, s).astype(jnp.float32),
+        batch, s)
     task_losses, metrics = {"iqe": l_iqe}, dict(terms)
     if "iqa" in nets:
         scale = jnp.float32(s.grl_scale) if grl_scale is None else grl_scale

@@ -287,19 +287,20 @@ def _red_lesions(rng: np.random.Generator, a: Anatomy, counts: dict, canvas: np.
                  scale: float = 1.0) -> list[_Path]:
     """Microaneurysms, dot/blot and flame haemorrhages onto ``canvas`` (sizes times ``scale``); returns
     neovascular paths."""
-    big = canvas.shape[0] * scale
+    side = canvas.shape[0]
+    big = side * scale
     for p in _sites(rng, a, counts["microaneurysm"], a.fovea, 0.16):
         r = rng.uniform(0.0022, 0.0045) * big
-        _ellipse(canvas, p * canvas.shape[0] - 0.5, (r, r), 0, rng.integers(200, 256))
+        _ellipse(canvas, p * side - 0.5, (r, r), 0, rng.integers(200, 256))
     for p in _sites(rng, a, counts["haemorrhage"], a.fovea, 0.2):
         r = rng.uniform(0.004, 0.011)
         for _ in range(rng.integers(1, 4)):  # a blot is a few overlapping ellipses, a dot just one
-            q = (p + rng.normal(0, 0.5 * r * scale, 2)) * canvas.shape[0] - 0.5
+            q = (p + rng.normal(0, 0.5 * r * scale, 2)) * side - 0.5
             _ellipse(canvas, q, (r * big, r * big * rng.uniform(0.6, 1.0)), rng.uniform(0, 180), rng.integers(190, 256))
     temporal = np.array([a.temporal, 0.0])
     for p in _sites(rng, a, counts["flame"], a.disc + 0.12 * temporal, 0.12):
         along = math.degrees(math.atan2(*(p - a.disc)[::-1]))  # flames follow the nerve fibres, radially
-        _ellipse(canvas, p * canvas.shape[0] - 0.5, (rng.uniform(0.012, 0.022) * big, rng.uniform(0.003, 0.006) * big),
+        _ellipse(canvas, p * side - 0.5, (rng.uniform(0.012, 0.022) * big, rng.uniform(0.003, 0.006) * big),
                  along, rng.integers(170, 230))
     tufts = []
     for _ in range(counts["neovascular"]):
