@@ -1,5 +1,5 @@
 """Evaluation metrics: accuracy, confusion matrix, quadratic-weighted kappa, macro precision/recall/F1
-(DR grading and IQA, paper Sec. IV-B) and PSNR/SSIM (IQE), plus `clu.metrics` that accumulate on device.
+(DR grading and IQA, paper Sec. IV-B) and PSNR/SSIM (IQE).
 
 Every function takes numpy or jax arrays and is written in `jax.numpy`, so it runs under `jax.jit`
 (pass `num_classes` as a static argument). Conventions, fixed here once:
@@ -24,20 +24,15 @@ Every function takes numpy or jax arrays and is written in `jax.numpy`, so it ru
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metrics as clu_metrics
 from jax import lax
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-NUM_QUALITY_LEVELS = 3  # good, usable, reject
 
 
 # --------------------------------------------------------------------------- classification
@@ -259,159 +254,3 @@ def ssim(x, y, mask=None, data_range: float = 1.0) -> jax.Array:
         inside = lax.reduce_window(m, jnp.inf, lax.min, win, (1, 1, 1), "VALID")  # mask eroded by the window
         value = jnp.sum(per_pixel * inside, axis=(1, 2)) / jnp.sum(inside, axis=(1, 2))
     return value if batched else value[0]
-
-
-# --------------------------------------------------------------------------- clu metrics
-def _with_outputs(cls, class_vars: dict[str, Any], names: dict[str, str | None]):
-    """A registered subclass of `cls` with class variables set that reads only the named model outputs.
-
-    `names` maps each argument of `cls.from_model_output` to the model-output key that feeds it (None:
-    the argument keeps its default), so one `clu.metrics.Collection` can hold, say, a DR and an IQA
-    confusion matrix without either picking up the other's inputs.
-    """
-    base_from_output = cls.from_model_output
-
-    def from_model_output(sub, **model_output):
-        missing = [key for key in names.values() if key is not None and key not in model_output]
-        if missing:
-            raise KeyError(f"{cls.__name__} reads model outputs {missing}; the eval step passed only "
-                           f"{sorted(model_output)}")
-        kwargs = {arg: model_output[key] for arg, key in names.items() if key is not None}
-        return base_from_output.__func__(sub, **kwargs)
-
-    body = dict(class_vars, from_model_output=classmethod(from_model_output))
-    return flax.struct.dataclass(type(cls.__name__, (cls,), body))
-
-
-@flax.struct.dataclass
-class ConfusionMatrix(clu_metrics.Metric):
-    """Confusion matrix accumulated on device; `compute()` returns ``cm[true, predicted]`` (int32).
-
-    Build the class with `ConfusionMatrix.from_outputs(num_classes, ...)`. `from_model_output` takes
-    ``labels`` (B,) int, ``predictions`` (B,) int or (B, K) logits (argmax taken), optional
-    ``valid`` (B,) bool. Merge is a sum, so it works inside a jitted eval step and across steps.
-    """
-
-    matrix: jax.Array
-    num_classes: ClassVar[int] = 0
-
-    @classmethod
-    def from_outputs(cls, num_classes: int, labels: str = "labels", predictions: str = "predictions",
-                     valid: str | None = None):
-        """Subclass for `num_classes` classes reading the named model outputs."""
-        if num_classes < 1:
-            raise ValueError(f"ConfusionMatrix needs num_classes >= 1, got {num_classes}")
-        names = {"labels": labels, "predictions": predictions, "valid": valid}
-        return _with_outputs(cls, {"num_classes": num_classes}, names)
-
-    @classmethod
-    def empty(cls):
-        return cls(matrix=jnp.zeros((cls._classes(), cls._classes()), jnp.int32))
-
-    @classmethod
-    def from_model_output(cls, *, labels, predictions, valid=None, **_):
-        predictions = jnp.asarray(predictions)
-        if predictions.ndim == jnp.ndim(labels) + 1:
-            predictions = jnp.argmax(predictions, axis=-1)
-        return cls(matrix=confusion_matrix(labels, predictions, cls._classes(), valid))
-
-    @classmethod
-    def _classes(cls) -> int:
-        if cls.num_classes < 1:
-            raise TypeError("use ConfusionMatrix.from_outputs(num_classes, ...) to set the number of classes")
-        return cls.num_classes
-
-    def merge(self, other):
-        return type(self)(matrix=self.matrix + other.matrix)
-
-    def compute(self) -> jax.Array:
-        return self.matrix
-
-
-@flax.struct.dataclass
-class MeanPSNR(clu_metrics.Average):
-    """Average per-image PSNR. `from_model_output(enhanced, reference, retinal_mask=None, valid=None)`:
-    images (B, H, W, C) in [0, 1], retinal mask (B, H, W), valid (B,) marks images with a reference."""
-
-    score = staticmethod(psnr)  # per-image score; not a dataclass field (no annotation)
-
-    @classmethod
-    def from_outputs(cls, enhanced: str = "enhanced", reference: str = "reference",
-                     retinal_mask: str | None = None, valid: str | None = None):
-        """Subclass reading only the named model outputs (None: unmasked / every image counts)."""
-        names = {"enhanced": enhanced, "reference": reference, "retinal_mask": retinal_mask, "valid": valid}
-        return _with_outputs(cls, {}, names)
-
-    @classmethod
-    def from_model_output(cls, *, enhanced, reference, retinal_mask=None, valid=None, **_):
-        values = cls.score(enhanced, reference, retinal_mask)
-        return super().from_model_output(values=values, mask=valid)
-
-
-@flax.struct.dataclass
-class MeanSSIM(MeanPSNR):
-    """Average per-image SSIM; same inputs as `MeanPSNR`."""
-
-    score = staticmethod(ssim)
-
-
-@flax.struct.dataclass
-class PerQualityAverage(clu_metrics.Average):
-    """`clu.metrics.Average` kept separately per quality level: ``total`` and ``count`` are
-    (num_levels,) vectors; `compute()` returns the (num_levels,) means (NaN for an unseen level).
-
-    `from_model_output(values, quality, valid=None)`: values (B,) float, quality (B,) int in
-    [0, num_levels) (others dropped), valid (B,) bool.
-    """
-
-    num_levels: ClassVar[int] = NUM_QUALITY_LEVELS
-
-    @classmethod
-    def from_outputs(cls, values: str = "values", quality: str = "quality", valid: str | None = None,
-                     num_levels: int = NUM_QUALITY_LEVELS):
-        """Subclass with `num_levels` levels reading only the named model outputs."""
-        names = {"values": values, "quality": quality, "valid": valid}
-        return _with_outputs(cls, {"num_levels": num_levels}, names)
-
-    @classmethod
-    def empty(cls):
-        return cls(total=jnp.zeros((cls.num_levels,), jnp.float32), count=jnp.zeros((cls.num_levels,), jnp.int32))
-
-    @classmethod
-    def from_model_output(cls, *, values, quality, valid=None, **_):
-        values = jnp.asarray(values, jnp.float32).reshape(-1)
-        level_1h = jax.nn.one_hot(jnp.asarray(quality).reshape(-1), cls.num_levels, dtype=jnp.float32)
-        if valid is not None:
-            level_1h = level_1h * jnp.asarray(valid).reshape(-1, 1).astype(jnp.float32)
-        # where() rather than a product so a +inf PSNR at an excluded example cannot become NaN.
-        total = jnp.sum(jnp.where(level_1h > 0, values[:, None], 0.0), axis=0)
-        return cls(total=total, count=jnp.sum(level_1h, axis=0).astype(jnp.int32))
-
-
-@flax.struct.dataclass
-class PSNRPerQuality(PerQualityAverage):
-    """Mean PSNR per quality level. `from_model_output(enhanced, reference, quality, retinal_mask=None,
-    valid=None)` with the shapes of `MeanPSNR`; quality (B,) is the level of each original image."""
-
-    score = staticmethod(psnr)
-
-    @classmethod
-    def from_outputs(cls, enhanced: str = "enhanced", reference: str = "reference", quality: str = "quality",
-                     retinal_mask: str | None = None, valid: str | None = None,
-                     num_levels: int = NUM_QUALITY_LEVELS):
-        """Subclass with `num_levels` levels reading only the named model outputs."""
-        names = {"enhanced": enhanced, "reference": reference, "quality": quality,
-                 "retinal_mask": retinal_mask, "valid": valid}
-        return _with_outputs(cls, {"num_levels": num_levels}, names)
-
-    @classmethod
-    def from_model_output(cls, *, enhanced, reference, quality, retinal_mask=None, valid=None, **_):
-        values = cls.score(enhanced, reference, retinal_mask)
-        return super().from_model_output(values=values, quality=quality, valid=valid)
-
-
-@flax.struct.dataclass
-class SSIMPerQuality(PSNRPerQuality):
-    """Mean SSIM per quality level; same inputs as `PSNRPerQuality`."""
-
-    score = staticmethod(ssim)

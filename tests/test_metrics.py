@@ -1,12 +1,9 @@
-"""Metrics agree with scikit-learn / scikit-image, masked variants ignore outside pixels, and the clu
-metrics accumulated over batches inside jit equal the one-shot values."""
+"""Metrics agree with scikit-learn / scikit-image, masked variants ignore outside pixels, and the
+functions give the same values under jit."""
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from clu import metrics as clu_metrics
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import cohen_kappa_score, confusion_matrix as sk_confusion_matrix
@@ -211,71 +208,3 @@ def test_metric_functions_give_the_same_values_under_jit():
     jitted = all_metrics(y_true, y_pred, x, y, mask)
     for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
-# --------------------------------------------------------------------------- clu metrics
-DRMatrix = metrics.ConfusionMatrix.from_outputs(5, labels="dr_grade", predictions="dr_logits")
-IQAMatrix = metrics.ConfusionMatrix.from_outputs(3, labels="quality", predictions="iqa_logits")
-
-
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-    dr_cm: DRMatrix
-    iqa_cm: IQAMatrix
-    psnr: metrics.MeanPSNR
-    ssim: metrics.MeanSSIM
-    psnr_by_quality: metrics.PSNRPerQuality
-    ssim_by_quality: metrics.SSIMPerQuality
-
-
-def _eval_batches(rng, n_batches=3, batch=4, size=20):
-    out = []
-    for _ in range(n_batches):
-        x, y = _images(rng, (batch, size, size, 3))
-        out.append(dict(dr_grade=rng.integers(-1, 5, batch), dr_logits=rng.standard_normal((batch, 5)),
-                        quality=rng.integers(0, 3, batch), iqa_logits=rng.standard_normal((batch, 3)),
-                        enhanced=x, reference=y, retinal_mask=np.stack([_disc_mask(size, 9)] * batch),
-                        valid=rng.random(batch) < 0.75))
-    return out
-
-
-def test_clu_metrics_merged_over_jitted_batches_equal_one_shot_values():
-    batches = _eval_batches(np.random.default_rng(8))
-    step = jax.jit(lambda b: EvalMetrics.single_from_model_output(**b))
-    merged = EvalMetrics.empty()
-    for b in batches:
-        merged = merged.merge(step(b))
-    got = merged.compute()
-    full = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    dr_pred = full["dr_logits"].argmax(-1)
-    np.testing.assert_array_equal(got["dr_cm"], metrics.confusion_matrix(full["dr_grade"], dr_pred, 5))
-    np.testing.assert_array_equal(got["iqa_cm"],
-                                  metrics.confusion_matrix(full["quality"], full["iqa_logits"].argmax(-1), 3))
-    ok = full["valid"]
-    psnr = np.asarray(metrics.psnr(full["enhanced"], full["reference"], full["retinal_mask"]))
-    ssim = np.asarray(metrics.ssim(full["enhanced"], full["reference"], full["retinal_mask"]))
-    assert float(got["psnr"]) == pytest.approx(psnr[ok].mean(), abs=1e-4)
-    assert float(got["ssim"]) == pytest.approx(ssim[ok].mean(), abs=1e-5)
-    for level in range(3):
-        sel = ok & (full["quality"] == level)
-        assert float(got["psnr_by_quality"][level]) == pytest.approx(psnr[sel].mean(), abs=1e-4)
-        assert float(got["ssim_by_quality"][level]) == pytest.approx(ssim[sel].mean(), abs=1e-5)
-
-
-def test_per_quality_average_is_nan_for_an_unseen_level_and_counts_the_others():
-    avg = metrics.PerQualityAverage.from_model_output(values=jnp.array([1.0, 3.0, 5.0]),
-                                                      quality=jnp.array([0, 0, 2]))
-    avg = avg.merge(metrics.PerQualityAverage.from_model_output(values=jnp.array([7.0]), quality=jnp.array([2])))
-    means = np.asarray(avg.compute())
-    assert means[0] == pytest.approx(2.0) and np.isnan(means[1]) and means[2] == pytest.approx(6.0)
-    np.testing.assert_array_equal(np.asarray(avg.count), [2, 0, 2])
-
-
-def test_confusion_matrix_metric_names_the_missing_model_output():
-    with pytest.raises(KeyError, match="dr_grade"):
-        DRMatrix.from_model_output(labels=np.zeros(2), dr_logits=np.zeros((2, 5)))
-
-
-def test_confusion_matrix_metric_needs_its_number_of_classes():
-    with pytest.raises(TypeError, match="from_outputs"):
-        metrics.ConfusionMatrix.empty()
