@@ -7,7 +7,7 @@
 Measured on this machine:
 
 1. the mean bytes a record takes on disk at 512 px (ArrayRecord compresses records with zstd), for
-   synthetic fundus images (`data_prep.synthetic`) and for the real fundus photograph scikit-image
+   synthetic fundus images (`cleaq_jax.data.location.build_synthetic`) and for the real fundus photograph scikit-image
    ships, cropped and resized by EyeQ's preparation code (`fundus.preprocess`) in rotated and flipped
    variants, without and with a classical pseudo vessel mask (`vesselness.vessel_mask`), as records
    carry one after pseudo-mask preparation;
@@ -71,10 +71,10 @@ def photo_shards(out: str, variants: int, size: int, with_vessel: bool) -> str:
 
 def synthetic_shards(out: str, num: int, size: int, shards: int) -> str:
     """``num`` synthetic examples at ``size`` px as split "train" of ``out`` in ``shards`` shards."""
-    from data_prep import synthetic
+    from cleaq_jax.data import location
 
-    synthetic.build_synthetic(out, num=num, size=size, seed=0, splits={"train": 1.0}, workers=1,
-                              num_shards=shards)
+    location.build_synthetic(out, num=num, size=size, seed=0, splits={"train": 1.0}, workers=1,
+                             num_shards=shards)
     return out
 
 

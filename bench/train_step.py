@@ -157,24 +157,24 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
     """The training program's step for ``stage`` over a mesh of all devices.
 
     Returns (jitted step, state, device batch, mesh); the state is laid out by
-    ``parallel.state_shardings`` and the batch by ``parallel.global_batch``, as in train.py. The
+    ``train_state.sharded_state`` and the batch by ``parallel.global_batch``, as in training. The
     state is initialised by float32 models without remat: the same tree (dtype and remat change no
     parameter), and one init program for every configuration, so a compilation cache compiles it once.
     """
     import jax
     import ml_collections
 
-    from cleaq_jax import parallel, steps
+    from cleaq_jax import factory, optim, parallel, steps, train_state
 
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, stage)
-    tx = steps.make_optimizer(cfg, steps_per_epoch)
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, stage)
+    tx = optim.make_optimizer(cfg, steps_per_epoch)
     init_cfg = ml_collections.ConfigDict(cfg.to_dict())
     init_cfg.model.dtype, init_cfg.model.remat = "float32", False
-    init_models = steps.build_models(init_cfg)
-    init = lambda k: steps.init_state(init_cfg, init_models, nets, tx, k)  # noqa: E731
-    state, shardings = parallel.create_sharded_state(init, mesh, jax.random.key(int(cfg.seed)))
+    init_models = factory.build_models(init_cfg)
+    init = lambda k: train_state.init_state(init_cfg, init_models, nets, tx, k)  # noqa: E731
+    state, shardings = train_state.sharded_state(init, mesh, jax.random.key(int(cfg.seed)))
     jax.block_until_ready(state)
     progress("initialised")
     step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),

@@ -43,7 +43,7 @@ BATCH = 16  # records per mask-pass batch
 def build_data(workdir: str, args: argparse.Namespace) -> tuple[str, str]:
     """(shards with train and test splits, a copy of the test split alone under workdir): ``args.data``
     when given (e.g. DRIVE from data_prep.drive), else synthetic images built into workdir."""
-    from data_prep.synthetic import build_synthetic
+    from cleaq_jax.data.location import build_synthetic
 
     data, held_out = args.data or os.path.join(workdir, "data"), os.path.join(workdir, "held_out")
     if not args.data:
@@ -59,7 +59,7 @@ def train_teacher(workdir: str, data: str, args: argparse.Namespace) -> str:
     """Both teacher stages with configs/vessel_teacher.py at the bench's size; returns teacher_b's directory."""
     from absl import flags, logging
 
-    from cleaq_jax import train
+    from cleaq_jax.programs import pipeline
     from configs import vessel_teacher
 
     if not flags.FLAGS.is_parsed():
@@ -72,7 +72,7 @@ def train_teacher(workdir: str, data: str, args: argparse.Namespace) -> str:
     cfg.num_epochs, cfg.optim.constant_epochs = args.epochs, args.epochs
     cfg.optim.learning_rate = args.learning_rate
     cfg.checkpoint_every_steps, cfg.log_every_steps = 10_000, 50
-    train.run(cfg, workdir)
+    pipeline.run(cfg, workdir)
     return os.path.join(workdir, "teacher_b")
 
 
@@ -101,9 +101,9 @@ def all_fov_masker(payloads):
 
 
 def run_methods(workdir: str, held_out: str, teacher_dir: str, workers: int) -> dict[str, dict]:
-    from cleaq_jax import teacher
+    from cleaq_jax import checkpoint, inference
 
-    restored = teacher.restore_teacher(teacher_dir)
+    restored = checkpoint.restore_teacher(teacher_dir)
     truth = {r["id"]: r["vessel"] for r in records.iter_records(held_out, "test")}
     maskers = {"teacher": pseudo_masks.teacher_masker(restored, 0.5, BATCH),
                "frangi": pseudo_masks.FilterMasker("frangi", workers),
@@ -114,7 +114,7 @@ def run_methods(workdir: str, held_out: str, teacher_dir: str, workers: int) -> 
         if name == "teacher":  # compile outside the timing
             size = restored.image_size
             fov = np.ones((1, size, size), np.uint8)
-            teacher.predict_vessels(restored, np.zeros((1, size, size, 3), np.uint8), fov, BATCH)
+            inference.predict_vessels(restored, np.zeros((1, size, size, 3), np.uint8), fov, BATCH)
         start = time.perf_counter()
         pseudo_masks.run_pass(held_out, out, masker, {"method": name, "run": time.time()}, batch_size=BATCH)
         seconds = (time.perf_counter() - start) / len(truth)

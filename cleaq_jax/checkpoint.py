@@ -11,10 +11,17 @@ Retention keeps the latest ``max_to_keep`` checkpoints and, when ``best_metric``
 one by that metric as well, however old it is. Every process calls save and restore; orbax
 coordinates the writes. `PreemptionGuard` turns SIGTERM into a flag the loop polls to save and
 exit cleanly.
+
+This is the only module that talks to orbax. Besides a stage's own `Checkpointer` it reads trained
+runs read-only: `restore_state` (a whole train state), `restore_variables` (only the parameters and
+BatchNorm statistics of some subnetworks), `read_trained_config`, and on top of them
+`load_checkpoint` (any stage, for evaluation and predict) and `restore_teacher` (the vessel teacher,
+for the mask pass). Restore targets come from the state builder in `train_state`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as pylogging
 import os
@@ -23,6 +30,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
 import ml_collections
@@ -32,13 +40,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cleaq_jax import factory, parallel
+from cleaq_jax import train_state as ts
+
 PyTree = Any
 _policies = ocp.checkpoint_managers
-
-
-def checkpoint_dir(workdir: str | os.PathLike, stage: str) -> epath.Path:
-    """The checkpoint directory of a stage: ``<workdir>/<stage>/checkpoints`` (local or gs://)."""
-    return _as_path(workdir) / stage / "checkpoints"
 
 
 def _as_path(directory: str | os.PathLike) -> epath.Path:
@@ -56,16 +62,6 @@ class _NoMetricsWarningFilter:
 
 
 _NO_METRICS_FILTER = _NoMetricsWarningFilter()
-
-
-def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree:
-    """Restore target: the ShapeDtypeStructs of ``abstract_state`` carrying ``shardings``.
-
-    abstract_state: pytree of arrays or ShapeDtypeStruct (``jax.eval_shape`` of the init);
-    shardings: matching pytree of jax.sharding.Sharding, e.g. from `parallel.state_shardings`
-        on the mesh to restore onto (which may differ from the mesh that saved).
-    """
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
 def _metric_fn(best_metric: str | None):
@@ -130,7 +126,7 @@ def _lists_to_tuples(tree: Any) -> Any:
 class Checkpointer:
     """Saves and restores one stage's checkpoints (see the module docstring for the items).
 
-    directory: the stage's checkpoint directory (`checkpoint_dir`), created on first use.
+    directory: the stage's checkpoint directory (``<workdir>/<stage>/checkpoints``), created on first use.
     max_to_keep: keep the latest N checkpoints (None: all).
     best_metric, best_mode: also keep the checkpoint with the max/min value of this metric.
     async_save: write in a background thread; call `wait_until_finished` before reading them.
@@ -214,8 +210,8 @@ class Checkpointer:
     def restore(self, target_abstract_state: PyTree, *, step: int | None = None, data_iter: Any = None) -> PyTree:
         """Restores the train state of ``step`` (default: latest) and, given one, the data position.
 
-        target_abstract_state: pytree of jax.ShapeDtypeStruct WITH shardings (see
-            `abstract_with_shardings`): the layout to restore onto, any mesh or device count.
+        target_abstract_state: pytree of jax.ShapeDtypeStruct WITH shardings (from
+            `train_state.abstract_state`): the layout to restore onto, any mesh or device count.
         data_iter: a grain iterator (or `parallel.DevicePrefetcher`) moved in place to the saved
             position of this process.
         """
@@ -284,8 +280,31 @@ def _check_target(target: PyTree) -> None:
     if bad:
         raise ValueError(
             f"restore target has {len(bad)} leaves without a sharding (e.g. {bad[0]}); build it with "
-            "checkpoint.abstract_with_shardings(jax.eval_shape(init_fn, ...), shardings)"
+            "train_state.abstract_state(init_fn, mesh, ...) or parallel.abstract_with_shardings"
         )
+
+
+# --------------------------------------------------------------------------- trained runs, read-only
+def _read_only(directory: str | os.PathLike, partial: bool = False) -> ocp.CheckpointManager:
+    """A read-only manager of a checkpoint directory; ``partial`` reads the state with a PyTree handler
+    (not Standard), so only some of its leaves need a target."""
+    handlers = _handlers()
+    if partial:
+        handlers["state"] = ocp.PyTreeCheckpointHandler()
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
+
+
+def _saved_step(manager: ocp.CheckpointManager, directory: Any, step: int | None) -> int:
+    steps = manager.all_steps()
+    if step is None:
+        step = manager.latest_step()
+    if step is None or step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint {'' if step is None else f'for step {step} '}in {directory} "
+            f"(saved steps: {sorted(steps)}); check the checkpoint path in the config"
+        )
+    return int(step)
 
 
 def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
@@ -294,18 +313,146 @@ def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None
     For evaluation and prediction. target: as in `Checkpointer.restore`; step: default latest.
     """
     directory = _as_path(directory)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
-        steps = manager.all_steps()
-        if step is None:
-            step = manager.latest_step()
-        if step is None or step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else f'for step {step} '}in {directory} "
-                f"(saved steps: {sorted(steps)}); check the checkpoint path in the config"
-            )
+    with _read_only(directory) as manager:
+        step = _saved_step(manager, directory, step)
         _check_target(target)
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+
+def restore_variables(directory: str | os.PathLike, target: ts.InferenceState, step: int | None = None
+                      ) -> ts.InferenceState:
+    """Restores the parameters and BatchNorm statistics of the subnetworks in ``target`` (from
+    `train_state.abstract_variables`) out of a saved train state, leaving the rest unread (optimizer
+    state, other subnetworks). step: default the latest."""
+    directory = _as_path(directory)
+    with _read_only(directory, partial=True) as manager:
+        step = _saved_step(manager, directory, step)
+        _check_target(target)
+        item = {"params": target.params, "batch_stats": target.batch_stats}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
+    return ts.InferenceState(params=restored["params"], batch_stats=restored["batch_stats"])
+
+
+def saved_nets(directory: str | os.PathLike, step: int) -> tuple[str, ...]:
+    """The subnetworks ("iqe", "iqa", "dr", "cenet") whose parameters the state saved at ``step`` holds."""
+    with _read_only(directory, partial=True) as manager:
+        saved = manager.item_metadata(step)["state"]
+    return tuple(n for n in ("iqe", "iqa", "dr", "cenet") if n in saved["params"])
+
+
+def checkpoint_directory(path: str) -> str:
+    """The orbax directory of a stage: ``path`` itself or its ``checkpoints/`` folder.
+
+    Raises FileNotFoundError naming ``path`` when neither holds a checkpoint.
+    """
+    path = os.path.abspath(os.fspath(path))
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+            return candidate
+    raise FileNotFoundError(
+        f"no checkpoint in {path}: pass a stage directory written by training (e.g. <workdir>/stage3) "
+        "or its checkpoints/ folder")
+
+
+def read_trained_config(directory: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a checkpoint was saved with (read-only; JSON lists back to tuples).
+
+    directory: a checkpoints/ folder (see `checkpoint_directory`); step: default the latest.
+    """
+    with _read_only(directory) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None or not os.path.isdir(os.path.join(directory, str(step), "config")):
+            raise FileNotFoundError(f"checkpoint {directory} (step {step}) holds no config item; it was not "
+                                    "written by cleaq_jax training")
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint ready for inference: the trained config, the stage that trained it, its subnetworks
+    (a tuple of "iqe", "iqa", "dr"), the linen modules, and their variables on the given mesh."""
+
+    config: ml_collections.ConfigDict
+    stage: str
+    nets: tuple[str, ...]
+    models: dict
+    state: ts.InferenceState
+    directory: str
+    step: int
+
+
+def _stage_of(cfg: ml_collections.ConfigDict, directory: str, nets: tuple[str, ...]) -> str:
+    """The stage that wrote the checkpoint: its config's stage, else its stage directory's name."""
+    if cfg.get("stage") in factory.STAGES:
+        return cfg.stage
+    name = os.path.basename(os.path.dirname(directory.rstrip(os.sep)))
+    if name in factory.STAGES:
+        return name
+    # Neither names it: IQA alone is stage 2, DR without IQE stage 1, IQE with others the joint stage.
+    return "stage2" if nets == ("iqa",) else "stage1" if "iqe" not in nets else "stage3"
+
+
+def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Restored:
+    """Restore the parameters and BatchNorm statistics of a stage checkpoint for inference.
+
+    path: a stage directory (<workdir>/stage3) or its checkpoints/ folder, saved on any number of
+        devices; mesh: where to put the variables (default: every present device, replicated);
+    step: default the latest. Optimizer state is not read. Raises FileNotFoundError / ValueError
+    naming the directory when it holds no cleaq_jax checkpoint.
+    """
+    directory = checkpoint_directory(path)
+    cfg = read_trained_config(directory, step)
+    mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
+    models = factory.build_models(cfg)
+    with _read_only(directory) as manager:
+        step = _saved_step(manager, directory, step)
+    nets = tuple(n for n in saved_nets(directory, step) if n != "cenet")
+    if not nets:
+        raise ValueError(f"checkpoint {directory}/{step} holds none of the subnetworks iqe, iqa, dr")
+    target = ts.abstract_variables(models, nets, int(cfg.data.image_size), mesh)
+    state = restore_variables(directory, target, step)
+    return Restored(cfg, _stage_of(cfg, directory, nets), nets, models, state, directory, int(step))
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A restored vessel teacher: its training config, CE-Net module and variables (on ``mesh``)."""
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    variables: dict
+    mesh: jax.sharding.Mesh
+    directory: str
+    step: int
+
+    @property
+    def image_size(self) -> int:
+        """The side the teacher was trained at (inputs are resized to it)."""
+        return int(self.config.data.image_size)
+
+
+def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Teacher:
+    """Restore a teacher_a / teacher_b checkpoint (saved on any device count) onto ``mesh``.
+
+    path: the stage directory (<workdir>/teacher_b) or its checkpoints/ folder; mesh: default every
+    local device on the data axis; step: default the latest. Raises FileNotFoundError / ValueError
+    naming the directory when it holds no vessel teacher.
+    """
+    directory = checkpoint_directory(path)
+    cfg = read_trained_config(directory, step)
+    if cfg.get("stage") not in factory.TEACHER_STAGES:
+        raise ValueError(f"{directory} holds a {cfg.get('stage')!r} checkpoint, not a vessel teacher's: pass "
+                         "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
+    mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
+    models = factory.build_models(cfg)
+    with _read_only(directory) as manager:
+        step = _saved_step(manager, directory, step)
+    target = ts.abstract_variables(models, ("cenet",), int(cfg.data.image_size), mesh)
+    restored = restore_variables(directory, target, step)
+    return Teacher(cfg, models["cenet"], ts.variables(restored, "cenet"), mesh, directory, step)
 
 
 class PreemptionGuard:

@@ -1,12 +1,15 @@
 """Entry point: ``python -m cleaq_jax.main --config=configs/stage3.py --workdir=DIR``.
 
 Parses flags, joins the other processes of a multi-host run, keeps TensorFlow (used only by the
-TensorBoard writers) off the accelerators, and hands the config to `cleaq_jax.train.run`, which dispatches
-on ``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
+TensorBoard writers) off the accelerators, and hands the config to `cleaq_jax.programs.pipeline.run`,
+which dispatches on ``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cleaq_jax import parallel
+from cleaq_jax.programs import pipeline
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
@@ -20,7 +23,7 @@ FLAGS = flags.FLAGS
 
 def _hide_accelerators_from_tensorflow() -> None:
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # optional and heavy: only the TensorBoard writers use it
     except ImportError:  # TensorBoard writing falls back to clu's logging writer.
         return
     tf.config.set_visible_devices([], "GPU")
@@ -30,13 +33,11 @@ def _hide_accelerators_from_tensorflow() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cleaq_jax import parallel, train
-
     _hide_accelerators_from_tensorflow()
     parallel.initialize_distributed(coordinator_address=FLAGS.coordinator_address,
                                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     logging.info("config:\n%s", FLAGS.config)
-    train.run(FLAGS.config, FLAGS.workdir)
+    pipeline.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ Cloud TPU slices or multi-GPU hosts. The recipe (no pmap anywhere):
 
 1. ``initialize_distributed()`` once, before anything touches a device.
 2. ``mesh = make_mesh(config.mesh.data, config.mesh.fsdp)``: axes ``("data", "fsdp")``.
-3. ``state, shardings = create_sharded_state(init_fn, mesh, key)``: shapes first
-   (``jax.eval_shape``), shardings from them, then ``jax.jit(init_fn, out_shardings=...)``.
+3. ``state, shardings = train_state.sharded_state(init_fn, mesh, key)``: shapes first
+   (``jax.eval_shape``), shardings from them (`state_shardings`), then
+   ``jax.jit(init_fn, out_shardings=...)``.
 4. ``step = jit_train_step(train_step, shardings, mesh)`` where
    ``train_step(state, batch) -> (state, metrics)``.
 5. Each process reads its own slice of the data; ``global_batch`` (or ``prefetch_to_device``)
    assembles the global-view array whose batch dimension is split over every device, so
    BatchNorm statistics are global without any ``pmean``.
+
+`barrier` lines the processes up at the coordination service (no device collective).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax._src import distributed as jax_distributed  # the coordination-service client; orbax uses it too
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -122,6 +127,18 @@ def initialize_distributed(
     return True
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait for every process at the coordination service (no device collective, so no collective
+    timeout however long the others take, e.g. to compile or to build data). A no-op with one process."""
+    if jax.process_count() == 1:
+        return
+    client = jax_distributed.global_state.client
+    if client is None:
+        multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(f"cleaq_jax:{name}", timeout_in_ms=timeout_s * 1000)
+
+
 # --------------------------------------------------------------------------- mesh and shardings
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
     """A 2-D device mesh with axes ("data", "fsdp"), both of axis type Auto.
@@ -202,14 +219,17 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, fsdp_min_size: int = 2**
 
 
 # --------------------------------------------------------------------------- batches
-def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> int:
-    """Returns the per-device batch; raises when ``batch_size`` does not split over the devices."""
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> int:
+    """Returns the per-device batch; raises when the batch does not split over the devices.
+
+    key: the setting the size came from, named in the error (e.g. "eval_batch_size", "--batch-size").
+    """
     size = data_parallel_size(mesh)
     if global_batch_size <= 0 or global_batch_size % size:
         raise ValueError(
-            f"batch_size={global_batch_size} is not divisible by the data-parallel size {size} "
+            f"{key}={global_batch_size} is not divisible by the data-parallel size {size} "
             f"(mesh.data={mesh.shape[DATA_AXIS]} x mesh.fsdp={mesh.shape[FSDP_AXIS]}); "
-            f"set batch_size to a multiple of {size}"
+            f"set {key} to a multiple of {size}"
         )
     return global_batch_size // size
 
@@ -233,19 +253,14 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 # --------------------------------------------------------------------------- state and step
-def create_sharded_state(
-    init_fn: Callable[..., PyTree], mesh: Mesh, *args: Any, fsdp_min_size: int = 2**18
-) -> tuple[PyTree, PyTree]:
-    """Materialises ``init_fn(*args)`` directly in its sharded layout.
+def abstract_with_shardings(abstract_state: PyTree, shardings: PyTree) -> PyTree:
+    """The ShapeDtypeStructs of ``abstract_state`` carrying ``shardings`` (a restore target, a jit layout).
 
-    init_fn: pure function returning the train-state pytree (e.g. of a PRNG key).
-    Returns (state, shardings); shardings is the pytree `state_shardings` derived from the
-    ``jax.eval_shape`` of ``init_fn``, reused by `jit_train_step` and checkpoint restores.
+    abstract_state: pytree of arrays or ShapeDtypeStruct (``jax.eval_shape`` of the init);
+    shardings: matching pytree of jax.sharding.Sharding, e.g. from `state_shardings` on the mesh to
+        restore onto (which may differ from the mesh that saved).
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = state_shardings(abstract, mesh, fsdp_min_size=fsdp_min_size)
-    state = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return state, shardings
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
 def jit_train_step(

@@ -1,7 +1,7 @@
 """Evaluation reports: eval.json, eval.md (the paper's tables for one run) and figures as PNG.
 
-Plain host code over the dict `evaluate.summarise` returns; every file is written under a temporary
-name and renamed, so a report is never half-written.
+Plain host code over the dict `cleaq_jax.programs.evaluate.summarise` returns; every file is written
+under a temporary name and renamed, so a report is never half-written.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _class_rows(block: dict[str, Any]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The run's tables as Markdown (the `evaluate.summarise` dict with stage, split, data_dir, nets)."""
+    """The run's tables as Markdown (the `programs.evaluate.summarise` dict with stage, split, data_dir, nets)."""
     lines = [f"# Evaluation: {result.get('stage', '?')} on split {result.get('split', '?')}",
              "", f"{result.get('num_examples', 0)} examples from `{result.get('data_dir', '?')}`; "
                  f"subnetworks: {', '.join(result.get('nets', [])) or '?'}.", ""]
@@ -103,11 +103,12 @@ def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None
         atomic_file(os.path.join(out_dir, "enhancement_grid.png"), lambda t: grid_figure(panels, t))
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib  # heavy: imported only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend, as matplotlib requires
 
     return plt
 
@@ -115,7 +116,7 @@ def _pyplot():
 def confusion_figure(result: dict[str, Any], path: str) -> None:
     """Confusion matrices (rows: truth, columns: prediction; counts, coloured by share of the row) of DR
     grading and IQA, as in paper Fig. 11."""
-    plt = _pyplot()
+    plt = pyplot()
     tasks = [t for t in ("dr", "iqa", "iqa_enhanced") if "confusion_matrix" in result.get(t, {}).get("overall", {})]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.9), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -155,7 +156,7 @@ def _bars(ax, per: dict[str, Any], metrics: tuple[str, ...], title: str, ylim: t
 def per_quality_figure(result: dict[str, Any], path: str) -> None:
     """Per quality level of the original image (paper Fig. 12): accuracy and kappa of DR grading, IQA's
     accuracy (the recall of that level), and SSIM of the QT-degraded input and of its enhancement."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("dr", ("accuracy", "kappa"), TASK_TITLES["dr"], (0.0, 1.0))] if "dr" in result else []
     if "iqa" in result:
         # Within one quality level the true class is constant: kappa says nothing, accuracy is its recall.
@@ -173,7 +174,7 @@ def per_quality_figure(result: dict[str, Any], path: str) -> None:
 
 def grid_figure(panels: np.ndarray, path: str) -> None:
     """Rows of QT-degraded input | enhanced | reference | vessel mask; panels (n, H, 4W, 3) in [0, 1]."""
-    plt = _pyplot()
+    plt = pyplot()
     n = panels.shape[0]
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.1 * n), squeeze=False)
     for i, ax in enumerate(axes[:, 0]):

@@ -1,5 +1,4 @@
-"""The pure functions of training: model construction from the config, state initialisation, the
-learning-rate schedule, and the three stages' train steps.
+"""The three stages' losses and the train step built from them (the vessel teacher's too).
 
 Every step is ``step(state, batch) -> (state, metrics)``: the batch holds the loader's arrays (uint8
 images and masks, int labels) already on device; the quality transform QT runs inside the step, so the
@@ -12,13 +11,15 @@ host only decodes. The RNG lives in the state. Stages (paper III-A, IV-B):
   task weighting (eq. 11).
 - teacher_a, teacher_b: the CE-Net vessel teacher for pseudo structure masks (paper III-C), trained on
   DRIVE's manual masks (a), then fine-tuned on QT-degraded copies of the same images (b); Dice + BCE.
+
+The models come from `factory`, the optimiser from `optim`, the state from `train_state`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -26,17 +27,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cleaq_jax import losses
+from cleaq_jax import factory, inference, losses, optim
+from cleaq_jax import metrics as metrics_lib
 from cleaq_jax import train_state as ts
 from cleaq_jax.data import augment, degrade
-from cleaq_jax.models import cenet as cenet_lib
-from cleaq_jax.models import dr as dr_lib
-from cleaq_jax.models import iqa as iqa_lib
-from cleaq_jax.models import iqe as iqe_lib
 from cleaq_jax.models import layers
 
-STAGES = ("stage1", "stage2", "stage3", "teacher_a", "teacher_b")
-TASK_ORDER = ("dr", "iqe", "iqa")
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 Step = Callable[[ts.TrainState, Batch], tuple[ts.TrainState, Metrics]]
@@ -62,108 +58,18 @@ class LossSettings:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossSettings":
         lc = cfg.loss
-        _choice(lc.qe, ("l2", "l1"), "loss.qe")
-        _choice(lc.seg, ("dice", "bce"), "loss.seg")
-        _choice(lc.lqi, ("l2", "l1"), "loss.lqi")
-        _choice(lc.weighting, ("lbtw", "fixed"), "loss.weighting")
-        _choice(lc.lbtw_reset, ("epoch", "once"), "loss.lbtw_reset")
+        factory.check_choice(lc.qe, ("l2", "l1"), "loss.qe")
+        factory.check_choice(lc.seg, ("dice", "bce"), "loss.seg")
+        factory.check_choice(lc.lqi, ("l2", "l1"), "loss.lqi")
+        factory.check_choice(lc.weighting, ("lbtw", "fixed"), "loss.weighting")
+        factory.check_choice(lc.lbtw_reset, ("epoch", "once"), "loss.lbtw_reset")
         return cls(qe=lc.qe, seg=lc.seg, lqi=lc.lqi, lambda_seg=float(lc.lambda_seg),
                    lambda_lqi=float(lc.lambda_lqi), weighting=lc.weighting, alpha=float(lc.alpha),
-                   lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in TASK_ORDER),
+                   lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in factory.TASK_ORDER),
                    grl_scale=float(lc.grl_scale), usable_self_reference=bool(lc.usable_self_reference))
 
 
-def _choice(value: Any, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"config.{key}={value!r} is not one of {allowed}")
-
-
-def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
-    _choice(cfg.model.dtype, ("float32", "bfloat16"), "model.dtype")
-    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-
-
-def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
-    """The three subnetworks as linen modules, from config.model (the only place it is read)."""
-    m = cfg.model
-    common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat))
-    return {
-        "iqe": iqe_lib.IQE(use_seg=bool(m.use_seg), encoder_stages=tuple(m.encoder_stages),
-                           blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width) or None,
-                           residual=bool(m.uiqe_residual), **common),
-        "iqa": iqa_lib.IQA(use_lqi=bool(m.use_lqi), num_classes=3, encoder_stages=tuple(m.encoder_stages),
-                           classifier_stages=tuple(m.classifier_stages), **common),
-        "dr": dr_lib.DRGrader(num_grades=int(cfg.data.num_grades), stage_sizes=tuple(m.classifier_stages),
-                              **common),
-        "cenet": cenet_lib.CENet(stage_sizes=tuple(m.encoder_stages), **common),
-    }
-
-
-def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
-    """The subnetworks a stage trains, in a fixed order, after the config's task switches."""
-    _choice(stage, STAGES, "stage")
-    t = cfg.tasks
-    if stage.startswith("teacher"):
-        return ("cenet",)
-    if stage == "stage1":
-        nets = tuple(n for n in ("iqe", "dr") if t[n])
-    elif stage == "stage2":
-        nets = ("iqa",) if t.iqa else ()
-    else:
-        if not t.iqe:
-            raise ValueError("config.tasks.iqe=False: stage 3 trains IQE jointly with IQA and/or DR; "
-                             "for a DR-only model run stage1 with tasks.iqe=False")
-        nets = tuple(n for n in ("iqe", "iqa", "dr") if t[n])
-    if not nets:
-        raise ValueError(f"config.tasks switches off every subnetwork that {stage} trains")
-    return nets
-
-
-def stage_tasks(nets: tuple[str, ...]) -> tuple[str, ...]:
-    """The weighted tasks of a stage (eq. 11): one per trained subnetwork, in TASK_ORDER (none for the
-    vessel teacher, whose single loss needs no weighting)."""
-    return tuple(t for t in TASK_ORDER if t in nets)
-
-
-# --------------------------------------------------------------------------- optimisation
-def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Paper IV-B: lr constant for `constant_epochs`, then times (1 - epoch/num_epochs)^power."""
-    o = cfg.optim
-    base, constant, total, power = float(o.learning_rate), int(o.constant_epochs), int(cfg.num_epochs), float(o.power)
-
-    def schedule(count):
-        epoch = (count // steps_per_epoch).astype(jnp.float32)
-        decay = jnp.maximum(1.0 - epoch / total, 0.0) ** power
-        return base * jnp.where(epoch < constant, 1.0, decay)
-
-    return schedule
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    return optax.adam(lr_schedule(cfg, steps_per_epoch), b1=float(cfg.optim.b1), b2=float(cfg.optim.b2))
-
-
-def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
-               tx: optax.GradientTransformation, key: jax.Array) -> ts.TrainState:
-    """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit)."""
-    size = int(cfg.data.image_size)
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    init_key, state_key = jax.random.split(key)
-    variables = {}
-    for i, name in enumerate(nets):
-        v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
-        variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
-    # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
-    return ts.create(variables, tx, num_tasks=max(1, len(stage_tasks(nets))), rng=state_key)
-
-
-# --------------------------------------------------------------------------- inputs
-def inputs(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """uint8 image (B,H,W,3) and mask (B,H,W) -> float32 image in [0,1] zeroed outside the mask, mask."""
-    mask = batch["mask"].astype(jnp.float32)
-    return batch["image"].astype(jnp.float32) / 255.0 * mask[..., None], mask
-
-
+# --------------------------------------------------------------------------- per-subnetwork terms
 def _apply(model: nn.Module, state: ts.TrainState, params: dict, name: str, x: jax.Array):
     out, updates = model.apply({"params": params[name], "batch_stats": state.batch_stats[name]}, x,
                                train=True, mutable=["batch_stats"])
@@ -171,12 +77,11 @@ def _apply(model: nn.Module, state: ts.TrainState, params: dict, name: str, x: j
 
 
 def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    valid = labels >= 0
-    hits = (jnp.argmax(logits, -1) == labels) & valid
-    return hits.sum() / jnp.maximum(valid.sum(), 1)
+    """Training accuracy over the known labels (>= 0); 0, not NaN, for a batch with none, so the
+    logged mean over an interval stays finite."""
+    return jnp.nan_to_num(metrics_lib.accuracy(labels, jnp.argmax(logits, -1), valid=labels >= 0))
 
 
-# --------------------------------------------------------------------------- per-subnetwork terms
 def _iqe_terms(model, state, params, degraded, clean, mask, clean_weight, batch, s: LossSettings):
     out, bs = _apply(model, state, params, "iqe", degraded)
     enhanced = out["enhanced"] * mask[..., None]
@@ -211,7 +116,7 @@ def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
     scores (op2 for good, op1 for usable images, as QT does in stage 3).
     """
     del grl_scale  # no gradient reversal before stage 3
-    x, mask = inputs(batch)
+    x, mask = inference.inputs(batch)
     quality, grade = batch["quality"], batch["dr_grade"]
     total, metrics, new_bs = 0.0, {}, {}
     if "iqe" in nets:
@@ -234,7 +139,7 @@ def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
 def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
     """Eq. (2): IQA on X, with LQI-IQA reconstructing QT(X)."""
     del grl_scale
-    x, mask = inputs(batch)
+    x, mask = inference.inputs(batch)
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, batch["quality"], keys, qt)
     l_iqa, terms, bs = _iqa_terms(models["iqa"], state, params, x, degraded, mask, batch["quality"], s)
@@ -243,7 +148,7 @@ def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
 
 def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_epoch, grl_scale=None):
     """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA through gradient reversal, DR}; weighted tasks."""
-    x, mask = inputs(batch)
+    x, mask = inference.inputs(batch)
     quality = batch["quality"]
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
@@ -262,7 +167,7 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_ep
         task_losses["dr"], terms, new_bs["dr"] = _dr_terms(models["dr"], state, params, enhanced,
                                                            batch["dr_grade"])
         metrics.update(terms)
-    names = stage_tasks(nets)
+    names = factory.stage_tasks(nets)
     vector = jnp.stack([task_losses[t] for t in names])
     if s.weighting == "lbtw":
         weights, lbtw = losses.lbtw_weights(vector, state.lbtw, epoch=state.step // steps_per_epoch,
@@ -283,7 +188,7 @@ def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_inp
     flips and rotations come from the loader). With ``degrade_input`` (teacher_b) it is then degraded by
     op1 or op2 at random, so the teacher learns to segment the low-quality images it will be run on.
     """
-    x, mask = inputs(batch)
+    x, mask = inference.inputs(batch)
     k_aug, key = jax.random.split(key)
     x, mask, vessel = augment.augment_batch(x, mask, batch["vessel"].astype(jnp.float32), k_aug)
     if degrade_input:
@@ -303,15 +208,13 @@ def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], sta
     """The stage's loss ``fn(params, state, batch, key, grl_scale=None) -> (loss, (metrics, new_batch_stats,
     lbtw_state))``, differentiable w.r.t. ``params`` ({subnetwork: params}). ``grl_scale`` (stage 3) may be a
     traced value replacing config.loss.grl_scale, e.g. to schedule it."""
-    nets = stage_nets(cfg, stage)
-    qt = degrade.QTParams.from_config(cfg.qt, image_size=int(cfg.data.image_size))
+    nets = factory.stage_nets(cfg, stage)
+    qt = factory.qt_params(cfg)
     s = LossSettings.from_config(cfg)
     fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
           "stage3": functools.partial(_stage3_loss, steps_per_epoch=steps_per_epoch),
           "teacher_a": functools.partial(_teacher_loss, degrade_input=False),
           "teacher_b": functools.partial(_teacher_loss, degrade_input=True)}[stage]
-    if stage in ("stage1", "stage2"):
-        fn = (lambda f: lambda *a, grl_scale: f(*a))(fn)
     return lambda params, state, batch, key, grl_scale=None: fn(params, state, batch, key, models, nets, qt, s,
                                                                 grl_scale=grl_scale)
 
@@ -320,7 +223,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module]
                     stage: str, steps_per_epoch: int) -> Step:
     """The stage's pure train step ``(state, batch) -> (state, metrics)`` (jit it with parallel.py)."""
     loss_fn = stage_loss(cfg, models, stage, steps_per_epoch)
-    schedule = lr_schedule(cfg, steps_per_epoch)
+    schedule = optim.lr_schedule(cfg, steps_per_epoch)
 
     def step(state: ts.TrainState, batch: Batch):
         key, state = state.next_key()

@@ -6,20 +6,30 @@ losses and current weights, paper IV-B) and the RNG key. Everything that changes
 here, so a step is a pure function ``(state, batch) -> (state, metrics)`` and a checkpoint of the state
 resumes a run exactly. The optimizer itself (an optax transformation) is not state: it is built from the
 config and closed over by the step.
+
+This module is also the one builder of states and their layouts: `init_state` (a stage's fresh state),
+`abstract_state` (shapes, dtypes and shardings without computing anything: restore targets and jit
+layouts), `sharded_state` (a state materialised directly in its sharded layout) and
+`abstract_variables` (the inference part of a state, the target of a partial restore). Training,
+evaluation, the vessel teacher, the checkpoint restores, the bench scripts and the tests all use them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from cleaq_jax import losses
+from cleaq_jax import factory, losses, parallel
 
 Variables = dict[str, Any]
+PyTree = Any
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,10 +42,6 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: dict[str, Any]
     lbtw: losses.LBTWState
     rng: jax.Array
-
-    def variables(self, name: str) -> Variables:
-        """The linen variables of one subnetwork, for ``module.apply``."""
-        return {"params": self.params[name], "batch_stats": self.batch_stats[name]}
 
     def next_key(self) -> tuple[jax.Array, "TrainState"]:
         """A fresh PRNG key for this step and the state carrying the advanced RNG."""
@@ -66,3 +72,70 @@ def apply_gradients(state: TrainState, grads: dict[str, Any], batch_stats: dict[
         params[name] = optax.apply_updates(p, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          batch_stats={**state.batch_stats, **batch_stats})
+
+
+class InferenceState(flax.struct.PyTreeNode):
+    """What inference needs of a train state: {subnetwork: params} and {subnetwork: batch_stats}."""
+
+    params: dict[str, Any]
+    batch_stats: dict[str, Any]
+
+
+def variables(state: Any, name: str) -> Variables:
+    """The linen variables {"params", "batch_stats"} of one subnetwork of a TrainState or
+    InferenceState, for ``module.apply``."""
+    return {"params": state.params[name], "batch_stats": state.batch_stats[name]}
+
+
+# --------------------------------------------------------------------------- the builder
+def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
+               tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit).
+
+    models: `factory.build_models` output; nets: the subnetworks to hold (`factory.stage_nets`);
+    key: a PRNG key (split into the parameters' and the state's RNG).
+    """
+    size = int(cfg.data.image_size)
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    init_key, state_key = jax.random.split(key)
+    variables = {}
+    for i, name in enumerate(nets):
+        v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
+        variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+    # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
+    return create(variables, tx, num_tasks=max(1, len(factory.stage_tasks(nets))), rng=state_key)
+
+
+def abstract_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: Any,
+                   fsdp_min_size: int = 2**18) -> tuple[PyTree, PyTree]:
+    """The layout of ``init(*args)`` on ``mesh`` without computing it.
+
+    init: pure function returning a state pytree (e.g. ``lambda k: init_state(cfg, models, nets, tx, k)``).
+    Returns (target, shardings): ShapeDtypeStructs carrying their shardings (a restore target for
+    `checkpoint`) and the pytree of `parallel.state_shardings` (for `parallel.jit_train_step`).
+    """
+    abstract = jax.eval_shape(init, *args)
+    shardings = parallel.state_shardings(abstract, mesh, fsdp_min_size=fsdp_min_size)
+    return parallel.abstract_with_shardings(abstract, shardings), shardings
+
+
+def sharded_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: Any,
+                  fsdp_min_size: int = 2**18) -> tuple[PyTree, PyTree]:
+    """Materialise ``init(*args)`` directly in its sharded layout (no full copy on one device first).
+
+    Returns (state, shardings), shardings as in `abstract_state`.
+    """
+    _, shardings = abstract_state(init, mesh, *args, fsdp_min_size=fsdp_min_size)
+    return jax.jit(init, out_shardings=shardings)(*args), shardings
+
+
+def abstract_variables(models: dict[str, nn.Module], nets: tuple[str, ...], image_size: int,
+                       mesh: jax.sharding.Mesh) -> InferenceState:
+    """Restore target of the inference part of a state: the parameters and BatchNorm statistics of
+    ``nets`` at ``image_size`` px, as ShapeDtypeStructs laid out on ``mesh`` like a train state's."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = {n: jax.eval_shape(lambda k, x, m=models[n]: m.init(k, x, train=False), jax.random.key(0), x)
+              for n in nets}
+    abstract = InferenceState(params={n: v["params"] for n, v in shapes.items()},
+                              batch_stats={n: v.get("batch_stats", {}) for n, v in shapes.items()})
+    return parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))

@@ -4,7 +4,7 @@
   teacher_b  initialised from teacher_a, fine-tuned on op1/op2 QT-degraded copies of the same images.
 
 Each stage trains with Dice + BCE inside the field of view, augmented as CE-Net's training is: random
-rotation and flips in the loader, HSV colour shift and scale/aspect/shift on device (cleaq_jax/teacher.py),
+rotation and flips in the loader, HSV colour shift and scale/aspect/shift on device (cleaq_jax/data/augment.py),
 and ends with an evaluation on DRIVE test (Dice, accuracy, AUC inside the FOV mask) in <stage>/eval/.
 
     python -m data_prep.drive --root DRIVE --out data/drive --size 512

@@ -63,10 +63,10 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def teacher_masker(teacher, threshold: float, batch_size: int) -> Masker:
-    """Masks from a restored `cleaq_jax.teacher.Teacher`: probability > threshold, inside the mask.
+    """Masks from a restored `cleaq_jax.checkpoint.Teacher`: probability > threshold, inside the mask.
 
     Batches of up to ``batch_size`` records run as one compiled program (shorter ones are padded)."""
-    from cleaq_jax import teacher as teacher_lib
+    from cleaq_jax import inference  # JAX only for the teacher: the filter methods' workers stay light
 
     size = teacher.image_size
 
@@ -74,7 +74,7 @@ def teacher_masker(teacher, threshold: float, batch_size: int) -> Masker:
         decoded = [_decode(p) for p in payloads]
         images = np.stack([_resize(image, size) for image, _ in decoded])
         fovs = np.stack([(_resize(mask * 255, size) > 127).astype(np.uint8) for _, mask in decoded])
-        probs = teacher_lib.predict_vessels(teacher, images, fovs, batch_size)
+        probs = inference.predict_vessels(teacher, images, fovs, batch_size)
         return [((_resize(p, mask.shape[0]) > threshold) & (mask > 0)).astype(np.uint8)
                 for p, (_, mask) in zip(probs, decoded)]
 
@@ -256,9 +256,9 @@ def _make_masker(args: argparse.Namespace) -> tuple[Masker, dict[str, Any], Call
     if args.method != "teacher":
         masker = FilterMasker(args.method, args.workers)
         return masker, {"method": args.method}, masker.close
-    from cleaq_jax import teacher
+    from cleaq_jax import checkpoint  # JAX and orbax only for the teacher method
 
-    restored = teacher.restore_teacher(args.teacher, step=args.step)
+    restored = checkpoint.restore_teacher(args.teacher, step=args.step)
     settings = {"method": "teacher", "teacher": restored.directory, "teacher_step": restored.step,
                 "teacher_stage": restored.config.stage, "threshold": args.threshold}
     return teacher_masker(restored, args.threshold, args.batch_size), settings, lambda: None

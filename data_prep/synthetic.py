@@ -1,4 +1,5 @@
-"""Write synthetic fundus shards (and pictures of them).
+"""Write synthetic fundus shards (and pictures of them): the command line of
+`cleaq_jax.data.location.build_synthetic`.
 
     python -m data_prep.synthetic --out DIR --num N --size S --seed K \\
         [--splits train=0.7,val=0.1,test=0.2] [--workers W] [--num-shards M]
@@ -15,24 +16,13 @@ with a manifest.json is complete. Grade and quality follow the generator's defau
 from __future__ import annotations
 
 import argparse
-import math
-import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from cleaq_jax.data import records
-from cleaq_jax.data import synthetic
-
-NAME = "synthetic"
-DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
-GENERATOR_VERSION = 1  # bump when the generator's pixels change, so stale shard sets are rebuilt
+from cleaq_jax.data import location, synthetic
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -48,154 +38,8 @@ def parse_splits(text: str) -> dict[str, float]:
             raise ValueError(f"--splits {text!r}: write NAME=FRACTION pairs with distinct names and positive "
                              "fractions, e.g. train=0.7,val=0.1,test=0.2")
         splits[name.strip()] = fraction
-    _check_fractions(splits, f"--splits {text!r}")
+    location.check_fractions(splits, f"--splits {text!r}")
     return splits
-
-
-def _check_fractions(splits: Mapping[str, float], what: str) -> None:
-    if not splits or abs(sum(splits.values()) - 1.0) > 1e-6:
-        raise ValueError(f"{what}: the split fractions must sum to 1 (got {sum(splits.values()):.4f})")
-
-
-def split_counts(num: int, splits: Mapping[str, float]) -> dict[str, int]:
-    """Records per split: floor(num * fraction), the remainder to the largest fractional parts."""
-    exact = {k: num * f for k, f in splits.items()}
-    counts = {k: int(math.floor(v)) for k, v in exact.items()}
-    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: num - sum(counts.values())]:
-        counts[k] += 1
-    return counts
-
-
-def _use_cpu() -> None:
-    """Worker processes generate on the CPU: never grab an accelerator the parent may be using."""
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-
-
-def _encode(job: tuple[int, int, int, float]) -> bytes:
-    seed, index, size, lesion_scale = job
-    return records.encode_record(synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale))
-
-
-class _Progress:
-    """One stderr line, rewritten at most twice a second: done/total, rate, ETA."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.stream = total, 0, stream or sys.stderr
-        self.start = self.last = time.monotonic()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last < 0.5 and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = int((self.total - self.done) / rate)
-        self.stream.write(f"\r{NAME} {what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) "
-                          f"{rate:.1f} img/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  ")
-        if self.done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def _generator_info(num: int, size: int, seed: int, splits: Mapping[str, float],
-                    lesion_scale: float = 1.0) -> dict[str, Any]:
-    info = {"name": NAME, "version": GENERATOR_VERSION, "num": num, "size": size, "seed": seed,
-            "splits": dict(splits)}
-    if lesion_scale != 1.0:  # recorded only when set, so sets built before the option keep their identity
-        info["lesion_scale"] = float(lesion_scale)
-    return {"generator": info}
-
-
-def _is_built(out: str, info: Mapping[str, Any]) -> bool:
-    """True when ``out`` already holds the complete shard set these arguments would write."""
-    if not os.path.exists(os.path.join(out, records.MANIFEST)):
-        return False
-    manifest = records.read_manifest(out)
-    built = manifest.get("splits", {})
-    return set(built) == set(info["generator"]["splits"]) and all(
-        s.get("generator") == info["generator"] for s in built.values())
-
-
-def _default_workers(num: int) -> int:
-    # A worker costs seconds to start (JAX import, QT compile): one per 256 images, at most one per core.
-    return max(1, min(os.cpu_count() or 1, num // 256))
-
-
-def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
-                    splits: Mapping[str, float] | None = None, workers: int | None = None,
-                    num_shards: int | None = None, overwrite: bool = False,
-                    lesion_scale: float = 1.0) -> dict[str, Any]:
-    """Write ``num`` synthetic examples of ``size`` px into ``out`` as split shards + manifest.json.
-
-    Args:
-      out: directory (created if needed).
-      num, size, seed: how many examples, their side in px, and the seed (ids are unique per seed).
-      splits: {split: fraction}, fractions summing to 1 (default train 0.7, val 0.1, test 0.2).
-      workers: processes generating in parallel (default: one per 256 examples, at most one per core).
-      num_shards: shards per split (default: one per 1024 records, at least 2 when there are 2 records).
-      overwrite: rebuild even when ``out`` already holds this exact set (otherwise it is kept).
-      lesion_scale: multiplier on every lesion's size (``synthetic.generate_example``): 1 keeps a 512 px
-        photograph's lesion sizes, which are sub-pixel below 128 px; 4 makes them visible at 64 px.
-    Returns: the manifest dict.
-    """
-    splits = dict(DEFAULT_SPLITS if splits is None else splits)
-    _check_fractions(splits, "splits")
-    if num < len(splits) or size < 16:
-        raise ValueError(f"need num >= {len(splits)} (one example per split) and size >= 16, got num={num}, "
-                         f"size={size}")
-    if not lesion_scale > 0:
-        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
-    info = _generator_info(num, size, seed, splits, lesion_scale)
-    if not overwrite and _is_built(out, info):
-        return records.read_manifest(out)
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".build-")
-    try:
-        _write_splits(tmp, num, size, seed, splits, workers or _default_workers(num), num_shards, info, lesion_scale)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return records.read_manifest(out)
-
-
-def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str, float], workers: int,
-                  num_shards: int | None, info: Mapping[str, Any], lesion_scale: float = 1.0) -> None:
-    progress = _Progress(num)
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_use_cpu)
-    try:
-        start = 0
-        for split, count in split_counts(num, splits).items():
-            jobs = [(seed, i, size, float(lesion_scale)) for i in range(start, start + count)]
-            start += count
-            shards = num_shards or min(count, max(2, math.ceil(count / 1024)))
-            with records.ShardWriter(tmp, NAME, split, num_shards=shards, extra_manifest=info) as writer:
-                encoded = pool.imap(_encode, jobs, chunksize=4) if pool else map(_encode, jobs)
-                for data in encoded:  # imap keeps index order, so shards do not depend on workers
-                    writer.write(data)
-                    progress.step(split)
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
-def _move_into_place(tmp: str, out: str) -> None:
-    """Shards first, manifest last; shards of an older set in ``out`` are removed first."""
-    old = os.path.join(out, records.MANIFEST)
-    if os.path.exists(old):
-        for split in records.read_manifest(out).get("splits", {}).values():
-            for shard in split.get("shards", []):
-                if os.path.exists(os.path.join(out, shard)):
-                    os.remove(os.path.join(out, shard))
-        os.remove(old)
-    for name in sorted(os.listdir(tmp)):
-        if name != records.MANIFEST and not name.startswith("."):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.replace(os.path.join(tmp, records.MANIFEST), old)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -324,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.qt_examples:
         write_qt_examples(args.qt_examples, size=args.size or 256, seed=args.seed)
     if args.out:
-        manifest = build_synthetic(args.out, args.num, size=args.size or 512, seed=args.seed, splits=splits,
+        manifest = location.build_synthetic(args.out, args.num, size=args.size or 512, seed=args.seed, splits=splits,
                                    workers=args.workers, num_shards=args.num_shards, overwrite=args.overwrite,
                                    lesion_scale=args.lesion_scale)
         counts = {k: v["num_records"] for k, v in manifest["splits"].items()}

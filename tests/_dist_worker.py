@@ -55,10 +55,10 @@ def _train(mesh, steps, rows=slice(None), initial=None):
     import jax
 
     import _toy
-    from cleaq_jax import parallel
+    from cleaq_jax import parallel, train_state
 
     if initial is None:
-        state, shardings = parallel.create_sharded_state(
+        state, shardings = train_state.sharded_state(
             _toy.init_state, mesh, jax.random.key(0), fsdp_min_size=FSDP_MIN_SIZE
         )
     else:
@@ -82,11 +82,11 @@ def run_meshes(args):
     import numpy as np
 
     import _toy
-    from cleaq_jax import parallel
+    from cleaq_jax import parallel, train_state
 
     out = {}
-    one_device_init = parallel.create_sharded_state(_toy.init_state, parallel.make_mesh(1, 1, jax.devices()[:1]),
-                                                    jax.random.key(0))[0]
+    one_device_init = train_state.sharded_state(_toy.init_state, parallel.make_mesh(1, 1, jax.devices()[:1]),
+                                                jax.random.key(0))[0]
     # one and fsdp2 initialise independently (sharded init = unsharded init); data8 reuses one's
     # init to save a compile.
     layouts = {"one": (1, 1, jax.devices()[:1], one_device_init), "data8": (-1, 1, None, one_device_init),
@@ -135,7 +135,7 @@ def _multi_checkpoint(directory, state, shardings, pid, gather):
     import numpy as np
 
     import _toy
-    from cleaq_jax import checkpoint
+    from cleaq_jax import checkpoint, parallel
 
     dataset = grain.MapDataset.range(10).to_iter_dataset()
     data = iter(dataset)
@@ -146,7 +146,7 @@ def _multi_checkpoint(directory, state, shardings, pid, gather):
         ckpt.wait_until_finished()
         fresh = iter(dataset)
         abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
-        restored = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings), data_iter=fresh)
+        restored = ckpt.restore(parallel.abstract_with_shardings(abstract, shardings), data_iter=fresh)
     numeric = lambda s: (s.step, s.params, s.batch_stats, s.opt_state, jax.random.key_data(s.rng))
     same = all(np.array_equal(a, b) for a, b in zip(gather(numeric(restored)), gather(numeric(state)), strict=True))
     return {"restored_equal": same, "next_after_restore": int(next(fresh))}
@@ -184,7 +184,7 @@ def run_loop(args):
     import jax
 
     import _toy
-    from cleaq_jax import checkpoint, parallel
+    from cleaq_jax import checkpoint, parallel, train_state
 
     mesh = parallel.make_mesh()
     abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
@@ -193,10 +193,10 @@ def run_loop(args):
     status = {"resumed_from": 0, "stopped_at": None}
     with checkpoint.Checkpointer(args.ckpt, async_save=True) as ckpt, checkpoint.PreemptionGuard() as guard:
         if ckpt.latest_step() is not None:  # resuming: no fresh init needed
-            state = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+            state = ckpt.restore(parallel.abstract_with_shardings(abstract, shardings))
             status["resumed_from"] = int(state.step)
         else:
-            state, _ = parallel.create_sharded_state(_toy.init_state, mesh, jax.random.key(0))
+            state, _ = train_state.sharded_state(_toy.init_state, mesh, jax.random.key(0))
         while int(state.step) < args.steps:
             step = int(state.step)
             if guard.should_stop():

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from cleaq_jax.experiments import ablations
+from cleaq_jax.programs import ablations
 
 VARIANTS = "dr_only,iqe_no_seg"
 SEEDS = 2

@@ -31,7 +31,7 @@ def _tiny(value: float) -> dict[str, jax.Array]:
 def _tiny_target() -> dict[str, jax.ShapeDtypeStruct]:
     mesh = parallel.make_mesh()
     abstract = jax.eval_shape(lambda: _tiny(0.0))
-    return checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    return parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
 
 
 def _save_all(ckpt: checkpoint.Checkpointer, metric_values: list[float], name: str = "kappa") -> None:
@@ -143,7 +143,7 @@ def test_train_state_round_trips_with_rng_and_optimizer_state(tmp_path):
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, state)
         ckpt.wait_until_finished()
-        target = checkpoint.abstract_with_shardings(abstract, shardings)
+        target = parallel.abstract_with_shardings(abstract, shardings)
         restored = ckpt.restore(target)
     assert isinstance(restored, _toy.ToyState)
     for got, want in zip(_toy.to_numpy(restored), _toy.to_numpy(state), strict=True):
@@ -277,7 +277,7 @@ def test_checkpoint_saved_on_eight_devices_restores_on_one(background):
     assert int(saved["sharded"]) > 0  # the saved state really was fsdp-sharded
     mesh = parallel.make_mesh()
     abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
-    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
     restored = checkpoint.restore_state(tmp / "saved", target)
     leaves = _toy.to_numpy(restored)
     assert len(leaves) == len([k for k in saved.files if k.startswith("leaf")])

@@ -1,4 +1,4 @@
-"""Evaluation (cleaq_jax.evaluate, cleaq_jax.report): topology-free restore of a checkpoint for inference,
+"""Evaluation (cleaq_jax.programs.evaluate, cleaq_jax.report): topology-free restore of a checkpoint for inference,
 the paper's tables per quality level from per-example outputs, and the report files of a run.
 
 The checkpoint is a tiny CLEAQ-DR state (32 px, width 1/16) with deterministic host-drawn weights, saved
@@ -21,7 +21,8 @@ import pytest
 import skimage.data
 from sklearn.metrics import cohen_kappa_score
 
-from cleaq_jax import evaluate, metrics, parallel, report, steps
+from cleaq_jax import checkpoint, factory, inference, metrics, optim, parallel, report, train_state
+from cleaq_jax.programs import evaluate
 from cleaq_jax.data import fundus, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +66,9 @@ def host_state(cfg: ml_collections.ConfigDict, nets=NETS, seed: int = 0, quality
     Drawn on the host because compiling the flax initialisers takes minutes on a small CPU; the same
     seed gives the same state in any process. quality_bias: (3,) added to C-IQA's output bias.
     """
-    models = steps.build_models(cfg)
-    tx = steps.make_optimizer(cfg, 1)
-    abstract = jax.eval_shape(lambda k: steps.init_state(cfg, models, nets, tx, k), jax.random.key(0))
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(cfg, 1)
+    abstract = jax.eval_shape(lambda k: train_state.init_state(cfg, models, nets, tx, k), jax.random.key(0))
     rng = np.random.default_rng(seed)
     state = jax.tree_util.tree_map_with_path(lambda p, leaf: _fill(p, leaf, rng), abstract)
     if quality_bias is not None:
@@ -159,7 +160,7 @@ def evaluated(stage3_dir, data_dir, tmp_path_factory):
 def test_restores_a_checkpoint_saved_on_8_devices_onto_1(tmp_path):
     save_on_8_devices(str(tmp_path / "stage3"))
     one = parallel.make_mesh(devices=jax.devices()[:1])
-    restored = evaluate.load_checkpoint(str(tmp_path / "stage3"), one)
+    restored = checkpoint.load_checkpoint(str(tmp_path / "stage3"), one)
     expected = host_state(tiny_config())
     assert restored.nets == NETS and restored.stage == "stage3" and restored.step == 2
     got = jax.tree_util.tree_leaves_with_path(restored.state.params)
@@ -171,14 +172,14 @@ def test_restores_a_checkpoint_saved_on_8_devices_onto_1(tmp_path):
 
 
 def test_restored_config_is_the_trained_one(stage3_dir):
-    restored = evaluate.load_checkpoint(stage3_dir)
+    restored = checkpoint.load_checkpoint(stage3_dir)
     assert restored.config.data.image_size == SIZE
     assert restored.config.model.encoder_stages == (1, 1, 1, 1)  # JSON lists come back as tuples
 
 
 def test_a_folder_without_checkpoints_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        evaluate.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
 
 
 def test_eval_without_checkpoint_dir_names_the_key(tmp_path):
@@ -281,10 +282,10 @@ def test_evaluation_writes_json_markdown_and_figures(evaluated):
 
 
 def test_grid_shows_input_enhanced_reference_and_vessels(stage3_dir, data_dir):
-    restored = evaluate.load_checkpoint(stage3_dir)
+    restored = checkpoint.load_checkpoint(stage3_dir)
     cfg = evaluate.merge_for_eval(restored.config, restored.config)
     batch = evaluate._first_examples(data_dir, cfg, 3)  # the report's grid size: its compilation is reused
-    panels = evaluate.enhancement_panels(cfg, restored.state, restored.models, batch)
+    panels = inference.enhancement_panels(cfg, restored.state, restored.models, batch)
     assert panels.shape == (3, SIZE, 4 * SIZE, 3)
     reference = batch["image"].astype(np.float32) / 255 * batch["mask"][..., None]
     np.testing.assert_allclose(panels[:, :, 2 * SIZE:3 * SIZE], reference, atol=1e-6)
@@ -295,18 +296,18 @@ def _inference(restored, stage):
     image, mask = fundus.preprocess(skimage.data.retina(), SIZE, name="retina")
     # Two images, as test_predict's batches: run in one pytest process they share this compilation.
     x = jnp.asarray(np.stack([image, image[:, ::-1]]), jnp.float32) / 255.0
-    fn = evaluate.compiled_inference(restored.models, restored.nets, gate_quality=False,
-                                     enhance_first=evaluate.enhance_before_grading(stage))
+    fn = inference.compiled_inference(restored.models, restored.nets, gate_quality=False,
+                                     enhance_first=inference.enhance_before_grading(stage))
     return x, fn(restored.state, x, jnp.asarray(np.stack([mask, mask[:, ::-1]]), jnp.float32))
 
 
 def _dr(restored, image):
     apply = jax.jit(lambda v, im: jax.nn.softmax(restored.models["dr"].apply(v, im, train=False)))
-    return np.asarray(apply(evaluate._variables(restored.state, "dr"), image))
+    return np.asarray(apply(train_state.variables(restored.state, "dr"), image))
 
 
 def test_joint_model_grades_the_enhanced_image_and_stage1_the_raw_one(stage3_dir):
-    restored = evaluate.load_checkpoint(stage3_dir)
+    restored = checkpoint.load_checkpoint(stage3_dir)
     x, joint = _inference(restored, "stage3")
     _, separate = _inference(restored, "stage1")
     np.testing.assert_allclose(joint["dr_probs"], _dr(restored, joint["enhanced"]), atol=1e-5)

@@ -24,7 +24,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from cleaq_jax import checkpoint, parallel, steps
+from cleaq_jax import checkpoint, factory, optim, parallel, train_state
 from cleaq_jax.data import pipeline, records
 from tests import tiny
 
@@ -143,11 +143,11 @@ def launched(tmp_path_factory):
 
 
 def _stage1_init():
-    """init(key) -> the train state TINY's stage 1 starts from (DR alone), as train.py builds it."""
+    """init(key) -> the train state TINY's stage 1 starts from (DR alone), as programs/train.py builds it."""
     cfg = tiny.tiny_config(stage="stage1", **{"tasks.iqe": False})
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, "stage1")
-    return lambda key: steps.init_state(cfg, models, nets, steps.make_optimizer(cfg, 1), key)
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage1")
+    return lambda key: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), key)
 
 
 def _by_path(params) -> dict[str, np.ndarray]:
@@ -157,7 +157,7 @@ def _by_path(params) -> dict[str, np.ndarray]:
 def _restored_params(workdir: str) -> dict[str, np.ndarray]:
     """The stage-1 checkpoint of ``workdir`` restored onto this process's one device."""
     abstract = jax.eval_shape(_stage1_init(), jax.random.key(0))
-    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
+    target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
     state = checkpoint.restore_state(os.path.join(workdir, "stage1", "checkpoints"), target)
     assert int(state.step) == 2
     return _by_path(state.params)

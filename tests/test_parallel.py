@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 import _toy
-from cleaq_jax import checkpoint, parallel
+from cleaq_jax import checkpoint, parallel, train_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_dist_worker.py")
@@ -204,7 +204,7 @@ def test_global_batch_builds_arrays_split_on_the_batch_dimension():
 # --------------------------------------------------------------------------- the step
 def _counter_setup(donate: bool):
     mesh = parallel.make_mesh()
-    state, shardings = parallel.create_sharded_state(_counter_init, mesh, jax.random.key(0))
+    state, shardings = train_state.sharded_state(_counter_init, mesh, jax.random.key(0))
     step = parallel.jit_train_step(_counter_step, shardings, mesh, donate=donate)
     return state, step, parallel.global_batch({"x": np.ones((4, 2), np.float32)}, mesh)
 
@@ -329,7 +329,7 @@ def test_two_process_fsdp_checkpoint_restores_on_one_device(runs, meshes):
     assert all(int(runs[f"explicit{pid}"].result()["sharded"]) == 6 for pid in range(2))
     mesh = parallel.make_mesh()
     abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
-    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
     restored = checkpoint.restore_state(runs["tmp"] / "ckpt", target)
     params = _toy.to_numpy(restored.params)
     for i, leaf in enumerate(params):

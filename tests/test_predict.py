@@ -1,4 +1,4 @@
-"""The predict CLI (cleaq_jax.predict) on the real scikit-image fundus photograph: CSV rows, enhanced images
+"""The predict CLI (cleaq_jax.programs.predict) on the real scikit-image fundus photograph: CSV rows, enhanced images
 at the processed size, unreadable and disc-less files reported and skipped, and quality gating."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from cleaq_jax import evaluate, parallel, predict
+from cleaq_jax import checkpoint, parallel
+from cleaq_jax.programs import predict
 from test_evaluate import SIZE, host_state, save_checkpoint, tiny_config
 
 GOOD_BIAS = (50.0, 0.0, 0.0)  # C-IQA output bias that makes IQA rate every image good
@@ -123,7 +124,7 @@ def test_gate_quality_without_iqa_is_refused_naming_the_checkpoint(photos, tmp_p
 
 
 def test_a_stage1_checkpoint_is_noted_to_lack_quality_assessment(tmp_path):
-    restored = evaluate.load_checkpoint(_checkpoint(tmp_path, nets=("iqe", "dr"), stage="stage1"))
+    restored = checkpoint.load_checkpoint(_checkpoint(tmp_path, nets=("iqe", "dr"), stage="stage1"))
     notes = predict.check_checkpoint(restored, gate_quality=False)
     assert restored.stage == "stage1" and len(notes) == 1 and "no IQA network" in notes[0]
 

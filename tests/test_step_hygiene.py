@@ -1,7 +1,7 @@
 """The joint train step as the training loop runs it never waits on the host: it compiles once, it
 runs with every implicit host-device transfer forbidden, and it donates the state it replaces.
 
-One tiny joint (stage-3) step is built the way train.py builds it (steps.make_train_step jitted by
+One tiny joint (stage-3) step is built the way programs/train.py builds it (steps.make_train_step jitted by
 parallel.jit_train_step over a mesh of all devices) and compiled once for the whole module.
 """
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cleaq_jax import parallel, steps
+from cleaq_jax import factory, optim, parallel, steps, train_state
 from tests import tiny
 
 NUM_STEPS = 4
@@ -39,11 +39,11 @@ def joint():
     through the loop's device prefetcher logged."""
     cfg = tiny.tiny_config()
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, "stage3")
-    tx = steps.make_optimizer(cfg, NUM_STEPS)
-    init = lambda k: steps.init_state(cfg, models, nets, tx, k)  # noqa: E731
-    state, shardings = parallel.create_sharded_state(init, mesh, jax.random.key(0))
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage3")
+    tx = optim.make_optimizer(cfg, NUM_STEPS)
+    init = lambda k: train_state.init_state(cfg, models, nets, tx, k)  # noqa: E731
+    state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))
     step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", NUM_STEPS), shardings, mesh)
     size = cfg.data.image_size
     host_batches = [tiny.random_batch(cfg.batch_size, size, seed=i) for i in range(NUM_STEPS)]

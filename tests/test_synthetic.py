@@ -11,7 +11,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cleaq_jax.data import records, synthetic
+from cleaq_jax.data import location, records, synthetic
 from data_prep import synthetic as prep
 
 FIELDS = {"image", "clean", "mask", "vessel", "lesion", "dr_grade", "quality", "id", "source"}
@@ -71,9 +71,9 @@ def test_lesion_scale_enlarges_lesions_and_leaves_the_eye_alone():
 
 def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
     out = str(tmp_path / "syn")
-    plain = prep.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1)
+    plain = location.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1)
     assert "lesion_scale" not in plain["splits"]["train"]["generator"]
-    scaled = prep.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1, lesion_scale=4)
+    scaled = location.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1, lesion_scale=4)
     assert scaled["splits"]["train"]["generator"]["lesion_scale"] == 4.0
     rec = next(records.iter_records(os.path.join(out, scaled["splits"]["train"]["shards"][0])))
     np.testing.assert_array_equal(rec["image"], synthetic.generate_example(0, 0, 32, lesion_scale=4)["image"])
@@ -186,12 +186,12 @@ def test_cli_writes_the_splits_with_their_counts_and_decodable_records(tmp_path,
 
 def test_build_keeps_a_complete_identical_set_and_replaces_a_different_one(tmp_path):
     out = str(tmp_path / "syn")
-    first = prep.build_synthetic(out, 4, size=32, seed=0, splits={"train": 0.5, "test": 0.5}, workers=1)
+    first = location.build_synthetic(out, 4, size=32, seed=0, splits={"train": 0.5, "test": 0.5}, workers=1)
     shard = os.path.join(out, first["splits"]["train"]["shards"][0])
     stamp = os.stat(shard).st_mtime_ns
-    assert prep.build_synthetic(out, 4, size=32, seed=0, splits={"train": 0.5, "test": 0.5}, workers=1) == first
+    assert location.build_synthetic(out, 4, size=32, seed=0, splits={"train": 0.5, "test": 0.5}, workers=1) == first
     assert os.stat(shard).st_mtime_ns == stamp
-    second = prep.build_synthetic(out, 6, size=32, seed=1, splits={"train": 1.0}, workers=1)
+    second = location.build_synthetic(out, 6, size=32, seed=1, splits={"train": 1.0}, workers=1)
     assert set(second["splits"]) == {"train"} and second["splits"]["train"]["num_records"] == 6
     assert sorted(f for f in os.listdir(out) if ".array_record-" in f) == sorted(second["splits"]["train"]["shards"])
 
@@ -203,6 +203,6 @@ def test_bad_splits_are_rejected(text):
 
 
 def test_split_counts_add_up_and_follow_the_fractions():
-    assert prep.split_counts(10, {"train": 0.7, "val": 0.1, "test": 0.2}) == {"train": 7, "val": 1, "test": 2}
-    counts = prep.split_counts(7, {"train": 0.7, "val": 0.1, "test": 0.2})
+    assert location.split_counts(10, {"train": 0.7, "val": 0.1, "test": 0.2}) == {"train": 7, "val": 1, "test": 2}
+    counts = location.split_counts(7, {"train": 0.7, "val": 0.1, "test": 0.2})
     assert sum(counts.values()) == 7 and counts["train"] == 5

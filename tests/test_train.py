@@ -16,14 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import parallel, steps, train
+from cleaq_jax import factory, optim, parallel, steps, train_state
+from cleaq_jax.programs import pipeline, train
 from tests import tiny
 
 
 # --------------------------------------------------------------------------- pure pieces
 def test_lr_schedule_is_constant_then_polynomial_in_the_epoch():
     cfg = tiny.tiny_config(**{"optim.learning_rate": 1e-3, "optim.constant_epochs": 60, "num_epochs": 150})
-    sched = steps.lr_schedule(cfg, steps_per_epoch=10)
+    sched = optim.lr_schedule(cfg, steps_per_epoch=10)
     assert float(sched(jnp.int32(0))) == pytest.approx(1e-3)
     assert float(sched(jnp.int32(599))) == pytest.approx(1e-3)  # epoch 59
     assert float(sched(jnp.int32(600))) == pytest.approx(1e-3 * (1 - 60 / 150) ** 0.9, rel=1e-5)
@@ -38,18 +39,18 @@ def test_each_ablation_config_runs_the_stages_its_variant_needs(name, stages):
     import importlib
 
     cfg = importlib.import_module(f"configs.ablations.{name}").get_config()
-    assert train.pipeline_stages(cfg) == stages
+    assert factory.pipeline_stages(cfg) == stages
     if "stage3" in stages:
-        nets = steps.stage_nets(cfg, "stage3")
+        nets = factory.stage_nets(cfg, "stage3")
         assert ("iqa" in nets) == cfg.tasks.iqa and ("dr" in nets) == cfg.tasks.dr
 
 
 def _joint_setup(**overrides):
     cfg = tiny.tiny_config(**{"loss.weighting": "fixed", **overrides})
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, "stage3")
-    tx = steps.make_optimizer(cfg, 1)
-    state = jax.jit(lambda k: steps.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage3")
+    tx = optim.make_optimizer(cfg, 1)
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, tiny.random_batch(4, cfg.data.image_size))
     return cfg, models, state, batch
 
@@ -74,7 +75,7 @@ def test_joint_step_reverses_the_iqa_gradient_into_iqe():
 
 def test_joint_step_updates_every_subnetwork_and_the_task_weights():
     cfg, models, state, batch = _joint_setup(**{"loss.weighting": "lbtw"})
-    step = jax.jit(steps.make_train_step(cfg, models, steps.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
+    step = jax.jit(steps.make_train_step(cfg, models, optim.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = step(state, batch)
     state, metrics = step(state, batch)
@@ -91,9 +92,10 @@ def _stage1_qe_loss(usable_self_reference: bool, batch) -> float:
     # Without Seg-IQE (BatchNorm couples the images of a batch) each image's enhancement is its own.
     cfg = tiny.tiny_config(**{"tasks.dr": False, "model.use_seg": False,
                               "loss.usable_self_reference": usable_self_reference})
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, "stage1")
-    state = jax.jit(lambda k: steps.init_state(cfg, models, nets, steps.make_optimizer(cfg, 1), k))(jax.random.key(0))
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage1")
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
+        jax.random.key(0))
     loss_fn = jax.jit(steps.stage_loss(cfg, models, "stage1", steps_per_epoch=1))
     _, (metrics, _, _) = loss_fn(state.params, state, jax.tree.map(jnp.asarray, batch), jax.random.key(1))
     return float(metrics["loss_qe"])
@@ -116,17 +118,17 @@ def test_stage1_enhancement_loss_covers_usable_images_only_with_usable_self_refe
 # --------------------------------------------------------------------------- device-count invariance
 _DEVICES_SCRIPT = r"""
 import json, jax, numpy as np
-from cleaq_jax import parallel, steps
+from cleaq_jax import factory, optim, parallel, steps, train_state
 from tests import tiny
 cfg = tiny.tiny_config(**{"batch_size": 8})
-models = steps.build_models(cfg)
-nets = steps.stage_nets(cfg, "stage3")
-tx = steps.make_optimizer(cfg, 3)
+models = factory.build_models(cfg)
+nets = factory.stage_nets(cfg, "stage3")
+tx = optim.make_optimizer(cfg, 3)
 losses = {}
 for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     mesh = parallel.make_mesh(devices=devices)
-    init = lambda k: steps.init_state(cfg, models, nets, tx, k)
-    state, shardings = parallel.create_sharded_state(init, mesh, jax.random.key(0))
+    init = lambda k: train_state.init_state(cfg, models, nets, tx, k)
+    state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))
     step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", 3), shardings, mesh)
     out = []
     for i in range(3):
@@ -168,12 +170,12 @@ def _final_params(workdir: str, stage: str) -> dict[str, np.ndarray]:
 
     cfg = tiny.tiny_config()
     cfg.stage = stage
-    models = steps.build_models(cfg)
-    nets = steps.stage_nets(cfg, stage)
-    abstract = jax.eval_shape(lambda k: steps.init_state(cfg, models, nets, steps.make_optimizer(cfg, 1), k),
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, stage)
+    abstract = jax.eval_shape(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k),
                               jax.random.key(0))
     mesh = parallel.make_mesh()
-    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
+    target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
     state = checkpoint.restore_state(os.path.join(workdir, stage, "checkpoints"), target)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
 
@@ -214,20 +216,20 @@ def _ls(path: str) -> list[str]:
 def test_stage3_without_stage1_checkpoint_names_the_config_to_run_first(tmp_path):
     cfg = tiny.tiny_config(stage="stage3")
     with pytest.raises(FileNotFoundError, match=r"configs/stage1\.py"):
-        train.run(cfg, str(tmp_path))
+        pipeline.run(cfg, str(tmp_path))
 
 
 def test_missing_shards_name_the_command_that_builds_them(tmp_path):
     cfg = tiny.tiny_config(stage="stage1", **{"data.dir": str(tmp_path / "nowhere"), "data.synthetic.num": 0})
     with pytest.raises(FileNotFoundError, match=r"data_prep"):
-        train.run(cfg, str(tmp_path))
+        pipeline.run(cfg, str(tmp_path))
 
 
 def test_a_non_finite_loss_stops_naming_step_and_loss_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny.tiny_config(stage="stage2", num_epochs=1, eval_at_end=False, image_every_steps=0,
                            **{"optim.learning_rate": 1e30, "checkpoint_every_steps": 1, "log_every_steps": 1})
     with pytest.raises(train.NonFiniteLossError, match=r"step \d+.*loss"):
-        train.run(cfg, str(tmp_path))
+        pipeline.run(cfg, str(tmp_path))
     from cleaq_jax import checkpoint
 
     with checkpoint.Checkpointer(os.path.join(tmp_path, "stage2", "checkpoints")) as ckpt:
@@ -240,7 +242,7 @@ def test_a_non_finite_loss_stops_naming_step_and_loss_and_keeps_the_last_good_ch
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    result = train.run(tiny.tiny_config(), workdir)
+    result = pipeline.run(tiny.tiny_config(), workdir)
     return workdir, result
 
 

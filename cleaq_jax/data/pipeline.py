@@ -35,6 +35,7 @@ from typing import Any
 
 import cv2
 import grain
+import jax
 import numpy as np
 
 from cleaq_jax.data import records
@@ -481,8 +482,6 @@ class LoaderIterator(grain.DatasetIterator):
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # lazily: only multi-process defaults need it
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:

@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import msgpack
 import numpy as np
+from array_record.python import array_record_module
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -204,8 +205,6 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, name: str, split: str, num_shards: int = 8,
                  extra_manifest: Mapping[str, Any] | None = None):
-        from array_record.python import array_record_module
-
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir, self.name, self.split = out_dir, name, split
@@ -332,8 +331,6 @@ def _shard_files(path: str, split: str | None) -> list[str]:
 def iter_records(path: str, split: str | None = None, *, decode_images: bool = True) -> Iterator[dict[str, Any]]:
     """Yield decoded records from a shard file, or from every shard of a directory (one split when
     ``split`` is given; all splits in manifest order otherwise)."""
-    from array_record.python import array_record_module
-
     for shard in _shard_files(path, split):
         reader = array_record_module.ArrayRecordReader(shard)
         try:

@@ -1,4 +1,4 @@
-"""Size presets of the ablation study (`python -m cleaq_jax.experiments.ablations --preset NAME`).
+"""Size presets of the ablation study (`python -m cleaq_jax.programs.ablations --preset NAME`).
 
 A preset is a set of config overrides laid over every variant config in this folder (the variants say
 which subnetworks train; a preset says how big and how long). The study passes them to each run as

@@ -1,6 +1,6 @@
 """The ablation study of the paper (Tables IV, V, VI and Fig. 12): every variant x seed on one shard set.
 
-    python -m cleaq_jax.experiments.ablations --data DIR --workdir DIR --seeds 3 [--size S]
+    python -m cleaq_jax.programs.ablations --data DIR --workdir DIR --seeds 3 [--size S]
         [--variants dr_only,cleaq_dr,...] [--preset tiny|bench|full] [--build-synthetic N]
         [--jobs J] [--tabulate-only] [--config.KEY=VALUE ...]
 
@@ -37,9 +37,13 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from cleaq_jax.data import records
+from cleaq_jax import checkpoint, factory, inference, metrics, report
+from cleaq_jax.data import location, pipeline, records
 from cleaq_jax.report import atomic_file
+from configs.ablations import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join("configs", "ablations")
@@ -63,8 +67,6 @@ def config_path(variant: str) -> str:
 
 def preset(name: str) -> dict[str, Any]:
     """configs/ablations/presets.py's entry: {"overrides": {key: value}, "data": {"num", "size"}}."""
-    from configs.ablations import presets
-
     if name not in presets.PRESETS:
         raise ValueError(f"--preset {name!r} is not one of {', '.join(presets.PRESETS)} (configs/ablations/presets.py)")
     return presets.PRESETS[name]
@@ -95,9 +97,6 @@ def override_flags(overrides: Mapping[str, str]) -> list[str]:
 def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
     """The config file at ``path`` (relative to the repository root) with overrides applied exactly as
     ``cleaq_jax.main`` applies them; a bad key or value raises naming it."""
-    from absl import flags
-    from ml_collections import config_flags
-
     argv = ["ablations", f"--config={os.path.join(ROOT, path)}", *override_flags(overrides)]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
@@ -112,9 +111,7 @@ def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.Confi
 
 def final_stage(cfg: ml_collections.ConfigDict) -> str:
     """The last stage a variant's pipeline trains; its eval/eval.json holds the variant's results."""
-    from cleaq_jax import train
-
-    return train.pipeline_stages(cfg)[-1]
+    return factory.pipeline_stages(cfg)[-1]
 
 
 # --------------------------------------------------------------------------- plan and run
@@ -407,19 +404,10 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def per_quality_kappa_figure(results: Mapping[str, Any], path: str) -> None:
     """Grouped bars: DR kappa per quality level (and all) for each variant with DR grading; error bars are
     the sample std over seeds, dots the individual seeds (paper Fig. 12)."""
-    plt = _pyplot()
+    plt = report.pyplot()
     dr = _ordered(results["dr"])
     levels = [q for q in SUBSETS if any(q in t for _, t in dr)]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.75 * len(levels) * len(dr)), 3.8))
@@ -446,8 +434,6 @@ def per_quality_kappa_figure(results: Mapping[str, Any], path: str) -> None:
 
 def _examples_by_quality(cfg: ml_collections.ConfigDict, per_quality: int) -> dict[str, np.ndarray]:
     """The first ``per_quality`` test images of each quality level (host arrays)."""
-    from cleaq_jax.data import pipeline
-
     loader = pipeline.eval_loader(cfg.data.dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
                                   process_index=0, process_count=1, image_size=int(cfg.data.image_size))
     picked: dict[int, list[dict[str, np.ndarray]]] = {q: [] for q in range(len(records.QUALITY_NAMES))}
@@ -462,22 +448,15 @@ def _examples_by_quality(cfg: ml_collections.ConfigDict, per_quality: int) -> di
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    mse = float(((a - b) ** 2 * mask[..., None]).sum() / max(3.0 * mask.sum(), 1.0))
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2) -> None:
     """Rows of low-quality input | enhanced | reference from a trained IQE (a stage directory), for the
     first test images of each quality level. Good and usable inputs are QT-degraded (op2 / op1, the
     evaluation's fixed keys); reject images pass unchanged and have no reference but themselves."""
-    from cleaq_jax import evaluate
-
-    restored = evaluate.load_checkpoint(stage_dir)
+    restored = checkpoint.load_checkpoint(stage_dir)
     batch = _examples_by_quality(restored.config, per_quality)
-    panels = evaluate.enhancement_panels(restored.config, restored.state, restored.models, batch)
+    panels = inference.enhancement_panels(restored.config, restored.state, restored.models, batch)
     size = panels.shape[1]
-    plt = _pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(len(panels), 3, figsize=(6.3, 2.2 * len(panels)), squeeze=False)
     mask = batch["mask"].astype(np.float32)
     for i, row in enumerate(panels):
@@ -486,8 +465,8 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
         if quality == "reject":  # QT leaves it as it is: no clean reference exists
             titles = ("reject: input", "enhanced", "(no reference: the input)")
         else:
-            titles = (f"{quality}, QT-degraded: {_masked_psnr(low, ref, mask[i]):.1f} dB",
-                      f"enhanced: {_masked_psnr(enhanced, ref, mask[i]):.1f} dB", "reference")
+            titles = (f"{quality}, QT-degraded: {float(metrics.psnr(low, ref, mask[i])):.1f} dB",
+                      f"enhanced: {float(metrics.psnr(enhanced, ref, mask[i])):.1f} dB", "reference")
         for ax, image, title in zip(axes[i], (low, enhanced, ref), titles):
             ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
             ax.set_title(title, fontsize=8)
@@ -509,7 +488,7 @@ def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, 
                    "quality": {q: s.get("counts", {}).get(q, {}).get("all", 0) for q in records.QUALITY_NAMES}}
             for name, s in sorted(splits.items())}
     generator = splits.get(cfg.data.train_split, {}).get("generator")
-    return {"command": "python -m cleaq_jax.experiments.ablations " + shlex.join(args.argv), "preset": args.preset,
+    return {"command": "python -m cleaq_jax.programs.ablations " + shlex.join(args.argv), "preset": args.preset,
             "overrides": dict(overrides), "data_dir": data_dir, "data": data, "generator": generator,
             "eval_split": cfg.data.eval_split,
             "num_epochs": int(cfg.num_epochs), "seeds": list(seeds), "variants": sorted({r["variant"] for r in runs},
@@ -541,9 +520,7 @@ def prepare_data(data_dir: str, size: int | None, build_synthetic: int, syntheti
             raise FileNotFoundError(
                 f"--data {data_dir}: no {records.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
                 "or pass --build-synthetic N (and --size S) to build a synthetic set there")
-        from data_prep import synthetic
-
-        synthetic.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed,
+        location.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed,
                                   lesion_scale=lesion_scale)
     splits = records.read_manifest(data_dir)["splits"]
     sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
@@ -557,7 +534,7 @@ def prepare_data(data_dir: str, size: int | None, build_synthetic: int, syntheti
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cleaq_jax.experiments.ablations", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.ablations", description=__doc__.split("\n")[0],
                                 epilog="Further arguments --config.KEY=VALUE override every run's config.")
     p.add_argument("--data", required=True, help="shard directory (data_prep output) shared by every run")
     p.add_argument("--workdir", required=True, help="study directory: <variant>/seed<k>/ runs and the results")

@@ -1,6 +1,6 @@
 r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint:
 
-    python -m cleaq_jax.predict --checkpoint RUN/stage3 --input photos/ extra.jpg --out predictions/ \
+    python -m cleaq_jax.programs.predict --checkpoint RUN/stage3 --input photos/ extra.jpg --out predictions/ \
         [--gate-quality] [--batch-size 8]
 
 Each photograph (JPEG, PNG, TIFF, any size; folders are searched recursively) is disc-cropped and resized
@@ -32,7 +32,7 @@ import cv2
 import jax
 import numpy as np
 
-from cleaq_jax import evaluate, parallel, report
+from cleaq_jax import checkpoint, inference, parallel, report
 from cleaq_jax.data import fundus, records
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
@@ -137,7 +137,7 @@ def csv_row(path: str, out: dict[str, np.ndarray], i: int, num_grades: int, enha
 
 
 # --------------------------------------------------------------------------- the model
-def check_checkpoint(restored: evaluate.Restored, gate_quality: bool) -> list[str]:
+def check_checkpoint(restored: checkpoint.Restored, gate_quality: bool) -> list[str]:
     """Notes on what a checkpoint cannot answer; raises ValueError when --gate-quality cannot work."""
     where = f"{restored.directory} ({restored.stage}: {'+'.join(restored.nets)})"
     if gate_quality and "iqa" not in restored.nets:
@@ -147,7 +147,7 @@ def check_checkpoint(restored: evaluate.Restored, gate_quality: bool) -> list[st
             f"configs/stage3.py, has all three)" for net, role in NET_ROLES.items() if net not in restored.nets]
 
 
-def _run_batch(fn, restored: evaluate.Restored, mesh, images: list[np.ndarray], masks: list[np.ndarray],
+def _run_batch(fn, restored: checkpoint.Restored, mesh, images: list[np.ndarray], masks: list[np.ndarray],
                batch_size: int) -> dict[str, np.ndarray]:
     """The model on up to batch_size images, padded to batch_size (one compilation for every batch)."""
     n = len(images)
@@ -179,24 +179,22 @@ class _Progress:
               file=self.stream, flush=True)
 
 
-def predict(restored: evaluate.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
+def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
             batch_size: int = 8, mesh=None, log=None) -> dict[str, Any]:
     """Run the checkpoint over photographs and write predictions.csv, enhanced/*.png and skipped.txt.
 
-    restored: from `evaluate.load_checkpoint`; paths: photograph files; batch_size: images per step (a
+    restored: from `checkpoint.load_checkpoint`; paths: photograph files; batch_size: images per step (a
     multiple of the device count); log: where notes, skips and progress go (default stderr).
     Returns {'rows': CSV rows (lists of str), 'skipped': [(path, reason)]}.
     """
     log = sys.stderr if log is None else log
     mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
-    devices = parallel.data_parallel_size(mesh)
-    if batch_size < 1 or batch_size % devices:
-        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the {devices} devices present")
+    parallel.check_batch_divisible(batch_size, mesh, "--batch-size")
     for note in check_checkpoint(restored, gate_quality):
         print(f"note: {note}", file=log)
     size, grades = int(restored.config.data.image_size), int(restored.config.data.num_grades)
-    fn = evaluate.compiled_inference(restored.models, restored.nets, gate_quality=gate_quality,
-                                     enhance_first=evaluate.enhance_before_grading(restored.stage))
+    fn = inference.compiled_inference(restored.models, restored.nets, gate_quality=gate_quality,
+                                      enhance_first=inference.enhance_before_grading(restored.stage))
     enhanced_dir = os.path.join(out_dir, "enhanced")
     os.makedirs(enhanced_dir, exist_ok=True)
     rows: list[list[str]] = []
@@ -248,7 +246,7 @@ def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (argv without the program name; default sys.argv[1:])."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")
@@ -270,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        restored = evaluate.load_checkpoint(args.checkpoint)
+        restored = checkpoint.load_checkpoint(args.checkpoint)
         os.makedirs(args.out, exist_ok=True)
         result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:

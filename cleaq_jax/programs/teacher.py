@@ -1,16 +1,16 @@
-"""The CE-Net vessel teacher of the pseudo structure masks (paper III-C): its evaluation, and restoring
-it for the mask pass (its on-device augmentation is `cleaq_jax.data.augment`).
+"""Evaluation of the CE-Net vessel teacher of the pseudo structure masks (paper III-C).
 
-- `evaluate_state`: Dice, accuracy, sensitivity, specificity and AUC of the vessel map inside the
-  field-of-view mask on ``config.data.eval_split`` (DRIVE test), on the images as they are and on
-  QT-degraded copies of them (op1 or op2 by example id, fixed keys), written as eval.json and eval.md.
-- `restore_teacher` / `predict_vessels`: a teacher_a or teacher_b checkpoint on the present devices and
-  its vessel probabilities for batches of uint8 images (used by ``python -m data_prep.pseudo_masks``).
+`evaluate_state`: Dice, accuracy, sensitivity, specificity and AUC of the vessel map inside the
+field-of-view mask on ``config.data.eval_split`` (DRIVE test), on the images as they are and on
+QT-degraded copies of them (op1 or op2 by example id, fixed keys), written as eval.json and eval.md.
+
+Its training steps are in `cleaq_jax.steps` (on-device augmentation: `cleaq_jax.data.augment`);
+restoring it is `checkpoint.restore_teacher`, its vessel probabilities `inference.predict_vessels`
+(used by ``python -m data_prep.pseudo_masks``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -23,14 +23,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import checkpoint, evaluate, parallel, report, steps
-from cleaq_jax.data import degrade, pipeline
+from cleaq_jax import factory, inference, parallel, report
+from cleaq_jax import train_state as ts
+from cleaq_jax.data import degrade, location, pipeline
 
 THRESHOLD = 0.5  # vessel probability above which a pixel is a vessel (CE-Net's)
 # AUC from histograms of the logits: bins of 1/128 logit over [-32, 32] (exact to ~1e-4 in tests).
 AUC_BINS = 8192
 AUC_LOGIT_RANGE = 32.0
-TEACHER_STAGES = ("teacher_a", "teacher_b")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -87,8 +87,8 @@ def summarise_counts(counts: dict[str, np.ndarray]) -> dict[str, Any]:
 def _eval_counts(model: nn.Module, qt: degrade.QTParams, variables: dict, batch: dict) -> dict:
     """Counts on the images as they are ("raw") and QT-degraded ("degraded": op2 for even, op1 for odd
     id hashes, keys fixed by the id), in one forward pass over both."""
-    x, mask = steps.inputs(batch)
-    keys = degrade.eval_keys(jax.random.key(evaluate.EVAL_KEY_SEED), batch["id_hash"])
+    x, mask = inference.inputs(batch)
+    keys = degrade.eval_keys(jax.random.key(inference.EVAL_KEY_SEED), batch["id_hash"])
     degraded = degrade.quality_transform_batch(x, mask, batch["id_hash"] % 2, keys, qt)
     logits = model.apply(variables, jnp.concatenate([x, degraded]), train=False)["vessel_logits"][..., 0]
     weight = batch["valid"] & batch["has_vessel"]
@@ -108,9 +108,8 @@ def collect_counts(cfg: ml_collections.ConfigDict, variables: dict, model: nn.Mo
 
     variables: CE-Net's {"params", "batch_stats"} on ``mesh``. Every process gets the same sums.
     """
-    evaluate._check_eval_batch(cfg, mesh)
-    qt = degrade.QTParams.from_config(cfg.qt, image_size=int(cfg.data.image_size))
-    fn = _jit_eval_counts(model, qt)
+    parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
+    fn = _jit_eval_counts(model, factory.qt_params(cfg))
     loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
                                   image_size=int(cfg.data.image_size))
     total: dict[str, dict[str, np.ndarray]] = {}
@@ -141,14 +140,11 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     """Evaluate the teacher in a train state on config.data.eval_split; write eval.json and eval.md.
 
     state: a TrainState (or any object with .params / .batch_stats dicts) holding "cenet", on ``mesh``;
-    models: `steps.build_models` output. Returns {stage, split, data_dir, threshold, raw, degraded}, the
+    models: `factory.build_models` output. Returns {stage, split, data_dir, threshold, raw, degraded}, the
     last two from `summarise_counts`.
     """
-    from cleaq_jax.train import ensure_data  # data location and checks live with the trainer
-
-    data = ensure_data(cfg, workdir)
-    variables = {"params": state.params["cenet"], "batch_stats": state.batch_stats["cenet"]}
-    counts = collect_counts(cfg, variables, models["cenet"], mesh, data)
+    data = location.ensure_data(cfg, workdir)
+    counts = collect_counts(cfg, ts.variables(state, "cenet"), models["cenet"], mesh, data)
     result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "threshold": THRESHOLD,
               **{name: summarise_counts(c) for name, c in counts.items()}}
     if jax.process_index() == 0:
@@ -162,80 +158,3 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
 def _dump(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text if text.endswith("\n") else text + "\n")
-
-
-# --------------------------------------------------------------------------- restoring for inference
-@dataclasses.dataclass
-class Teacher:
-    """A restored vessel teacher: its training config, CE-Net module and variables (on ``mesh``)."""
-
-    config: ml_collections.ConfigDict
-    model: nn.Module
-    variables: dict
-    mesh: jax.sharding.Mesh
-    directory: str
-    step: int
-
-    @property
-    def image_size(self) -> int:
-        """The side the teacher was trained at (inputs are resized to it)."""
-        return int(self.config.data.image_size)
-
-
-def _latest_step(directory: str) -> int:
-    saved = [int(n) for n in os.listdir(directory) if n.isdigit()]
-    if not saved:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    return max(saved)
-
-
-def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Teacher:
-    """Restore a teacher_a / teacher_b checkpoint (saved on any device count) onto ``mesh``.
-
-    path: the stage directory (<workdir>/teacher_b) or its checkpoints/ folder; mesh: default every
-    local device on the data axis; step: default the latest. Raises FileNotFoundError / ValueError
-    naming the directory when it holds no vessel teacher.
-    """
-    directory = evaluate.checkpoint_directory(path)
-    cfg = evaluate.read_trained_config(directory, step)
-    if cfg.get("stage") not in TEACHER_STAGES:
-        raise ValueError(f"{directory} holds a {cfg.get('stage')!r} checkpoint, not a vessel teacher's: pass "
-                         "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
-    step = _latest_step(directory) if step is None else int(step)
-    mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
-    models = steps.build_models(cfg)
-    init = lambda k: steps.init_state(cfg, models, ("cenet",), steps.make_optimizer(cfg, 1), k)  # noqa: E731
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    target = checkpoint.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
-    state = checkpoint.restore_state(directory, target, step)
-    variables = {"params": state.params["cenet"], "batch_stats": state.batch_stats["cenet"]}
-    return Teacher(cfg, models["cenet"], variables, mesh, directory, step)
-
-
-def _vessel_probs(model: nn.Module, variables: dict, batch: dict) -> jax.Array:
-    x, mask = steps.inputs(batch)
-    logits = model.apply(variables, x, train=False)["vessel_logits"][..., 0]
-    return jax.nn.sigmoid(logits) * mask
-
-
-@functools.lru_cache(maxsize=4)
-def _jit_vessel_probs(model: nn.Module):
-    return jax.jit(functools.partial(_vessel_probs, model))
-
-
-def predict_vessels(teacher: Teacher, images: np.ndarray, masks: np.ndarray, batch_size: int | None = None
-                    ) -> np.ndarray:
-    """Vessel probabilities of a batch at the teacher's image size, batch split over its mesh.
-
-    images: (B, S, S, 3) uint8 RGB; masks: (B, S, S) uint8 {0, 1}; S = teacher.image_size. The batch is
-    padded to ``batch_size`` rows (default B), rounded up to a multiple of the device count, so that
-    batches of any B up to it share one compiled program. Returns (B, S, S) float32 in [0, 1], 0 outside
-    the mask.
-    """
-    n = images.shape[0]
-    devices = parallel.data_parallel_size(teacher.mesh)
-    pad = -(-max(n, batch_size or n) // devices) * devices - n
-    batch = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
-             "mask": np.concatenate([masks, np.zeros((pad, *masks.shape[1:]), np.uint8)])}
-    probs = _jit_vessel_probs(teacher.model)(teacher.variables, parallel.global_batch(batch, teacher.mesh))
-    return np.asarray(jax.device_get(probs))[:n]

@@ -1,0 +1,4 @@
+"""The programs: the stage runner (`train`), the dispatcher of stages and pipelines (`pipeline`), the
+vessel teacher's evaluation (`teacher`), evaluation (`evaluate`), predict and the ablation study. They
+are built on the library (the rest of `cleaq_jax`), which never imports them (docs/architecture.md).
+"""

@@ -1,0 +1,232 @@
+"""Evaluation: restore a checkpoint onto whatever devices are present, run the test split, and report
+the paper's tables for this run, overall and per quality level (good / usable / reject, paper Fig. 12).
+
+- DR grading (Tables II, V): accuracy, quadratic-weighted kappa, macro precision and F1, confusion matrix.
+  A stage-3 (joint) model grades IQE's enhancement of the raw image (paper III-B: inference is IQE then
+  DR); a stage-1 DR network, trained on raw images, grades them raw. With ``config.eval.gate_quality``
+  IQA decides per image whether to enhance (enhancing good images costs accuracy, Fig. 12).
+- Enhancement (Tables III, IV): PSNR and SSIM inside the retinal mask of the QT-degraded input and of the
+  enhanced image against the original, for good (op2) and usable (op1) images; QT uses fixed per-example
+  keys, so the evaluation set never changes.
+- Quality assessment (Table VI): accuracy, kappa, macro precision and F1 of IQA on the raw images and,
+  for a joint model, on IQE's enhancement of them (the joint pipeline's view, Table VI's CLEAQ-DR row).
+
+The checkpoint is restored by `checkpoint.load_checkpoint`; the forward passes are `inference`'s.
+Writes ``eval.json``, ``eval.md``, ``confusion_matrix.png``, ``per_quality.png`` and ``enhancement_grid.png``.
+The per-example outputs are small (probabilities and two scores per image), so they are gathered to the
+host and every table, overall or per quality level, is computed there from them (`summarise`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from cleaq_jax import checkpoint, factory, inference, metrics, parallel, report
+from cleaq_jax.data import degrade, location, pipeline, records
+
+QUALITY = records.QUALITY_NAMES
+
+
+# --------------------------------------------------------------------------- device side
+def _eval_step(models: dict, nets: tuple[str, ...], enhance_first: bool, gate: bool, qt: degrade.QTParams,
+               state, batch) -> dict[str, jax.Array]:
+    x, mask = inference.inputs(batch)
+    out = {k: batch[k] for k in ("valid", "dr_grade", "quality", "id_hash")}
+    n = x.shape[0]
+    quality = inference.quality_probs(models, state, x) if "iqa" in nets else None
+    enhanced = None
+    if "iqe" in nets:
+        # One IQE pass over the raw images and their QT-degraded copies (the enhancement table's input).
+        degraded = inference.degraded_eval(qt, batch, x, mask)
+        both = inference.enhance(models, state, jnp.concatenate([x, degraded]),
+                                 jnp.concatenate([mask, mask]))["enhanced"]
+        enhanced, restored = both[:n], both[n:]
+        has_ref = (batch["quality"] == 0) | (batch["quality"] == 1)
+        for tag, img in (("input", degraded), ("enhanced", restored)):
+            out[f"psnr_{tag}"] = jnp.where(has_ref, metrics.psnr(img, x, mask), jnp.nan)
+            out[f"ssim_{tag}"] = jnp.where(has_ref, metrics.ssim(img, x, mask), jnp.nan)
+        if quality is not None and enhance_first:
+            quality, out["quality_probs_enhanced"] = jnp.split(
+                inference.quality_probs(models, state, jnp.concatenate([x, enhanced])), 2)
+    if quality is not None:
+        out["quality_probs"] = quality
+    if "dr" in nets:
+        rows = inference.enhance_mask(quality, n, nets, gate)
+        out["dr_probs"] = inference.grade(models, state, x, enhanced, rows, enhance_first)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_eval(model_items: tuple, nets: tuple[str, ...], enhance_first: bool, gate: bool, qt: degrade.QTParams):
+    return jax.jit(functools.partial(_eval_step, dict(model_items), nets, enhance_first, gate, qt))
+
+
+def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, ...], stage: str):
+    """``fn(state, batch) -> per-example outputs`` (jitted; all (B, ...) arrays; NaN where not applicable).
+
+    batch: loader arrays (uint8 image (B,S,S,3), mask, dr_grade, quality, id_hash, valid). Outputs:
+    valid, dr_grade, quality, id_hash from the batch; dr_probs (B, K); quality_probs (B, 3) of IQA on the
+    raw image and, for a joint model, quality_probs_enhanced on IQE's output; psnr/ssim_input (QT-degraded
+    original) and psnr/ssim_enhanced (its enhancement) against the original, for good and usable images.
+    """
+    return _jit_eval(tuple(sorted(models.items())), tuple(nets), inference.enhance_before_grading(stage),
+                     bool(cfg.eval.gate_quality), factory.qt_params(cfg))
+
+
+# --------------------------------------------------------------------------- host side
+def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3") -> dict[str, np.ndarray]:
+    """Run the eval function over the whole eval split; per-example outputs (numpy) of valid rows."""
+    parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
+    fn = make_eval_fn(cfg, models, nets, stage)
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
+                                  image_size=int(cfg.data.image_size))
+    parts: list[dict[str, np.ndarray]] = []
+    for local in loader:
+        out = fn(state, parallel.global_batch(local, mesh))
+        parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+    if not parts:
+        raise ValueError(f"split {cfg.data.eval_split!r} of {data_dir} is empty (config.data.eval_split)")
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    valid = merged.pop("valid").astype(bool)
+    return {k: v[valid] for k, v in merged.items()}
+
+
+def _finite(value: Any) -> float | None:
+    """A float for JSON, None where undefined (NaN kappa of a single-class subset, no examples)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _classification(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """accuracy, kappa, macro precision and F1, confusion matrix of argmax(probs) against known labels."""
+    known = y_true >= 0
+    y, pred, k = y_true[known], probs[known].argmax(-1), probs.shape[-1]
+    if y.size == 0:
+        return {"n": 0}
+    # Counted on the host: the (K, K) matrix is the only array the metric functions then see.
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    precision, _, f1 = metrics.macro_precision_recall_f1(cm)
+    return {"n": int(y.size), "accuracy": _finite(np.trace(cm) / y.size),
+            "kappa": _finite(metrics.kappa_from_confusion(cm)),
+            "precision": _finite(precision), "f1": _finite(f1), "confusion_matrix": cm.tolist()}
+
+
+def _per_quality(quality: np.ndarray, table, rows: np.ndarray) -> dict[str, Any]:
+    return {name: table(rows & (quality == i)) for i, name in enumerate(QUALITY) if (rows & (quality == i)).any()}
+
+
+def _enhancement_table(out: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
+    table: dict[str, Any] = {"n": int(rows.sum())}
+    for metric in ("psnr", "ssim"):
+        for tag in ("input", "enhanced"):
+            values = out[f"{metric}_{tag}"][rows]
+            values = values[np.isfinite(values)]  # +inf PSNR (identical images) has no place in a mean
+            table[f"{metric}_{tag}"] = _finite(values.mean()) if values.size else None
+    return table
+
+
+def summarise(out: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The paper's tables from per-example outputs, overall and per quality level of the original image.
+
+    out: numpy arrays over N examples: quality (N,) int (0 good, 1 usable, 2 reject, -1 unknown),
+    dr_grade (N,) int (-1 unknown), optional dr_probs (N, K), quality_probs (N, 3),
+    quality_probs_enhanced (N, 3), psnr_input / psnr_enhanced / ssim_input / ssim_enhanced (N,)
+    (NaN where the image has no reference). Returns {'num_examples', 'dr', 'iqa', 'iqa_enhanced',
+    'enhancement'} (the ones the outputs allow), each {'overall': {...}, 'per_quality': {level: {...}}};
+    undefined values are None.
+    """
+    quality = np.asarray(out["quality"])
+    result: dict[str, Any] = {"num_examples": int(quality.shape[0])}
+    every = np.ones(quality.shape, bool)
+    for task, label, prob in (("dr", "dr_grade", "dr_probs"), ("iqa", "quality", "quality_probs"),
+                              ("iqa_enhanced", "quality", "quality_probs_enhanced")):
+        if prob in out:
+            y, p = np.asarray(out[label]), np.asarray(out[prob])
+            table = lambda rows, y=y, p=p: _classification(y[rows], p[rows])  # noqa: E731
+            result[task] = {"overall": table(every), "per_quality": _per_quality(quality, table, every)}
+    if "psnr_input" in out:
+        ref = np.isfinite(np.asarray(out["psnr_input"])) | np.isfinite(np.asarray(out["ssim_input"]))
+        table = lambda rows: _enhancement_table(out, rows)  # noqa: E731
+        result["enhancement"] = {"overall": table(ref), "per_quality": _per_quality(quality, table, ref)}
+    return result
+
+
+def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, state, models: dict, mesh,
+                   out_dir: str) -> dict[str, Any]:
+    """Evaluate a train state of any stage on config.data.eval_split and write the report into out_dir.
+
+    state: a TrainState or InferenceState on ``mesh``; its subnetworks decide what is evaluated.
+    Returns the `summarise` dict with stage, split, data_dir and the inference settings added.
+    """
+    data = location.ensure_data(cfg, workdir)
+    nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
+    out = collect(cfg, state, models, nets, mesh, data, stage)
+    dr_input = ("raw" if not (inference.enhance_before_grading(stage) and "iqe" in nets) else
+                "gated" if cfg.eval.gate_quality else "enhanced")
+    result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "nets": list(nets),
+              "dr_input": dr_input if "dr" in nets else None, **summarise(out)}
+    panels = None
+    if "iqe" in nets and int(cfg.eval.num_examples_grid) > 0:
+        # Every process runs it: the state may span devices of all of them.
+        examples = _first_examples(data, cfg, int(cfg.eval.num_examples_grid))
+        panels = inference.enhancement_panels(cfg, state, models, examples)
+    if jax.process_index() == 0:
+        report.write(result, out_dir, panels=panels)
+        logging.info("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
+    return result
+
+
+def _first_examples(data_dir: str, cfg: ml_collections.ConfigDict, n: int) -> dict[str, np.ndarray]:
+    """The first n valid examples of the eval split, for the figure (host arrays, this process)."""
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1), process_index=0,
+                                  process_count=1, image_size=int(cfg.data.image_size))
+    batch = next(iter(loader))
+    return {k: v[batch["valid"]] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- configs/eval.py
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Restore config.checkpoint_dir onto the present devices and evaluate it into <workdir>/eval."""
+    if not cfg.checkpoint_dir:
+        raise ValueError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
+                         "(a stage directory or its checkpoints/ folder)")
+    mesh = parallel.make_mesh(-1, 1)
+    restored = checkpoint.load_checkpoint(cfg.checkpoint_dir, mesh)
+    merged = merge_for_eval(restored.config, cfg, restored.directory)
+    logging.info("evaluating %s (%s, step %d: %s) on split %r", restored.directory, restored.stage, restored.step,
+                 "+".join(restored.nets), merged.data.eval_split)
+    return evaluate_state(merged, workdir, restored.stage, restored.state, restored.models, mesh,
+                          out_dir=os.path.join(workdir, "eval"))
+
+
+def merge_for_eval(trained: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+                   directory: str = "") -> ml_collections.ConfigDict:
+    """The trained model's settings (model, tasks, qt, data.num_grades / image_size) with this run's data
+    location, split, batch size and eval options.
+
+    The data: config.data.dir if set, else the trained run's data.dir, else (synthetic data built into
+    the training workdir) <training workdir>/data next to the checkpoint's stage directory when it is
+    there; failing that the synthetic set is rebuilt, identically, into this run's workdir.
+    """
+    merged = ml_collections.ConfigDict(trained.to_dict())
+    merged.data.eval_split = cfg.data.eval_split
+    merged.eval_batch_size = cfg.eval_batch_size
+    merged.eval = ml_collections.ConfigDict(cfg.eval.to_dict())
+    merged.checkpoint_dir = cfg.checkpoint_dir
+    if cfg.data.dir:
+        merged.data.dir = cfg.data.dir
+    elif not trained.data.dir and trained.data.synthetic.num > 0 and directory:
+        train_data = os.path.join(os.path.dirname(os.path.dirname(directory)), "data")  # <workdir>/<stage>/checkpoints
+        if os.path.exists(os.path.join(train_data, records.MANIFEST)):
+            merged.data.dir = train_data
+    return merged

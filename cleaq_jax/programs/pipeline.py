@@ -1,0 +1,33 @@
+"""The dispatcher `cleaq_jax.main` calls: ``run(config, workdir)`` runs what ``config.stage`` names.
+
+"stage1", "stage2", "stage3" (and the vessel teacher's "teacher_a", "teacher_b") train one stage into
+``<workdir>/<stage>``; "eval" evaluates a checkpoint; "pipeline" runs stage 1, 2, 3 (those the task
+switches leave), each followed by its evaluation (the demo); "teacher" runs teacher_a then teacher_b.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from cleaq_jax import factory
+from cleaq_jax.data import location
+from cleaq_jax.programs import evaluate, train
+
+PROGRAMS = factory.STAGES + ("eval", "pipeline", "teacher")
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run what ``cfg.stage`` names; returns the evaluation results of the last stage that ran."""
+    if cfg.stage == "eval":  # the data settings come from the checkpoint's config (evaluate.merge_for_eval)
+        return evaluate.run(cfg, workdir)
+    if cfg.stage not in PROGRAMS:
+        raise ValueError(f"config.stage={cfg.stage!r} is not one of {PROGRAMS}")
+    location.ensure_data(cfg, workdir)
+    if cfg.stage in factory.STAGES:
+        return train.train_stage(cfg, workdir, cfg.stage)
+    result: dict[str, Any] = {}
+    for stage in factory.pipeline_stages(cfg) if cfg.stage == "pipeline" else factory.TEACHER_STAGES:
+        result = train.train_stage(cfg, workdir, stage)
+    return result

@@ -1,0 +1,154 @@
+"""One training stage: its data, models, optimiser and starting state, the loop, and its evaluation.
+
+`train_stage` trains one stage to config.num_epochs into ``<workdir>/<stage>``: it resumes
+automatically from its latest checkpoint, stops cleanly on SIGTERM after saving, and refuses to start
+when its inputs are missing, naming what to run first. `cleaq_jax.programs.pipeline.run` chooses the
+stages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cleaq_jax import checkpoint, factory, inference, optim, parallel, stage_init, steps
+from cleaq_jax.data import location, pipeline
+from cleaq_jax.programs import evaluate, teacher
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
+    """Train one stage to config.num_epochs (resuming from <workdir>/<stage>/checkpoints if present);
+    returns the stage's evaluation results (empty without config.eval_at_end)."""
+    data = location.ensure_data(cfg, workdir)
+    out = stage_init.stage_dir(workdir, stage)
+    cfg = _for_stage(cfg, stage)
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    parallel.check_batch_divisible(cfg.batch_size, mesh)
+    loader = pipeline.train_loader(
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size, seed=cfg.seed,
+        class_balance=cfg.data.class_balance, balance_by=cfg.data.balance_by, augment=cfg.data.augment,
+        worker_count=cfg.data.worker_count, image_size=cfg.data.image_size)
+    steps_per_epoch = pipeline.num_batches_per_epoch(
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size, class_balance=cfg.data.class_balance,
+        balance_by=cfg.data.balance_by, seed=cfg.seed)
+    total_steps = int(cfg.num_epochs) * steps_per_epoch
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(cfg, steps_per_epoch)
+    nets = factory.stage_nets(cfg, stage)
+    # Leaving the block (also on an error) waits for in-flight asynchronous saves: the last good
+    # checkpoint is always complete on disk.
+    with checkpoint.Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                                 best_metric=cfg.checkpoint_metric, best_mode=cfg.checkpoint_mode) as ckpt:
+        state, shardings = stage_init.initial_state(cfg, workdir, stage, models, nets, tx, mesh, ckpt, loader)
+        start = int(jax.device_get(state.step))
+        step_fn = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
+                                          shardings, mesh)
+        logging.info("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
+                     start, total_steps, dict(mesh.shape))
+        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
+    if not cfg.eval_at_end:
+        return {}
+    evaluate_state = teacher.evaluate_state if stage in factory.TEACHER_STAGES else evaluate.evaluate_state
+    return evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
+
+
+def _for_stage(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """A copy of the config naming the stage it trains (checkpoints record which stage they hold)."""
+    stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    stage_cfg.stage = stage
+    return stage_cfg
+
+
+# --------------------------------------------------------------------------- the loop
+def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models):
+    from clu import metric_writers, periodic_actions  # heavy: pulls TensorFlow, which only the writers need
+
+    writer = metric_writers.create_default_writer(os.path.join(out, "tensorboard"),
+                                                  just_logging=jax.process_index() != 0)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=None,
+                                             every_steps=cfg.log_every_steps)]
+    if cfg.profile_steps and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
+                                              num_profile_steps=cfg.profile_steps, first_profile=start + 5))
+    batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
+    if start >= total_steps:
+        return state
+    first = next(batches)
+    step_fn = _compile(step_fn, state, first, stage)
+    stream = itertools.chain([first], batches)
+    pending: list[dict[str, jax.Array]] = []
+    last_metrics: dict[str, float] = {}
+    # Processes agree on a SIGTERM only at checkpoint steps: an all-gather every step would stall.
+    with checkpoint.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(stream)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, batch)
+            pending.append(metrics)
+            for hook in hooks:
+                hook(step)
+            last = step == total_steps
+            if step % cfg.log_every_steps == 0 or last:
+                last_metrics = _write_metrics(writer, step, pending, stage)
+                pending = []
+            if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last):
+                _write_images(cfg, writer, step, state, batch, models, stage)
+            stop = guard.should_stop(step)
+            if step % cfg.checkpoint_every_steps == 0 or last or stop:
+                if pending:
+                    last_metrics = _write_metrics(writer, step, pending, stage)
+                    pending = []
+                # The prefetcher's position is that of the last batch consumed, not of those queued.
+                ckpt.save(step, state, data_iter=batches, config=cfg, metrics=last_metrics, force=last or stop)
+            if stop:
+                logging.warning("%s: SIGTERM received; saved step %d and stopping", stage, step)
+                ckpt.wait_until_finished()
+                writer.flush()
+                raise SystemExit(0)
+    writer.flush()
+    return state
+
+
+def _compile(step_fn, state, batch, stage: str):
+    """Compile the step before the first step and line the processes up after it: collectives time out
+    when one process (e.g. with a warm compilation cache) reaches step 1 long before the others."""
+    t0 = time.time()
+    compiled = step_fn.lower(state, batch).compile()
+    logging.info("%s: step compiled in %.1f s", stage, time.time() - t0)
+    parallel.barrier(f"{stage}-compiled")
+    return compiled
+
+
+def _write_metrics(writer, step: int, pending: list[dict[str, jax.Array]], stage: str) -> dict[str, float]:
+    """Fetch the interval's metrics from device once, average, check finiteness, write."""
+    stacked = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *pending))
+    means = {k: float(np.mean(v)) for k, v in stacked.items()}
+    bad = {k: v for k, v in means.items() if k.startswith("loss") and not np.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"{stage}: non-finite loss at or before step {step}: {bad}. The last good checkpoint is kept; "
+            f"lower config.optim.learning_rate or check the data.")
+    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    return means
+
+
+def _write_images(cfg, writer, step, state, batch, models, stage) -> None:
+    """TensorBoard grid: low-quality input / enhanced / reference / vessel mask (first examples)."""
+    if "iqe" not in state.params:
+        return
+    n = min(4, batch["image"].shape[0])
+    small = jax.tree.map(lambda a: a[:n], batch)
+    grid = inference.enhancement_panels(cfg, state, models, small)
+    writer.write_images(step, {f"{stage}/low_enhanced_reference_vessel": grid})

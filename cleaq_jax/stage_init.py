@@ -1,0 +1,106 @@
+"""How a stage's training starts: from its own latest checkpoint (resume), else from a fresh state
+with ImageNet trunks grafted in (config.pretrained) and, for stage 3 and teacher_b, the subnetworks
+the earlier stages trained (config.init). Every state comes from the builder in `train_state`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from absl import logging
+
+from cleaq_jax import checkpoint, factory
+from cleaq_jax import train_state as ts
+from cleaq_jax.models import pretrained
+
+# config.pretrained key -> the ResNet trunks it initialises: (subnetwork, module path inside it).
+IMAGENET_TARGETS = {
+    "dr": (("dr", "backbone"),),
+    "c_iqa": (("iqa", "c_iqa"),),
+    "resnet34": (("iqe", "seg_iqe/encoder"), ("iqa", "lqi_iqa/encoder"), ("cenet", "encoder")),
+}
+# A stage that starts from earlier stages' checkpoints: (source stage, config that trains it).
+INIT_FROM = {
+    "stage3": (("stage1", "configs/stage1.py"), ("stage2", "configs/stage2.py")),
+    "teacher_b": (("teacher_a", "configs/vessel_teacher.py"),),
+}
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    """Where a stage writes: ``<workdir>/<stage>`` (checkpoints/, tensorboard/, eval/)."""
+    return os.path.join(workdir, stage)
+
+
+def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, models: dict, nets: tuple[str, ...],
+                  tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer,
+                  loader: Any) -> tuple[ts.TrainState, Any]:
+    """The state a stage's loop starts from, on ``mesh``, and its shardings.
+
+    Resumes from ``ckpt``'s latest step when there is one (moving ``loader``, a grain iterator, to its
+    saved position); otherwise initialises ``nets`` from config.seed, grafts the ImageNet trunks and
+    loads the earlier stages' subnetworks.
+    """
+    key = jax.random.key(int(cfg.seed))
+    init = lambda k: ts.init_state(cfg, models, nets, tx, k)  # noqa: E731
+    if ckpt.latest_step() is not None:
+        target, shardings = ts.abstract_state(init, mesh, key)
+        state = ckpt.restore(target, data_iter=loader)
+        logging.info("%s: resumed from step %d", stage, ckpt.latest_step())
+        return state, shardings
+    state, shardings = ts.sharded_state(init, mesh, key)
+    state = graft_imagenet(cfg, state)
+    state = load_earlier_stages(cfg, workdir, stage, models, nets, state, mesh)
+    return state, shardings
+
+
+def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState) -> ts.TrainState:
+    """Put torchvision ImageNet weights (converted by `python -m cleaq_jax.models.pretrained`) into the
+    ResNet trunks that config.pretrained names, before any training."""
+    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    for key, targets in IMAGENET_TARGETS.items():
+        directory = cfg.pretrained.get(key, "")
+        if not directory:
+            continue
+        weights = pretrained.load(directory)
+        for net, path in targets:
+            if net in params:
+                merged = pretrained.graft({"params": params[net], "batch_stats": batch_stats[net]}, weights, into=path)
+                params[net], batch_stats[net] = merged["params"], merged["batch_stats"]
+                logging.info("%s/%s initialised from ImageNet weights in %s", net, path, directory)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def load_earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str, models: dict,
+                        nets: tuple[str, ...], state: ts.TrainState, mesh: jax.sharding.Mesh) -> ts.TrainState:
+    """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints named by config.init
+    (default ``<workdir>/stage1``, ``<workdir>/stage2``); the teacher's fine-tuning (teacher_b) from
+    teacher_a. Only those subnetworks' parameters and BatchNorm statistics are read."""
+    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    for source, config_name in INIT_FROM.get(stage, ()):
+        wanted = tuple(n for n in _trained_nets(cfg, source) if n in nets)
+        if not wanted:
+            continue
+        directory = os.path.join(cfg.init.get(source, "") or stage_dir(workdir, source), "checkpoints")
+        target = ts.abstract_variables(models, wanted, int(cfg.data.image_size), mesh)
+        try:
+            restored = checkpoint.restore_variables(directory, target)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{stage} starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
+                f"Run `python -m cleaq_jax.main --config={config_name} --workdir={workdir}` first, with the "
+                f"same model and data settings.") from e
+        for n in wanted:
+            params[n], batch_stats[n] = restored.params[n], restored.batch_stats[n]
+        logging.info("%s: %s initialised from %s", stage, "+".join(wanted), directory)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _trained_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
+    try:
+        return factory.stage_nets(cfg, stage)
+    except ValueError:
+        return ()
