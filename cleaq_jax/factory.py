@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cleaq_jax.data import degrade
 from cleaq_jax.models import cenet as cenet_lib
@@ -71,6 +72,13 @@ def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
     if not nets:
         raise ValueError(f"config.tasks switches off every subnetwork that {stage} trains")
     return nets
+
+
+def stage_seed(cfg: ml_collections.ConfigDict, stage: str) -> int:
+    """config.seed with the stage folded in (a 31-bit int): each stage draws its own initialisation,
+    loader order, augmentation and QT keys, so stage 3's step k does not replay stage 1's step k."""
+    check_choice(stage, STAGES, "stage")
+    return int(np.random.SeedSequence([int(cfg.seed), STAGES.index(stage)]).generate_state(1)[0] >> 1)
 
 
 def stage_tasks(nets: tuple[str, ...]) -> tuple[str, ...]:

@@ -47,8 +47,10 @@ def _class_rows(block: dict[str, Any]) -> list[str]:
     rows = ["| subset | n | accuracy | kappa | precision | F1 |", "|---|---|---|---|---|---|"]
     subsets = [("all", block["overall"])] + list(block.get("per_quality", {}).items())
     for name, m in subsets:
-        rows.append(f"| {name} | {m.get('n', 0)} | " + " | ".join(
-            _fmt(m.get(k)) for k in ("accuracy", "kappa", "precision", "f1")) + " |")
+        cells = [_fmt(m.get(k)) for k in ("accuracy", "kappa", "precision", "f1")]
+        if m.get("n", 0) and m.get("kappa") is None:
+            cells[1] = "undefined"  # a single true class in the subset: no agreement beyond chance to measure
+        rows.append(f"| {name} | {m.get('n', 0)} | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -41,10 +41,10 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
     """The state a stage's loop starts from, on ``mesh``, and its shardings.
 
     Resumes from ``ckpt``'s latest step when there is one (moving ``loader``, a grain iterator, to its
-    saved position); otherwise initialises ``nets`` from config.seed, grafts the ImageNet trunks and
+    saved position); otherwise initialises ``nets`` from the stage's seed (`factory.stage_seed`), grafts the ImageNet trunks and
     loads the earlier stages' subnetworks.
     """
-    key = jax.random.key(int(cfg.seed))
+    key = jax.random.key(factory.stage_seed(cfg, stage))
     init = lambda k: ts.init_state(cfg, models, nets, tx, k)  # noqa: E731
     if ckpt.latest_step() is not None:
         target, shardings = ts.abstract_state(init, mesh, key)

@@ -6,9 +6,11 @@ host only decodes. The RNG lives in the state. Stages (paper III-A, IV-B):
 
 - stage1: IQE on (QT_op2(X^H) -> X^H, pseudo vessel masks), eq. (1), and, independently, DR on X.
 - stage2: IQA on (X, QT(X), quality labels), eq. (2).
-- stage3: joint: X~ = QT(X) -> IQE -> X^; IQA sees X^ through the gradient-reversal layer (IQA minimises
-  L_IQA, IQE maximises it); DR grades X^; L = sum_i w_i L_i over the active tasks with loss-balanced
-  task weighting (eq. 11).
+- stage3: joint: X~ = QT(X) -> IQE -> X^; DR grades X^; IQA guides IQE (config.loss.iqe_guidance):
+  "reverse", the paper's literal form, IQA sees X^ through the gradient-reversal layer (IQA minimises
+  L_IQA, IQE maximises it); "to_good", IQE minimises CE(IQA(X^), good) over non-good images through a
+  frozen IQA while IQA trains on the detached X^ and on X. Eq. (11): L = L_DR + w_IQE L_IQE + w_IQA L_IQA
+  with loss-balanced task weighting (config.loss.weighted_tasks="all" weighs L_DR too).
 - teacher_a, teacher_b: the CE-Net vessel teacher for pseudo structure masks (paper III-C), trained on
   DRIVE's manual masks (a), then fine-tuned on QT-degraded copies of the same images (b); Dice + BCE.
 
@@ -37,6 +39,10 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 Step = Callable[[ts.TrainState, Batch], tuple[ts.TrainState, Metrics]]
 
+GUIDANCES = ("reverse", "to_good")  # how IQA's judgement reaches IQE in stage 3 (config.loss.iqe_guidance)
+GRL_SCHEDULES = ("constant", "ganin")  # the reversal scale over stage 3 (config.loss.grl_schedule)
+WEIGHTED_TASKS = ("eq11", "all")  # which task losses the dynamic weights scale (config.loss.weighted_tasks)
+
 
 # --------------------------------------------------------------------------- config -> plain values
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,11 @@ class LossSettings:
     lbtw_reset: str
     fixed: tuple[tuple[str, float], ...]
     grl_scale: float
+    grl_schedule: str
     usable_self_reference: bool
+    iqe_guidance: str
+    guidance_weight: float
+    weighted_tasks: str
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossSettings":
@@ -63,10 +73,15 @@ class LossSettings:
         factory.check_choice(lc.lqi, ("l2", "l1"), "loss.lqi")
         factory.check_choice(lc.weighting, ("lbtw", "fixed"), "loss.weighting")
         factory.check_choice(lc.lbtw_reset, ("epoch", "once"), "loss.lbtw_reset")
+        factory.check_choice(lc.grl_schedule, GRL_SCHEDULES, "loss.grl_schedule")
+        factory.check_choice(lc.iqe_guidance, GUIDANCES, "loss.iqe_guidance")
+        factory.check_choice(lc.weighted_tasks, WEIGHTED_TASKS, "loss.weighted_tasks")
         return cls(qe=lc.qe, seg=lc.seg, lqi=lc.lqi, lambda_seg=float(lc.lambda_seg),
                    lambda_lqi=float(lc.lambda_lqi), weighting=lc.weighting, alpha=float(lc.alpha),
                    lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in factory.TASK_ORDER),
-                   grl_scale=float(lc.grl_scale), usable_self_reference=bool(lc.usable_self_reference))
+                   grl_scale=float(lc.grl_scale), grl_schedule=lc.grl_schedule,
+                   usable_self_reference=bool(lc.usable_self_reference), iqe_guidance=lc.iqe_guidance,
+                   guidance_weight=float(lc.guidance_weight), weighted_tasks=lc.weighted_tasks)
 
 
 # --------------------------------------------------------------------------- per-subnetwork terms
@@ -104,31 +119,43 @@ def _dr_terms(model, state, params, x, grade):
 
 
 # --------------------------------------------------------------------------- stage losses
-def _qe_referenced(quality: jax.Array, s: LossSettings) -> jax.Array:
-    """(B,) bool: images L_QE compares with their original (good; usable too with usable_self_reference)."""
-    return (quality == 0) | ((quality == 1) & s.usable_self_reference)
+def _qe_target(x: jax.Array, mask: jax.Array, batch: Batch, s: LossSettings) -> tuple[jax.Array, jax.Array]:
+    """L_QE's target images (B,H,W,3) and per-example weights (B,) float32.
+
+    A record's clean ``reference`` (synthetic data, Messidor's QT thirds) is the target wherever the
+    batch carries one; otherwise the original itself, counted for good images (and usable ones with
+    ``usable_self_reference``, the fallback for data without references such as EyeQ).
+    """
+    quality = batch["quality"]
+    counted = (quality == 0) | ((quality == 1) & s.usable_self_reference)
+    if "has_reference" not in batch:
+        return x, counted.astype(jnp.float32)
+    has_ref = batch["has_reference"].astype(bool)
+    reference = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
+    target = jnp.where(has_ref[:, None, None, None], reference, x)
+    return target, (counted | has_ref).astype(jnp.float32)
 
 
-def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
+def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, progress=None):
     """Eq. (1): IQE on op2-degraded good images; DR on X. The two share no parameters.
 
-    With ``usable_self_reference`` IQE also learns op1(usable) -> usable, the pairs its evaluation
-    scores (op2 for good, op1 for usable images, as QT does in stage 3).
+    Images with a clean reference are enhanced as they are towards it (they are already degraded);
+    with ``usable_self_reference`` IQE also learns op1(usable) -> usable, the pairs its evaluation
+    scores when the data has no references.
     """
-    del grl_scale  # no gradient reversal before stage 3
+    del progress  # no schedule before stage 3
     x, mask = inference.inputs(batch)
     quality, grade = batch["quality"], batch["dr_grade"]
     total, metrics, new_bs = 0.0, {}, {}
     if "iqe" in nets:
         keys = jax.random.split(key, x.shape[0])
-        if s.usable_self_reference:
-            degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
-        else:
-            degraded = jax.vmap(lambda im, m, k: degrade.op2(im, m, k, qt))(x, mask, keys)
-        referenced = _qe_referenced(quality, s)
-        batch = {**batch, "has_vessel": batch["has_vessel"] & referenced}
-        _, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, x, mask,
-                                                     referenced.astype(jnp.float32), batch, s)
+        # QT's rule (good -> op2, usable -> op1, others as they are), op1 only for self-referenced usable.
+        qt_quality = jnp.where(quality == 0, 0, jnp.where((quality == 1) & s.usable_self_reference, 1, 2))
+        degraded = degrade.quality_transform_batch(x, mask, qt_quality, keys, qt)
+        target, weight = _qe_target(x, mask, batch, s)
+        batch = {**batch, "has_vessel": batch["has_vessel"] & (weight > 0)}
+        _, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, target, mask,
+                                                     weight, batch, s)
         total, metrics = total + l_iqe, {**metrics, **terms, "loss_iqe": l_iqe}
     if "dr" in nets:
         l_dr, terms, new_bs["dr"] = _dr_terms(models["dr"], state, params, x, grade)
@@ -136,9 +163,9 @@ def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
     return total, (metrics, new_bs, state.lbtw)
 
 
-def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=None):
+def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, progress=None):
     """Eq. (2): IQA on X, with LQI-IQA reconstructing QT(X)."""
-    del grl_scale
+    del progress
     x, mask = inference.inputs(batch)
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, batch["quality"], keys, qt)
@@ -146,22 +173,78 @@ def _stage2_loss(params, state, batch, key, models, nets, qt, s, *, grl_scale=No
     return l_iqa, ({**terms, "loss_iqa": l_iqa}, {"iqa": bs}, state.lbtw)
 
 
-def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_epoch, grl_scale=None):
-    """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA through gradient reversal, DR}; weighted tasks."""
+def grl_scale_at(s: LossSettings, progress: jax.Array) -> jax.Array:
+    """The reversal scale at ``progress`` in [0, 1] of stage 3: constant, or Ganin & Lempitsky's ramp
+    scale * (2 / (1 + exp(-10 p)) - 1), which starts at 0 and reaches 0.9999 * scale at p = 1."""
+    scale = jnp.float32(s.grl_scale)
+    if s.grl_schedule == "constant":
+        return scale
+    return scale * (2.0 / (1.0 + jnp.exp(-10.0 * jnp.asarray(progress, jnp.float32))) - 1.0)
+
+
+def _reverse_guidance(models, state, params, enhanced, degraded, mask, quality, s, progress):
+    """The paper's form: IQA on X^ through the gradient-reversal layer (IQE ascends L_IQA)."""
+    reversed_enh = layers.grad_reverse(enhanced, grl_scale_at(s, progress))
+    l_iqa, terms, bs = _iqa_terms(models["iqa"], state, params, reversed_enh, degraded, mask, quality, s)
+    return l_iqa, jnp.float32(0.0), {**terms, "grl_scale": grl_scale_at(s, progress)}, bs
+
+
+def _to_good_guidance(models, state, params, enhanced, x, degraded, mask, quality, s):
+    """IQE as generator, IQA as discriminator (paper III-D, IV-C), in a bounded form.
+
+    IQA trains on the detached enhancement (labelled with its original's quality) and on the raw image,
+    so it stays a quality assessor. IQE minimises CE(IQA(X^), good) over images whose original is not
+    good, through IQA with its parameters held fixed and BatchNorm in inference mode; that term is
+    returned apart, outside the dynamic weighting. Returns (L_IQA, guidance, metrics, IQA batch stats).
+    """
+    both = jnp.concatenate([jax.lax.stop_gradient(enhanced), x])
+    l_iqa, terms, bs = _iqa_terms(models["iqa"], state, params, both, jnp.concatenate([degraded, degraded]),
+                                  jnp.concatenate([mask, mask]), jnp.concatenate([quality, quality]), s)
+    frozen = {"params": jax.lax.stop_gradient(params["iqa"]), "batch_stats": state.batch_stats["iqa"]}
+    logits = models["iqa"].apply(frozen, enhanced, train=False)["quality_logits"]
+    to_good = jnp.where(quality > 0, 0, -1)  # good (0) is the target; good or unknown originals are left out
+    guidance = losses.cross_entropy(logits, to_good)
+    return l_iqa, guidance, {**terms, "loss_guidance": guidance}, bs
+
+
+def _task_weights(vector, names, state, steps_per_epoch, s):
+    """Eq. (11)'s weights: dynamic on L_IQE and L_IQA with L_DR at 1 ("eq11"), or dynamic on every task
+    ("all"). The weighting state tracks every task either way, so checkpoints keep one shape."""
+    if s.weighting == "lbtw":
+        weights, lbtw = losses.lbtw_weights(vector, state.lbtw, epoch=state.step // steps_per_epoch,
+                                            alpha=s.alpha, reset=s.lbtw_reset)
+    else:
+        fixed = dict(s.fixed)
+        weights, lbtw = losses.fixed_weights(vector, state.lbtw, values=[fixed[t] for t in names])
+    if s.weighted_tasks == "eq11" and s.weighting == "lbtw" and "dr" in names and len(names) > 1:
+        dynamic = jnp.asarray([t != "dr" for t in names])
+        share = jnp.sum(jnp.where(dynamic, weights, 0.0))
+        rescaled = weights * (dynamic.sum() / jnp.where(share > 0, share, 1.0))
+        weights = jnp.where(dynamic, rescaled, 1.0)
+        lbtw = lbtw.replace(weights=weights)
+    return weights, lbtw
+
+
+def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_epoch, progress=None):
+    """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA guidance (config.loss.iqe_guidance), DR};
+    ``progress`` in [0, 1] of the stage drives the reversal-scale schedule."""
     x, mask = inference.inputs(batch)
     quality = batch["quality"]
     keys = jax.random.split(key, x.shape[0])
     degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
+    progress = jnp.float32(1.0) if progress is None else progress
     new_bs = {}
-    enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(
-        models["iqe"], state, params, degraded, x, mask, _qe_referenced(quality, s).astype(jnp.float32),
-        batch, s)
-    task_losses, metrics = {"iqe": l_iqe}, dict(terms)
+    target, weight = _qe_target(x, mask, batch, s)
+    enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, target, mask,
+                                                        weight, batch, s)
+    task_losses, metrics, guidance = {"iqe": l_iqe}, dict(terms), jnp.float32(0.0)
     if "iqa" in nets:
-        scale = jnp.float32(s.grl_scale) if grl_scale is None else grl_scale
-        reversed_enh = layers.grad_reverse(enhanced, scale)
-        task_losses["iqa"], terms, new_bs["iqa"] = _iqa_terms(models["iqa"], state, params, reversed_enh,
-                                                              degraded, mask, quality, s)
+        if s.iqe_guidance == "reverse":
+            task_losses["iqa"], guidance, terms, new_bs["iqa"] = _reverse_guidance(
+                models, state, params, enhanced, degraded, mask, quality, s, progress)
+        else:
+            task_losses["iqa"], guidance, terms, new_bs["iqa"] = _to_good_guidance(
+                models, state, params, enhanced, x, degraded, mask, quality, s)
         metrics.update(terms)
     if "dr" in nets:
         task_losses["dr"], terms, new_bs["dr"] = _dr_terms(models["dr"], state, params, enhanced,
@@ -169,19 +252,14 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_ep
         metrics.update(terms)
     names = factory.stage_tasks(nets)
     vector = jnp.stack([task_losses[t] for t in names])
-    if s.weighting == "lbtw":
-        weights, lbtw = losses.lbtw_weights(vector, state.lbtw, epoch=state.step // steps_per_epoch,
-                                            alpha=s.alpha, reset=s.lbtw_reset)
-    else:
-        fixed = dict(s.fixed)
-        weights, lbtw = losses.fixed_weights(vector, state.lbtw, values=[fixed[t] for t in names])
-    total = losses.combine(vector, weights)
+    weights, lbtw = _task_weights(vector, names, state, steps_per_epoch, s)
+    total = losses.combine(vector, weights) + s.guidance_weight * guidance
     for i, t in enumerate(names):
         metrics[f"loss_{t}"], metrics[f"weight_{t}"] = vector[i], weights[i]
     return total, (metrics, new_bs, lbtw)
 
 
-def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_input: bool, grl_scale=None):
+def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_input: bool, progress=None):
     """CE-Net on (image, manual vessel mask): Dice + BCE inside the field of view (CE-Net's training).
 
     Each image first gets CE-Net's colour and scale augmentation on device (`augment.augment_batch`;
@@ -205,9 +283,9 @@ def _teacher_loss(params, state, batch, key, models, nets, qt, s, *, degrade_inp
 
 # --------------------------------------------------------------------------- the step
 def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], stage: str, steps_per_epoch: int):
-    """The stage's loss ``fn(params, state, batch, key, grl_scale=None) -> (loss, (metrics, new_batch_stats,
-    lbtw_state))``, differentiable w.r.t. ``params`` ({subnetwork: params}). ``grl_scale`` (stage 3) may be a
-    traced value replacing config.loss.grl_scale, e.g. to schedule it."""
+    """The stage's loss ``fn(params, state, batch, key, progress=None) -> (loss, (metrics, new_batch_stats,
+    lbtw_state))``, differentiable w.r.t. ``params`` ({subnetwork: params}). ``progress`` (stage 3), the
+    fraction of the stage done, may be traced; it drives config.loss.grl_schedule (None: the end, 1)."""
     nets = factory.stage_nets(cfg, stage)
     qt = factory.qt_params(cfg)
     s = LossSettings.from_config(cfg)
@@ -215,8 +293,8 @@ def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], sta
           "stage3": functools.partial(_stage3_loss, steps_per_epoch=steps_per_epoch),
           "teacher_a": functools.partial(_teacher_loss, degrade_input=False),
           "teacher_b": functools.partial(_teacher_loss, degrade_input=True)}[stage]
-    return lambda params, state, batch, key, grl_scale=None: fn(params, state, batch, key, models, nets, qt, s,
-                                                                grl_scale=grl_scale)
+    return lambda params, state, batch, key, progress=None: fn(params, state, batch, key, models, nets, qt, s,
+                                                               progress=progress)
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,
@@ -224,11 +302,13 @@ def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module]
     """The stage's pure train step ``(state, batch) -> (state, metrics)`` (jit it with parallel.py)."""
     loss_fn = stage_loss(cfg, models, stage, steps_per_epoch)
     schedule = optim.lr_schedule(cfg, steps_per_epoch)
+    total_steps = max(1, int(cfg.num_epochs) * steps_per_epoch)
 
     def step(state: ts.TrainState, batch: Batch):
         key, state = state.next_key()
+        progress = jnp.minimum(state.step.astype(jnp.float32) / total_steps, 1.0)
         (loss, (metrics, new_bs, lbtw)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state, batch, key)
+            state.params, state, batch, key, progress)
         new_state = ts.apply_gradients(state, grads, new_bs, tx).replace(lbtw=lbtw)
         metrics = {**metrics, "loss": loss, "learning_rate": schedule(state.step)}
         return new_state, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)

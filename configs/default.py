@@ -58,7 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.alpha = 0.5  # LBTW exponent.
     c.loss.lbtw_reset = "epoch"  # Re-take the initial losses L(0) every "epoch" or "once".
     c.loss.fixed = ml_collections.ConfigDict(dict(dr=1.0, iqe=1.0, iqa=1.0))  # weights when weighting="fixed"
-    c.loss.grl_scale = 1.0  # Gradient-reversal scale between IQA and IQE in stage 3.
+    # How IQA guides IQE in stage 3: "reverse", the paper's gradient-reversal layer (IQE ascends L_IQA on
+    # every image); "to_good", IQE descends CE(IQA(X^), good) over non-good images through a frozen IQA,
+    # IQA trains on the detached X^ and on X (docs/training.md).
+    c.loss.iqe_guidance = "reverse"
+    c.loss.grl_scale = 1.0  # Gradient-reversal scale between IQA and IQE in stage 3 ("reverse").
+    # "constant", or "ganin": grl_scale * (2 / (1 + exp(-10 p)) - 1) over the stage's progress p.
+    c.loss.grl_schedule = "constant"
+    c.loss.guidance_weight = 0.01  # Weight of the "to_good" term, outside the dynamic task weighting.
+    # Which task losses the dynamic weights scale: "eq11" (paper eq. 11: L_IQE and L_IQA, L_DR at 1) or "all".
+    c.loss.weighted_tasks = "eq11"
     # Stages 1 and 3: L_QE also on usable images (op1-degraded) against themselves.
     c.loss.usable_self_reference = False
 

@@ -58,10 +58,13 @@ def _joint_setup(**overrides):
 def test_joint_step_reverses_the_iqa_gradient_into_iqe():
     """IQE receives -scale times IQA's gradient: (g(1) - g(0)) == -(g(-1) - g(0)) and is not zero,
     while IQA descends its own loss whatever the scale."""
-    cfg, models, state, batch = _joint_setup(**{"tasks.dr": False})
-    loss_fn = steps.stage_loss(cfg, models, "stage3", steps_per_epoch=1)
-    grad = jax.jit(jax.grad(lambda p, scale: loss_fn(p, state, batch, jax.random.key(1), grl_scale=scale)[0]))
-    g1, g0, gm1 = (jax.tree.map(np.asarray, grad(state.params, jnp.float32(v))) for v in (1.0, 0.0, -1.0))
+    def grads(scale):
+        cfg, models, state, batch = _joint_setup(**{"tasks.dr": False, "loss.grl_scale": scale})
+        loss_fn = steps.stage_loss(cfg, models, "stage3", steps_per_epoch=1)
+        g = jax.jit(jax.grad(lambda p: loss_fn(p, state, batch, jax.random.key(1))[0]))(state.params)
+        return jax.tree.map(np.asarray, g)
+
+    g1, g0, gm1 = (grads(v) for v in (1.0, 0.0, -1.0))
     reversed_part = jax.tree.map(lambda a, b: a - b, g1["iqe"], g0["iqe"])
     plain_part = jax.tree.map(lambda a, b: a - b, gm1["iqe"], g0["iqe"])
     r = np.concatenate([x.ravel() for x in jax.tree.leaves(reversed_part)])

@@ -116,8 +116,9 @@ def _classification(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     # Counted on the host: the (K, K) matrix is the only array the metric functions then see.
     cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
     precision, _, f1 = metrics.macro_precision_recall_f1(cm)
-    return {"n": int(y.size), "accuracy": _finite(np.trace(cm) / y.size),
-            "kappa": _finite(metrics.kappa_from_confusion(cm)),
+    # Kappa measures agreement beyond chance between raters; over one true class it is undefined.
+    kappa = _finite(metrics.kappa_from_confusion(cm)) if np.unique(y).size > 1 else None
+    return {"n": int(y.size), "accuracy": _finite(np.trace(cm) / y.size), "kappa": kappa,
             "precision": _finite(precision), "f1": _finite(f1), "confusion_matrix": cm.tolist()}
 
 

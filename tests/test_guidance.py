@@ -1,0 +1,120 @@
+"""Stage 3's IQA guidance of IQE (config.loss.iqe_guidance), the reversal-scale schedule, eq. (11)'s
+task weights, L_QE against stored references, and per-stage seeds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cleaq_jax import factory, optim, steps, train_state
+from tests import tiny
+
+
+def _setup(**overrides):
+    cfg = tiny.tiny_config(**{"loss.weighting": "fixed", "tasks.dr": False, **overrides})
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage3")
+    tx = optim.make_optimizer(cfg, 1)
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, tiny.random_batch(6, cfg.data.image_size))
+    return cfg, models, state, batch
+
+
+def _grads(stage="stage3", **overrides):
+    cfg, models, state, batch = _setup(**overrides)
+    loss_fn = steps.stage_loss(cfg, models, stage, steps_per_epoch=1)
+    fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, state, batch, jax.random.key(1)), has_aux=True))
+    (_, (metrics, _, _)), g = fn(state.params)
+    return jax.tree.map(np.asarray, g), jax.tree.map(np.asarray, metrics)
+
+
+def _flat(tree):
+    return np.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_to_good_guidance_reaches_iqe_and_never_iqa():
+    """The guidance term changes IQE's gradient and leaves IQA's exactly as it was: IQA's parameters are
+    held fixed for that term."""
+    off, _ = _grads(**{"loss.iqe_guidance": "to_good", "loss.guidance_weight": 0.0})
+    on, metrics = _grads(**{"loss.iqe_guidance": "to_good", "loss.guidance_weight": 1.0})
+    assert metrics["loss_guidance"] > 0
+    assert np.linalg.norm(_flat(on["iqe"]) - _flat(off["iqe"])) > 1e-6 * np.linalg.norm(_flat(off["iqe"]))
+    # The term's IQA gradient is stop_gradient's exact zero, added to the same float32 sums.
+    np.testing.assert_array_equal(_flat(on["iqa"]), _flat(off["iqa"]))
+
+
+def test_to_good_iqa_learns_from_the_detached_enhancement_only():
+    """Under to_good, L_IQA never reaches IQE: IQE's gradient does not depend on IQA's task weight."""
+    kw = {"loss.iqe_guidance": "to_good", "loss.guidance_weight": 0.0}
+    low, _ = _grads(**kw, **{"loss.fixed.iqa": 1.0})
+    high, _ = _grads(**kw, **{"loss.fixed.iqa": 5.0})
+    np.testing.assert_array_equal(_flat(low["iqe"]), _flat(high["iqe"]))
+    assert np.linalg.norm(_flat(high["iqa"]) - 5.0 * _flat(low["iqa"])) <= 1e-5 * np.linalg.norm(_flat(high["iqa"]))
+    # Under the paper's reversal the same change of weight does reach IQE.
+    low, _ = _grads(**{"loss.fixed.iqa": 1.0})
+    high, _ = _grads(**{"loss.fixed.iqa": 5.0})
+    assert np.linalg.norm(_flat(low["iqe"]) - _flat(high["iqe"])) > 1e-6
+
+
+def test_grl_schedule_values():
+    cfg = tiny.tiny_config(**{"loss.grl_scale": 0.5, "loss.grl_schedule": "ganin"})
+    s = steps.LossSettings.from_config(cfg)
+    for p in (0.0, 0.1, 0.5, 1.0):
+        expected = 0.5 * (2.0 / (1.0 + np.exp(-10.0 * p)) - 1.0)
+        assert float(steps.grl_scale_at(s, jnp.float32(p))) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert float(steps.grl_scale_at(s, jnp.float32(0.0))) == 0.0
+    constant = steps.LossSettings.from_config(tiny.tiny_config(**{"loss.grl_scale": 0.5}))
+    assert float(steps.grl_scale_at(constant, jnp.float32(0.0))) == 0.5
+
+
+def test_eq11_weights_leave_dr_at_one_and_balance_the_others():
+    cfg, models, state, batch = _setup(**{"loss.weighting": "lbtw", "tasks.dr": True,
+                                          "loss.weighted_tasks": "eq11"})
+    step = jax.jit(steps.make_train_step(cfg, models, optim.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert float(metrics["weight_dr"]) == 1.0
+    assert float(metrics["weight_iqe"]) + float(metrics["weight_iqa"]) == pytest.approx(2.0, rel=1e-6)
+    assert float(metrics["weight_iqe"]) != pytest.approx(1.0, abs=1e-6)
+
+
+def test_l_qe_uses_stored_references_for_every_quality_level():
+    """Reject images have no QT pair; with a stored clean reference they still count in L_QE."""
+    cfg = tiny.tiny_config()
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage1")
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
+        jax.random.key(0))
+    batch = tiny.random_batch(4, cfg.data.image_size)
+    batch["quality"] = np.full(4, 2, np.int32)  # all reject
+    loss_fn = jax.jit(lambda b: steps.stage_loss(cfg, models, "stage1", 1)(state.params, state, b,
+                                                                           jax.random.key(1))[1][0])
+    assert float(loss_fn(jax.tree.map(jnp.asarray, batch))["loss_qe"]) == 0.0
+    batch["reference"] = np.flip(batch["image"], axis=1).copy()
+    batch["has_reference"] = np.ones(4, bool)
+    with_ref = loss_fn(jax.tree.map(jnp.asarray, batch))
+    assert float(with_ref["loss_qe"]) > 0 and float(with_ref["loss_seg"]) > 0
+
+
+def test_stages_draw_their_own_seeds():
+    cfg = tiny.tiny_config()
+    seeds = {stage: factory.stage_seed(cfg, stage) for stage in factory.STAGES}
+    assert len(set(seeds.values())) == len(seeds)
+    assert factory.stage_seed(cfg, "stage1") == factory.stage_seed(tiny.tiny_config(), "stage1")
+    assert all(0 <= s < 2 ** 31 for s in seeds.values())
+
+
+def test_two_stages_with_the_same_seed_draw_different_first_batches(tmp_path):
+    from cleaq_jax.data import location, pipeline
+
+    data = str(tmp_path / "data")
+    location.build_synthetic(data, 16, size=32, splits={"train": 1.0}, workers=1)
+    cfg = tiny.tiny_config()
+
+    def first_ids(stage):
+        loader = pipeline.train_loader(data, "train", global_batch_size=8, seed=factory.stage_seed(cfg, stage),
+                                       class_balance=0.0, augment=False, worker_count=0, image_size=32)
+        return next(iter(loader))["id_hash"].tolist()
+
+    assert first_ids("stage1") == first_ids("stage1")
+    assert first_ids("stage1") != first_ids("stage3")
