@@ -123,6 +123,10 @@ def _lists_to_tuples(tree: Any) -> Any:
     return tree
 
 
+class CorruptCheckpointError(RuntimeError):
+    """No checkpoint of a stage's directory reads back whole."""
+
+
 class Checkpointer:
     """Saves and restores one stage's checkpoints (see the module docstring for the items).
 
@@ -144,8 +148,8 @@ class Checkpointer:
         self.directory = _as_path(directory)
         self.best_metric = best_metric
         pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
-        options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self._options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
 
     def save(
         self,
@@ -225,6 +229,36 @@ class Checkpointer:
             _restore_position(os.path.join(self.directory, str(step), "data"), data_iter)
         items = {"state": ocp.args.StandardRestore(target_abstract_state)}
         return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def restore_intact(self, target_abstract_state: PyTree, *, data_iter: Any = None) -> tuple[PyTree, int]:
+        """Restores the newest checkpoint that reads back whole; returns (state, its step).
+
+        A checkpoint that fails to read (a truncated file, a crash mid-write outside orbax's atomic
+        rename) is named in a warning and moved aside to ``corrupt-<step>`` (nothing is deleted), so the
+        run resumes from the previous one and later saves of that step are not refused. Raises
+        `CorruptCheckpointError` naming the directory when no checkpoint is intact.
+        """
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.restore(target_abstract_state, step=step, data_iter=data_iter), step
+            except Exception as e:  # orbax and tensorstore raise many types for unreadable bytes
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                logging.warning("checkpoint %s/%d cannot be read (%s); moving it to corrupt-%d and trying the "
+                                "previous one", self.directory, step, reason, step)
+                failures.append(f"{step} ({reason})")
+                self._set_aside(step)
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.directory}: {'; '.join(failures)}. Remove the directory to "
+            f"train this stage from the start, or restore it from a backup")
+
+    def _set_aside(self, step: int) -> None:
+        """Renames ``<dir>/<step>`` to ``<dir>/corrupt-<step>`` (process 0) and reopens the manager."""
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(self.directory / f"corrupt-{step}")
+        parallel.barrier(f"checkpoint-set-aside-{step}")
+        self._manager.close()
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         """The config saved with ``step`` (default: latest) as a ConfigDict.

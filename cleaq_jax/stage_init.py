@@ -48,8 +48,8 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
     init = lambda k: ts.init_state(cfg, models, nets, tx, k)  # noqa: E731
     if ckpt.latest_step() is not None:
         target, shardings = ts.abstract_state(init, mesh, key)
-        state = ckpt.restore(target, data_iter=loader)
-        logging.info("%s: resumed from step %d", stage, ckpt.latest_step())
+        state, step = ckpt.restore_intact(target, data_iter=loader)
+        logging.info("%s: resumed from step %d", stage, step)
         return state, shardings
     state, shardings = ts.sharded_state(init, mesh, key)
     state = graft_imagenet(cfg, state)

@@ -283,3 +283,41 @@ def test_checkpoint_saved_on_eight_devices_restores_on_one(background):
     assert len(leaves) == len([k for k in saved.files if k.startswith("leaf")])
     for i, leaf in enumerate(leaves):
         np.testing.assert_array_equal(leaf, saved[f"leaf{i}"])
+
+
+def _truncate_state_files(step_dir) -> int:
+    """Cut every file of a checkpoint's state item to half its size (a crash mid-copy, a full disk)."""
+    cut = 0
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            if size > 1:
+                with open(path, "r+b") as f:
+                    f.truncate(size // 2)
+                cut += 1
+    return cut
+
+
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, caplog):
+    directory = tmp_path / "ckpt"
+    with checkpoint.Checkpointer(directory, max_to_keep=5) as ckpt:
+        _save_all(ckpt, [0.1, 0.2, 0.3])
+    assert _truncate_state_files(directory / "3") > 0
+    with checkpoint.Checkpointer(directory, max_to_keep=5) as ckpt:
+        state, step = ckpt.restore_intact(_tiny_target())
+        assert step == 2 and float(state["w"][0]) == 2.0
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.save(3, _tiny(3.0))  # the step can be saved again
+    assert (directory / "corrupt-3").is_dir()
+    assert any("corrupt-3" in r.getMessage() for r in caplog.records)
+
+
+def test_no_intact_checkpoint_names_the_directory(tmp_path):
+    directory = tmp_path / "ckpt"
+    with checkpoint.Checkpointer(directory, max_to_keep=5) as ckpt:
+        _save_all(ckpt, [0.1])
+    _truncate_state_files(directory / "1")
+    with checkpoint.Checkpointer(directory, max_to_keep=5) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match=str(directory)):
+            ckpt.restore_intact(_tiny_target())
