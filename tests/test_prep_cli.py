@@ -98,7 +98,7 @@ def test_eyeq_manifest_counts_only_the_written_records(eyeq_data, eyeq_run):
 
 def test_progress_line_reports_count_rate_and_eta(eyeq_data, eyeq_run):
     err = eyeq_run[1]
-    total = len(eyeq_data["good"]) + 3  # three label rows are rejected before any image is read
+    total = len(eyeq_data["good"]) + 4  # four faulty images are read; three label rows are rejected before
     assert f"{total}/{total}" in err and "img/s" in err and "<" in err
 
 
