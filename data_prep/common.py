@@ -17,12 +17,13 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from cleaq_jax.data import fundus
-from cleaq_jax.data.records import ShardWriter, encode_record
+from cleaq_jax.data.records import MANIFEST, ShardWriter, encode_record, format_counts, read_manifest
 
 
 class PrepError(Exception):
@@ -68,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, num_shards: int) -> None:
     parser.add_argument("--num-shards", type=_positive, default=num_shards, help="ArrayRecord shards per split")
     parser.add_argument("--strict", action="store_true",
                         help="stop with exit code 1, writing nothing, at the first item that would be skipped")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that ran ``module`` with ``argv`` (default sys.argv[1:]), as the manifest records it."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def _positive(text: str) -> int:
@@ -148,13 +154,16 @@ def _write_skip_files(out: str, source: str, counts: Mapping[str, int], skips: S
 
 
 def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Sequence[Skip],
-        encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None) -> int:
+        encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None,
+        command: str = "") -> int:
     """Prepare ``jobs`` into ArrayRecord shards under ``args.out``; returns the process exit code.
 
     jobs: images with split and labels (their order within a split is fixed by sorting on id);
     skips: items the CLI already rejected while reading labels. Writes one shard set per split,
-    ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json. Returns 1,
-    writing nothing, when --strict meets a skip or a split ends up with no records.
+    ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json (with
+    ``extra_manifest`` and, as ``prep_command``, ``command``: what rebuilds the split). Prints the
+    manifest's counts table. Returns 1, writing nothing, when --strict meets a skip or a split ends
+    up with no records.
     """
     skips = list(skips)
     splits = list(dict.fromkeys([j.split for j in jobs] + [s.split for s in skips]))
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         return _fail(f"{source}: no usable items to prepare", skips)
     order = {s: i for i, s in enumerate(splits)}
     jobs = sorted(jobs, key=lambda j: (order[j.split], j.id))
-    extra = {"source": source, **(extra_manifest or {})}
+    extra = {"source": source, **(extra_manifest or {}), **({"prep_command": command} if command else {})}
     writers = {s: ShardWriter(args.out, source, s, args.num_shards, extra)
                for s in dict.fromkeys(j.split for j in jobs)}
     results = _results(jobs, encode, source, args.size, args.workers)
@@ -188,13 +197,20 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         if isinstance(e, PrepError):
             return _fail(str(e), skips)
         raise
+    _close(args.out, source, writers, skips)
+    return 0
+
+
+def _close(out: str, source: str, writers: Mapping[str, ShardWriter], skips: Sequence[Skip]) -> None:
+    """Move every split into place, write the skip reports and print them and the counts table."""
     for split, w in writers.items():
         w.extra["skipped"] = sum(s.split == split for s in skips)
         paths = w.close()
-        print(f"{source}/{split}: {len(w)} records in {len(paths)} shard(s) under {args.out}", file=sys.stderr)
-    _write_skip_files(args.out, source, {s: len(w) for s, w in writers.items()}, skips)
+        print(f"{source}/{split}: {len(w)} records in {len(paths)} shard(s) under {out}", file=sys.stderr)
+    _write_skip_files(out, source, {s: len(w) for s, w in writers.items()}, skips)
     _report(skips)
-    return 0
+    print(f"counts by split x quality x grade ({os.path.join(out, MANIFEST)}):\n"
+          f"{format_counts(read_manifest(out))}", file=sys.stderr)
 
 
 def _fail(message: str, skips: Sequence[Skip]) -> int:

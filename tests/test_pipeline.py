@@ -349,3 +349,46 @@ def test_plan_cache_is_bounded_and_survives_pickling():
     assert len(cache._plans) == 2
     np.testing.assert_array_equal(plans[-1], plans[9])
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(cache))(3), plans[3])
+
+
+# --------------------------------------------------------------------------- damaged shards
+def _damaged_copy(tmp_path, damage) -> tuple[str, str]:
+    """A 2-shard set written with a recorded prep command, one shard damaged; (directory, that shard)."""
+    out = str(tmp_path / "shards")
+    with records.ShardWriter(out, "fixture", "train", num_shards=2,
+                             extra_manifest={"prep_command": f"python -m data_prep.eyeq --out {out}"}) as writer:
+        for i, grade in enumerate(GRADES):
+            writer.write(_fixture_example(i, grade))
+    shard = records.split_shards(out, "train")[1]
+    with open(shard, "rb") as f:
+        data = bytearray(f.read())
+    with open(shard, "wb") as f:
+        f.write(damage(data))
+    return out, shard
+
+
+def _truncated(data: bytearray) -> bytes:
+    return bytes(data[: len(data) // 2])
+
+
+def _scrambled(data: bytearray) -> bytes:
+    data[200:300] = b"\xff" * 100  # inside the first record's chunk, whose hash the reader checks
+    return bytes(data)
+
+
+def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tmp_path):
+    out, shard = _damaged_copy(tmp_path, _truncated)
+    for make in (lambda: pipeline.train_loader(out, global_batch_size=4, seed=0, class_balance=0.5),
+                 lambda: pipeline.eval_loader(out, "train", global_batch_size=4)):
+        with pytest.raises(records.ShardError) as error:
+            make()
+        assert shard in str(error.value) and f"`python -m data_prep.eyeq --out {out}`" in str(error.value)
+
+
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_a_corrupt_record_is_named_with_its_shard_and_rebuild_command(tmp_path, read_threads):
+    out, shard = _damaged_copy(tmp_path, _scrambled)
+    loader = pipeline.eval_loader(out, "train", global_batch_size=4, read_threads=read_threads)
+    with pytest.raises(records.ShardError, match="reading its record 0 failed") as error:
+        list(loader)
+    assert shard in str(error.value) and "rebuild it with `python -m data_prep.eyeq" in str(error.value)

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from cleaq_jax.data import pipeline
+from cleaq_jax.data import records as records_lib
 from cleaq_jax.data.records import iter_records
 from data_prep import drive, eyeq, messidor
 from fixtures_layouts import EYEQ_HEADER, MESSIDOR_HEADER, drive_layout, eyeq_layout, messidor_layout, retina_disc
@@ -94,6 +96,25 @@ def test_eyeq_manifest_counts_only_the_written_records(eyeq_data, eyeq_run):
     assert split["num_records"] == len(eyeq_data["good"])
     assert split["skipped"] == len(eyeq_data["bad"])
     assert sum(row["all"] for row in split["counts"].values()) == len(eyeq_data["good"])
+
+
+def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
+    out = str(eyeq_run[2])
+    split = records_lib.read_manifest(out)["splits"]["train"]
+    # The label CSV is provenance under its own key; "labels" stays the class-label file of the shards.
+    assert split["labels"] == "eyeq-train.labels.json" and split["source_labels"] == "Label_EyeQ_train.csv"
+    grades = pipeline.split_labels(out, "train", "dr_grade")
+    assert sorted(grades.tolist()) == sorted(g for g, _ in eyeq_data["good"].values())
+    batch = next(pipeline.train_loader(out, "train", global_batch_size=2, seed=0, class_balance=0.5,
+                                       process_index=0, process_count=1, read_threads=0))
+    assert batch["image"].shape == (2, 64, 64, 3)
+
+
+def test_eyeq_manifest_records_the_command_that_rebuilds_the_split(eyeq_data, eyeq_run):
+    out = str(eyeq_run[2])
+    command = records_lib.read_manifest(out)["splits"]["train"]["prep_command"]
+    assert command.startswith("python -m data_prep.eyeq --images ") and f"--out {out}" in command
+    assert records_lib.rebuild_hint(out, "train") == f"rebuild it with `{command}`"
 
 
 def test_progress_line_reports_count_rate_and_eta(eyeq_data, eyeq_run):

@@ -497,15 +497,49 @@ def _split_entry(data_dir: str, split: str) -> dict[str, Any]:
     return splits[split]
 
 
+class _CheckedShards(grain.MapDataset):
+    """The records of a split's shards; a failed read raises `records.ShardError` naming the shard."""
+
+    def __init__(self, paths: list[str], counts: list[int]):
+        # "path[start:end]" tells grain each shard's size, so it does not open every shard again.
+        super().__init__(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
+            [f"{p}[0:{n}]" for p, n in zip(paths, counts)])))
+        self._paths, self._ends = paths, np.cumsum(counts)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __str__(self) -> str:
+        return f"CheckedShards({len(self._paths)} shards)"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        try:
+            return self._parent[index]
+        except RuntimeError as e:  # riegeli reports a damaged chunk as RuntimeError, naming no file
+            shard = int(np.searchsorted(self._ends, index, side="right"))
+            local = index - (int(self._ends[shard - 1]) if shard else 0)
+            raise records.shard_error(self._paths[shard], f"reading its record {local} failed ({e or 'unreadable'})") from e
+
+
 def _source(data_dir: str, split: str) -> grain.MapDataset:
-    paths = records.split_shards(data_dir, split)
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    expected = _split_entry(data_dir, split)["num_records"]
-    if len(source) != expected:
+    paths = records.check_shards(data_dir, split)
+    entry = _split_entry(data_dir, split)
+    counts = entry.get("records_per_shard")
+    if counts is None or len(counts) != len(paths):  # shard sets written before the per-shard counts
+        counts = [_num_records(p) for p in paths]
+    source = _CheckedShards(paths, list(counts))
+    if len(source) != entry["num_records"]:
         raise records.RecordError(
-            f"{os.path.join(data_dir, records.MANIFEST)} lists {expected} records for split {split!r} "
-            f"but its shards hold {len(source)}: rebuild {data_dir} with data_prep")
+            f"{os.path.join(data_dir, records.MANIFEST)} lists {entry['num_records']} records for split "
+            f"{split!r} but its shards hold {len(source)}: {records.rebuild_hint(data_dir, split)}")
     return source
+
+
+def _num_records(path: str) -> int:
+    with records.open_shard(path) as reader:
+        return reader.num_records()
 
 
 def _image_size(data_dir: str, split: str, image_size: int | None) -> int:

@@ -16,6 +16,10 @@ Shards of a split are ``<name>-<split>.array_record-NNNNN-of-MMMMM`` in one dire
 Table I), and ``<name>-<split>.labels.json`` with every record's grade and quality in reading order
 (so class-balanced loaders need not open the records). A split is written under a temporary directory and moved into place only when
 complete, so an interrupted run never leaves shards that look complete.
+
+The manifest's per-split keys that `ShardWriter` writes (`MANIFEST_KEYS`) have one meaning each;
+a writer refuses extra provenance keys that would shadow them. A shard that cannot be read
+(truncated, corrupt) raises `ShardError` naming the file and the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -42,8 +46,17 @@ QUALITY_NAMES = ("good", "usable", "reject")
 WRITER_OPTIONS = "group_size:1"
 
 
+# The per-split manifest entries ShardWriter owns; extra provenance keys must not reuse these names.
+MANIFEST_KEYS = ("name", "shards", "labels", "num_records", "records_per_shard", "image_size",
+                 "with_vessel_mask", "counts")
+
+
 class RecordError(ValueError):
     """A record or shard set that does not follow the schema."""
+
+
+class ShardError(RecordError):
+    """A shard file that cannot be read (truncated, corrupt, or not the size its manifest says)."""
 
 
 def shard_name(name: str, split: str, index: int, count: int) -> str:
@@ -60,7 +73,15 @@ def split_labels(data_dir: str, split: str) -> dict[str, list[int]] | None:
     entry = read_manifest(data_dir)["splits"].get(split)
     if entry is None or "labels" not in entry:
         return None
-    with open(os.path.join(data_dir, entry["labels"])) as f:
+    # Older EyeQ preps stored the label CSV's name under this key: such sets have no labels file.
+    if entry["labels"] != labels_name(entry.get("name", ""), split):
+        return None
+    path = os.path.join(data_dir, entry["labels"])
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: {os.path.join(data_dir, MANIFEST)} lists it beside the shards of split "
+            f"{split!r}; copy it with the shards, or {rebuild_hint(data_dir, split)}")
+    with open(path) as f:
         return json.load(f)
 
 
@@ -175,6 +196,23 @@ def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, di
     return table
 
 
+def format_counts(manifest: Mapping[str, Any]) -> str:
+    """The manifest's counts as a text table, split x quality rows by grade columns (the paper's Table I)."""
+    splits = manifest.get("splits", {})
+    order = sorted(splits, key=lambda s: (("train", "val", "test").index(s) if s in ("train", "val", "test") else 3, s))
+    grades = sorted({g for e in splits.values() for row in e.get("counts", {}).values() for g in row if g != "all"},
+                    key=lambda g: (g == "unknown", int(g) if g != "unknown" else 0))
+    columns = [f"grade {g}" if g != "unknown" else "grade ?" for g in grades] + ["all"]
+    lines = [f"{'split':<8}{'quality':<9}" + "".join(f"{c:>9}" for c in columns)]
+    for split in order:
+        counts = splits[split].get("counts", {})
+        qualities = [q for q in (*QUALITY_NAMES, "unknown") if q in counts]
+        total = {g: sum(counts[q].get(g, 0) for q in qualities) for g in (*grades, "all")}
+        for q, row in [(q, counts[q]) for q in qualities] + [("all", total)]:
+            lines.append(f"{split:<8}{q:<9}" + "".join(f"{row.get(g, 0):>9}" for g in (*grades, "all")))
+    return "\n".join(lines)
+
+
 def split_shards(data_dir: str, split: str) -> list[str]:
     """Absolute paths of a split's shards, in order, as listed by the manifest."""
     manifest = read_manifest(data_dir)
@@ -190,6 +228,16 @@ def split_shards(data_dir: str, split: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- writing
+def _checked_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(MANIFEST_KEYS))
+    if clash:
+        raise ValueError(
+            f"extra manifest key(s) {', '.join(clash)} would overwrite the writer's own entries "
+            f"({', '.join(MANIFEST_KEYS)}): give the provenance another name (e.g. 'source_{clash[0]}')")
+    return extra
+
+
 class ShardWriter:
     """Writes one split of a dataset as ArrayRecord shards, atomically.
 
@@ -208,7 +256,7 @@ class ShardWriter:
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir, self.name, self.split = out_dir, name, split
-        self.extra = dict(extra_manifest or {})
+        self.extra = _checked_extra(extra_manifest)
         os.makedirs(out_dir, exist_ok=True)
         self._tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{name}-{split}-")
         self._writers = [
@@ -248,6 +296,11 @@ class ShardWriter:
         """Finish: move shards into place, update the manifest; returns the shard paths."""
         for w in self._writers:
             w.close()
+        try:
+            self.extra = _checked_extra(self.extra)  # callers may add provenance after construction
+        except ValueError:
+            self.abort()
+            raise
         used = [i for i, c in enumerate(self._counts) if c > 0]
         if not used:
             self.abort()
@@ -330,11 +383,91 @@ def _shard_files(path: str, split: str | None) -> list[str]:
 
 def iter_records(path: str, split: str | None = None, *, decode_images: bool = True) -> Iterator[dict[str, Any]]:
     """Yield decoded records from a shard file, or from every shard of a directory (one split when
-    ``split`` is given; all splits in manifest order otherwise)."""
+    ``split`` is given; all splits in manifest order otherwise). A shard that cannot be read raises
+    `ShardError` naming it."""
     for shard in _shard_files(path, split):
-        reader = array_record_module.ArrayRecordReader(shard)
-        try:
+        with open_shard(shard) as reader:
             for i in range(reader.num_records()):
-                yield decode_record(reader.read([i])[0], decode_images=decode_images)
-        finally:
+                yield decode_record(read_records(reader, shard, [i])[0], decode_images=decode_images)
+
+
+# --------------------------------------------------------------------------- damaged shards
+def rebuild_hint(data_dir: str, split: str) -> str:
+    """What rebuilds a split's shards, from its manifest entry: 'rebuild it with `<command>`'."""
+    try:
+        entry = read_manifest(data_dir)["splits"].get(split, {})
+    except (OSError, ValueError):
+        entry = {}
+    if "vessel_masks" in entry:
+        masks = entry["vessel_masks"]
+        method = masks.get("method", "teacher")
+        teacher = f" --teacher {masks['teacher']}" if masks.get("teacher") else ""
+        return (f"delete it and rerun `python -m data_prep.pseudo_masks --shards {masks.get('input', '<input shards>')} "
+                f"--out {data_dir} --method {method}{teacher}` (it redoes only the missing shards)")
+    if "generator" in entry:
+        g = entry["generator"]
+        splits = ",".join(f"{k}={v}" for k, v in g.get("splits", {}).items())
+        scale = f" --lesion-scale {g['lesion_scale']}" if "lesion_scale" in g else ""
+        return (f"rebuild it with `python -m data_prep.synthetic --out {data_dir} --num {g.get('num')} "
+                f"--size {g.get('size')} --seed {g.get('seed')} --splits {splits}{scale} --overwrite`")
+    if "prep_command" in entry:
+        return f"rebuild it with `{entry['prep_command']}`"
+    return f"rebuild {data_dir} with the data_prep command that wrote it (docs/data.md)"
+
+
+def shard_error(shard: str, problem: str) -> ShardError:
+    """`ShardError` for a damaged shard file: its path, the problem and how to rebuild it."""
+    data_dir = os.path.dirname(os.path.abspath(shard))
+    split = _split_of(data_dir, os.path.basename(shard))
+    hint = rebuild_hint(data_dir, split) if split else "rebuild its shard set with data_prep"
+    return ShardError(f"{shard}: {problem}: the shard is truncated or corrupt; {hint}")
+
+
+def _split_of(data_dir: str, shard: str) -> str | None:
+    try:
+        splits = read_manifest(data_dir).get("splits", {})
+    except (OSError, ValueError):
+        return None
+    return next((name for name, entry in splits.items() if shard in entry.get("shards", ())), None)
+
+
+@contextlib.contextmanager
+def open_shard(shard: str):
+    """An ArrayRecordReader of one shard file; `ShardError` naming it when it cannot be opened."""
+    try:
+        reader = array_record_module.ArrayRecordReader(shard)
+    except RuntimeError as e:  # riegeli reports truncation and corruption as RuntimeError
+        raise shard_error(shard, f"cannot open it ({e or 'unreadable'})") from e
+    if not reader.ok():  # a file cut at a block boundary opens "successfully" with 0 records
+        with contextlib.suppress(RuntimeError):
             reader.close()
+        raise shard_error(shard, "it does not open as an ArrayRecord file")
+    try:
+        yield reader
+    finally:
+        with contextlib.suppress(RuntimeError):  # closing a reader that met corruption re-raises it
+            reader.close()
+
+
+def read_records(reader, shard: str, indices: list[int]) -> list[bytes]:
+    """reader.read(indices) with a read failure reported as `ShardError` naming ``shard``."""
+    try:
+        return reader.read(indices)
+    except RuntimeError as e:
+        raise shard_error(shard, f"reading records {indices[0]}-{indices[-1]} failed ({e or 'unreadable'})") from e
+
+
+def check_shards(data_dir: str, split: str) -> list[str]:
+    """The split's shard paths (`split_shards`) after opening each one: a shard that does not open or
+    holds another number of records than the manifest lists raises `ShardError` naming it.
+
+    Opening reads each shard's footer and index only, so this costs milliseconds per shard.
+    """
+    paths = split_shards(data_dir, split)
+    expected = read_manifest(data_dir)["splits"][split].get("records_per_shard")
+    for j, path in enumerate(paths):
+        with open_shard(path) as reader:
+            n = reader.num_records()
+        if expected is not None and j < len(expected) and n != expected[j]:
+            raise shard_error(path, f"it holds {n} records, the manifest lists {expected[j]}")
+    return paths
