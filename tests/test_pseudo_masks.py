@@ -154,7 +154,7 @@ def test_a_masked_set_carries_every_sidecar_and_feeds_a_class_balanced_loader(sy
         assert entry["vessel_masks"]["input"] == os.path.abspath(synthetic[1])
     batch = next(pipeline.train_loader(out, "train", global_batch_size=4, seed=0, class_balance=0.5,
                                        process_index=0, process_count=1, read_threads=0))
-    assert batch["has_vessel"].all()
+    assert batch["has_vessel"].all() and batch["has_reference"].all()
 
 
 def test_a_damaged_input_shard_is_named_before_any_shard_is_masked(synthetic, tmp_path, capsys):

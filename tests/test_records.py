@@ -100,6 +100,34 @@ def test_bytes_that_are_not_a_record_are_rejected():
         records.decode_record(b"\xc1 definitely not msgpack")
 
 
+# --------------------------------------------------------------------------- the optional reference
+def test_a_reference_round_trips_and_is_counted_in_the_manifest(tmp_path):
+    examples = [_example(i) for i in range(3)]
+    examples[0]["reference"] = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    examples[2]["reference"] = examples[2]["image"][..., ::-1].copy()
+    with records.ShardWriter(str(tmp_path), "t", "train", num_shards=2) as writer:
+        for example in examples:
+            writer.write(example)
+    back = {r["id"]: r for r in records.iter_records(str(tmp_path), "train")}
+    np.testing.assert_array_equal(back["img_000"]["reference"], examples[0]["reference"])  # RGB order kept
+    np.testing.assert_array_equal(back["img_002"]["reference"], examples[2]["reference"])
+    assert back["img_001"]["reference"] is None
+    assert records.read_manifest(str(tmp_path))["splits"]["train"]["with_reference"] == 2
+
+
+def test_a_record_without_reference_has_no_reference_field():
+    # Records written before the field existed decode alike; new ones without a reference are unchanged.
+    payload = msgpack.unpackb(records.encode_record(_example(0)), raw=False)
+    assert "reference" not in payload
+    assert records.decode_record(msgpack.packb(payload, use_bin_type=True))["reference"] is None
+
+
+def test_a_reference_of_another_shape_is_rejected():
+    example = {**_example(0), "reference": np.zeros((16, 32, 3), np.uint8)}
+    with pytest.raises(records.RecordError, match="reference must have the image's shape"):
+        records.encode_record(example)
+
+
 # --------------------------------------------------------------------------- manifest keys
 @pytest.mark.parametrize("key", ["labels", "counts", "shards"])
 def test_extra_manifest_keys_may_not_shadow_the_writers_own(tmp_path, key):

@@ -7,6 +7,9 @@ Every batch is a dict of numpy arrays, the per-process part of a global batch, r
     mask        uint8  (b, S, S)     retinal mask, {0, 1}
     vessel      uint8  (b, S, S)     vessel mask, {0, 1}; zeros where none is known
     has_vessel  bool   (b,)
+    reference   uint8  (b, S, S, 3)  the clean image the record's image was degraded from (RGB),
+                                     augmented like the image; zeros where the record has none
+    has_reference bool (b,)
     dr_grade    int32  (b,)          -1 unknown
     quality     int32  (b,)          0 good, 1 usable, 2 reject, -1 unknown
     id_hash     int32  (b,)          `records.id_hash` of the example id
@@ -173,8 +176,9 @@ def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator |
 
     record: bytes in the `records` schema; image_size: output side S (resized with INTER_AREA
     when the record differs); rng: augmentation generator, or None for no augmentation.
-    Image and retinal mask are warped together as one 4-channel image, the vessel mask with the
-    same matrix, so all three stay aligned; masks are thresholded back to {0, 1} after the warp.
+    Image and retinal mask are warped together as one 4-channel image, the vessel mask and the
+    reference with the same matrix, so all stay aligned; masks are thresholded back to {0, 1} after
+    the warp.
     """
     payload = records.decode_record(record, decode_images=False)
     where = f"record {payload['id']!r}"
@@ -182,15 +186,20 @@ def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator |
     mask = _resized(_imdecode(payload["mask"], cv2.IMREAD_GRAYSCALE, where), image_size)
     vessel = (_resized(_imdecode(payload["vessel"], cv2.IMREAD_GRAYSCALE, where), image_size)
               if payload["vessel"] else None)
+    reference = (_resized(_imdecode(payload["reference"], cv2.IMREAD_COLOR, where), image_size)
+                 if payload.get("reference") else None)
     if rng is None:
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB) if reference is not None else None
     else:
-        image, mask, vessel = _augment(bgr, mask, vessel, augment_matrix(rng, image_size))
+        image, mask, vessel, reference = _augment(bgr, mask, vessel, reference, augment_matrix(rng, image_size))
     return {
         "image": image,
         "mask": _binary(mask),
         "vessel": _binary(vessel) if vessel is not None else np.zeros((image_size, image_size), np.uint8),
         "has_vessel": np.bool_(vessel is not None),
+        "reference": reference if reference is not None else np.zeros((image_size, image_size, 3), np.uint8),
+        "has_reference": np.bool_(reference is not None),
         "dr_grade": np.int32(payload["dr_grade"]),
         "quality": np.int32(payload["quality"]),
         "id_hash": np.int32(records.id_hash(payload["id"])),
@@ -202,20 +211,28 @@ def padding_example(image_size: int) -> dict[str, np.ndarray]:
     """The all-zero row (valid=False, labels -1) that fills the final eval batch."""
     zeros = np.zeros((image_size, image_size), np.uint8)
     return {"image": np.zeros((image_size, image_size, 3), np.uint8), "mask": zeros, "vessel": zeros,
-            "has_vessel": np.bool_(False), "dr_grade": np.int32(-1), "quality": np.int32(-1),
+            "has_vessel": np.bool_(False), "reference": np.zeros((image_size, image_size, 3), np.uint8),
+            "has_reference": np.bool_(False), "dr_grade": np.int32(-1), "quality": np.int32(-1),
             "id_hash": np.int32(0), "valid": np.bool_(False)}
 
 
-def _augment(bgr: np.ndarray, mask: np.ndarray, vessel: np.ndarray | None, matrix: np.ndarray):
+def _augment(bgr: np.ndarray, mask: np.ndarray, vessel: np.ndarray | None, reference: np.ndarray | None,
+             matrix: np.ndarray):
+    """(image RGB, mask, vessel or None, reference RGB or None), all warped by one matrix."""
     size = (bgr.shape[1], bgr.shape[0])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+
+    def warp(array: np.ndarray) -> np.ndarray:
+        return cv2.warpAffine(array, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
     # 4 channels take OpenCV's vectorised path: image + mask in one warp costs less than the image alone.
     rgba = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
     rgba[..., 3] = mask
-    warped = cv2.warpAffine(rgba, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if vessel is not None:
-        vessel = cv2.warpAffine(vessel, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB), cv2.extractChannel(warped, 3), vessel
+    warped = warp(rgba)
+    vessel = warp(vessel) if vessel is not None else None
+    if reference is not None:
+        reference = cv2.cvtColor(warp(cv2.cvtColor(reference, cv2.COLOR_BGR2RGBA)), cv2.COLOR_RGBA2RGB)
+    return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB), cv2.extractChannel(warped, 3), vessel, reference
 
 
 def _imdecode(data: bytes, flag: int, where: str) -> np.ndarray:

@@ -6,6 +6,8 @@ A record is a msgpack map::
     image     bytes    PNG, RGB uint8, fundus-cropped and resized at prep time (HxWx3)
     mask      bytes    PNG, single channel, 0/255 retinal (field-of-view) mask (HxW)
     vessel    bytes    PNG, single channel, 0/255 vessel mask, or b"" when none is known
+    reference bytes    optional: PNG, RGB uint8, the clean image ``image`` was degraded from (HxWx3);
+                       absent when none is known (real photographs of unknown history)
     dr_grade  int      DR grade (0-4 EyeQ, 0-3 Messidor), -1 unknown
     quality   int      0 good, 1 usable, 2 reject, -1 unknown
     id        str      stable example id (file stem), unique within a dataset
@@ -48,7 +50,7 @@ WRITER_OPTIONS = "group_size:1"
 
 # The per-split manifest entries ShardWriter owns; extra provenance keys must not reuse these names.
 MANIFEST_KEYS = ("name", "shards", "labels", "num_records", "records_per_shard", "image_size",
-                 "with_vessel_mask", "counts")
+                 "with_vessel_mask", "with_reference", "counts")
 
 
 class RecordError(ValueError):
@@ -102,14 +104,19 @@ def _png(array: np.ndarray, what: str) -> bytes:
 def encode_record(example: Mapping[str, Any]) -> bytes:
     """Serialise one example dict (fields as yielded by `decode_record`) to record bytes.
 
-    image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None.
+    image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None; reference:
+    HxWx3 uint8 RGB (the clean image ``image`` was made from) or None/absent. A record without a
+    reference has no ``reference`` key at all, so records written before the field existed are unchanged.
     """
-    image = np.asarray(example["image"])
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise RecordError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
+    image = _rgb(example["image"], "image")
     mask = _binary(example["mask"], image.shape[:2], "mask")
     vessel = example.get("vessel")
     vessel_bytes = b"" if vessel is None else _png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
+    reference = example.get("reference")
+    if reference is not None:
+        reference = _rgb(reference, "reference")
+        if reference.shape != image.shape:
+            raise RecordError(f"reference must have the image's shape {image.shape}, got {reference.shape}")
     payload = {
         "schema": SCHEMA_VERSION,
         "image": _png(image[..., ::-1], "image"),  # OpenCV writes BGR
@@ -120,7 +127,16 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
         "id": str(example["id"]),
         "source": str(example.get("source", "")),
     }
+    if reference is not None:
+        payload["reference"] = _png(reference[..., ::-1], "reference")
     return msgpack.packb(payload, use_bin_type=True)
+
+
+def _rgb(array: Any, what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise RecordError(f"{what} must be HxWx3 uint8, got {array.shape} {array.dtype}")
+    return array
 
 
 def _binary(array: Any, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -132,9 +148,10 @@ def _binary(array: Any, shape: tuple[int, int], what: str) -> np.ndarray:
 
 def decode_record(data: bytes, *, decode_images: bool = True) -> dict[str, Any]:
     """Record bytes -> dict(image HxWx3 uint8 RGB, mask HxW uint8 {0,1}, vessel HxW uint8 {0,1}
-    or None, dr_grade int, quality int, id str, source str).
+    or None, reference HxWx3 uint8 RGB or None, dr_grade int, quality int, id str, source str).
 
-    With ``decode_images=False`` image/mask/vessel stay PNG bytes (vessel b"" when absent).
+    With ``decode_images=False`` image/mask/vessel/reference stay PNG bytes (vessel b"" when absent;
+    reference only present when the record has one).
     """
     try:
         payload = msgpack.unpackb(data, raw=False)
@@ -152,6 +169,7 @@ def decode_record(data: bytes, *, decode_images: bool = True) -> dict[str, Any]:
     out["mask"] = (decode_png(payload["mask"], color=False) > 127).astype(np.uint8)
     out["vessel"] = (
         (decode_png(payload["vessel"], color=False) > 127).astype(np.uint8) if payload["vessel"] else None)
+    out["reference"] = decode_png(payload["reference"], color=True) if payload.get("reference") else None
     return out
 
 
@@ -268,6 +286,7 @@ class ShardWriter:
         self._grades: list[int] = []
         self._qualities: list[int] = []
         self._has_vessel = 0
+        self._has_reference = 0
         self._image_size: tuple[int, int] | None = None
         self._n = 0
 
@@ -287,6 +306,7 @@ class ShardWriter:
         self._grades.append(meta["dr_grade"])
         self._qualities.append(meta["quality"])
         self._has_vessel += bool(meta["vessel"])
+        self._has_reference += bool(meta.get("reference"))
         self._n += 1
 
     def __len__(self) -> int:
@@ -349,6 +369,7 @@ class ShardWriter:
             "records_per_shard": [c for c in self._counts if c > 0],
             "image_size": list(self._image_size or ()),
             "with_vessel_mask": self._has_vessel,
+            "with_reference": self._has_reference,
             "counts": count_table(self._grades, self._qualities),
             **self.extra,
         }
