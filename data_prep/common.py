@@ -153,17 +153,24 @@ def _write_skip_files(out: str, source: str, counts: Mapping[str, int], skips: S
         _write_text(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
 
 
+# A finisher rewrites a batch of encoded records in the main process (e.g. one batched JAX program over
+# them), given their jobs; it returns as many records, in order.
+Finisher = Callable[[Sequence[Job], Sequence[bytes]], Sequence[bytes]]
+
+
 def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Sequence[Skip],
         encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None,
-        command: str = "") -> int:
+        command: str = "", split_manifest: Mapping[str, Mapping[str, Any]] | None = None,
+        finish: Finisher | None = None, finish_batch: int = 16) -> int:
     """Prepare ``jobs`` into ArrayRecord shards under ``args.out``; returns the process exit code.
 
     jobs: images with split and labels (their order within a split is fixed by sorting on id);
     skips: items the CLI already rejected while reading labels. Writes one shard set per split,
     ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json (with
-    ``extra_manifest`` and, as ``prep_command``, ``command``: what rebuilds the split). Prints the
-    manifest's counts table. Returns 1, writing nothing, when --strict meets a skip or a split ends
-    up with no records.
+    ``extra_manifest``, ``split_manifest[split]`` and, as ``prep_command``, ``command``: what
+    rebuilds the split). ``finish``, when given, rewrites the encoded records ``finish_batch`` at a
+    time before they are written. Prints the manifest's counts table. Returns 1, writing nothing,
+    when --strict meets a skip or a split ends up with no records.
     """
     skips = list(skips)
     splits = list(dict.fromkeys([j.split for j in jobs] + [s.split for s in skips]))
@@ -174,12 +181,12 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
     order = {s: i for i, s in enumerate(splits)}
     jobs = sorted(jobs, key=lambda j: (order[j.split], j.id))
     extra = {"source": source, **(extra_manifest or {}), **({"prep_command": command} if command else {})}
-    writers = {s: ShardWriter(args.out, source, s, args.num_shards, extra)
+    writers = {s: ShardWriter(args.out, source, s, args.num_shards, {**extra, **(split_manifest or {}).get(s, {})})
                for s in dict.fromkeys(j.split for j in jobs)}
     results = _results(jobs, encode, source, args.size, args.workers)
     try:
         with _progress(len(jobs), source) as bar, contextlib.closing(results):
-            for job, (data, reason) in zip(jobs, results):
+            for job, data, reason in _finished(jobs, results, finish, finish_batch):
                 bar.update(1)
                 if data is None:
                     skips.append(Skip(job.split, job.id, job.image, reason))
@@ -199,6 +206,30 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         raise
     _close(args.out, source, writers, skips)
     return 0
+
+
+def _finished(jobs: Sequence[Job], results: Iterator[tuple[bytes | None, str]], finish: Finisher | None,
+              batch: int) -> Iterator[tuple[Job, bytes | None, str]]:
+    """(job, record bytes or None, skip reason); records go through ``finish`` ``batch`` at a time, keeping
+    their order (skips pass at once: they write nothing)."""
+    pending: list[tuple[Job, bytes]] = []
+
+    def flush() -> Iterator[tuple[Job, bytes | None, str]]:
+        done = finish([j for j, _ in pending], [d for _, d in pending]) if finish else [d for _, d in pending]
+        batch_jobs = [j for j, _ in pending]
+        pending.clear()
+        for job, data in zip(batch_jobs, done, strict=True):
+            yield job, data, ""
+
+    for job, (data, reason) in zip(jobs, results):
+        if data is None:
+            yield job, None, reason
+            continue
+        pending.append((job, data))
+        if finish is None or len(pending) >= batch:
+            yield from flush()
+    if pending:
+        yield from flush()
 
 
 def _close(out: str, source: str, writers: Mapping[str, ShardWriter], skips: Sequence[Skip]) -> None:
