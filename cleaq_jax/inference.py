@@ -71,10 +71,35 @@ def enhance_mask(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gat
     return (jnp.argmax(probs, -1) != GOOD) & ("iqe" in nets)
 
 
-def degraded_eval(qt: degrade.QTParams, batch: Batch, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """QT(x) with evaluation's fixed keys (op2 for good, op1 for usable images; reject unchanged)."""
+def clean_reference(batch: Batch) -> jax.Array:
+    """(B,) bool: rows whose record carries a clean ``reference`` (False for loaders' batches without one)."""
+    if "has_reference" not in batch:
+        return jnp.zeros(batch["quality"].shape, bool)
+    return batch["has_reference"].astype(bool)
+
+
+def enhancement_pair(qt: degrade.QTParams, batch: Batch, x: jax.Array, mask: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What evaluation asks IQE to enhance, and against what: (input, reference, scored).
+
+    A record with a clean reference is scored against it: a good image is first degraded by op2 (it is
+    its own clean image), a usable or reject image is enhanced as it is (it is already the degraded
+    one). Without one the original is the reference, of op2(good) and op1(usable); reject images are
+    not scored. x: (B,H,W,3) float32 from `inputs`; returns input and reference (B,H,W,3) float32
+    (zero outside mask) and scored (B,) bool. QT uses evaluation's fixed per-example keys.
+    """
+    quality, clean = batch["quality"], clean_reference(batch)
+    # QT's levels: 0 -> op2, 1 -> op1, 2 -> unchanged; a referenced usable image is already degraded.
+    level = jnp.where(quality == 0, 0, jnp.where((quality == 1) & ~clean, 1, 2))
     keys = degrade.eval_keys(jax.random.key(EVAL_KEY_SEED), batch["id_hash"])
-    return degrade.quality_transform_batch(x, mask, batch["quality"], keys, qt)
+    degraded = degrade.quality_transform_batch(x, mask, level, keys, qt)
+    if "reference" in batch:
+        stored = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
+        reference = jnp.where(clean[:, None, None, None], stored, x)
+    else:
+        reference = x
+    scored = clean | (quality == 0) | (quality == 1)
+    return degraded, reference, scored
 
 
 # --------------------------------------------------------------------------- raw photographs
@@ -115,25 +140,27 @@ def compiled_inference(models: dict, nets: tuple[str, ...], *, enhance_first: bo
 # --------------------------------------------------------------------------- image panels
 def _panels(iqe, qt: degrade.QTParams, state, batch) -> jax.Array:
     x, mask = inputs(batch)
-    degraded = degraded_eval(qt, batch, x, mask)
+    degraded, reference, _ = enhancement_pair(qt, batch, x, mask)
     out = enhance({"iqe": iqe}, state, degraded, mask)
     if "vessel_logits" in out:
         vessel = jnp.repeat(jax.nn.sigmoid(out["vessel_logits"]), 3, axis=-1) * mask[..., None]
     else:
         vessel = jnp.repeat(batch["vessel"][..., None].astype(jnp.float32), 3, axis=-1)
-    return jnp.clip(jnp.concatenate([degraded, out["enhanced"], x, vessel], axis=2), 0.0, 1.0)
+    return jnp.clip(jnp.concatenate([degraded, out["enhanced"], reference, vessel], axis=2), 0.0, 1.0)
 
 
 _jit_panels = jax.jit(_panels, static_argnums=(0, 1))
 
 
 def enhancement_panels(cfg: ml_collections.ConfigDict, state, models: dict, batch) -> np.ndarray:
-    """(n, H, 4W, 3) float32 images in [0,1]: QT-degraded input | enhanced | reference | predicted vessels.
+    """(n, H, 4W, 3) float32 images in [0,1]: input | enhanced | reference | predicted vessels, the
+    input and reference of `enhancement_pair` (the record's clean image where it has one).
 
     state: a TrainState or InferenceState holding "iqe"; batch: loader arrays (uint8 image, mask,
-    vessel, quality, id_hash) with n rows, host or device.
+    vessel, quality, id_hash, optionally reference and has_reference) with n rows, host or device.
     """
-    keys = ("image", "mask", "vessel", "quality", "id_hash")
+    keys = [k for k in ("image", "mask", "vessel", "quality", "id_hash", "reference", "has_reference")
+            if k in batch]
     return np.asarray(jax.device_get(_jit_panels(models["iqe"], factory.qt_params(cfg), state,
                                                  {k: batch[k] for k in keys})))
 

@@ -54,6 +54,20 @@ def _class_rows(block: dict[str, Any]) -> list[str]:
     return rows
 
 
+def enhancement_footnote(overall: dict[str, Any]) -> str:
+    """Which reference the enhancement table's rows were scored against, from its overall block."""
+    n, clean = int(overall.get("n", 0)), int(overall.get("n_clean_reference", 0))
+    own = ("the reference is the original itself, of op2(good) and op1(usable) images (fixed QT keys); "
+           "reject images have no reference and are left out")
+    theirs = ("the reference is the record's clean image (before QT): good images enter through op2 "
+              "(fixed QT keys), usable and reject images as they are")
+    if clean == 0:
+        return f"Reference: {own}."
+    if clean == n:
+        return f"Reference: {theirs}."
+    return f"Reference: for {clean} of {n} images {theirs}; for the other {n - clean} {own}."
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The run's tables as Markdown (the `programs.evaluate.summarise` dict with stage, split, data_dir, nets)."""
     lines = [f"# Evaluation: {result.get('stage', '?')} on split {result.get('split', '?')}",
@@ -71,8 +85,7 @@ def markdown(result: dict[str, Any]) -> str:
         for name, m in [("all", e["overall"])] + list(e.get("per_quality", {}).items()):
             lines.append(f"| {name} | {m['n']} | {_fmt(m['psnr_input'], 2)} | {_fmt(m['psnr_enhanced'], 2)} | "
                          f"{_fmt(m['ssim_input'])} | {_fmt(m['ssim_enhanced'])} |")
-        lines += ["", "Input = the QT-degraded original (op2 for good, op1 for usable images, fixed keys); "
-                      "the reference is the original. Reject images have no reference and are left out.", ""]
+        lines += ["", enhancement_footnote(e["overall"]), ""]
     if "iqa" in result:
         lines += ["## Quality assessment (paper Table VI): IQA on the raw image", ""] + _class_rows(result["iqa"]) + [""]
     if "iqa_enhanced" in result:
@@ -164,7 +177,7 @@ def per_quality_figure(result: dict[str, Any], path: str) -> None:
         # Within one quality level the true class is constant: kappa says nothing, accuracy is its recall.
         panels.append(("iqa", ("accuracy",), TASK_TITLES["iqa"], (0.0, 1.0)))
     if "enhancement" in result:
-        panels.append(("enhancement", ("ssim_input", "ssim_enhanced"), "Enhancement: SSIM vs original", (0.0, 1.0)))
+        panels.append(("enhancement", ("ssim_input", "ssim_enhanced"), "Enhancement: SSIM vs reference", (0.0, 1.0)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
     for ax, (task, metrics, title, ylim) in zip(axes[0], panels):
         _bars(ax, result[task].get("per_quality", {}), metrics, title + " per quality level", ylim)
@@ -175,14 +188,14 @@ def per_quality_figure(result: dict[str, Any], path: str) -> None:
 
 
 def grid_figure(panels: np.ndarray, path: str) -> None:
-    """Rows of QT-degraded input | enhanced | reference | vessel mask; panels (n, H, 4W, 3) in [0, 1]."""
+    """Rows of input | enhanced | reference | vessel mask; panels (n, H, 4W, 3) in [0, 1]."""
     plt = pyplot()
     n = panels.shape[0]
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.1 * n), squeeze=False)
     for i, ax in enumerate(axes[:, 0]):
         ax.imshow(np.clip(panels[i], 0, 1), interpolation="nearest")
         ax.axis("off")
-    axes[0, 0].set_title("QT-degraded input  |  enhanced  |  reference  |  vessel mask", fontsize=9)
+    axes[0, 0].set_title("input  |  enhanced  |  reference  |  vessel mask", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -17,12 +17,13 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from cleaq_jax.data import fundus
-from cleaq_jax.data.records import ShardWriter, encode_record
+from cleaq_jax.data.records import MANIFEST, ShardWriter, encode_record, format_counts, read_manifest
 
 
 class PrepError(Exception):
@@ -68,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, num_shards: int) -> None:
     parser.add_argument("--num-shards", type=_positive, default=num_shards, help="ArrayRecord shards per split")
     parser.add_argument("--strict", action="store_true",
                         help="stop with exit code 1, writing nothing, at the first item that would be skipped")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that ran ``module`` with ``argv`` (default sys.argv[1:]), as the manifest records it."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def _positive(text: str) -> int:
@@ -147,14 +153,24 @@ def _write_skip_files(out: str, source: str, counts: Mapping[str, int], skips: S
         _write_text(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
 
 
+# A finisher rewrites a batch of encoded records in the main process (e.g. one batched JAX program over
+# them), given their jobs; it returns as many records, in order.
+Finisher = Callable[[Sequence[Job], Sequence[bytes]], Sequence[bytes]]
+
+
 def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Sequence[Skip],
-        encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None) -> int:
+        encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None,
+        command: str = "", split_manifest: Mapping[str, Mapping[str, Any]] | None = None,
+        finish: Finisher | None = None, finish_batch: int = 16) -> int:
     """Prepare ``jobs`` into ArrayRecord shards under ``args.out``; returns the process exit code.
 
     jobs: images with split and labels (their order within a split is fixed by sorting on id);
     skips: items the CLI already rejected while reading labels. Writes one shard set per split,
-    ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json. Returns 1,
-    writing nothing, when --strict meets a skip or a split ends up with no records.
+    ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json (with
+    ``extra_manifest``, ``split_manifest[split]`` and, as ``prep_command``, ``command``: what
+    rebuilds the split). ``finish``, when given, rewrites the encoded records ``finish_batch`` at a
+    time before they are written. Prints the manifest's counts table. Returns 1, writing nothing,
+    when --strict meets a skip or a split ends up with no records.
     """
     skips = list(skips)
     splits = list(dict.fromkeys([j.split for j in jobs] + [s.split for s in skips]))
@@ -164,13 +180,13 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         return _fail(f"{source}: no usable items to prepare", skips)
     order = {s: i for i, s in enumerate(splits)}
     jobs = sorted(jobs, key=lambda j: (order[j.split], j.id))
-    extra = {"source": source, **(extra_manifest or {})}
-    writers = {s: ShardWriter(args.out, source, s, args.num_shards, extra)
+    extra = {"source": source, **(extra_manifest or {}), **({"prep_command": command} if command else {})}
+    writers = {s: ShardWriter(args.out, source, s, args.num_shards, {**extra, **(split_manifest or {}).get(s, {})})
                for s in dict.fromkeys(j.split for j in jobs)}
     results = _results(jobs, encode, source, args.size, args.workers)
     try:
         with _progress(len(jobs), source) as bar, contextlib.closing(results):
-            for job, (data, reason) in zip(jobs, results):
+            for job, data, reason in _finished(jobs, results, finish, finish_batch):
                 bar.update(1)
                 if data is None:
                     skips.append(Skip(job.split, job.id, job.image, reason))
@@ -188,13 +204,44 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         if isinstance(e, PrepError):
             return _fail(str(e), skips)
         raise
+    _close(args.out, source, writers, skips)
+    return 0
+
+
+def _finished(jobs: Sequence[Job], results: Iterator[tuple[bytes | None, str]], finish: Finisher | None,
+              batch: int) -> Iterator[tuple[Job, bytes | None, str]]:
+    """(job, record bytes or None, skip reason); records go through ``finish`` ``batch`` at a time, keeping
+    their order (skips pass at once: they write nothing)."""
+    pending: list[tuple[Job, bytes]] = []
+
+    def flush() -> Iterator[tuple[Job, bytes | None, str]]:
+        done = finish([j for j, _ in pending], [d for _, d in pending]) if finish else [d for _, d in pending]
+        batch_jobs = [j for j, _ in pending]
+        pending.clear()
+        for job, data in zip(batch_jobs, done, strict=True):
+            yield job, data, ""
+
+    for job, (data, reason) in zip(jobs, results):
+        if data is None:
+            yield job, None, reason
+            continue
+        pending.append((job, data))
+        if finish is None or len(pending) >= batch:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _close(out: str, source: str, writers: Mapping[str, ShardWriter], skips: Sequence[Skip]) -> None:
+    """Move every split into place, write the skip reports and print them and the counts table."""
     for split, w in writers.items():
         w.extra["skipped"] = sum(s.split == split for s in skips)
         paths = w.close()
-        print(f"{source}/{split}: {len(w)} records in {len(paths)} shard(s) under {args.out}", file=sys.stderr)
-    _write_skip_files(args.out, source, {s: len(w) for s, w in writers.items()}, skips)
+        print(f"{source}/{split}: {len(w)} records in {len(paths)} shard(s) under {out}", file=sys.stderr)
+    _write_skip_files(out, source, {s: len(w) for s, w in writers.items()}, skips)
     _report(skips)
-    return 0
+    print(f"counts by split x quality x grade ({os.path.join(out, MANIFEST)}):\n"
+          f"{format_counts(read_manifest(out))}", file=sys.stderr)
 
 
 def _fail(message: str, skips: Sequence[Skip]) -> int:

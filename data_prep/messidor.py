@@ -1,26 +1,38 @@
-"""Prepare Messidor as ArrayRecord shards with a deterministic stratified train/test split.
+"""Prepare Messidor as ArrayRecord shards the way the paper does (IV-A, Table I).
 
-    python -m data_prep.messidor --root Messidor --out data/messidor
+    python -m data_prep.messidor --root Messidor --out data/messidor            # train 1000, test 200
 
 Reads every ``Annotation_Base*.xls`` under ``--root`` (sheet ``Feuil1``; columns ``Image name`` and
-``Retinopathy grade`` 0-3) and finds each image (.tif) by name anywhere under ``--root``. Messidor has
-no official split: rows are ordered by grade, then by a seeded random key, and every k-th goes to
-"test" (k = 1/--test-fraction), so both splits keep the grade distribution and the split depends
-only on the spreadsheets and --seed. Image quality is unknown (-1): the paper derives Messidor's
-quality levels with its quality transform QT.
+``Retinopathy grade`` 0-3) and finds each image (.tif) by name anywhere under ``--root``. Then, from
+the spreadsheets and ``--seed`` alone:
+
+- split: rows ordered by grade, then by a seeded random key, are dealt to train / test (/ left out)
+  evenly along that order (`apportion`), so both splits keep the grade distribution; 1,000 / 200 by
+  default (``--train`` / ``--test``), scaled in proportion when fewer rows are annotated;
+- quality: within each split, rows ordered by grade and another seeded key take good / usable /
+  reject in turn, a third of each in every grade;
+- images: usable ones go through the quality transform's op1, reject ones through op2
+  (`cleaq_jax.data.degrade`, cofe-Net's parameters), each with a fixed key per image id, in batches of
+  ``--qt-batch`` on the CPU; every record keeps the clean crop as its ``reference``.
+
+The manifest records the protocol, each split's assignment (``quality_of``) and the counts by split x
+quality x grade, which the run prints (docs/data.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fractions
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from cleaq_jax.data import degrade, records
 from data_prep import common
 
 SOURCE = "messidor"
@@ -29,6 +41,8 @@ NAME_COLUMN = "Image name"
 GRADE_COLUMN = "Retinopathy grade"
 GRADE_RANGE = range(0, 4)
 IMAGE_EXTENSIONS = (".tif", ".tiff")
+TRAIN, TEST = 1000, 200  # Table I
+QT_PARAMS = degrade.QTParams()  # cofe-Net's degradation, as the paper's QT
 
 
 def find_annotations(root: str) -> list[str]:
@@ -84,25 +98,80 @@ def parse_grade(cell: Any) -> int:
     return int(value)
 
 
-def assign_splits(names: Sequence[str], strata: Sequence[int], test_fraction: float, seed: int) -> list[str]:
-    """'train'/'test' per item: order by (stratum, seeded random key), every k-th item to test.
+def apportion(n: int, counts: Sequence[int]) -> list[int]:
+    """Labels 0..k-1 for positions 0..n-1 with exactly counts[j] of label j, each spread evenly.
 
-    Exactly floor(n * test_fraction) items go to test, spread evenly over the strata.
+    Position r takes the label furthest behind its share r * counts[j] / n (lowest label on ties), so
+    every stretch of the order holds each label in proportion, to within one (a stratum ordered
+    together gets its share of every label).
     """
+    if sum(counts) != n or min(counts, default=0) < 0:
+        raise ValueError(f"counts {list(counts)} must be non-negative and sum to {n}")
+    given = [0] * len(counts)
+    labels = []
+    for r in range(1, n + 1):
+        behind = [fractions.Fraction(r * c, n) - g for c, g in zip(counts, given)]
+        j = max(range(len(counts)), key=lambda i: (behind[i], -i))
+        given[j] += 1
+        labels.append(j)
+    return labels
+
+
+def _stratified_order(names: Sequence[str], strata: Sequence[int], seed: int, stream: int) -> list[int]:
+    """Indices ordered by (stratum, a random key drawn with (seed, stream) in name order)."""
     by_name = sorted(range(len(names)), key=lambda i: names[i])
     key = np.empty(len(names))
-    key[by_name] = np.random.default_rng(seed).random(len(names))
-    order = sorted(range(len(names)), key=lambda i: (strata[i], key[i]))
-    f = fractions.Fraction(test_fraction).limit_denominator(10_000)
-    splits = ["train"] * len(names)
-    for rank, i in enumerate(order):
-        if (rank + 1) * f // 1 > rank * f // 1:
-            splits[i] = "test"
+    key[by_name] = np.random.default_rng([seed, stream]).random(len(names))
+    return sorted(range(len(names)), key=lambda i: (strata[i], key[i]))
+
+
+def split_counts(n: int, train: int, test: int) -> tuple[int, int, str | None]:
+    """(train, test, note): the requested counts, or scaled in proportion when fewer than train + test
+    rows are annotated (the note says so)."""
+    if train + test <= n:
+        return train, test, None
+    test_n = round(n * test / (train + test))
+    note = (f"the spreadsheets annotate {n} images, fewer than --train {train} + --test {test}: the splits are "
+            f"scaled in proportion to {n - test_n} / {test_n}")
+    return n - test_n, test_n, note
+
+
+def assign_splits(names: Sequence[str], strata: Sequence[int], train: int, test: int, seed: int) -> list[str]:
+    """'train', 'test' or '' (left out) per row: rows ordered by (grade, seeded key), the labels spread
+    evenly over that order (`apportion`), so every grade keeps its share in both splits."""
+    order = _stratified_order(names, strata, seed, stream=0)
+    labels = apportion(len(names), [train, test, len(names) - train - test])
+    splits = [""] * len(names)
+    for i, label in zip(order, labels):
+        splits[i] = ("train", "test", "")[label]
     return splits
 
 
-def collect(root: str, test_fraction: float, seed: int) -> tuple[list[common.Job], list[common.Skip]]:
-    """Jobs and skips for every annotated Messidor image under root."""
+def assign_quality(names: Sequence[str], strata: Sequence[int], splits: Sequence[str], seed: int) -> list[int]:
+    """Quality 0 good / 1 usable / 2 reject per row: within each split, rows ordered by (grade, seeded
+    key) take the three levels in turn, a third of each (to within one) in every grade."""
+    quality = [-1] * len(names)
+    for split in sorted(set(splits) - {""}):
+        rows = [i for i, s in enumerate(splits) if s == split]
+        order = _stratified_order([names[i] for i in rows], [strata[i] for i in rows], seed, stream=1)
+        n = len(rows)
+        for k, label in zip(order, apportion(n, [n // 3 + (j < n % 3) for j in range(3)])):
+            quality[rows[k]] = label
+    return quality
+
+
+@dataclasses.dataclass
+class Plan:
+    """The protocol's choices for one set of spreadsheets: split sizes and every row's split and quality."""
+
+    train: int
+    test: int
+    note: str | None
+    left_out: int
+    quality_of: dict[str, dict[str, str]]  # split -> {image id: quality name}
+
+
+def _read_rows(root: str) -> tuple[list[tuple[str, Any, str]], list[tuple[str, str]]]:
     annotations = find_annotations(root)
     if not annotations:
         raise common.PrepError(f"no Annotation_Base*.xls under {root}: point --root at the Messidor download "
@@ -113,19 +182,35 @@ def collect(root: str, test_fraction: float, seed: int) -> tuple[list[common.Job
         rows += got
         if problem:
             file_skips.append((path, problem))
+    return rows, file_skips
+
+
+def collect(root: str, train: int = TRAIN, test: int = TEST, seed: int = 0
+            ) -> tuple[list[common.Job], list[common.Skip], Plan]:
+    """Jobs (with split and quality), skips, and the plan for every annotated Messidor image under root.
+
+    The split and quality levels depend only on the spreadsheets and ``seed``, not on which image
+    files turn out readable.
+    """
+    rows, file_skips = _read_rows(root)
     strata = []
     for _, cell, _ in rows:
         try:
             strata.append(parse_grade(cell))
         except ValueError:
             strata.append(-1)
-    splits = assign_splits([r[0] for r in rows], strata, test_fraction, seed)
+    names = [r[0] for r in rows]
+    train, test, note = split_counts(len(rows), train, test)
+    splits = assign_splits(names, strata, train, test, seed)
+    quality = assign_quality(names, strata, splits, seed)
     # A spreadsheet that cannot be read has no rows to split: report it with the training split.
     skips = [common.Skip("train", "", p, problem) for p, problem in file_skips]
     jobs = []
     images, seen = index_images(root), {}
-    for (name, cell, where), split in zip(rows, splits):
+    for (name, cell, where), split, q in zip(rows, splits, quality):
         stem = os.path.splitext(name)[0]
+        if not split:
+            continue  # left out of both splits by the requested sizes
         try:
             grade = parse_grade(cell)
             if name.lower() in seen:
@@ -138,14 +223,70 @@ def collect(root: str, test_fraction: float, seed: int) -> tuple[list[common.Job
         except ValueError as e:
             skips.append(common.Skip(split, stem, where, str(e)))
             continue
-        jobs.append(common.Job(split, stem, paths[0], grade, -1))
-    return jobs, skips
+        jobs.append(common.Job(split, stem, paths[0], grade, q))
+    quality_of = {s: {os.path.splitext(n)[0]: records.QUALITY_NAMES[q] for n, sp, q in zip(names, splits, quality)
+                      if sp == s} for s in ("train", "test")}
+    return jobs, skips, Plan(train, test, note, splits.count(""), quality_of)
 
 
-def _fraction(text: str) -> float:
-    value = float(fractions.Fraction(text))
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+# --------------------------------------------------------------------------- the quality transform
+# Messidor's quality level -> the label `degrade.quality_transform` takes: usable -> op1, reject -> op2,
+# good -> unchanged (its "reject" branch).
+_QT_LABEL = np.array([2, 1, 0], np.int32)
+
+
+def qt_keys(seed: int, ids: Sequence[str]) -> jax.Array:
+    """The fixed QT key of each image id: fold_in(jax.random.key(seed), records.id_hash(id))."""
+    return degrade.eval_keys(jax.random.key(seed), [records.id_hash(i) for i in ids])
+
+
+def degrade_batch(payloads: Sequence[dict[str, Any]], seed: int, batch: int) -> list[bytes]:
+    """Records with usable images through QT op1 and reject images through op2 (fixed key per id), the
+    clean image kept as ``reference`` (good images too, unchanged); padded to ``batch`` rows so one
+    program serves every batch of an image size."""
+    n = len(payloads)
+    images = np.stack([p["image"] for p in payloads]).astype(np.float32) / 255
+    masks = np.stack([p["mask"] for p in payloads]).astype(np.float32)
+    labels = _QT_LABEL[[p["quality"] for p in payloads]]
+    keys = qt_keys(seed, [p["id"] for p in payloads])
+    if n < batch:
+        pad = batch - n
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+        masks = np.concatenate([masks, np.zeros((pad, *masks.shape[1:]), np.float32)])
+        labels = np.concatenate([labels, np.full(pad, 2, np.int32)])
+        keys = jax.numpy.concatenate([keys, qt_keys(seed, [""] * pad)])
+    out = np.asarray(degrade.quality_transform_batch(images, masks, labels, keys, QT_PARAMS))[:n]
+    degraded = np.round(np.clip(out, 0.0, 1.0) * 255).astype(np.uint8)
+    return [records.encode_record({**p, "reference": p["image"],
+                                   "image": p["image"] if p["quality"] == 0 else degraded[i]})
+            for i, p in enumerate(payloads)]
+
+
+def _finisher(seed: int, batch: int) -> common.Finisher:
+    def finish(jobs: Sequence[common.Job], data: Sequence[bytes]) -> list[bytes]:
+        del jobs  # the records carry id and quality
+        return degrade_batch([records.decode_record(d) for d in data], seed, batch)
+
+    return finish
+
+
+def _protocol(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    return {
+        "split": "rows ordered by (grade, seeded key); train / test / left out spread evenly over that order",
+        "requested": {"train": args.train, "test": args.test}, "train": plan.train, "test": plan.test,
+        "left_out": plan.left_out, "scaled": plan.note is not None, "seed": args.seed,
+        "quality": "within each split, rows ordered by (grade, seeded key) take good / usable / reject in turn",
+        "quality_transform": {"good": "none", "usable": "op1", "reject": "op2",
+                              "key": "fold_in(jax.random.key(seed), id_hash(id))",
+                              "params": dataclasses.asdict(QT_PARAMS)},
+        "reference": "the clean disc-cropped image, at every quality level",
+    }
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of images, got {text}")
     return value
 
 
@@ -154,21 +295,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.messidor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the Messidor folder (spreadsheets and images, any depth)")
-    parser.add_argument("--test-fraction", type=_fraction, default=1 / 6,
-                        help="share of images in the test split (default 1/6: 200 of 1200); '1/6' is accepted")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split's random order")
+    parser.add_argument("--train", type=_count, default=TRAIN, help=f"training images (default {TRAIN})")
+    parser.add_argument("--test", type=_count, default=TEST, help=f"test images (default {TEST})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the quality levels and the QT keys")
+    parser.add_argument("--qt-batch", type=_count, default=16, help="images per batched quality transform")
     common.add_arguments(parser, num_shards=4)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         parser.error(f"--root {args.root}: no such folder (it should hold Annotation_Base*.xls and the .tif images)")
+    jax.config.update("jax_platforms", "cpu")  # the quality transform of prep never needs an accelerator
     try:
-        jobs, skips = collect(args.root, args.test_fraction, args.seed)
+        jobs, skips, plan = collect(args.root, args.train, args.test, args.seed)
     except common.PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    extra = {"split_rule": "stratified by grade, every k-th of a seeded order",
-             "test_fraction": args.test_fraction, "seed": args.seed}
-    return common.run(args, SOURCE, jobs, skips, extra_manifest=extra)
+    if plan.note:
+        print(f"note: {plan.note}", file=sys.stderr)
+    if plan.left_out:
+        print(f"note: {plan.left_out} annotated image(s) left out of both splits (--train {args.train}, "
+              f"--test {args.test})", file=sys.stderr)
+    protocol = _protocol(args, plan)
+    per_split = {s: {"quality_of": plan.quality_of[s]} for s in ("train", "test")}
+    return common.run(args, SOURCE, jobs, skips, extra_manifest={"protocol": protocol}, split_manifest=per_split,
+                      command=common.command_line("data_prep.messidor", argv),
+                      finish=_finisher(args.seed, args.qt_batch), finish_batch=args.qt_batch)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ renamed when complete and then marked done (``.<shard>.done.json``, with the set
 and its counts). A rerun with the same settings skips finished shards and redoes any other one whole,
 so an interrupted pass never leaves a duplicate or half-written shard. The manifest (the input's, with
 ``with_vessel_mask`` counted again and a ``vessel_masks`` entry naming the method, teacher checkpoint
-and step, threshold) is written last: an output directory with a manifest.json is complete.
+and step, threshold and input directory) is written last, after the input's sidecar files (each split's
+``*.labels.json``, which class-balanced loaders read, and ``skipped-<split>.txt``) are copied: an
+output directory with a manifest.json is complete.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -134,11 +137,11 @@ def finished(out: str, shard: str, src: str, settings: dict[str, Any]) -> dict[s
     return done if done.get("settings") == settings and done.get("source") == _source_stamp(src) else None
 
 
-def _masked_records(reader, masker: Masker, batch_size: int, keep_existing: bool, progress):
+def _masked_records(reader, shard: str, masker: Masker, batch_size: int, keep_existing: bool, progress):
     """(record bytes with a vessel mask, whether the record's own mask was kept), in shard order,
     reading and masking ``batch_size`` records at a time."""
     for start in range(0, reader.num_records(), batch_size):
-        raw = reader.read(list(range(start, min(start + batch_size, reader.num_records()))))
+        raw = records.read_records(reader, shard, list(range(start, min(start + batch_size, reader.num_records()))))
         payloads = [records.decode_record(d, decode_images=False) for d in raw]
         todo = [i for i, p in enumerate(payloads) if not (keep_existing and p["vessel"])]
         vessels = dict(zip(todo, masker([payloads[i] for i in todo]) if todo else []))
@@ -159,25 +162,46 @@ def write_shard(src: str, out: str, masker: Masker, settings: dict[str, Any], ba
 
     shard = os.path.basename(src)
     tmp = os.path.join(out, f".{shard}.tmp-{os.getpid()}")
-    reader = array_record_module.ArrayRecordReader(src)
-    writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
     count = kept = 0
-    try:
-        for data, own in _masked_records(reader, masker, batch_size, keep_existing, progress):
-            writer.write(data)
-            count, kept = count + 1, kept + own
-        writer.close()
-        os.replace(tmp, os.path.join(out, shard))
-    finally:
-        reader.close()
-        if os.path.exists(tmp):  # interrupted: drop the partial shard
-            with contextlib.suppress(Exception):
-                writer.close()
-            os.remove(tmp)
+    with records.open_shard(src) as reader:
+        writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
+        try:
+            for data, own in _masked_records(reader, src, masker, batch_size, keep_existing, progress):
+                writer.write(data)
+                count, kept = count + 1, kept + own
+            writer.close()
+            os.replace(tmp, os.path.join(out, shard))
+        finally:
+            _drop_partial(tmp, writer)
     done = {"settings": settings, "source": _source_stamp(src), "records": count, "with_vessel": count,
             "kept": kept}
     records._atomic_write_json(_marker(out, shard), done)
     return done
+
+
+def _drop_partial(tmp: str, writer) -> None:
+    if os.path.exists(tmp):  # interrupted: drop the partial shard
+        with contextlib.suppress(Exception):
+            writer.close()
+        os.remove(tmp)
+
+
+def sidecar_files(shards: str, manifest: dict[str, Any]) -> list[str]:
+    """Files beside the shards that belong to the set: each split's labels file and skip report."""
+    names = [entry["labels"] for entry in manifest["splits"].values() if "labels" in entry]
+    names += [f"skipped-{split}.txt" for split in manifest["splits"]]
+    return sorted(n for n in set(names) if os.path.isfile(os.path.join(shards, n)))
+
+
+def copy_sidecars(shards: str, out: str, manifest: dict[str, Any]) -> list[str]:
+    """Copy `sidecar_files` from ``shards`` to ``out`` (records keep their order, so they stay true),
+    each through a hidden temporary name; returns the names copied."""
+    names = sidecar_files(shards, manifest)
+    for name in names:
+        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
+        shutil.copyfile(os.path.join(shards, name), tmp)
+        os.replace(tmp, os.path.join(out, name))
+    return names
 
 
 # --------------------------------------------------------------------------- the pass
@@ -200,7 +224,8 @@ def run_pass(shards: str, out: str, masker: Masker, settings: dict[str, Any], *,
     for name in os.listdir(out):  # partial shards of a killed pass (one pass per --out at a time)
         if name.startswith(".") and ".array_record-" in name and ".tmp-" in name:
             os.remove(os.path.join(out, name))
-    jobs = [(split, path) for split in sorted(manifest["splits"]) for path in records.split_shards(shards, split)]
+    # Every input shard opens before any is masked: a damaged one is named now, not after hours of masking.
+    jobs = [(split, path) for split in sorted(manifest["splits"]) for path in records.check_shards(shards, split)]
     total = sum(manifest["splits"][s]["num_records"] for s in manifest["splits"])
     results: dict[str, list[dict[str, Any]]] = {split: [] for split in manifest["splits"]}
     with _progress(total, settings["method"]) as bar:
@@ -211,9 +236,11 @@ def run_pass(shards: str, out: str, masker: Masker, settings: dict[str, Any], *,
             else:
                 bar.update(done["records"])
             results[split].append(done)
+    copy_sidecars(shards, out, manifest)
     for split, entry in manifest["splits"].items():
         entry["with_vessel_mask"] = sum(d["with_vessel"] for d in results[split])
-        entry["vessel_masks"] = {**settings, "kept_existing": sum(d["kept"] for d in results[split])}
+        entry["vessel_masks"] = {**settings, "kept_existing": sum(d["kept"] for d in results[split]),
+                                 "input": os.path.abspath(shards)}
     records._atomic_write_json(os.path.join(out, records.MANIFEST), manifest)
     return manifest
 

@@ -10,7 +10,8 @@ Examples (seed, index) are split by fractions in index order: the first train fr
 is train, and so on, so a split never changes when another grows. Every shard and the manifest are
 written in a hidden temporary directory and moved into DIR at the end, the manifest last: a DIR
 with a manifest.json is complete. Grade and quality follow the generator's default priors
-(`cleaq_jax.data.synthetic.GRADE_PRIORS`, `QUALITY_PRIORS`).
+(`cleaq_jax.data.synthetic.GRADE_PRIORS`, `QUALITY_PRIORS`). Every record stores the clean image
+before the quality transform as its ``reference`` (for good records it equals the image).
 """
 
 from __future__ import annotations

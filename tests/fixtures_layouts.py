@@ -90,6 +90,23 @@ def truncate(path: str) -> str:
     return path
 
 
+def write_oversized_png(path: str, width: int = 40_000, height: int = 40_000) -> str:
+    """A valid PNG of a few KB that declares width x height px (black, 8-bit RGB): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compressobj(9)
+    body = b"".join(rows.compress(b"\0" * (1 + 3 * width)) for _ in range(64)) + rows.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
 def write_unreadable(path: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -131,6 +148,9 @@ def eyeq_layout(root: str, n_good: int = 6) -> dict:
     write_image(os.path.join(images, "20006_left.jpeg"), small_fundus(3))
     rows.append(["20006_left.jpeg", 0, "severe"])
     bad["20006_left"] = "DR_grade 'severe' is not an integer"
+    write_oversized_png(os.path.join(images, "20007_left.jpeg"))  # a PNG under a .jpeg name: decoded by content
+    rows.append(["20007_left.jpeg", 0, 1])
+    bad["20007_left"] = "declares 40000 x 40000 px, over the limit"
     labels = os.path.join(root, "Label_EyeQ_train.csv")
     write_csv(labels, EYEQ_HEADER, [[i, *r] for i, r in enumerate(rows)])
     return {"images": images, "labels": labels, "good": good, "bad": bad}

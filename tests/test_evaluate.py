@@ -23,7 +23,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from cleaq_jax import checkpoint, factory, inference, metrics, optim, parallel, report, train_state
 from cleaq_jax.programs import evaluate
-from cleaq_jax.data import fundus, records
+from cleaq_jax.data import fundus, pipeline, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -86,8 +86,12 @@ def save_checkpoint(cfg, directory: str, state, mesh) -> None:
         ckpt.save(2, placed, config=cfg)
 
 
-def write_split(data_dir: str, split: str = "test") -> list[str]:
-    """The real scikit-image fundus photograph at 32 px, flipped and dimmed into len(GRADES) examples."""
+def write_split(data_dir: str, split: str = "test", with_reference: bool = False) -> list[str]:
+    """The real scikit-image fundus photograph at 32 px, flipped and dimmed into len(GRADES) examples.
+
+    with_reference: each record keeps its undimmed flip as its clean ``reference``, and good records are
+    left undimmed (their image is their reference), as synthetic and Messidor records are.
+    """
     image, mask = fundus.preprocess(skimage.data.retina(), SIZE, name="retina")
     ids = []
     with records.ShardWriter(data_dir, "retina", split, num_shards=2) as writer:
@@ -95,11 +99,14 @@ def write_split(data_dir: str, split: str = "test") -> list[str]:
             flip = (i % 2, i // 3)
             img = np.flip(image, [a for a, f in zip((0, 1), flip) if f]) if any(flip) else image
             msk = np.flip(mask, [a for a, f in zip((0, 1), flip) if f]) if any(flip) else mask
-            img = (img.astype(np.float32) * (1.0 - 0.1 * i)).astype(np.uint8)
+            clean = np.ascontiguousarray(img)
+            if not (with_reference and quality == 0):
+                img = (img.astype(np.float32) * (1.0 - 0.1 * i)).astype(np.uint8)
             ids.append(f"retina-{i}")
+            extra = {"reference": clean} if with_reference else {}
             writer.write({"image": np.ascontiguousarray(img), "mask": np.ascontiguousarray(msk),
                           "vessel": None, "dr_grade": grade, "quality": quality, "id": ids[-1],
-                          "source": "skimage"})
+                          "source": "skimage", **extra})
     return ids
 
 
@@ -142,8 +149,7 @@ def data_dir(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="module")
-def evaluated(stage3_dir, data_dir, tmp_path_factory):
+def _evaluate(stage3_dir: str, data_dir: str, out: str):
     from configs import eval as eval_config
 
     cfg = eval_config.get_config()
@@ -151,8 +157,19 @@ def evaluated(stage3_dir, data_dir, tmp_path_factory):
     cfg.data.dir = data_dir
     cfg.eval_batch_size = 4
     cfg.eval.num_examples_grid = 3
-    out = str(tmp_path_factory.mktemp("eval"))
     return evaluate.run(cfg, out), os.path.join(out, "eval")
+
+
+@pytest.fixture(scope="module")
+def evaluated(stage3_dir, data_dir, tmp_path_factory):
+    return _evaluate(stage3_dir, data_dir, str(tmp_path_factory.mktemp("eval")))
+
+
+@pytest.fixture(scope="module")
+def referenced_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("shards_ref"))
+    write_split(directory, with_reference=True)
+    return directory
 
 
 # --------------------------------------------------------------------------- restore
@@ -266,6 +283,41 @@ def test_evaluation_measures_enhancement_on_images_with_a_reference(evaluated):
     assert e["overall"]["n"] == 4 and set(e["per_quality"]) == {"good", "usable"}
     assert 0.0 < e["overall"]["ssim_input"] < 1.0  # QT degraded the originals
     assert np.isfinite(e["overall"]["psnr_enhanced"])
+
+
+def test_evaluation_without_references_scores_good_and_usable_against_the_original(evaluated):
+    result, out_dir = evaluated
+    assert result["enhancement"]["overall"]["n_clean_reference"] == 0
+    with open(os.path.join(out_dir, "eval.md")) as f:
+        assert "Reference: the reference is the original itself" in f.read()
+
+
+def test_evaluation_scores_every_quality_level_against_the_records_clean_reference(
+        stage3_dir, referenced_dir, tmp_path):
+    result, out_dir = _evaluate(stage3_dir, referenced_dir, str(tmp_path))
+    e = result["enhancement"]
+    assert {q: m["n"] for q, m in e["per_quality"].items()} == {"good": 2, "usable": 2, "reject": 2}
+    assert all(m["n_clean_reference"] == m["n"] for m in [e["overall"], *e["per_quality"].values()])
+    # Usable and reject images enter as they are: the input's scores are those of image vs reference.
+    batch = next(iter(pipeline.eval_loader(referenced_dir, "test", global_batch_size=len(GRADES), image_size=SIZE)))
+    x, mask = inference.inputs(batch)
+    ref = jnp.asarray(batch["reference"], jnp.float32) / 255.0 * mask[..., None]
+    psnr, ssim = np.asarray(metrics.psnr(x, ref, mask)), np.asarray(metrics.ssim(x, ref, mask))
+    for level, name in ((1, "usable"), (2, "reject")):
+        rows = batch["quality"] == level
+        assert e["per_quality"][name]["psnr_input"] == pytest.approx(float(psnr[rows].mean()), rel=1e-5)
+        assert e["per_quality"][name]["ssim_input"] == pytest.approx(float(ssim[rows].mean()), rel=1e-5)
+    # A good image is its own clean image: it is degraded by op2 first, so its input scores are finite.
+    assert 0.0 < e["per_quality"]["good"]["ssim_input"] < 1.0
+    with open(os.path.join(out_dir, "eval.md")) as f:
+        md = f.read()
+    assert "| reject | 2 |" in md.split("## Enhancement")[1].split("##")[0]
+    assert "Reference: the reference is the record's clean image" in md
+
+
+def test_enhancement_footnote_names_both_references_when_mixed():
+    note = report.enhancement_footnote({"n": 5, "n_clean_reference": 3})
+    assert "for 3 of 5 images" in note and "clean image" in note and "the other 2" in note
 
 
 def test_evaluation_writes_json_markdown_and_figures(evaluated):

@@ -1,12 +1,15 @@
 """Specification of cleaq_jax.data.fundus: disc detection, crop, retinal mask and image loading."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
 
 from cleaq_jax.data import fundus
 from cleaq_jax.data.fundus import BadImageError, Disc, NoDiscError
-from fixtures_layouts import place, retina, retina_disc, truncate, write_gif_mask, write_image, write_unreadable
+from fixtures_layouts import place, retina, retina_disc, truncate, write_gif_mask, write_image, write_oversized_png
+from fixtures_layouts import write_unreadable
 
 
 def assert_disc_close(found: Disc, truth: Disc, tol: float = 0.02) -> None:
@@ -129,6 +132,44 @@ def test_load_image_rejects_a_file_that_is_not_an_image(tmp_path):
 def test_load_image_rejects_a_missing_file(tmp_path):
     with pytest.raises(BadImageError, match="absent.tif"):
         fundus.load_image(str(tmp_path / "absent.tif"))
+
+
+@pytest.mark.parametrize("ext", [".jpeg", ".png", ".tif", ".gif"])
+def test_image_dimensions_come_from_the_header(tmp_path, ext):
+    path = write_image(str(tmp_path / f"photo{ext}"), place((320, 240), 220, (50, 10))[0])
+    with open(path, "rb") as f:
+        assert fundus.image_dimensions(f.read()) == (320, 240)
+    assert fundus.image_dimensions(b"<html>") is None
+
+
+def test_a_png_declaring_40000_px_is_refused_by_its_header_naming_the_limit(tmp_path):
+    path = write_oversized_png(str(tmp_path / "bomb.png"))
+    assert os.path.getsize(path) < 100_000
+    with pytest.raises(BadImageError, match=r"bomb.png: the image declares 40000 x 40000 px, over the limit of "
+                                            r"100,000,000 pixels \(cleaq_jax.data.fundus.MAX_IMAGE_PIXELS\)"):
+        fundus.load_image(path)
+    with pytest.raises(BadImageError, match="40000 x 40000"):
+        fundus.load_mask(path)
+
+
+def test_a_jpeg_whose_frame_header_declares_40000_px_is_refused(tmp_path):
+    path = write_image(str(tmp_path / "big.jpeg"), place((320, 240), 220, (50, 10))[0])
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (40000).to_bytes(2, "big") * 2  # height, width
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(BadImageError, match="declares 40000 x 40000 px"):
+        fundus.load_image(path)
+
+
+def test_opencvs_own_pixel_limit_is_reported_as_a_bad_image(tmp_path, monkeypatch):
+    # Above our limit OpenCV's (2**30 pixels) still stands; its cv2.error must not escape.
+    monkeypatch.setattr(fundus, "MAX_IMAGE_PIXELS", 2**40)
+    path = write_oversized_png(str(tmp_path / "bomb.png"))
+    with pytest.raises(BadImageError, match="bomb.png: OpenCV cannot decode the file"):
+        fundus.load_image(path)
 
 
 def test_load_mask_reads_a_palette_gif_as_zero_one(tmp_path):

@@ -18,13 +18,15 @@ N = len(GRADES)
 
 
 def _fixture_example(i: int, grade: int) -> dict:
-    """Image whose red channel is the retinal mask and whose green channel is the vessel mask."""
+    """Image whose red channel is the retinal mask and whose green channel is the vessel mask; every
+    example but each third has a reference: the image with its channels reversed."""
     rng = np.random.default_rng(i)
     blobs = cv2.resize(rng.random((8, 8, 2)), (SIZE, SIZE), interpolation=cv2.INTER_CUBIC) > 0.5
     mask, vessel = blobs[..., 0].astype(np.uint8), blobs[..., 1].astype(np.uint8)
     image = np.stack([mask * 255, vessel * 255, rng.integers(0, 256, (SIZE, SIZE))], -1).astype(np.uint8)
     return {"image": image, "mask": mask, "vessel": vessel if i % 4 else None, "dr_grade": grade,
-            "quality": i % 3, "id": f"ex{i:02d}", "source": "test"}
+            "quality": i % 3, "id": f"ex{i:02d}", "source": "test",
+            "reference": image[..., ::-1].copy() if i % 3 else None}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,8 @@ def test_batch_layout_matches_the_documented_dtypes_and_shapes(data_dir):
     layout = {k: (v.dtype, v.shape) for k, v in batch.items()}
     assert layout == {
         "image": (np.uint8, (4, SIZE, SIZE, 3)), "mask": (np.uint8, (4, SIZE, SIZE)),
-        "vessel": (np.uint8, (4, SIZE, SIZE)), "has_vessel": (np.bool_, (4,)), "dr_grade": (np.int32, (4,)),
+        "vessel": (np.uint8, (4, SIZE, SIZE)), "has_vessel": (np.bool_, (4,)),
+        "reference": (np.uint8, (4, SIZE, SIZE, 3)), "has_reference": (np.bool_, (4,)), "dr_grade": (np.int32, (4,)),
         "quality": (np.int32, (4,)), "id_hash": (np.int32, (4,)), "valid": (np.bool_, (4,))}
     assert set(np.unique(batch["mask"])) <= {0, 1} and set(np.unique(batch["vessel"])) <= {0, 1}
     assert batch["valid"].all()
@@ -101,6 +104,31 @@ def test_examples_without_vessel_mask_get_zeros_and_has_vessel_false(data_dir):
     without = {records.id_hash(f"ex{i:02d}") for i in range(0, N, 4)}  # the fixture drops every 4th mask
     np.testing.assert_array_equal(has, [int(h) not in without for b in batches for h in b["id_hash"]])
     assert (vessel_sums[~has] == 0).all() and (vessel_sums[has] > 0).all()
+
+
+def test_references_are_decoded_and_augmented_with_the_image(data_dir):
+    # The fixture's reference is its image with the channels reversed: one warp must move both alike.
+    with_reference = {records.id_hash(f"ex{i:02d}") for i in range(N) if i % 3}
+    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, seed=4, num_epochs=1, process_index=0,
+                                         process_count=1, read_threads=0))
+    for batch in batches:
+        has = batch["has_reference"]
+        np.testing.assert_array_equal(has, [int(h) in with_reference for h in batch["id_hash"]])
+        np.testing.assert_array_equal(batch["reference"][has], batch["image"][has][..., ::-1])
+        assert not batch["reference"][~has].any()
+    assert any(b["has_reference"].any() for b in batches) and any((~b["has_reference"]).any() for b in batches)
+
+
+def test_eval_padding_rows_have_no_reference(data_dir):
+    batches = list(pipeline.eval_loader(data_dir, "test", global_batch_size=10, process_index=0, process_count=1,
+                                        read_threads=0))
+    pad = ~batches[-1]["valid"]
+    assert pad.any() and not batches[-1]["has_reference"][pad].any() and not batches[-1]["reference"][pad].any()
+    by_hash = {records.id_hash(r["id"]): r for r in records.iter_records(data_dir, "test")}
+    for b in batches:
+        for h, ok, has, reference in zip(b["id_hash"], b["valid"], b["has_reference"], b["reference"]):
+            if ok and has:
+                np.testing.assert_array_equal(reference, by_hash[int(h)]["reference"])
 
 
 def test_remainder_of_an_epoch_is_dropped_and_counted_by_num_batches_per_epoch(data_dir):
@@ -349,3 +377,46 @@ def test_plan_cache_is_bounded_and_survives_pickling():
     assert len(cache._plans) == 2
     np.testing.assert_array_equal(plans[-1], plans[9])
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(cache))(3), plans[3])
+
+
+# --------------------------------------------------------------------------- damaged shards
+def _damaged_copy(tmp_path, damage) -> tuple[str, str]:
+    """A 2-shard set written with a recorded prep command, one shard damaged; (directory, that shard)."""
+    out = str(tmp_path / "shards")
+    with records.ShardWriter(out, "fixture", "train", num_shards=2,
+                             extra_manifest={"prep_command": f"python -m data_prep.eyeq --out {out}"}) as writer:
+        for i, grade in enumerate(GRADES):
+            writer.write(_fixture_example(i, grade))
+    shard = records.split_shards(out, "train")[1]
+    with open(shard, "rb") as f:
+        data = bytearray(f.read())
+    with open(shard, "wb") as f:
+        f.write(damage(data))
+    return out, shard
+
+
+def _truncated(data: bytearray) -> bytes:
+    return bytes(data[: len(data) // 2])
+
+
+def _scrambled(data: bytearray) -> bytes:
+    data[200:300] = b"\xff" * 100  # inside the first record's chunk, whose hash the reader checks
+    return bytes(data)
+
+
+def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tmp_path):
+    out, shard = _damaged_copy(tmp_path, _truncated)
+    for make in (lambda: pipeline.train_loader(out, global_batch_size=4, seed=0, class_balance=0.5),
+                 lambda: pipeline.eval_loader(out, "train", global_batch_size=4)):
+        with pytest.raises(records.ShardError) as error:
+            make()
+        assert shard in str(error.value) and f"`python -m data_prep.eyeq --out {out}`" in str(error.value)
+
+
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_a_corrupt_record_is_named_with_its_shard_and_rebuild_command(tmp_path, read_threads):
+    out, shard = _damaged_copy(tmp_path, _scrambled)
+    loader = pipeline.eval_loader(out, "train", global_batch_size=4, read_threads=read_threads)
+    with pytest.raises(records.ShardError, match="reading its record 0 failed") as error:
+        list(loader)
+    assert shard in str(error.value) and "rebuild it with `python -m data_prep.eyeq" in str(error.value)

@@ -15,6 +15,7 @@ import skimage.data
 
 from cleaq_jax import checkpoint, parallel
 from cleaq_jax.programs import predict
+import fixtures_layouts
 from test_evaluate import SIZE, host_state, save_checkpoint, tiny_config
 
 GOOD_BIAS = (50.0, 0.0, 0.0)  # C-IQA output bias that makes IQA rate every image good
@@ -114,6 +115,25 @@ def test_gate_quality_leaves_images_rated_good_unenhanced(photos, tmp_path):
     assert code == 0 and {r["quality"] for r in rows.values()} == {"good"}
     assert all(r["enhanced"] == "" for r in rows.values())
     assert os.listdir(os.path.join(out, "enhanced")) == []
+
+
+def test_a_png_declaring_40000_by_40000_px_is_skipped_and_the_photos_beside_it_graded(tmp_path):
+    folder = tmp_path / "photos"
+    os.makedirs(folder)
+    retina = skimage.data.retina()
+    cv2.imwrite(str(folder / "a.jpg"), _canvas(retina, 400, 300)[..., ::-1])
+    fixtures_layouts.write_oversized_png(str(folder / "huge.png"))  # a few KB on disk
+    cv2.imwrite(str(folder / "z.jpg"), _canvas(retina, 640, 480)[..., ::-1])
+    out = str(tmp_path / "out")
+    code, log = _main("--checkpoint", _checkpoint(tmp_path), "--input", str(folder), "--out", out,
+                      "--batch-size", "2")
+    assert code == 0 and set(_rows(out)) == {"a.jpg", "z.jpg"}
+    with open(os.path.join(out, "skipped.txt")) as f:
+        skipped = dict(line.rstrip("\n").split("\t") for line in f)
+    huge = str(folder / "huge.png")
+    assert list(skipped) == [huge]
+    assert "declares 40000 x 40000 px" in skipped[huge] and "MAX_IMAGE_PIXELS" in skipped[huge]
+    assert f"skipped {huge}" in log
 
 
 # --------------------------------------------------------------------------- checkpoints lacking a network

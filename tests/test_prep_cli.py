@@ -1,6 +1,7 @@
 """Specification of the dataset prep CLIs (data_prep.eyeq, .messidor, .drive) and their shared machinery,
 run on fixtures built in the published folder layouts from scikit-image's real retina photo."""
 
+import collections
 import contextlib
 import io
 import json
@@ -13,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from cleaq_jax.data import pipeline
+from cleaq_jax.data import records as records_lib
 from cleaq_jax.data.records import iter_records
 from data_prep import drive, eyeq, messidor
 from fixtures_layouts import EYEQ_HEADER, MESSIDOR_HEADER, drive_layout, eyeq_layout, messidor_layout, retina_disc
@@ -96,9 +99,28 @@ def test_eyeq_manifest_counts_only_the_written_records(eyeq_data, eyeq_run):
     assert sum(row["all"] for row in split["counts"].values()) == len(eyeq_data["good"])
 
 
+def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
+    out = str(eyeq_run[2])
+    split = records_lib.read_manifest(out)["splits"]["train"]
+    # The label CSV is provenance under its own key; "labels" stays the class-label file of the shards.
+    assert split["labels"] == "eyeq-train.labels.json" and split["source_labels"] == "Label_EyeQ_train.csv"
+    grades = pipeline.split_labels(out, "train", "dr_grade")
+    assert sorted(grades.tolist()) == sorted(g for g, _ in eyeq_data["good"].values())
+    batch = next(pipeline.train_loader(out, "train", global_batch_size=2, seed=0, class_balance=0.5,
+                                       process_index=0, process_count=1, read_threads=0))
+    assert batch["image"].shape == (2, 64, 64, 3)
+
+
+def test_eyeq_manifest_records_the_command_that_rebuilds_the_split(eyeq_data, eyeq_run):
+    out = str(eyeq_run[2])
+    command = records_lib.read_manifest(out)["splits"]["train"]["prep_command"]
+    assert command.startswith("python -m data_prep.eyeq --images ") and f"--out {out}" in command
+    assert records_lib.rebuild_hint(out, "train") == f"rebuild it with `{command}`"
+
+
 def test_progress_line_reports_count_rate_and_eta(eyeq_data, eyeq_run):
     err = eyeq_run[1]
-    total = len(eyeq_data["good"]) + 3  # three label rows are rejected before any image is read
+    total = len(eyeq_data["good"]) + 4  # four faulty images are read; three label rows are rejected before
     assert f"{total}/{total}" in err and "img/s" in err and "<" in err
 
 
@@ -189,6 +211,10 @@ def test_a_run_killed_midway_leaves_nothing_that_looks_complete(eyeq_data, tmp_p
 
 
 # --------------------------------------------------------------------------- Messidor
+# The fixture: bases 11 and 12 with 6 images each (grades k % 4) plus 4 faulty rows in base 12: 16 rows.
+MESSIDOR_ROWS = 16
+
+
 @pytest.fixture(scope="module")
 def messidor_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("messidor")
@@ -197,27 +223,101 @@ def messidor_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def messidor_run(messidor_data, tmp_path_factory):
+    """The prep with the paper's defaults (1,000 / 200), which the 16 rows scale down to 13 / 3."""
     out = tmp_path_factory.mktemp("messidor_out")
-    code, err = run_main(messidor.main, "--root", messidor_data["root"], "--out", str(out), "--test-fraction", "1/4")
+    code, err = run_main(messidor.main, "--root", messidor_data["root"], "--out", str(out), "--qt-batch", "4")
     return code, err, out
 
 
-def test_messidor_records_round_trip_grades_with_unknown_quality(messidor_data, messidor_run):
+def test_messidor_records_round_trip_grades_with_the_assigned_quality(messidor_data, messidor_run):
     code, _, out = messidor_run
     assert code == 0
     got = {**records(out, "train"), **records(out, "test")}
     assert {k: r["dr_grade"] for k, r in got.items()} == messidor_data["good"]
-    assert {r["quality"] for r in got.values()} == {-1} and {r["source"] for r in got.values()} == {"messidor"}
+    assert {r["source"] for r in got.values()} == {"messidor"}
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    for split in ("train", "test"):
+        assigned = manifest["splits"][split]["quality_of"]
+        for k, r in records(out, split).items():
+            assert r["quality"] == ("good", "usable", "reject").index(assigned[k])
 
 
-def test_messidor_splits_are_disjoint_and_hold_the_test_fraction(messidor_run):
+def test_messidor_scales_the_default_split_to_a_small_set_and_says_so(messidor_run):
+    _, err, out = messidor_run
+    assert "annotate 16 images, fewer than --train 1000 + --test 200" in err and "13 / 3" in err
+    protocol = json.load(open(os.path.join(out, "manifest.json")))["splits"]["test"]["protocol"]
+    assert (protocol["train"], protocol["test"], protocol["scaled"]) == (13, 3, True)
+    assert protocol["requested"] == {"train": 1000, "test": 200}
+
+
+def test_messidor_splits_are_disjoint_and_hold_the_requested_counts(messidor_run):
     out = messidor_run[2]
     train, test = set(records(out, "train")), set(records(out, "test"))
     assert not train & test
-    # 16 annotated rows (12 good, 4 faulty) and a fraction of 1/4: every 4th row of the order is test.
     with open(os.path.join(out, "manifest.json")) as f:
         splits = json.load(f)["splits"]
-    assert splits["test"]["num_records"] + splits["test"]["skipped"] == 4
+    # Written and skipped rows together are the planned split sizes (the split ignores readability).
+    assert splits["train"]["num_records"] + splits["train"]["skipped"] == 13 + 1  # + the unreadable spreadsheet
+    assert splits["test"]["num_records"] + splits["test"]["skipped"] == 3
+
+
+def test_messidor_keeps_the_clean_crop_as_reference_and_degrades_usable_and_reject(messidor_run):
+    out = messidor_run[2]
+    got = {**records(out, "train"), **records(out, "test")}
+    assert {r["quality"] for r in got.values()} == {0, 1, 2}
+    for r in got.values():
+        assert r["reference"] is not None and not r["reference"][r["mask"] == 0].any()
+        changed = np.abs(r["image"].astype(int) - r["reference"]).mean()
+        assert (changed == 0) if r["quality"] == 0 else (changed > 0)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert all(e["with_reference"] == e["num_records"] for e in manifest["splits"].values())
+
+
+def test_messidor_degradation_is_qt_with_the_fixed_key_of_each_image_id(messidor_run):
+    import jax
+
+    from cleaq_jax.data import degrade
+
+    for r in [*records(messidor_run[2], "train").values(), *records(messidor_run[2], "test").values()]:
+        if r["quality"] == 0:
+            continue
+        op = degrade.op1 if r["quality"] == 1 else degrade.op2
+        key = messidor.qt_keys(0, [r["id"]])[0]
+        alone = np.asarray(op(r["reference"].astype(np.float32) / 255, r["mask"].astype(np.float32), key,
+                              messidor.QT_PARAMS))
+        expected = np.round(np.clip(alone, 0, 1) * 255).astype(int)
+        # One image alone vs in a vmapped batch: float32 round-off may move a value across a rounding edge.
+        assert np.abs(expected - r["image"]).max() <= 1, r["id"]
+        assert jax.random.key_data(key).tolist() == jax.random.key_data(
+            jax.random.fold_in(jax.random.key(0), records_lib.id_hash(r["id"]))).tolist()
+
+
+def test_messidor_records_do_not_depend_on_the_qt_batch_or_worker_count(messidor_data, messidor_run, tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = messidor.main(["--root", messidor_data["root"], "--out", str(tmp_path), "--size", SIZE,
+                              "--workers", "2", "--qt-batch", "3"])
+    assert code == 0, err.getvalue()
+    for split in ("train", "test"):
+        one = list(iter_records(str(messidor_run[2]), split, decode_images=False))
+        two = list(iter_records(str(tmp_path), split, decode_images=False))
+        assert [r["id"] for r in one] == [r["id"] for r in two]
+        for a, b in zip(one, two):
+            pa, pb = (records_lib.decode_png(x["image"], color=True).astype(int) for x in (a, b))
+            assert np.abs(pa - pb).max() <= 1 and a["reference"] == b["reference"]  # batch round-off only
+
+
+def test_messidor_prints_the_counts_table_of_its_manifest(messidor_run):
+    _, err, out = messidor_run
+    table = records_lib.format_counts(records_lib.read_manifest(str(out)))
+    assert table in err
+    rows = {tuple(line.split()[:2]): [int(x) for x in line.split()[2:]] for line in table.splitlines()[1:]}
+    assert rows[("train", "all")][-1] + rows[("test", "all")][-1] == len(messidor_run_records(out))
+    assert {q for _, q in rows} == {"good", "usable", "reject", "all"}
+
+
+def messidor_run_records(out):
+    return {**records(out, "train"), **records(out, "test")}
 
 
 def test_messidor_skips_and_names_bad_rows_and_spreadsheets(messidor_data, messidor_run):
@@ -227,23 +327,54 @@ def test_messidor_skips_and_names_bad_rows_and_spreadsheets(messidor_data, messi
         assert any((line[0] == key or line[1].endswith(key)) and reason in line[2] for line in listed), key
 
 
-def test_stratified_split_is_exact_per_grade_and_fixed_by_the_seed():
-    # Messidor's published grade counts (546, 153, 247, 254 of 1200).
-    grades = [0] * 546 + [1] * 153 + [2] * 247 + [3] * 254
-    names = [f"img{i:04d}.tif" for i in range(1200)]
-    splits = messidor.assign_splits(names, grades, 1 / 6, seed=0)
-    assert splits.count("test") == 200
+# Messidor's published grade counts (546, 153, 247, 254 of 1200).
+MESSIDOR_GRADES = [0] * 546 + [1] * 153 + [2] * 247 + [3] * 254
+MESSIDOR_NAMES = [f"img{i:04d}.tif" for i in range(1200)]
+
+
+def test_stratified_split_is_1000_200_within_one_per_grade_and_fixed_by_the_seed():
+    splits = messidor.assign_splits(MESSIDOR_NAMES, MESSIDOR_GRADES, 1000, 200, seed=0)
+    assert splits.count("test") == 200 and splits.count("train") == 1000
     for g, n in zip(range(4), (546, 153, 247, 254)):
-        in_test = sum(s == "test" and gr == g for s, gr in zip(splits, grades))
+        in_test = sum(s == "test" and gr == g for s, gr in zip(splits, MESSIDOR_GRADES))
         assert abs(in_test - n / 6) <= 1
-    assert messidor.assign_splits(names, grades, 1 / 6, seed=0) == splits
-    assert messidor.assign_splits(names, grades, 1 / 6, seed=1) != splits
+    assert messidor.assign_splits(MESSIDOR_NAMES, MESSIDOR_GRADES, 1000, 200, seed=0) == splits
+    assert messidor.assign_splits(MESSIDOR_NAMES, MESSIDOR_GRADES, 1000, 200, seed=1) != splits
 
 
-def seed_processing_last(root, image_id, fraction):
+def test_quality_levels_are_thirds_within_one_in_every_split_and_grade():
+    splits = messidor.assign_splits(MESSIDOR_NAMES, MESSIDOR_GRADES, 1000, 200, seed=0)
+    quality = messidor.assign_quality(MESSIDOR_NAMES, MESSIDOR_GRADES, splits, seed=0)
+    for split in ("train", "test"):
+        in_split = [q for q, s in zip(quality, splits) if s == split]
+        assert sorted(collections.Counter(in_split).values()) == sorted(
+            [len(in_split) // 3 + (j < len(in_split) % 3) for j in range(3)])
+        for g in range(4):
+            cell = [q for q, s, gr in zip(quality, splits, MESSIDOR_GRADES) if s == split and gr == g]
+            assert max(abs(cell.count(q) - len(cell) / 3) for q in range(3)) <= 1, (split, g)
+    assert messidor.assign_quality(MESSIDOR_NAMES, MESSIDOR_GRADES, splits, seed=1) != quality
+
+
+def test_fewer_requested_images_leave_the_rest_out_of_both_splits():
+    splits = messidor.assign_splits(MESSIDOR_NAMES, MESSIDOR_GRADES, 500, 100, seed=0)
+    assert (splits.count("train"), splits.count("test"), splits.count("")) == (500, 100, 600)
+    assert messidor.split_counts(1200, 1000, 200) == (1000, 200, None)
+    assert messidor.split_counts(600, 1000, 200)[:2] == (500, 100)
+
+
+def test_apportion_gives_exact_counts_spread_evenly():
+    for n in range(1, 60):
+        for counts in ([n // 3 + (j < n % 3) for j in range(3)], [n - n // 6, n // 6], [n - 1, 1, 0]):
+            labels = messidor.apportion(n, counts)
+            assert [labels.count(j) for j in range(len(counts))] == counts
+            for j, c in enumerate(counts):  # every prefix holds its share to within one
+                assert all(abs(labels[:r].count(j) - r * c / n) < 1 for r in range(1, n + 1))
+
+
+def seed_processing_last(root, image_id, train, test):
     """A seed that puts ``image_id`` in the split written second, after the first has records."""
     for seed in range(50):
-        jobs = messidor.collect(root, fraction, seed)[0]
+        jobs = messidor.collect(root, train, test, seed)[0]
         if next(j for j in jobs if j.id == image_id).split != jobs[0].split:
             return seed
     raise AssertionError("no seed in 0-49 puts the image in the second split")
@@ -256,9 +387,9 @@ def test_messidor_strict_writes_neither_split_when_a_later_image_fails(tmp_path)
     rows = [[f"200511_{k:05d}_0100_PP.tif", "x", float(k % 4), 0.0] for k in range(5)]
     rows.append(["200511_99999_0100_PP.tif", "x", 1.0, 0.0])  # no disc: fails only when its image is read
     write_xls(str(root / "Annotation_Base11.xls"), MESSIDOR_HEADER, rows)
-    seed = seed_processing_last(str(root), "200511_99999_0100_PP", 0.5)
+    seed = seed_processing_last(str(root), "200511_99999_0100_PP", 3, 3)
     code, err = run_main(messidor.main, "--root", str(root), "--out", str(tmp_path / "out"),
-                         "--test-fraction", "0.5", "--seed", str(seed), "--strict")
+                         "--train", "3", "--test", "3", "--seed", str(seed), "--strict")
     assert code == 1 and "200511_99999_0100_PP.tif" in err
     assert os.listdir(tmp_path / "out") == []
 

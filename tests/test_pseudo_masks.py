@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from cleaq_jax.data import records
+from cleaq_jax.data import pipeline, records
 from data_prep import pseudo_masks
 from tests import tiny
 
@@ -141,6 +142,32 @@ def test_frangi_pass_needs_no_teacher_and_reaches_the_stated_dice(synthetic, tmp
     manifest = records.read_manifest(out)
     assert {e["vessel_masks"]["method"] for e in manifest["splits"].values()} == {"frangi"}
     assert _pooled_dice(out, _truth(synthetic)) > FRANGI_MIN_DICE
+
+
+def test_a_masked_set_carries_every_sidecar_and_feeds_a_class_balanced_loader(synthetic, tmp_path):
+    out = str(tmp_path / "masked")
+    assert pseudo_masks.main(["--shards", synthetic[1], "--method", "matched", "--out", out, "--workers", "1"]) == 0
+    manifest = records.read_manifest(out)
+    for split, entry in manifest["splits"].items():
+        with open(os.path.join(synthetic[1], entry["labels"])) as a, open(os.path.join(out, entry["labels"])) as b:
+            assert a.read() == b.read(), split
+        assert entry["vessel_masks"]["input"] == os.path.abspath(synthetic[1])
+    batch = next(pipeline.train_loader(out, "train", global_batch_size=4, seed=0, class_balance=0.5,
+                                       process_index=0, process_count=1, read_threads=0))
+    assert batch["has_vessel"].all() and batch["has_reference"].all()
+
+
+def test_a_damaged_input_shard_is_named_before_any_shard_is_masked(synthetic, tmp_path, capsys):
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(synthetic[1], damaged)
+    shard = records.split_shards(damaged, "val")[0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    out = str(tmp_path / "out")
+    assert pseudo_masks.main(["--shards", damaged, "--method", "matched", "--out", out, "--workers", "1"]) == 1
+    message = capsys.readouterr().err
+    assert shard in message and "truncated or corrupt" in message
+    assert not [n for n in os.listdir(out) if ".array_record-" in n]
 
 
 # --------------------------------------------------------------------------- resuming

@@ -79,6 +79,20 @@ def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
     np.testing.assert_array_equal(rec["image"], synthetic.generate_example(0, 0, 32, lesion_scale=4)["image"])
 
 
+def test_built_records_keep_the_clean_image_as_reference_at_every_quality_level(tmp_path):
+    manifest = location.build_synthetic(str(tmp_path), 12, size=32, splits={"train": 1.0}, workers=1)
+    assert manifest["splits"]["train"]["with_reference"] == 12
+    seen = set()
+    for i, rec in enumerate(sorted(records.iter_records(str(tmp_path), "train"), key=lambda r: r["id"])):
+        ex = synthetic.generate_example(0, i, 32)
+        assert rec["id"] == ex["id"]
+        np.testing.assert_array_equal(rec["reference"], ex["clean"])
+        np.testing.assert_array_equal(rec["image"], ex["image"])  # the image itself is as before
+        assert (rec["quality"] == 0) == np.array_equal(rec["image"], rec["reference"])
+        seen.add(rec["quality"])
+    assert seen == {0, 1, 2}
+
+
 def test_eye_anatomy_does_not_depend_on_grade():
     healthy = synthetic.generate_example(2, 4, 128, grade=0, quality=0)
     severe = synthetic.generate_example(2, 4, 128, grade=4, quality=0)

@@ -28,10 +28,14 @@ MIN_IOU = 0.8
 MIN_EDGE_SUPPORT = 0.5
 # Share of the full circumference that must lie inside the canvas (else the "disc" is not seen).
 MIN_VISIBLE_ARC = 0.25
+# Largest photograph read (width x height): 100 megapixels, 4x a 6000x4000 fundus camera's frame; the
+# decoded RGB image is 300 MB. The size is read from the file header before anything is decoded, so a
+# small file declaring 40,000 x 40,000 px is refused without allocating it.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 class BadImageError(ValueError):
-    """A file that cannot be read as an image (missing, unreadable, truncated)."""
+    """A file that cannot be read as an image (missing, unreadable, truncated, over MAX_IMAGE_PIXELS)."""
 
 
 class NoDiscError(ValueError):
@@ -65,14 +69,84 @@ def _read_bytes(path: str | os.PathLike) -> np.ndarray:
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read a JPEG/PNG/TIFF/GIF photograph as HxWx3 uint8 RGB (grey files are expanded to RGB).
 
-    Raises BadImageError naming the file when it is missing, not an image, or truncated
-    (decoding from memory makes OpenCV reject truncated JPEGs instead of padding them with grey).
+    Raises BadImageError naming the file when it is missing, not an image, truncated (decoding from
+    memory makes OpenCV reject truncated JPEGs instead of padding them with grey), or larger than
+    MAX_IMAGE_PIXELS by its header.
     """
     data = _read_bytes(path)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    image = _decode(path, data, cv2.IMREAD_COLOR)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: str | os.PathLike, data: np.ndarray, flag: int) -> np.ndarray:
+    size = image_dimensions(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise BadImageError(f"{path}: the image declares {size[0]} x {size[1]} px, over the limit of "
+                            f"{MAX_IMAGE_PIXELS:,} pixels (cleaq_jax.data.fundus.MAX_IMAGE_PIXELS); "
+                            "downscale it first")
+    try:
+        image = cv2.imdecode(data, flag)
+    except cv2.error as e:  # OpenCV's own limits (CV_IO_MAX_IMAGE_PIXELS) and decoder failures
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "decoder error"
+        raise BadImageError(f"{path}: OpenCV cannot decode the file ({reason})") from e
     if image is None:
         raise BadImageError(_undecodable(path, data))
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def image_dimensions(data: np.ndarray | bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, GIF or TIFF header without decoding, or None when the bytes
+    are none of these or the header is cut short."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if raw.startswith(b"\x89PNG") and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw.startswith(b"GIF8") and len(raw) >= 10:
+        return int.from_bytes(raw[6:8], "little"), int.from_bytes(raw[8:10], "little")
+    if raw.startswith(b"\xff\xd8"):
+        return _jpeg_dimensions(raw)
+    if raw[:4] in (b"II*\x00", b"MM\x00*"):  # the first directory may sit anywhere, often at the end
+        return _tiff_dimensions(raw)
+    return None
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the frame size.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF and i + 9 <= len(data):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+    order = "little" if data[:2] == b"II" else "big"
+    offset = int.from_bytes(data[4:8], order)
+    count = int.from_bytes(data[offset:offset + 2], order)
+    found: dict[int, int] = {}
+    for k in range(count):
+        entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
+        if len(entry) < 12:
+            break
+        tag, kind = int.from_bytes(entry[:2], order), int.from_bytes(entry[2:4], order)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            found[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+    return (found[256], found[257]) if len(found) == 2 else None
 
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF"}
@@ -89,10 +163,7 @@ def _undecodable(path: str | os.PathLike, data: np.ndarray) -> str:
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a single-channel mask (e.g. DRIVE's GIF masks) as HxW uint8 {0,1} (pixel > 127)."""
     data = _read_bytes(path)
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise BadImageError(_undecodable(path, data))
-    return (mask > 127).astype(np.uint8)
+    return (_decode(path, data, cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- disc detection

@@ -33,7 +33,9 @@ from cleaq_jax.data import records, synthetic
 
 NAME = "synthetic"
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
-GENERATOR_VERSION = 1  # bump when the generator's pixels change, so stale shard sets are rebuilt
+# Bump when the generator's records change, so stale shard sets are rebuilt (2: records carry the clean
+# reference image).
+GENERATOR_VERSION = 2
 
 
 # --------------------------------------------------------------------------- a run's data
@@ -93,7 +95,9 @@ def _use_cpu() -> None:
 
 def _encode(job: tuple[int, int, int, float]) -> bytes:
     seed, index, size, lesion_scale = job
-    return records.encode_record(synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale))
+    example = synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale)
+    # Every quality level keeps the image before QT, so enhancement is scored against the clean eye.
+    return records.encode_record({**example, "reference": example["clean"]})
 
 
 class _Progress:

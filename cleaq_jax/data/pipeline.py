@@ -7,6 +7,9 @@ Every batch is a dict of numpy arrays, the per-process part of a global batch, r
     mask        uint8  (b, S, S)     retinal mask, {0, 1}
     vessel      uint8  (b, S, S)     vessel mask, {0, 1}; zeros where none is known
     has_vessel  bool   (b,)
+    reference   uint8  (b, S, S, 3)  the clean image the record's image was degraded from (RGB),
+                                     augmented like the image; zeros where the record has none
+    has_reference bool (b,)
     dr_grade    int32  (b,)          -1 unknown
     quality     int32  (b,)          0 good, 1 usable, 2 reject, -1 unknown
     id_hash     int32  (b,)          `records.id_hash` of the example id
@@ -173,8 +176,9 @@ def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator |
 
     record: bytes in the `records` schema; image_size: output side S (resized with INTER_AREA
     when the record differs); rng: augmentation generator, or None for no augmentation.
-    Image and retinal mask are warped together as one 4-channel image, the vessel mask with the
-    same matrix, so all three stay aligned; masks are thresholded back to {0, 1} after the warp.
+    Image and retinal mask are warped together as one 4-channel image, the vessel mask and the
+    reference with the same matrix, so all stay aligned; masks are thresholded back to {0, 1} after
+    the warp.
     """
     payload = records.decode_record(record, decode_images=False)
     where = f"record {payload['id']!r}"
@@ -182,15 +186,20 @@ def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator |
     mask = _resized(_imdecode(payload["mask"], cv2.IMREAD_GRAYSCALE, where), image_size)
     vessel = (_resized(_imdecode(payload["vessel"], cv2.IMREAD_GRAYSCALE, where), image_size)
               if payload["vessel"] else None)
+    reference = (_resized(_imdecode(payload["reference"], cv2.IMREAD_COLOR, where), image_size)
+                 if payload.get("reference") else None)
     if rng is None:
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB) if reference is not None else None
     else:
-        image, mask, vessel = _augment(bgr, mask, vessel, augment_matrix(rng, image_size))
+        image, mask, vessel, reference = _augment(bgr, mask, vessel, reference, augment_matrix(rng, image_size))
     return {
         "image": image,
         "mask": _binary(mask),
         "vessel": _binary(vessel) if vessel is not None else np.zeros((image_size, image_size), np.uint8),
         "has_vessel": np.bool_(vessel is not None),
+        "reference": reference if reference is not None else np.zeros((image_size, image_size, 3), np.uint8),
+        "has_reference": np.bool_(reference is not None),
         "dr_grade": np.int32(payload["dr_grade"]),
         "quality": np.int32(payload["quality"]),
         "id_hash": np.int32(records.id_hash(payload["id"])),
@@ -202,20 +211,28 @@ def padding_example(image_size: int) -> dict[str, np.ndarray]:
     """The all-zero row (valid=False, labels -1) that fills the final eval batch."""
     zeros = np.zeros((image_size, image_size), np.uint8)
     return {"image": np.zeros((image_size, image_size, 3), np.uint8), "mask": zeros, "vessel": zeros,
-            "has_vessel": np.bool_(False), "dr_grade": np.int32(-1), "quality": np.int32(-1),
+            "has_vessel": np.bool_(False), "reference": np.zeros((image_size, image_size, 3), np.uint8),
+            "has_reference": np.bool_(False), "dr_grade": np.int32(-1), "quality": np.int32(-1),
             "id_hash": np.int32(0), "valid": np.bool_(False)}
 
 
-def _augment(bgr: np.ndarray, mask: np.ndarray, vessel: np.ndarray | None, matrix: np.ndarray):
+def _augment(bgr: np.ndarray, mask: np.ndarray, vessel: np.ndarray | None, reference: np.ndarray | None,
+             matrix: np.ndarray):
+    """(image RGB, mask, vessel or None, reference RGB or None), all warped by one matrix."""
     size = (bgr.shape[1], bgr.shape[0])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+
+    def warp(array: np.ndarray) -> np.ndarray:
+        return cv2.warpAffine(array, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
     # 4 channels take OpenCV's vectorised path: image + mask in one warp costs less than the image alone.
     rgba = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
     rgba[..., 3] = mask
-    warped = cv2.warpAffine(rgba, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if vessel is not None:
-        vessel = cv2.warpAffine(vessel, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB), cv2.extractChannel(warped, 3), vessel
+    warped = warp(rgba)
+    vessel = warp(vessel) if vessel is not None else None
+    if reference is not None:
+        reference = cv2.cvtColor(warp(cv2.cvtColor(reference, cv2.COLOR_BGR2RGBA)), cv2.COLOR_RGBA2RGB)
+    return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB), cv2.extractChannel(warped, 3), vessel, reference
 
 
 def _imdecode(data: bytes, flag: int, where: str) -> np.ndarray:
@@ -497,15 +514,49 @@ def _split_entry(data_dir: str, split: str) -> dict[str, Any]:
     return splits[split]
 
 
+class _CheckedShards(grain.MapDataset):
+    """The records of a split's shards; a failed read raises `records.ShardError` naming the shard."""
+
+    def __init__(self, paths: list[str], counts: list[int]):
+        # "path[start:end]" tells grain each shard's size, so it does not open every shard again.
+        super().__init__(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
+            [f"{p}[0:{n}]" for p, n in zip(paths, counts)])))
+        self._paths, self._ends = paths, np.cumsum(counts)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __str__(self) -> str:
+        return f"CheckedShards({len(self._paths)} shards)"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        try:
+            return self._parent[index]
+        except RuntimeError as e:  # riegeli reports a damaged chunk as RuntimeError, naming no file
+            shard = int(np.searchsorted(self._ends, index, side="right"))
+            local = index - (int(self._ends[shard - 1]) if shard else 0)
+            raise records.shard_error(self._paths[shard], f"reading its record {local} failed ({e or 'unreadable'})") from e
+
+
 def _source(data_dir: str, split: str) -> grain.MapDataset:
-    paths = records.split_shards(data_dir, split)
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    expected = _split_entry(data_dir, split)["num_records"]
-    if len(source) != expected:
+    paths = records.check_shards(data_dir, split)
+    entry = _split_entry(data_dir, split)
+    counts = entry.get("records_per_shard")
+    if counts is None or len(counts) != len(paths):  # shard sets written before the per-shard counts
+        counts = [_num_records(p) for p in paths]
+    source = _CheckedShards(paths, list(counts))
+    if len(source) != entry["num_records"]:
         raise records.RecordError(
-            f"{os.path.join(data_dir, records.MANIFEST)} lists {expected} records for split {split!r} "
-            f"but its shards hold {len(source)}: rebuild {data_dir} with data_prep")
+            f"{os.path.join(data_dir, records.MANIFEST)} lists {entry['num_records']} records for split "
+            f"{split!r} but its shards hold {len(source)}: {records.rebuild_hint(data_dir, split)}")
     return source
+
+
+def _num_records(path: str) -> int:
+    with records.open_shard(path) as reader:
+        return reader.num_records()
 
 
 def _image_size(data_dir: str, split: str, image_size: int | None) -> int:

@@ -6,6 +6,8 @@ A record is a msgpack map::
     image     bytes    PNG, RGB uint8, fundus-cropped and resized at prep time (HxWx3)
     mask      bytes    PNG, single channel, 0/255 retinal (field-of-view) mask (HxW)
     vessel    bytes    PNG, single channel, 0/255 vessel mask, or b"" when none is known
+    reference bytes    optional: PNG, RGB uint8, the clean image ``image`` was degraded from (HxWx3);
+                       absent when none is known (real photographs of unknown history)
     dr_grade  int      DR grade (0-4 EyeQ, 0-3 Messidor), -1 unknown
     quality   int      0 good, 1 usable, 2 reject, -1 unknown
     id        str      stable example id (file stem), unique within a dataset
@@ -16,6 +18,10 @@ Shards of a split are ``<name>-<split>.array_record-NNNNN-of-MMMMM`` in one dire
 Table I), and ``<name>-<split>.labels.json`` with every record's grade and quality in reading order
 (so class-balanced loaders need not open the records). A split is written under a temporary directory and moved into place only when
 complete, so an interrupted run never leaves shards that look complete.
+
+The manifest's per-split keys that `ShardWriter` writes (`MANIFEST_KEYS`) have one meaning each;
+a writer refuses extra provenance keys that would shadow them. A shard that cannot be read
+(truncated, corrupt) raises `ShardError` naming the file and the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -42,8 +48,17 @@ QUALITY_NAMES = ("good", "usable", "reject")
 WRITER_OPTIONS = "group_size:1"
 
 
+# The per-split manifest entries ShardWriter owns; extra provenance keys must not reuse these names.
+MANIFEST_KEYS = ("name", "shards", "labels", "num_records", "records_per_shard", "image_size",
+                 "with_vessel_mask", "with_reference", "counts")
+
+
 class RecordError(ValueError):
     """A record or shard set that does not follow the schema."""
+
+
+class ShardError(RecordError):
+    """A shard file that cannot be read (truncated, corrupt, or not the size its manifest says)."""
 
 
 def shard_name(name: str, split: str, index: int, count: int) -> str:
@@ -60,7 +75,15 @@ def split_labels(data_dir: str, split: str) -> dict[str, list[int]] | None:
     entry = read_manifest(data_dir)["splits"].get(split)
     if entry is None or "labels" not in entry:
         return None
-    with open(os.path.join(data_dir, entry["labels"])) as f:
+    # Older EyeQ preps stored the label CSV's name under this key: such sets have no labels file.
+    if entry["labels"] != labels_name(entry.get("name", ""), split):
+        return None
+    path = os.path.join(data_dir, entry["labels"])
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: {os.path.join(data_dir, MANIFEST)} lists it beside the shards of split "
+            f"{split!r}; copy it with the shards, or {rebuild_hint(data_dir, split)}")
+    with open(path) as f:
         return json.load(f)
 
 
@@ -81,14 +104,19 @@ def _png(array: np.ndarray, what: str) -> bytes:
 def encode_record(example: Mapping[str, Any]) -> bytes:
     """Serialise one example dict (fields as yielded by `decode_record`) to record bytes.
 
-    image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None.
+    image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None; reference:
+    HxWx3 uint8 RGB (the clean image ``image`` was made from) or None/absent. A record without a
+    reference has no ``reference`` key at all, so records written before the field existed are unchanged.
     """
-    image = np.asarray(example["image"])
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise RecordError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
+    image = _rgb(example["image"], "image")
     mask = _binary(example["mask"], image.shape[:2], "mask")
     vessel = example.get("vessel")
     vessel_bytes = b"" if vessel is None else _png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
+    reference = example.get("reference")
+    if reference is not None:
+        reference = _rgb(reference, "reference")
+        if reference.shape != image.shape:
+            raise RecordError(f"reference must have the image's shape {image.shape}, got {reference.shape}")
     payload = {
         "schema": SCHEMA_VERSION,
         "image": _png(image[..., ::-1], "image"),  # OpenCV writes BGR
@@ -99,7 +127,16 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
         "id": str(example["id"]),
         "source": str(example.get("source", "")),
     }
+    if reference is not None:
+        payload["reference"] = _png(reference[..., ::-1], "reference")
     return msgpack.packb(payload, use_bin_type=True)
+
+
+def _rgb(array: Any, what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise RecordError(f"{what} must be HxWx3 uint8, got {array.shape} {array.dtype}")
+    return array
 
 
 def _binary(array: Any, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -111,9 +148,10 @@ def _binary(array: Any, shape: tuple[int, int], what: str) -> np.ndarray:
 
 def decode_record(data: bytes, *, decode_images: bool = True) -> dict[str, Any]:
     """Record bytes -> dict(image HxWx3 uint8 RGB, mask HxW uint8 {0,1}, vessel HxW uint8 {0,1}
-    or None, dr_grade int, quality int, id str, source str).
+    or None, reference HxWx3 uint8 RGB or None, dr_grade int, quality int, id str, source str).
 
-    With ``decode_images=False`` image/mask/vessel stay PNG bytes (vessel b"" when absent).
+    With ``decode_images=False`` image/mask/vessel/reference stay PNG bytes (vessel b"" when absent;
+    reference only present when the record has one).
     """
     try:
         payload = msgpack.unpackb(data, raw=False)
@@ -131,6 +169,7 @@ def decode_record(data: bytes, *, decode_images: bool = True) -> dict[str, Any]:
     out["mask"] = (decode_png(payload["mask"], color=False) > 127).astype(np.uint8)
     out["vessel"] = (
         (decode_png(payload["vessel"], color=False) > 127).astype(np.uint8) if payload["vessel"] else None)
+    out["reference"] = decode_png(payload["reference"], color=True) if payload.get("reference") else None
     return out
 
 
@@ -175,6 +214,23 @@ def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, di
     return table
 
 
+def format_counts(manifest: Mapping[str, Any]) -> str:
+    """The manifest's counts as a text table, split x quality rows by grade columns (the paper's Table I)."""
+    splits = manifest.get("splits", {})
+    order = sorted(splits, key=lambda s: (("train", "val", "test").index(s) if s in ("train", "val", "test") else 3, s))
+    grades = sorted({g for e in splits.values() for row in e.get("counts", {}).values() for g in row if g != "all"},
+                    key=lambda g: (g == "unknown", int(g) if g != "unknown" else 0))
+    columns = [f"grade {g}" if g != "unknown" else "grade ?" for g in grades] + ["all"]
+    lines = [f"{'split':<8}{'quality':<9}" + "".join(f"{c:>9}" for c in columns)]
+    for split in order:
+        counts = splits[split].get("counts", {})
+        qualities = [q for q in (*QUALITY_NAMES, "unknown") if q in counts]
+        total = {g: sum(counts[q].get(g, 0) for q in qualities) for g in (*grades, "all")}
+        for q, row in [(q, counts[q]) for q in qualities] + [("all", total)]:
+            lines.append(f"{split:<8}{q:<9}" + "".join(f"{row.get(g, 0):>9}" for g in (*grades, "all")))
+    return "\n".join(lines)
+
+
 def split_shards(data_dir: str, split: str) -> list[str]:
     """Absolute paths of a split's shards, in order, as listed by the manifest."""
     manifest = read_manifest(data_dir)
@@ -190,6 +246,16 @@ def split_shards(data_dir: str, split: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- writing
+def _checked_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(MANIFEST_KEYS))
+    if clash:
+        raise ValueError(
+            f"extra manifest key(s) {', '.join(clash)} would overwrite the writer's own entries "
+            f"({', '.join(MANIFEST_KEYS)}): give the provenance another name (e.g. 'source_{clash[0]}')")
+    return extra
+
+
 class ShardWriter:
     """Writes one split of a dataset as ArrayRecord shards, atomically.
 
@@ -208,7 +274,7 @@ class ShardWriter:
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir, self.name, self.split = out_dir, name, split
-        self.extra = dict(extra_manifest or {})
+        self.extra = _checked_extra(extra_manifest)
         os.makedirs(out_dir, exist_ok=True)
         self._tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{name}-{split}-")
         self._writers = [
@@ -220,6 +286,7 @@ class ShardWriter:
         self._grades: list[int] = []
         self._qualities: list[int] = []
         self._has_vessel = 0
+        self._has_reference = 0
         self._image_size: tuple[int, int] | None = None
         self._n = 0
 
@@ -239,6 +306,7 @@ class ShardWriter:
         self._grades.append(meta["dr_grade"])
         self._qualities.append(meta["quality"])
         self._has_vessel += bool(meta["vessel"])
+        self._has_reference += bool(meta.get("reference"))
         self._n += 1
 
     def __len__(self) -> int:
@@ -248,6 +316,11 @@ class ShardWriter:
         """Finish: move shards into place, update the manifest; returns the shard paths."""
         for w in self._writers:
             w.close()
+        try:
+            self.extra = _checked_extra(self.extra)  # callers may add provenance after construction
+        except ValueError:
+            self.abort()
+            raise
         used = [i for i, c in enumerate(self._counts) if c > 0]
         if not used:
             self.abort()
@@ -296,6 +369,7 @@ class ShardWriter:
             "records_per_shard": [c for c in self._counts if c > 0],
             "image_size": list(self._image_size or ()),
             "with_vessel_mask": self._has_vessel,
+            "with_reference": self._has_reference,
             "counts": count_table(self._grades, self._qualities),
             **self.extra,
         }
@@ -330,11 +404,91 @@ def _shard_files(path: str, split: str | None) -> list[str]:
 
 def iter_records(path: str, split: str | None = None, *, decode_images: bool = True) -> Iterator[dict[str, Any]]:
     """Yield decoded records from a shard file, or from every shard of a directory (one split when
-    ``split`` is given; all splits in manifest order otherwise)."""
+    ``split`` is given; all splits in manifest order otherwise). A shard that cannot be read raises
+    `ShardError` naming it."""
     for shard in _shard_files(path, split):
-        reader = array_record_module.ArrayRecordReader(shard)
-        try:
+        with open_shard(shard) as reader:
             for i in range(reader.num_records()):
-                yield decode_record(reader.read([i])[0], decode_images=decode_images)
-        finally:
+                yield decode_record(read_records(reader, shard, [i])[0], decode_images=decode_images)
+
+
+# --------------------------------------------------------------------------- damaged shards
+def rebuild_hint(data_dir: str, split: str) -> str:
+    """What rebuilds a split's shards, from its manifest entry: 'rebuild it with `<command>`'."""
+    try:
+        entry = read_manifest(data_dir)["splits"].get(split, {})
+    except (OSError, ValueError):
+        entry = {}
+    if "vessel_masks" in entry:
+        masks = entry["vessel_masks"]
+        method = masks.get("method", "teacher")
+        teacher = f" --teacher {masks['teacher']}" if masks.get("teacher") else ""
+        return (f"delete it and rerun `python -m data_prep.pseudo_masks --shards {masks.get('input', '<input shards>')} "
+                f"--out {data_dir} --method {method}{teacher}` (it redoes only the missing shards)")
+    if "generator" in entry:
+        g = entry["generator"]
+        splits = ",".join(f"{k}={v}" for k, v in g.get("splits", {}).items())
+        scale = f" --lesion-scale {g['lesion_scale']}" if "lesion_scale" in g else ""
+        return (f"rebuild it with `python -m data_prep.synthetic --out {data_dir} --num {g.get('num')} "
+                f"--size {g.get('size')} --seed {g.get('seed')} --splits {splits}{scale} --overwrite`")
+    if "prep_command" in entry:
+        return f"rebuild it with `{entry['prep_command']}`"
+    return f"rebuild {data_dir} with the data_prep command that wrote it (docs/data.md)"
+
+
+def shard_error(shard: str, problem: str) -> ShardError:
+    """`ShardError` for a damaged shard file: its path, the problem and how to rebuild it."""
+    data_dir = os.path.dirname(os.path.abspath(shard))
+    split = _split_of(data_dir, os.path.basename(shard))
+    hint = rebuild_hint(data_dir, split) if split else "rebuild its shard set with data_prep"
+    return ShardError(f"{shard}: {problem}: the shard is truncated or corrupt; {hint}")
+
+
+def _split_of(data_dir: str, shard: str) -> str | None:
+    try:
+        splits = read_manifest(data_dir).get("splits", {})
+    except (OSError, ValueError):
+        return None
+    return next((name for name, entry in splits.items() if shard in entry.get("shards", ())), None)
+
+
+@contextlib.contextmanager
+def open_shard(shard: str):
+    """An ArrayRecordReader of one shard file; `ShardError` naming it when it cannot be opened."""
+    try:
+        reader = array_record_module.ArrayRecordReader(shard)
+    except RuntimeError as e:  # riegeli reports truncation and corruption as RuntimeError
+        raise shard_error(shard, f"cannot open it ({e or 'unreadable'})") from e
+    if not reader.ok():  # a file cut at a block boundary opens "successfully" with 0 records
+        with contextlib.suppress(RuntimeError):
             reader.close()
+        raise shard_error(shard, "it does not open as an ArrayRecord file")
+    try:
+        yield reader
+    finally:
+        with contextlib.suppress(RuntimeError):  # closing a reader that met corruption re-raises it
+            reader.close()
+
+
+def read_records(reader, shard: str, indices: list[int]) -> list[bytes]:
+    """reader.read(indices) with a read failure reported as `ShardError` naming ``shard``."""
+    try:
+        return reader.read(indices)
+    except RuntimeError as e:
+        raise shard_error(shard, f"reading records {indices[0]}-{indices[-1]} failed ({e or 'unreadable'})") from e
+
+
+def check_shards(data_dir: str, split: str) -> list[str]:
+    """The split's shard paths (`split_shards`) after opening each one: a shard that does not open or
+    holds another number of records than the manifest lists raises `ShardError` naming it.
+
+    Opening reads each shard's footer and index only, so this costs milliseconds per shard.
+    """
+    paths = split_shards(data_dir, split)
+    expected = read_manifest(data_dir)["splits"][split].get("records_per_shard")
+    for j, path in enumerate(paths):
+        with open_shard(path) as reader:
+            n = reader.num_records()
+        if expected is not None and j < len(expected) and n != expected[j]:
+            raise shard_error(path, f"it holds {n} records, the manifest lists {expected[j]}")
+    return paths

@@ -5,9 +5,10 @@ the paper's tables for this run, overall and per quality level (good / usable / 
   A stage-3 (joint) model grades IQE's enhancement of the raw image (paper III-B: inference is IQE then
   DR); a stage-1 DR network, trained on raw images, grades them raw. With ``config.eval.gate_quality``
   IQA decides per image whether to enhance (enhancing good images costs accuracy, Fig. 12).
-- Enhancement (Tables III, IV): PSNR and SSIM inside the retinal mask of the QT-degraded input and of the
-  enhanced image against the original, for good (op2) and usable (op1) images; QT uses fixed per-example
-  keys, so the evaluation set never changes.
+- Enhancement (Tables III, IV): PSNR and SSIM inside the retinal mask of IQE's input and of its
+  enhancement against a reference: the record's clean image wherever it has one (good images through
+  op2, usable and reject ones as they are), else the original of good (op2) and usable (op1) images
+  (`inference.enhancement_pair`); QT uses fixed per-example keys, so the evaluation set never changes.
 - Quality assessment (Table VI): accuracy, kappa, macro precision and F1 of IQA on the raw images and,
   for a joint model, on IQE's enhancement of them (the joint pipeline's view, Table VI's CLEAQ-DR row).
 
@@ -46,15 +47,15 @@ def _eval_step(models: dict, nets: tuple[str, ...], enhance_first: bool, gate: b
     quality = inference.quality_probs(models, state, x) if "iqa" in nets else None
     enhanced = None
     if "iqe" in nets:
-        # One IQE pass over the raw images and their QT-degraded copies (the enhancement table's input).
-        degraded = inference.degraded_eval(qt, batch, x, mask)
+        # One IQE pass over the raw images and the enhancement table's inputs.
+        degraded, reference, scored = inference.enhancement_pair(qt, batch, x, mask)
         both = inference.enhance(models, state, jnp.concatenate([x, degraded]),
                                  jnp.concatenate([mask, mask]))["enhanced"]
         enhanced, restored = both[:n], both[n:]
-        has_ref = (batch["quality"] == 0) | (batch["quality"] == 1)
         for tag, img in (("input", degraded), ("enhanced", restored)):
-            out[f"psnr_{tag}"] = jnp.where(has_ref, metrics.psnr(img, x, mask), jnp.nan)
-            out[f"ssim_{tag}"] = jnp.where(has_ref, metrics.ssim(img, x, mask), jnp.nan)
+            out[f"psnr_{tag}"] = jnp.where(scored, metrics.psnr(img, reference, mask), jnp.nan)
+            out[f"ssim_{tag}"] = jnp.where(scored, metrics.ssim(img, reference, mask), jnp.nan)
+        out["clean_reference"] = inference.clean_reference(batch) & scored
         if quality is not None and enhance_first:
             quality, out["quality_probs_enhanced"] = jnp.split(
                 inference.quality_probs(models, state, jnp.concatenate([x, enhanced])), 2)
@@ -74,10 +75,12 @@ def _jit_eval(model_items: tuple, nets: tuple[str, ...], enhance_first: bool, ga
 def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, ...], stage: str):
     """``fn(state, batch) -> per-example outputs`` (jitted; all (B, ...) arrays; NaN where not applicable).
 
-    batch: loader arrays (uint8 image (B,S,S,3), mask, dr_grade, quality, id_hash, valid). Outputs:
-    valid, dr_grade, quality, id_hash from the batch; dr_probs (B, K); quality_probs (B, 3) of IQA on the
-    raw image and, for a joint model, quality_probs_enhanced on IQE's output; psnr/ssim_input (QT-degraded
-    original) and psnr/ssim_enhanced (its enhancement) against the original, for good and usable images.
+    batch: loader arrays (uint8 image (B,S,S,3), mask, dr_grade, quality, id_hash, valid, reference,
+    has_reference). Outputs: valid, dr_grade, quality, id_hash from the batch; dr_probs (B, K);
+    quality_probs (B, 3) of IQA on the raw image and, for a joint model, quality_probs_enhanced on IQE's
+    output; psnr/ssim_input and psnr/ssim_enhanced of `inference.enhancement_pair`'s input and of its
+    enhancement against its reference (the record's clean image, else the original of good and usable
+    images; NaN where there is none), and clean_reference (B,) bool, the rows scored against a clean image.
     """
     return _jit_eval(tuple(sorted(models.items())), tuple(nets), inference.enhance_before_grading(stage),
                      bool(cfg.eval.gate_quality), factory.qt_params(cfg))
@@ -126,8 +129,9 @@ def _per_quality(quality: np.ndarray, table, rows: np.ndarray) -> dict[str, Any]
     return {name: table(rows & (quality == i)) for i, name in enumerate(QUALITY) if (rows & (quality == i)).any()}
 
 
-def _enhancement_table(out: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
-    table: dict[str, Any] = {"n": int(rows.sum())}
+def _enhancement_table(out: dict[str, np.ndarray], rows: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+    # n_clean_reference: rows scored against the record's clean image; the rest against the original.
+    table: dict[str, Any] = {"n": int(rows.sum()), "n_clean_reference": int((rows & clean).sum())}
     for metric in ("psnr", "ssim"):
         for tag in ("input", "enhanced"):
             values = out[f"{metric}_{tag}"][rows]
@@ -142,7 +146,8 @@ def summarise(out: dict[str, np.ndarray]) -> dict[str, Any]:
     out: numpy arrays over N examples: quality (N,) int (0 good, 1 usable, 2 reject, -1 unknown),
     dr_grade (N,) int (-1 unknown), optional dr_probs (N, K), quality_probs (N, 3),
     quality_probs_enhanced (N, 3), psnr_input / psnr_enhanced / ssim_input / ssim_enhanced (N,)
-    (NaN where the image has no reference). Returns {'num_examples', 'dr', 'iqa', 'iqa_enhanced',
+    (NaN where the image has no reference), clean_reference (N,) bool (scored against the record's clean
+    image; absent: none was). Returns {'num_examples', 'dr', 'iqa', 'iqa_enhanced',
     'enhancement'} (the ones the outputs allow), each {'overall': {...}, 'per_quality': {level: {...}}};
     undefined values are None.
     """
@@ -157,7 +162,8 @@ def summarise(out: dict[str, np.ndarray]) -> dict[str, Any]:
             result[task] = {"overall": table(every), "per_quality": _per_quality(quality, table, every)}
     if "psnr_input" in out:
         ref = np.isfinite(np.asarray(out["psnr_input"])) | np.isfinite(np.asarray(out["ssim_input"]))
-        table = lambda rows: _enhancement_table(out, rows)  # noqa: E731
+        clean = np.asarray(out.get("clean_reference", np.zeros(quality.shape, bool)), bool)
+        table = lambda rows: _enhancement_table(out, rows, clean)  # noqa: E731
         result["enhancement"] = {"overall": table(ref), "per_quality": _per_quality(quality, table, ref)}
     return result
 
