@@ -332,18 +332,27 @@ def roc_auc(scores, truth, fov=None) -> jax.Array:
     return jax.vmap(_auc_one)(scores, truth & fov, ~truth & fov)
 
 
-def segmentation_scores(scores, truth, fov=None, threshold: float = 0.5) -> dict[str, jax.Array]:
+def fov_accuracy(pred, truth, fov=None) -> jax.Array:
+    """Pixel accuracy of binary vessel masks inside the field of view, per image (`accuracy` per row).
+
+    Args: pred, truth (B, H, W), non-zero is vessel; fov optional (B, H, W). Returns float32 (B,).
+    """
+    pred, truth, fov = _segmentation_inputs(pred, truth, fov)
+    return jax.vmap(accuracy)(truth, pred != 0, fov)
+
+
+def segmentation_scores(scores, truth, fov=None, threshold: float = 0.5, pred=None) -> dict[str, jax.Array]:
     """Dice, AUC and accuracy inside the field of view of a vessel segmentation, per image.
 
     Args:
-      scores: (B, H, W) float vessel scores; ``scores > threshold`` is the binary prediction.
+      scores: (B, H, W) float vessel scores (AUC ranks them).
       truth: (B, H, W) true vessel mask; fov: optional (B, H, W) field-of-view (retinal) mask.
-      threshold: binarisation threshold for Dice and accuracy (0.5 for probabilities).
+      threshold: ``scores > threshold`` is the binary prediction for Dice and accuracy (0.5 for
+        probabilities), unless ``pred`` (B, H, W), a binary mask made otherwise, is given.
     Returns:
       {'dice', 'auc', 'accuracy'}: float32 (B,) each (NaN where undefined, see the module docstring).
     """
-    flat_scores, flat_truth, flat_fov = _segmentation_inputs(scores, truth, fov)
-    pred = flat_scores > threshold
-    return {"dice": _dice_one_per_row(pred, flat_truth, flat_fov),
-            "auc": jax.vmap(_auc_one)(flat_scores, flat_truth & flat_fov, ~flat_truth & flat_fov),
-            "accuracy": jax.vmap(accuracy)(flat_truth, pred, flat_fov)}
+    pred = jnp.asarray(scores) > threshold if pred is None else pred
+    return {"dice": dice_score(pred, truth, fov), "auc": roc_auc(scores, truth, fov),
+            "accuracy": fov_accuracy(pred, truth, fov)}
+

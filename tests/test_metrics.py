@@ -263,6 +263,8 @@ def test_segmentation_scores_threshold_the_scores_and_use_accuracy_over_fov_pixe
     jitted = jax.jit(metrics.segmentation_scores, static_argnames="threshold")(scores, truth, fov, threshold=0.5)
     for key in out:
         np.testing.assert_allclose(np.asarray(jitted[key]), np.asarray(out[key]), atol=1e-6)
+    given = metrics.segmentation_scores(scores, truth, fov, pred=scores > 0.75)
+    np.testing.assert_allclose(np.asarray(given["dice"]), np.asarray(metrics.dice_score(scores > 0.75, truth, fov)))
 
 
 def test_segmentation_metrics_name_a_mask_of_the_wrong_shape():
