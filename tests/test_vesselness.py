@@ -138,3 +138,6 @@ def test_vessel_response_ranks_drawn_vessels_first_and_is_zero_outside_its_regio
     found = vesselness.vessel_mask(image, mask, method, min_size=0)
     np.testing.assert_array_equal(found.astype(bool),
                                   vesselness.threshold_response(response, region, "fraction"))
+    both = vesselness.vessel_segmentation(image, mask, method)
+    np.testing.assert_array_equal(both[0], response)
+    np.testing.assert_array_equal(both[1], vesselness.vessel_mask(image, mask, method))

@@ -176,6 +176,19 @@ def vessel_response(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str =
     return np.where(region, response, 0.0).astype(np.float32), region
 
 
+def vessel_segmentation(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "frangi", *,
+                        threshold: str = "fraction", fraction: float = VESSEL_FRACTION, clahe: bool = True,
+                        min_size: int = MIN_SIZE, name: str = "<array>") -> tuple[np.ndarray, np.ndarray]:
+    """`vessel_response` and `vessel_mask` of one image from one filter pass.
+
+    Returns (response float32 HxW, 0 outside the region; vessels uint8 HxW {0, 1}).
+    """
+    response, region = vessel_response(image_rgb_uint8, mask, method, clahe=clahe, name=name)
+    vessels = threshold_response(response, region, threshold, fraction)
+    vessels = _drop_small(vessels, int(round(min_size * _scale(np.asarray(mask) != 0) ** 2)))
+    return response, vessels.astype(np.uint8)
+
+
 def vessel_mask(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "frangi", *,
                 threshold: str = "fraction", fraction: float = VESSEL_FRACTION, clahe: bool = True,
                 min_size: int = MIN_SIZE, name: str = "<array>") -> np.ndarray:
@@ -193,7 +206,5 @@ def vessel_mask(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "fr
     Returns:
       HxW uint8 {0, 1}; 0 outside the retinal mask and near its edge.
     """
-    response, region = vessel_response(image_rgb_uint8, mask, method, clahe=clahe, name=name)
-    vessels = threshold_response(response, region, threshold, fraction)
-    vessels = _drop_small(vessels, int(round(min_size * _scale(np.asarray(mask) != 0) ** 2)))
-    return vessels.astype(np.uint8)
+    return vessel_segmentation(image_rgb_uint8, mask, method, threshold=threshold, fraction=fraction,
+                               clahe=clahe, min_size=min_size, name=name)[1]
