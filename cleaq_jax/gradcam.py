@@ -122,20 +122,20 @@ def _jet(t: jax.Array) -> jax.Array:
     return jnp.clip(1.5 - jnp.abs(4.0 * (t - centres)), 0.0, 1.0)
 
 
-def overlay(image: jax.Array, heat: jax.Array, mask: jax.Array | None = None, alpha: float = 0.5) -> jax.Array:
+def overlay(image: jax.Array, heat: jax.Array, mask: jax.Array | None = None, alpha: float = 0.6) -> jax.Array:
     """A heatmap blended over its image for display.
 
     Args:
       image: (..., H, W, 3) float in [0, 1]; heat: (..., H, W) in [0, 1].
       mask: optional (..., H, W) retinal mask; outside it the image shows unblended.
-      alpha: weight of the heat colours where heat is 1 (it fades to 0 with the heat, so cold regions
-        keep the photograph visible).
+      alpha: weight of the heat colours where heat is 1 (it falls linearly to 0 with the heat, so cold
+        regions show the photograph untinted).
     Returns:
       (..., H, W, 3) float32 in [0, 1].
     """
     image = jnp.asarray(image, jnp.float32)
     heat = jnp.asarray(heat, jnp.float32)
-    weight = alpha * jnp.sqrt(jnp.clip(heat, 0.0, 1.0))[..., None]
+    weight = alpha * jnp.clip(heat, 0.0, 1.0)[..., None]
     if mask is not None:
         weight = weight * (jnp.asarray(mask) != 0)[..., None]
     return jnp.clip((1.0 - weight) * image + weight * _jet(heat), 0.0, 1.0)
