@@ -232,7 +232,8 @@ def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray],
     grey = lambda m: np.repeat(np.asarray(m, np.float32)[..., None], 3, axis=-1)  # noqa: E731
     parts = []
     for kind in ("input", "enhanced", "reference"):
-        parts += [np.asarray(images.get(kind, black), np.float32), grey(segmented[kind]) if kind in segmented else black]
+        seg = grey(segmented[kind]) if kind in segmented else black
+        parts += [np.asarray(images.get(kind, black), np.float32), seg]
     return np.concatenate(parts + [grey(truth)], axis=2)
 
 

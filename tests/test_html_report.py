@@ -35,7 +35,8 @@ def _cards(n=5, linked: str | None = None):
     return cards
 
 
-SKIPPED = [("photos/broken <1>.jpg", "unreadable image\n(truncated file)"), ("photos/dark.png", "no retinal disc found")]
+SKIPPED = [("photos/broken <1>.jpg", "unreadable image\n(truncated file)"),
+           ("photos/dark.png", "no retinal disc found")]
 
 
 def test_every_file_name_and_reason_is_escaped():
