@@ -9,6 +9,7 @@ missing image, a blocked request) of the page it opens.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -34,6 +35,20 @@ def find_browser() -> str:
     pytest.skip(why)
 
 
+def _high_fd(fd: int) -> int:
+    """``fd`` moved to a descriptor number of at least 10 (close-on-exec, as pipes are made)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+def _bash() -> str:
+    path = shutil.which("bash")
+    if path is None:
+        pytest.skip("bash is needed to hand the browser its DevTools pipes")
+    return path
+
+
 class Page:
     """One headless browser with one page. Use as a context manager; `open(url)` waits for the load."""
 
@@ -41,15 +56,16 @@ class Page:
         self.timeout_s = timeout_s
         to_child, self._w = os.pipe()
         self._r, from_child = os.pipe()
-
-        def fds() -> None:  # the browser expects its command pipe on fd 3 and its reply pipe on fd 4
-            os.dup2(to_child, 3)
-            os.dup2(from_child, 4)
-
-        args = [find_browser(), "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe",
-                "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile_dir}",
-                f"--window-size={window[0]},{window[1]}", "about:blank"]
-        self.proc = subprocess.Popen(args, preexec_fn=fds, pass_fds=(3, 4),  # kept open after the dup2s
+        # Above 9, so the moves below never overwrite each other (the pipes may have been given 3 or 4).
+        to_child, from_child = (_high_fd(fd) for fd in (to_child, from_child))
+        flags = ["--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe", "--no-first-run",
+                 "--no-default-browser-check", f"--user-data-dir={profile_dir}",
+                 f"--window-size={window[0]},{window[1]}", "about:blank"]
+        # The browser expects its command pipe on fd 3 and its reply pipe on fd 4. bash moves them there, so
+        # no Python runs between fork and exec (unsafe beside JAX's threads); dash cannot name fds above 9.
+        move = f'exec "$0" "$@" 3<&{to_child} 4>&{from_child} {to_child}<&- {from_child}>&-'
+        self.proc = subprocess.Popen([_bash(), "-c", move, find_browser(), *flags],
+                                     pass_fds=(to_child, from_child),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)
