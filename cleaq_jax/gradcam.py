@@ -17,6 +17,7 @@ module static, batched (BatchNorm in inference mode, so examples do not interact
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -113,6 +114,13 @@ def grad_cam(model: dr_model.DRGrader, variables: dict[str, Any], x: jax.Array,
     grads, (features, logits, grade) = jax.grad(explained_score, has_aux=True)(zero)
     heat = cam_from_gradients(features, grads, x.shape[1:3])
     return {"heatmap": heat, "grade": grade, "probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(model: dr_model.DRGrader):
+    """``fn(variables, x, target=None)``: `grad_cam` of ``model`` under jit, one compilation per model
+    settings and input shape (linen modules compare by their fields)."""
+    return jax.jit(functools.partial(grad_cam, model))
 
 
 def _jet(t: jax.Array) -> jax.Array:

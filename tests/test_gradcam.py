@@ -155,3 +155,11 @@ def test_the_heat_peak_lies_on_the_lesion_a_trained_grader_learned():
     dist = np.linalg.norm(peaks - centre, axis=1)
     assert np.mean(dist <= 8.0) >= 0.9, dist
     assert dist.mean() < 6.0, dist
+
+
+def test_the_compiled_function_is_cached_per_model_and_gives_the_same_maps():
+    model, variables = _grader(shape=(1, 64, 64, 3))
+    x = jax.random.uniform(jax.random.key(5), (2, 64, 64, 3))
+    assert gradcam.compiled(model) is gradcam.compiled(DRGrader(num_grades=5, **TINY))
+    np.testing.assert_allclose(np.asarray(gradcam.compiled(model)(variables, x)["heatmap"]),
+                               np.asarray(gradcam.grad_cam(model, variables, x)["heatmap"]), atol=TOL)

@@ -168,11 +168,6 @@ def _enhance_fn(models: dict):
     return enhance
 
 
-@functools.lru_cache(maxsize=4)
-def _jit_gradcam(model):
-    return jax.jit(functools.partial(gradcam.grad_cam, model))
-
-
 def load_examples(data_dir: str, cfg: ml_collections.ConfigDict, limit: int) -> dict[str, np.ndarray]:
     """The first ``limit`` valid examples of config.data.eval_split as host arrays (every process alike)."""
     batch_size = max(1, min(limit, int(cfg.eval_batch_size)))
@@ -272,7 +267,7 @@ def gradcam_grid(models: dict, state, examples: dict[str, np.ndarray], enhanced:
     x = examples["image"][picks].astype(np.float32) / 255.0 * mask[..., None]
     grid = {"input": x, "enhanced": enhanced[picks], "grade": examples["dr_grade"][picks],
             "quality": examples["quality"][picks]}
-    explain = functools.partial(_jit_gradcam(models["dr"]), _dr_variables(state))
+    explain = functools.partial(gradcam.compiled(models["dr"]), _dr_variables(state))
     for kind in ("input", "enhanced"):
         out = _in_chunks(explain, len(picks), batch_size, grid[kind])
         grid[f"heat_{kind}"] = np.asarray(gradcam.overlay(grid[kind], out["heatmap"], mask))
