@@ -79,6 +79,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "IQA accuracy falls, paper Table VI).", ""] + _class_rows(result["iqa_enhanced"]) + [""]
     if "vessels" in result:
         lines += vessel_markdown(result["vessels"])
+    elif result.get("vessels_skipped"):
+        lines += ["## Downstream vessel segmentation (paper Fig. 8)", "",
+                  f"Not scored: {result['vessels_skipped']}.", ""]
     return "\n".join(lines)
 
 
@@ -240,7 +243,7 @@ def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray],
 def vessel_figure(block: dict[str, Any], rows: np.ndarray | None, path: str) -> None:
     """Paper Fig. 8's analogue: example rows (`vessel_rows`, optional) above Dice per quality level of the
     segmentation of the photograph, its enhancement and the clean reference."""
-    plt = _pyplot()
+    plt = pyplot()
     n = 0 if rows is None else rows.shape[0]
     fig = plt.figure(figsize=(10, 1.5 * n + 3.2))
     grid = fig.add_gridspec(n + 1, 1, height_ratios=[1.0] * n + [2.2])
@@ -268,7 +271,7 @@ def gradcam_figure(grid: dict[str, Any], path: str) -> None:
     overlays); 'grade' (n,) true grades; 'pred_input', 'pred_enhanced' (n,) predicted grades; optional
     'quality' (n,) level index.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = len(grid["grade"])
     columns = (("input", "photograph"), ("enhanced", "enhanced"), ("heat_input", "Grad-CAM on photograph"),
                ("heat_enhanced", "Grad-CAM on enhanced"))

@@ -6,9 +6,12 @@ import os
 
 import numpy as np
 import pytest
+from configs import eval as eval_config
 
-from cleaq_jax.data import records, synthetic
-from cleaq_jax.programs import pictures
+from cleaq_jax import parallel, report
+from cleaq_jax.data import location, records, synthetic
+from cleaq_jax.programs import evaluate, pictures
+from test_evaluate import host_state, save_checkpoint, tiny_config
 
 SIZE = 64
 PER_LEVEL = 4
@@ -101,3 +104,36 @@ def test_gradcam_picks_take_the_lowest_quality_images_of_each_grade():
     quality = np.array([0, 2, 1, 0, 1, 2, 0])
     picks = pictures.gradcam_picks(grades, quality, per_grade=2)
     assert picks.tolist() == [1, 2, 4, 3, 6]
+
+
+# --------------------------------------------------------------------------- inside an evaluation
+@pytest.fixture(scope="module")
+def evaluated_synthetic(tmp_path_factory):
+    """A tiny stage-3 checkpoint (test_evaluate's) evaluated on 30 synthetic 32-px photographs."""
+    root = tmp_path_factory.mktemp("pictures")
+    data = str(root / "data")
+    location.build_synthetic(data, num=30, size=32, seed=0, lesion_scale=4.0, workers=1)
+    cfg = tiny_config()
+    save_checkpoint(cfg, str(root / "stage3"), host_state(cfg), parallel.make_mesh())
+    ecfg = eval_config.get_config()
+    ecfg.checkpoint_dir, ecfg.data.dir, ecfg.eval_batch_size = str(root / "stage3"), data, 4
+    ecfg.eval.num_examples_grid, ecfg.eval.gradcam_per_grade = 3, 1
+    return evaluate.run(ecfg, str(root / "out")), str(root / "out" / "eval")
+
+
+def test_evaluation_writes_the_vessel_table_and_both_figures(evaluated_synthetic):
+    result, out_dir = evaluated_synthetic
+    vessels = result["vessels"]
+    assert vessels["segmenter"].startswith("classical matched")
+    test_count = result["num_examples"]
+    assert vessels["overall"]["input"]["n"] == vessels["overall"]["enhanced"]["n"] == test_count
+    md = open(os.path.join(out_dir, "eval.md")).read()
+    assert "## Downstream vessel segmentation" in md and "| all | enhanced |" in md
+    for name in ("vessels.png", "gradcam_grid.png"):
+        with open(os.path.join(out_dir, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_split_without_true_vessels_is_noted_not_scored():
+    md = report.markdown({"vessels_skipped": "split 'test' of d carries pseudo vessel masks"})
+    assert "Not scored: split 'test' of d carries pseudo vessel masks." in md

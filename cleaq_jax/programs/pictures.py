@@ -20,13 +20,14 @@ from typing import Any
 
 import cv2
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleaq_jax import gradcam, metrics
+from cleaq_jax import checkpoint, gradcam, inference, metrics, report
+from cleaq_jax import train_state as ts
 from cleaq_jax.data import pipeline, records, vesselness
 from cleaq_jax.data.records import QUALITY_NAMES
+from cleaq_jax.programs import teacher as teacher_program
 
 VESSEL_KINDS = ("input", "enhanced", "reference")
 SCORES = ("dice", "auc", "accuracy")
@@ -58,9 +59,7 @@ def classical_segmenter(method: str = "frangi") -> Segmenter:
 def teacher_segmenter(path: str) -> Segmenter:
     """The CE-Net vessel teacher restored from ``path`` (a teacher_b stage directory); images are resized
     to the teacher's size and its probabilities back, thresholded at its 0.5."""
-    from cleaq_jax.programs import teacher as teacher_program  # the teacher is a program; so is this module
-
-    teacher = teacher_program.restore_teacher(path)
+    teacher = checkpoint.restore_teacher(path)
     size = teacher.image_size
 
     def segment(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +67,7 @@ def teacher_segmenter(path: str) -> Segmenter:
         if side != size:
             images = np.stack([cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA) for i in images])
             masks = np.stack([cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in masks])
-        probs = teacher_program.predict_vessels(teacher, images, masks)
+        probs = inference.predict_vessels(teacher, images, masks)
         if side != size:
             probs = np.stack([cv2.resize(p, (side, side), interpolation=cv2.INTER_LINEAR) for p in probs])
         return probs, probs > teacher_program.THRESHOLD
@@ -152,20 +151,15 @@ def vessel_table(per_kind: dict[str, dict[str, np.ndarray]], quality: np.ndarray
 
 
 # --------------------------------------------------------------------------- model passes
-def _dr_variables(state) -> dict:
-    return {"params": state.params["dr"], "batch_stats": state.batch_stats["dr"]}
+@functools.lru_cache(maxsize=4)
+def _jit_enhance(model_items: tuple):
+    models = dict(model_items)
 
-
-def _enhance_fn(models: dict):
-    iqe = models["iqe"]
-
-    @jax.jit
     def enhance(state, image, mask):
-        x = image.astype(jnp.float32) / 255.0 * mask[..., None]
-        variables = {"params": state.params["iqe"], "batch_stats": state.batch_stats["iqe"]}
-        return iqe.apply(variables, x, train=False)["enhanced"].astype(jnp.float32) * mask[..., None]
+        x, mask = inference.inputs({"image": image, "mask": mask})
+        return inference.enhance(models, state, x, mask)["enhanced"]
 
-    return enhance
+    return jax.jit(enhance)
 
 
 def load_examples(data_dir: str, cfg: ml_collections.ConfigDict, limit: int) -> dict[str, np.ndarray]:
@@ -198,15 +192,12 @@ def _in_chunks(fn, n: int, size: int, *arrays):
 
 def enhance_examples(models: dict, state, examples: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """IQE's enhancement of each example: (N, S, S, 3) float32 in [0, 1], zero outside the mask."""
-    fn = functools.partial(_enhance_fn(models), state)
-    return _in_chunks(fn, len(examples["image"]), batch_size, examples["image"],
-                      examples["mask"].astype(np.float32))
+    fn = functools.partial(_jit_enhance(tuple(sorted(models.items()))), state)
+    return _in_chunks(fn, len(examples["image"]), batch_size, examples["image"], examples["mask"])
 
 
 def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> np.ndarray:
     """`report.vessel_rows` of one example per quality level (those with a reference first)."""
-    from cleaq_jax import report  # only the figure needs matplotlib's module
-
     n = len(examples["quality"])
     has_ref = np.isfinite(per_kind["reference"]["accuracy"]) if "reference" in per_kind else np.zeros(n, bool)
     picks = []
@@ -267,7 +258,7 @@ def gradcam_grid(models: dict, state, examples: dict[str, np.ndarray], enhanced:
     x = examples["image"][picks].astype(np.float32) / 255.0 * mask[..., None]
     grid = {"input": x, "enhanced": enhanced[picks], "grade": examples["dr_grade"][picks],
             "quality": examples["quality"][picks]}
-    explain = functools.partial(gradcam.compiled(models["dr"]), _dr_variables(state))
+    explain = functools.partial(gradcam.compiled(models["dr"]), ts.variables(state, "dr"))
     for kind in ("input", "enhanced"):
         out = _in_chunks(explain, len(picks), batch_size, grid[kind])
         grid[f"heat_{kind}"] = np.asarray(gradcam.overlay(grid[kind], out["heatmap"], mask))
