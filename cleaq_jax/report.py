@@ -92,11 +92,40 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## Quality assessment of IQE's output (the joint model's own input to IQA)", "",
                   "Labelled with the quality of the original, as in training (why the joint model's "
                   "IQA accuracy falls, paper Table VI).", ""] + _class_rows(result["iqa_enhanced"]) + [""]
+    if "vessels" in result:
+        lines += vessel_markdown(result["vessels"])
+    elif result.get("vessels_skipped"):
+        lines += ["## Downstream vessel segmentation (paper Fig. 8)", "",
+                  f"Not scored: {result['vessels_skipped']}.", ""]
     return "\n".join(lines)
 
 
-def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None) -> None:
-    """eval.json, eval.md and the figures into out_dir (created)."""
+VESSEL_INPUTS = {"input": "the photograph as recorded", "enhanced": "IQE's enhancement of it",
+                 "reference": "the clean reference"}
+
+
+def vessel_markdown(block: dict[str, Any]) -> list[str]:
+    """Lines of the downstream vessel segmentation section (paper Fig. 8) from ``result['vessels']``:
+    {'segmenter': str, 'note': str, 'overall' / 'per_quality'[level]: {input kind: {n, dice, auc, accuracy}}}."""
+    lines = ["## Downstream vessel segmentation (paper Fig. 8): Dice, AUC, accuracy inside the field of view", "",
+             f"Segmenter: {block.get('segmenter', '?')}. Scored against the true vessels; means over images.",
+             "", "| subset | image segmented | n | Dice | AUC | accuracy |", "|---|---|---|---|---|---|"]
+    for name, per_input in [("all", block.get("overall", {}))] + list(block.get("per_quality", {}).items()):
+        for kind, m in per_input.items():
+            lines.append(f"| {name} | {kind} | {m.get('n', 0)} | " + " | ".join(
+                _fmt(m.get(k)) for k in ("dice", "auc", "accuracy")) + " |")
+    kinds = "; ".join(f"{k}: {v}" for k, v in VESSEL_INPUTS.items())
+    lines += ["", f"Images: {kinds}. {block.get('note', '')}".rstrip(), ""]
+    return lines
+
+
+def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None, *,
+          vessel_panels: np.ndarray | None = None, gradcam: dict[str, np.ndarray] | None = None) -> None:
+    """eval.json, eval.md and the figures into out_dir (created).
+
+    panels: enhancement grid rows (`grid_figure`); vessel_panels: downstream vessel rows
+    (`vessel_figure`, drawn with result['vessels']); gradcam: the Grad-CAM grid (`gradcam_figure`).
+    """
     os.makedirs(out_dir, exist_ok=True)
 
     def dump_json(tmp):
@@ -116,6 +145,10 @@ def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None
         atomic_file(os.path.join(out_dir, "per_quality.png"), lambda t: per_quality_figure(result, t))
     if panels is not None:
         atomic_file(os.path.join(out_dir, "enhancement_grid.png"), lambda t: grid_figure(panels, t))
+    if "vessels" in result:
+        atomic_file(os.path.join(out_dir, "vessels.png"), lambda t: vessel_figure(result["vessels"], vessel_panels, t))
+    if gradcam is not None:
+        atomic_file(os.path.join(out_dir, "gradcam_grid.png"), lambda t: gradcam_figure(gradcam, t))
 
 
 def pyplot():
@@ -196,6 +229,83 @@ def grid_figure(panels: np.ndarray, path: str) -> None:
         ax.imshow(np.clip(panels[i], 0, 1), interpolation="nearest")
         ax.axis("off")
     axes[0, 0].set_title("input  |  enhanced  |  reference  |  vessel mask", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+VESSEL_COLUMNS = ("photograph", "its vessels", "enhanced", "its vessels", "clean reference", "its vessels",
+                  "true vessels")
+
+
+def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray], truth: np.ndarray) -> np.ndarray:
+    """Panels for `vessel_figure`: each row the photograph, enhancement and reference, each followed by its
+    segmentation, then the true vessels.
+
+    images: {'input', 'enhanced', 'reference'} (n, H, W, 3) float in [0, 1] (a missing one is drawn black);
+    segmented: the same keys, (n, H, W) binary; truth: (n, H, W) binary. Returns (n, H, 7W, 3) float32.
+    """
+    n, h, w = truth.shape
+    black = np.zeros((n, h, w, 3), np.float32)
+    grey = lambda m: np.repeat(np.asarray(m, np.float32)[..., None], 3, axis=-1)  # noqa: E731
+    parts = []
+    for kind in ("input", "enhanced", "reference"):
+        seg = grey(segmented[kind]) if kind in segmented else black
+        parts += [np.asarray(images.get(kind, black), np.float32), seg]
+    return np.concatenate(parts + [grey(truth)], axis=2)
+
+
+def vessel_figure(block: dict[str, Any], rows: np.ndarray | None, path: str) -> None:
+    """Paper Fig. 8's analogue: example rows (`vessel_rows`, optional) above Dice per quality level of the
+    segmentation of the photograph, its enhancement and the clean reference."""
+    plt = pyplot()
+    n = 0 if rows is None else rows.shape[0]
+    fig = plt.figure(figsize=(10, 1.5 * n + 3.2))
+    grid = fig.add_gridspec(n + 1, 1, height_ratios=[1.0] * n + [2.2])
+    for i in range(n):
+        ax = fig.add_subplot(grid[i])
+        ax.imshow(np.clip(rows[i], 0, 1), interpolation="nearest")
+        ax.axis("off")
+        if i == 0:
+            ax.set_title("  |  ".join(VESSEL_COLUMNS), fontsize=8)
+    per = {q: {"n": block["per_quality"][q].get("input", {}).get("n", 0),
+               **{f"dice_{k}": v.get("dice") for k, v in block["per_quality"][q].items()}}
+           for q in block.get("per_quality", {})}
+    metrics = tuple(f"dice_{k}" for k in VESSEL_INPUTS if any(f"dice_{k}" in p for p in per.values()))
+    ax = fig.add_subplot(grid[n])
+    _bars(ax, per, metrics, f"Vessel Dice ({block.get('segmenter', '?')})", (0.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def gradcam_figure(grid: dict[str, Any], path: str) -> None:
+    """Paper Fig. 9's analogue: per row a test image, its enhancement, and Grad-CAM of the DR grader on each.
+
+    grid: 'input', 'enhanced', 'heat_input', 'heat_enhanced' (n, H, W, 3) float in [0, 1] (heat as
+    overlays); 'grade' (n,) true grades; 'pred_input', 'pred_enhanced' (n,) predicted grades; optional
+    'quality' (n,) level index.
+    """
+    plt = pyplot()
+    n = len(grid["grade"])
+    columns = (("input", "photograph"), ("enhanced", "enhanced"), ("heat_input", "Grad-CAM on photograph"),
+               ("heat_enhanced", "Grad-CAM on enhanced"))
+    fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.9 * n), squeeze=False)
+    for i in range(n):
+        quality = grid.get("quality")
+        label = f"grade {int(grid['grade'][i])}" + (f", {QUALITY[int(quality[i])]}" if quality is not None else "")
+        for j, (key, title) in enumerate(columns):
+            ax = axes[i, j]
+            ax.imshow(np.clip(grid[key][i], 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if key.startswith("heat"):
+                pred = int(grid["pred_" + key.removeprefix("heat_")][i])
+                ax.set_xlabel(f"graded {pred}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

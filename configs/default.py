@@ -105,4 +105,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation (configs/eval.py): checkpoint directory to restore (a stage directory or its checkpoints/).
     c.checkpoint_dir = ""
     c.eval = ml_collections.ConfigDict(dict(gate_quality=False, num_examples_grid=8))
+    # Evaluation's pictures (docs/evaluation.md): on the first vessel_max_images test examples (0: off),
+    # the downstream vessel table (paper Fig. 8; splits with true vessels only), segmented by the CE-Net
+    # vessel teacher in vessel_teacher (a teacher_b directory) or, when "", the classical vessel_method
+    # ("matched": ~10x faster than "frangi", similar masks); and a Grad-CAM grid of gradcam_per_grade
+    # images per grade (paper Fig. 9).
+    c.eval.vessel_max_images = 64
+    c.eval.vessel_teacher = ""
+    c.eval.vessel_method = "matched"
+    c.eval.gradcam_per_grade = 2
     return c

@@ -1,5 +1,5 @@
-"""Metrics agree with scikit-learn / scikit-image, masked variants ignore outside pixels, and the
-functions give the same values under jit."""
+"""Metrics agree with scikit-learn / scikit-image (vessel Dice, AUC and accuracy included), masked variants
+ignore outside pixels, and the functions give the same values under jit."""
 
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import cohen_kappa_score, confusion_matrix as sk_confusion_matrix
-from sklearn.metrics import f1_score, precision_score, recall_score
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from cleaq_jax import metrics
 
@@ -208,3 +208,66 @@ def test_metric_functions_give_the_same_values_under_jit():
     jitted = all_metrics(y_true, y_pred, x, y, mask)
     for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- vessel segmentation
+def _vessel_case(seed, shape=(3, 12, 10)):
+    """Random vessel masks, scores that half-know them (with ties: rounded to 0.1) and a disc FOV."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random(shape) < 0.2
+    scores = np.round(np.clip(0.35 * truth + rng.random(shape) * 0.7, 0, 1), 1).astype(np.float32)
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    fov = np.broadcast_to(((yy - shape[1] / 2) ** 2 + (xx - shape[2] / 2) ** 2) < (0.45 * shape[1]) ** 2, shape)
+    return scores, truth, fov
+
+
+def test_roc_auc_equals_sklearn_inside_the_field_of_view_with_ties():
+    scores, truth, fov = _vessel_case(0)
+    auc = np.asarray(metrics.roc_auc(scores, truth, fov))
+    for i in range(scores.shape[0]):
+        expected = roc_auc_score(truth[i][fov[i]], scores[i][fov[i]])
+        assert auc[i] == pytest.approx(expected, abs=1e-6)  # shares of at most 10^2 pairs: exact in float32
+
+
+def test_roc_auc_is_nan_without_both_classes_and_ignores_pixels_outside_the_fov():
+    scores, truth, fov = _vessel_case(1)
+    wild = np.where(fov, scores, 100.0 * (1 - truth))  # outside: vessels score low, background high
+    np.testing.assert_allclose(np.asarray(metrics.roc_auc(wild, truth, fov)),
+                               np.asarray(metrics.roc_auc(scores, truth, fov)), atol=1e-6)
+    no_vessel = np.asarray(metrics.roc_auc(scores, np.zeros_like(truth), fov))
+    assert np.isnan(no_vessel).all()
+
+
+def test_dice_counts_overlap_inside_the_field_of_view_and_is_nan_when_both_are_empty():
+    pred = np.zeros((2, 4, 4), bool)
+    truth = np.zeros((2, 4, 4), bool)
+    pred[0, 0, :3] = True  # 3 predicted
+    truth[0, 0, 1:] = True  # 3 true, 2 shared -> 2*2 / (3+3)
+    fov = np.ones((2, 4, 4), bool)
+    dice = np.asarray(metrics.dice_score(pred, truth, fov))
+    assert dice[0] == pytest.approx(4 / 6) and np.isnan(dice[1])
+    fov[0, 0, 0] = False  # drops one false positive: 2*2 / (2+3)
+    assert float(metrics.dice_score(pred, truth, fov)[0]) == pytest.approx(4 / 5)
+
+
+def test_segmentation_scores_threshold_the_scores_and_use_accuracy_over_fov_pixels():
+    scores, truth, fov = _vessel_case(2)
+    out = metrics.segmentation_scores(scores, truth, fov, threshold=0.5)
+    pred = scores > 0.5
+    for i in range(scores.shape[0]):
+        inside = fov[i]
+        assert float(out["accuracy"][i]) == pytest.approx(np.mean(pred[i][inside] == truth[i][inside]))
+        tp = np.sum(pred[i] & truth[i] & inside)
+        assert float(out["dice"][i]) == pytest.approx(2 * tp / (np.sum(pred[i] & inside) + np.sum(truth[i] & inside)))
+    np.testing.assert_allclose(np.asarray(out["auc"]), np.asarray(metrics.roc_auc(scores, truth, fov)))
+    jitted = jax.jit(metrics.segmentation_scores, static_argnames="threshold")(scores, truth, fov, threshold=0.5)
+    for key in out:
+        np.testing.assert_allclose(np.asarray(jitted[key]), np.asarray(out[key]), atol=1e-6)
+    given = metrics.segmentation_scores(scores, truth, fov, pred=scores > 0.75)
+    np.testing.assert_allclose(np.asarray(given["dice"]), np.asarray(metrics.dice_score(scores > 0.75, truth, fov)))
+
+
+def test_segmentation_metrics_name_a_mask_of_the_wrong_shape():
+    scores, truth, fov = _vessel_case(3)
+    with pytest.raises(ValueError, match="field-of-view mask"):
+        metrics.segmentation_scores(scores, truth, fov[:, :5])

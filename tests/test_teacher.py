@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax import checkpoint
-from cleaq_jax.programs import teacher
+from cleaq_jax.programs import pictures, teacher
 from tests import fixtures_layouts, tiny
 
 
@@ -92,3 +92,19 @@ def test_each_stage_reports_dice_accuracy_and_auc_on_drive_test_raw_and_degraded
             assert result[view]["accuracy"] is not None and result[view]["auc"] is not None
         with open(os.path.join(workdir, stage, "eval", "eval.md")) as f:
             assert "| as is |" in f.read()
+
+
+@pytest.mark.slow
+def test_the_teacher_segments_evaluation_images_of_another_size(drive_teacher):
+    """The downstream vessel table's segmenter: a 32-px teacher on 48-px images, resized there and back."""
+    workdir, _ = drive_teacher
+    segmenter = pictures.teacher_segmenter(os.path.join(workdir, "teacher_b"))
+    assert segmenter.name.startswith("CE-Net vessel teacher") and "teacher_b" in segmenter.name
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    masks = np.broadcast_to(((yy - 24) ** 2 + (xx - 24) ** 2 < 22**2).astype(np.uint8), (3, 48, 48)).copy()
+    images = (rng.integers(0, 256, (3, 48, 48, 3)) * masks[..., None]).astype(np.uint8)
+    scores, vessels = segmenter.segment(images, masks)
+    assert scores.shape == vessels.shape == (3, 48, 48) and vessels.dtype == bool
+    assert scores.min() >= 0.0 and scores.max() <= 1.0
+    np.testing.assert_array_equal(vessels, scores > 0.5)

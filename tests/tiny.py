@@ -31,6 +31,7 @@ def tiny_config(**overrides):
     c.batch_size = 8
     c.eval_batch_size = 8
     c.num_epochs = 1
+    c.eval.vessel_max_images = 0  # evaluation's pictures cost a compilation each; tests/test_pictures.py runs them
     c.log_every_steps = 2
     c.image_every_steps = 2
     c.checkpoint_every_steps = 2

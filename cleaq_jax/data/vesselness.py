@@ -157,6 +157,38 @@ def _drop_small(vessels: np.ndarray, min_size: int) -> np.ndarray:
     return keep[labels]
 
 
+def vessel_response(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "frangi", *,
+                    clahe: bool = True, name: str = "<array>") -> tuple[np.ndarray, np.ndarray]:
+    """Vesselness score of every pixel and the region where vessels may be (the eroded field of view).
+
+    Args: as `vessel_mask` (image HxWx3 uint8 RGB, mask HxW non-zero inside, method, clahe, name).
+    Returns:
+      (response float32 HxW, larger = more vessel-like, 0 outside the region; region bool HxW).
+    """
+    inside = _check_inputs(image_rgb_uint8, mask, name)
+    if method not in METHODS:
+        raise ValueError(f"{name}: unknown vesselness method {method!r}; choose one of {METHODS}")
+    scale = _scale(inside)
+    green = green_channel(np.asarray(image_rgb_uint8), inside, clahe)
+    response_fn = frangi_response if method == "frangi" else matched_response
+    response, reach = response_fn(green, scale)
+    region = _erode(inside, int(np.ceil(reach + 0.01 * scale * REFERENCE_WIDTH)))
+    return np.where(region, response, 0.0).astype(np.float32), region
+
+
+def vessel_segmentation(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "frangi", *,
+                        threshold: str = "fraction", fraction: float = VESSEL_FRACTION, clahe: bool = True,
+                        min_size: int = MIN_SIZE, name: str = "<array>") -> tuple[np.ndarray, np.ndarray]:
+    """`vessel_response` and `vessel_mask` of one image from one filter pass.
+
+    Returns (response float32 HxW, 0 outside the region; vessels uint8 HxW {0, 1}).
+    """
+    response, region = vessel_response(image_rgb_uint8, mask, method, clahe=clahe, name=name)
+    vessels = threshold_response(response, region, threshold, fraction)
+    vessels = _drop_small(vessels, int(round(min_size * _scale(np.asarray(mask) != 0) ** 2)))
+    return response, vessels.astype(np.uint8)
+
+
 def vessel_mask(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "frangi", *,
                 threshold: str = "fraction", fraction: float = VESSEL_FRACTION, clahe: bool = True,
                 min_size: int = MIN_SIZE, name: str = "<array>") -> np.ndarray:
@@ -174,14 +206,5 @@ def vessel_mask(image_rgb_uint8: np.ndarray, mask: np.ndarray, method: str = "fr
     Returns:
       HxW uint8 {0, 1}; 0 outside the retinal mask and near its edge.
     """
-    inside = _check_inputs(image_rgb_uint8, mask, name)
-    if method not in METHODS:
-        raise ValueError(f"{name}: unknown vesselness method {method!r}; choose one of {METHODS}")
-    scale = _scale(inside)
-    green = green_channel(np.asarray(image_rgb_uint8), inside, clahe)
-    response_fn = frangi_response if method == "frangi" else matched_response
-    response, reach = response_fn(green, scale)
-    region = _erode(inside, int(np.ceil(reach + 0.01 * scale * REFERENCE_WIDTH)))
-    vessels = threshold_response(response, region, threshold, fraction)
-    vessels = _drop_small(vessels, int(round(min_size * scale**2)))
-    return vessels.astype(np.uint8)
+    return vessel_segmentation(image_rgb_uint8, mask, method, threshold=threshold, fraction=fraction,
+                               clahe=clahe, min_size=min_size, name=name)[1]

@@ -13,7 +13,10 @@ the paper's tables for this run, overall and per quality level (good / usable / 
   for a joint model, on IQE's enhancement of them (the joint pipeline's view, Table VI's CLEAQ-DR row).
 
 The checkpoint is restored by `checkpoint.load_checkpoint`; the forward passes are `inference`'s.
-Writes ``eval.json``, ``eval.md``, ``confusion_matrix.png``, ``per_quality.png`` and ``enhancement_grid.png``.
+- Downstream vessel segmentation (Fig. 8) and Grad-CAM of DR grading (Fig. 9): `programs.pictures`.
+
+Writes ``eval.json``, ``eval.md``, ``confusion_matrix.png``, ``per_quality.png``, ``enhancement_grid.png``,
+``vessels.png`` and ``gradcam_grid.png``.
 The per-example outputs are small (probabilities and two scores per image), so they are gathered to the
 host and every table, overall or per quality level, is computed there from them (`summarise`).
 """
@@ -34,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from cleaq_jax import checkpoint, factory, inference, metrics, parallel, report
 from cleaq_jax.data import degrade, location, pipeline, records
+from cleaq_jax.programs import pictures
 
 QUALITY = records.QUALITY_NAMES
 
@@ -187,8 +191,11 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
         # Every process runs it: the state may span devices of all of them.
         examples = _first_examples(data, cfg, int(cfg.eval.num_examples_grid))
         panels = inference.enhancement_panels(cfg, state, models, examples)
+    extra = pictures.evaluation_pictures(cfg, state, models, nets, data)
+    result.update({k: extra[k] for k in ("vessels", "vessels_skipped") if k in extra})
     if jax.process_index() == 0:
-        report.write(result, out_dir, panels=panels)
+        report.write(result, out_dir, panels=panels, vessel_panels=extra.get("vessel_panels"),
+                     gradcam=extra.get("gradcam"))
         logging.info("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
     return result
 

@@ -1,7 +1,7 @@
 r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint:
 
     python -m cleaq_jax.programs.predict --checkpoint RUN/stage3 --input photos/ extra.jpg --out predictions/ \
-        [--gate-quality] [--batch-size 8]
+        [--gate-quality] [--explain] [--report] [--batch-size 8]
 
 Each photograph (JPEG, PNG, TIFF, any size; folders are searched recursively) is disc-cropped and resized
 to the checkpoint's image size exactly as data preparation does (`fundus.preprocess`), then IQA rates its
@@ -13,6 +13,11 @@ Writes into --out, each file under a temporary name first:
     predictions.csv   file, grade, p_grade_0.., quality, p_good, p_usable, p_reject, enhanced
     enhanced/*.png    IQE's output at the processed size (for the images that were enhanced)
     skipped.txt       file<TAB>reason for every input that could not be read or shows no retinal disc
+    explain/*.png     with --explain (or --report): Grad-CAM of the reported grade over the processed
+                      photograph (<stem>.png) and over its enhancement (<stem>-enhanced.png)
+    report.html       with --report: a card per photograph (crop, enhancement, heatmaps, grade and quality
+                      with probabilities), filterable by grade and quality; it links crops/, enhanced/ and
+                      explain/ beside it, so keep the folder together
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from cleaq_jax import checkpoint, inference, parallel, report
 from cleaq_jax.data import fundus, records
+from cleaq_jax.programs import explain as explain_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
 NET_ROLES = {"dr": "grade", "iqa": "quality", "iqe": "enhanced image"}
@@ -180,23 +186,30 @@ class _Progress:
 
 
 def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
-            batch_size: int = 8, mesh=None, log=None) -> dict[str, Any]:
+            batch_size: int = 8, mesh=None, log=None, explain: bool = False, report_html: bool = False
+            ) -> dict[str, Any]:
     """Run the checkpoint over photographs and write predictions.csv, enhanced/*.png and skipped.txt.
 
     restored: from `checkpoint.load_checkpoint`; paths: photograph files; batch_size: images per step (a
-    multiple of the device count); log: where notes, skips and progress go (default stderr).
-    Returns {'rows': CSV rows (lists of str), 'skipped': [(path, reason)]}.
+    multiple of the device count); log: where notes, skips and progress go (default stderr);
+    explain: Grad-CAM overlays into explain/; report_html: report.html (and crops/, explain/) too.
+    Returns {'rows': CSV rows (lists of str), 'skipped': [(path, reason)], 'report': its path or None}.
     """
     log = sys.stderr if log is None else log
     mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
     parallel.check_batch_divisible(batch_size, mesh, "--batch-size")
     for note in check_checkpoint(restored, gate_quality):
         print(f"note: {note}", file=log)
+    if (explain or report_html) and "dr" not in restored.nets:
+        print("note: Grad-CAM explains the DR grade, and this checkpoint has no DR network: no heatmaps",
+              file=log)
     size, grades = int(restored.config.data.image_size), int(restored.config.data.num_grades)
     fn = inference.compiled_inference(restored.models, restored.nets, gate_quality=gate_quality,
                                       enhance_first=inference.enhance_before_grading(restored.stage))
     enhanced_dir = os.path.join(out_dir, "enhanced")
     os.makedirs(enhanced_dir, exist_ok=True)
+    extras = explain_lib.Outputs(out_dir, explain=explain, report_html=report_html,
+                                 subtitle=f"{restored.directory} ({restored.stage}, step {restored.step})")
     rows: list[list[str]] = []
     skipped: list[tuple[str, str]] = []
     taken: set[str] = set()
@@ -204,15 +217,22 @@ def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, ga
     chunk: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
-        out = _run_batch(fn, restored, mesh, [c[1] for c in chunk], [c[2] for c in chunk], batch_size)
-        for i, (path, _, _) in enumerate(chunk):
-            name = ""
+        images, masks = [c[1] for c in chunk], [c[2] for c in chunk]
+        out = _run_batch(fn, restored, mesh, images, masks, batch_size)
+        heat = (explain_lib.padded_heatmaps(restored, images, masks, out, batch_size)
+                if extras.needs_heatmaps and "dr_probs" in out else [None] * len(chunk))
+        row = lambda key, i: out[key][i] if key in out else None  # noqa: E731
+        for i, (path, image, mask) in enumerate(chunk):
+            # One name per photograph, shared by its enhanced, explain/ and crops/ files.
+            stem, name, enhanced = enhanced_name(path, taken)[:-len(".png")], "", None
             if "enhanced" in out and out["enhance"][i]:
-                name = enhanced_name(path, taken)
-                image = np.clip(np.rint(out["enhanced"][i] * 255.0), 0, 255).astype(np.uint8)
-                _atomic_write(os.path.join(enhanced_dir, name), _png(image))
-                name = os.path.join("enhanced", name)
+                enhanced = out["enhanced"][i]
+                name = os.path.join("enhanced", f"{stem}.png")
+                _atomic_write(os.path.join(out_dir, name), _png(np.clip(np.rint(enhanced * 255.0), 0, 255)
+                                                                .astype(np.uint8)))
             rows.append(csv_row(path, out, i, grades, name))
+            extras.add(path, stem, image.astype(np.float32) / 255.0 * mask[..., None], mask, enhanced, name,
+                       heat[i], row("dr_probs", i), row("quality_probs", i))
         chunk.clear()
         progress(len(rows) + len(skipped), len(skipped))
 
@@ -228,8 +248,9 @@ def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, ga
     if chunk:
         flush()
     _write_tables(out_dir, rows, skipped, grades)
+    page = extras.finish(skipped)
     progress(len(rows) + len(skipped), len(skipped), final=True)
-    return {"rows": rows, "skipped": skipped}
+    return {"rows": rows, "skipped": skipped, "report": page}
 
 
 def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, str]], grades: int) -> None:
@@ -255,6 +276,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--gate-quality", action="store_true",
                         help="enhance (and grade enhanced) only images IQA does not rate good")
+    parser.add_argument("--explain", action="store_true",
+                        help="write Grad-CAM heatmaps of the reported grade over each photograph and its "
+                             "enhancement into explain/")
+    parser.add_argument("--report", action="store_true",
+                        help="write report.html: a card per photograph, filterable by grade and quality "
+                             "(implies --explain)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     return parser.parse_args(argv)
 
@@ -270,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         restored = checkpoint.load_checkpoint(args.checkpoint)
         os.makedirs(args.out, exist_ok=True)
-        result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size)
+        result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
+                         explain=args.explain, report_html=args.report)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"predict: {len(result['rows'])} predicted, {len(result['skipped'])} skipped; "
-          f"{os.path.join(args.out, 'predictions.csv')}", file=sys.stderr)
+          f"{os.path.join(args.out, 'predictions.csv')}" + (f", {result['report']}" if result["report"] else ""),
+          file=sys.stderr)
     return 0 if result["rows"] else 1
 
 
