@@ -54,6 +54,7 @@ def declared(setup_cfg: str, extras: tuple[str, ...]) -> list[str]:
 def closure(requirements: list[str]) -> dict[str, str]:
     """{distribution name: installed version} of the requirements and everything they need."""
     seen: dict[str, str] = {}
+    walked: dict[str, set[str]] = {}  # extras already followed per distribution
     todo = list(requirements)
     while todo:
         dep, dep_extras = _name(todo.pop())
@@ -61,8 +62,10 @@ def closure(requirements: list[str]) -> dict[str, str]:
             continue  # an optional dependency for another platform
         dist = metadata.distribution(dep)
         key = dist.metadata["Name"]
-        if key.lower() in {k.lower() for k in seen}:
+        done = walked.get(key.lower())
+        if done is not None and dep_extras <= done:
             continue
+        walked[key.lower()] = (done or set()) | dep_extras
         seen[key] = dist.version
         todo += [r for r in dist.requires or [] if _applies(r, dep_extras)]
     return seen
@@ -79,7 +82,7 @@ def _installed(name: str) -> bool:
 def main() -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pins = closure(declared(os.path.join(root, "setup.cfg"), EXTRAS))
-    print(f"# Exact versions the test suite passed with (Python {platform.python_version()}, "
+    print(f"# Exact versions of the environment the test suite runs in (Python {platform.python_version()}, "
           f"{platform.machine()} Linux, CPU). Written by `python scripts/constraints.py`;")
     print("# setup.cfg declares the ranges. Install with: pip install -c constraints.txt -e \".[test]\"")
     for name in sorted(pins, key=str.lower):
