@@ -110,10 +110,10 @@ def test_every_default_key_has_a_rule_and_every_rule_a_key():
 
 
 def test_the_programs_named_are_those_main_dispatches_on():
-    from cleaq_jax import steps, teacher
+    from cleaq_jax import factory
 
-    assert config_checks.TRAINING_STAGES == steps.STAGES
-    assert set(teacher.TEACHER_STAGES) <= set(config_checks.TRAINING_STAGES)
+    assert config_checks.TRAINING_STAGES == factory.STAGES
+    assert set(factory.TEACHER_STAGES) <= set(config_checks.TRAINING_STAGES)
 
 
 def _distributed_args(*flags_):

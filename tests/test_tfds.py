@@ -16,7 +16,7 @@ from google.protobuf import json_format  # noqa: E402
 
 from cleaq_jax.data import pipeline, records, tfds_features, tfds_metadata  # noqa: E402
 from data_prep import pseudo_masks  # noqa: E402
-from data_prep.synthetic import build_synthetic  # noqa: E402
+from cleaq_jax.data.location import build_synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
