@@ -1,44 +1,88 @@
 """Entry point: ``python -m cleaq_jax.main --config=configs/stage3.py --workdir=DIR``.
 
-Parses flags, joins the other processes of a multi-host run, keeps TensorFlow (used only by the
-TensorBoard writers) off the accelerators, and hands the config to `cleaq_jax.programs.pipeline.run`,
-which dispatches on ``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
+Parses flags and checks every config key (`config_checks`: a bad key, value or type stops the run
+with one line and exit code 2, before any data or model work), joins the other processes of a
+multi-host run, keeps TensorFlow off the accelerators (clu's TensorBoard writer imports it), and hands
+the config to `cleaq_jax.programs.pipeline.run`, which dispatches on ``config.stage``. Override any
+config key on the command line: ``--config.batch_size=8``.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import parallel
-from cleaq_jax.programs import pipeline
+from cleaq_jax import config_checks
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process GPU/CPU runs (TPU and SLURM auto-detect).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+                    "host:port of process 0 for multi-process GPU/CPU runs (TPU and SLURM auto-detect); "
+                    "overrides config.distributed.coordinator_address.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run; overrides "
+                     "config.distributed.num_processes.")
+flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run; overrides "
+                     "config.distributed.process_id.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+USAGE_ERROR = 2  # exit code of a bad command line or config, as argparse's
+
+
+def _usage_error(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every failure (unknown config key, wrong type, config file that does not
+    load, missing flag) reported as one line and exit code 2 instead of a traceback."""
+    try:
+        rest = FLAGS(argv)
+    # ml_collections raises AttributeError / KeyError for an unknown override, TypeError for a bad value.
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        _usage_error(config_checks.flag_error_line(argv, e))
+    missing = config_checks.config_file_error(argv, FLAGS.config)
+    if missing:
+        _usage_error(missing)
+    return rest
+
+
+def distributed_args(config) -> dict:
+    """initialize_distributed's arguments: each flag given wins over its config.distributed key; the
+    keys' "unset" values ('', 0, -1) leave it to the JAX_* variables or to auto-detection."""
+    d = config.distributed
+    address = FLAGS.coordinator_address if FLAGS.coordinator_address is not None else d.coordinator_address
+    count = FLAGS.num_processes if FLAGS.num_processes is not None else d.num_processes
+    index = FLAGS.process_id if FLAGS.process_id is not None else d.process_id
+    return {"coordinator_address": address or None, "num_processes": count if count > 0 else None,
+            "process_id": index if index >= 0 else None}
 
 
 def _hide_accelerators_from_tensorflow() -> None:
-    try:
-        import tensorflow as tf  # optional and heavy: only the TensorBoard writers use it
-    except ImportError:  # TensorBoard writing falls back to clu's logging writer.
-        return
+    # TensorFlow is a dependency: clu's TensorBoard writer imports it. It must not claim GPU / TPU memory.
+    import tensorflow as tf
+
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _usage_error(f"unexpected arguments: {' '.join(argv[1:])} (config keys go as --config.KEY=VALUE)")
+    problems = config_checks.check(FLAGS.config)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    # The library loads JAX, flax and TensorFlow: only once the command line is known to be good.
+    from cleaq_jax import parallel
+    from cleaq_jax.programs import pipeline
+
     _hide_accelerators_from_tensorflow()
-    parallel.initialize_distributed(coordinator_address=FLAGS.coordinator_address,
-                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    parallel.initialize_distributed(**distributed_args(FLAGS.config))
     logging.info("config:\n%s", FLAGS.config)
     pipeline.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

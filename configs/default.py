@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # devices on the data / parameter-sharding axes
+    # Multi-process launch (jax.distributed): "host:port" of process 0, the process count and this process's
+    # index. The flags --coordinator_address, --num_processes, --process_id override them; "", 0 and -1
+    # leave each to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or to auto-detection.
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
 
     c.log_every_steps = 50

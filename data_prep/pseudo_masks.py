@@ -241,7 +241,7 @@ def run_pass(shards: str, out: str, masker: Masker, settings: dict[str, Any], *,
         entry["with_vessel_mask"] = sum(d["with_vessel"] for d in results[split])
         entry["vessel_masks"] = {**settings, "kept_existing": sum(d["kept"] for d in results[split]),
                                  "input": os.path.abspath(shards)}
-    records._atomic_write_json(os.path.join(out, records.MANIFEST), manifest)
+    records.write_manifest(out, manifest)
     return manifest
 
 

@@ -15,3 +15,18 @@ from absl import flags  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A Cloud Storage emulator on a free localhost port, started once per test process and stopped at
+    its end (tests/gcs_emulator.py says which clients it reaches and how)."""
+    from tests import gcs_emulator as emulator_lib
+
+    server = emulator_lib.GCSEmulator(str(tmp_path_factory.mktemp("gcs") / "objects"))
+    server.start()
+    yield server
+    server.stop()

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -170,24 +170,21 @@ def augment_matrix(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.array([[a, b, m - a * m - b * m], [d, e, m - d * m - e * m]])
 
 
-def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator | None = None
+def decode_example(record: bytes | Mapping[str, Any], *, image_size: int, rng: np.random.Generator | None = None
                    ) -> dict[str, np.ndarray]:
     """One record -> one example in the batch layout of this module (without the batch axis).
 
-    record: bytes in the `records` schema; image_size: output side S (resized with INTER_AREA
-    when the record differs); rng: augmentation generator, or None for no augmentation.
-    Image and retinal mask are warped together as one 4-channel image, the vessel mask and the
-    reference with the same matrix, so all stay aligned; masks are thresholded back to {0, 1} after
-    the warp.
+    record: bytes in the `records` schema, or that record decoded by a TFDS data source
+    (`tfds_features.as_tfds_example`: the same example comes out of either); image_size: output
+    side S (resized with INTER_AREA when the record differs); rng: augmentation generator, or None
+    for no augmentation. Image and retinal mask are warped together as one 4-channel image, the
+    vessel mask and the reference with the same matrix, so all stay aligned; masks are thresholded
+    back to {0, 1} after the warp.
     """
-    payload = records.decode_record(record, decode_images=False)
-    where = f"record {payload['id']!r}"
-    bgr = _resized(_imdecode(payload["image"], cv2.IMREAD_COLOR, where), image_size)
-    mask = _resized(_imdecode(payload["mask"], cv2.IMREAD_GRAYSCALE, where), image_size)
-    vessel = (_resized(_imdecode(payload["vessel"], cv2.IMREAD_GRAYSCALE, where), image_size)
-              if payload["vessel"] else None)
-    reference = (_resized(_imdecode(payload["reference"], cv2.IMREAD_COLOR, where), image_size)
-                 if payload.get("reference") else None)
+    payload, bgr, mask, vessel, reference = _decoded(record)
+    bgr, mask = _resized(bgr, image_size), _resized(mask, image_size)
+    vessel = _resized(vessel, image_size) if vessel is not None else None
+    reference = _resized(reference, image_size) if reference is not None else None
     if rng is None:
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB) if reference is not None else None
@@ -205,6 +202,23 @@ def decode_example(record: bytes, *, image_size: int, rng: np.random.Generator |
         "id_hash": np.int32(records.id_hash(payload["id"])),
         "valid": np.bool_(True),
     }
+
+
+def _decoded(record: bytes | Mapping[str, Any]):
+    """(labels, BGR image, 0/255 mask, 0/255 vessel mask or None, BGR reference or None) of record bytes
+    or a TFDS-decoded record."""
+    if isinstance(record, Mapping):
+        # Masks back to 0/255, as their PNGs hold them, so resizing gives the bytes path's pixels.
+        vessel = record["vessel"] * np.uint8(255) if record["has_vessel"] else None
+        reference = cv2.cvtColor(record["reference"], cv2.COLOR_RGB2BGR) if record["has_reference"] else None
+        return (record, cv2.cvtColor(record["image"], cv2.COLOR_RGB2BGR), record["mask"] * np.uint8(255), vessel,
+                reference)
+    payload = records.decode_record(record, decode_images=False)
+    where = f"record {payload['id']!r}"
+    vessel = _imdecode(payload["vessel"], cv2.IMREAD_GRAYSCALE, where) if payload["vessel"] else None
+    reference = _imdecode(payload["reference"], cv2.IMREAD_COLOR, where) if payload.get("reference") else None
+    return (payload, _imdecode(payload["image"], cv2.IMREAD_COLOR, where),
+            _imdecode(payload["mask"], cv2.IMREAD_GRAYSCALE, where), vessel, reference)
 
 
 def padding_example(image_size: int) -> dict[str, np.ndarray]:
@@ -329,7 +343,7 @@ def _train_element(element: Mapping[str, Any], *, image_size: int, seed: int, au
 
 
 def _eval_element(element: Mapping[str, Any], *, image_size: int):
-    if not element["record"]:
+    if isinstance(element["record"], bytes) and not element["record"]:
         return padding_example(image_size)
     return decode_example(element["record"], image_size=image_size)
 
@@ -367,8 +381,8 @@ def num_eval_batches(data_dir: str, split: str, *, global_batch_size: int) -> in
 def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int, seed: int,
                  num_epochs: int | None = None, class_balance: float = 0.0, balance_by: str = "dr_grade",
                  augment: bool = True, process_index: int | None = None, process_count: int | None = None,
-                 worker_count: int = 0, image_size: int | None = None, read_threads: int = 1
-                 ) -> LoaderIterator:
+                 worker_count: int = 0, image_size: int | None = None, read_threads: int = 1,
+                 source: Sequence[Any] | None = None) -> LoaderIterator:
     """Shuffled, class-balanced, augmented training batches of this process (see module docstring).
 
     data_dir/split: a shard set written by `records.ShardWriter`. global_batch_size: G, a multiple
@@ -379,7 +393,11 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
     about the centre and horizontal/vertical flips. process_index/process_count: default
     jax.process_index() / jax.process_count(). worker_count: grain worker processes (0 = decode in
     this process). image_size: output side S (default: the records' size). read_threads: threads
-    per process that prepare whole batches ahead (0 = prepare on demand).
+    per process that prepare whole batches ahead (0 = prepare on demand). source: the split's
+    records to read instead of its shard files, in the shards' order: a TFDS data source of the
+    shard set, ``tfds.builder_from_directory(data_dir).as_data_source(split)`` (decoded records, or
+    record bytes with ``deserialize_method=RAW_BYTES``); the batches are the same either way, and
+    the manifest of ``data_dir`` still gives labels and sizes. Keep worker_count 0 with it.
 
     Each epoch yields floor(epoch_length / G) batches (`num_batches_per_epoch`): the last
     epoch_length mod G copies of each epoch's permutation are dropped, a different set every epoch;
@@ -397,7 +415,7 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (endless) or >= 1, got {num_epochs}")
     size = _image_size(data_dir, split, image_size)
-    source = _source(data_dir, split)
+    source = _source(data_dir, split, source)
     labels = split_labels(data_dir, split, balance_by) if class_balance > 0 else np.zeros(len(source), np.int32)
     steps = epoch_length(labels, class_balance) // global_batch_size
     if steps == 0:
@@ -415,7 +433,7 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
 
 def eval_loader(data_dir: str, split: str, *, global_batch_size: int, process_index: int | None = None,
                 process_count: int | None = None, image_size: int | None = None, worker_count: int = 0,
-                read_threads: int = 1) -> LoaderIterator:
+                read_threads: int = 1, source: Sequence[Any] | None = None) -> LoaderIterator:
     """Every example of a split exactly once across processes, in record order, not augmented.
 
     Global batch k holds records [k G, (k + 1) G); process p gets rows p, p + P, ... of it. The
@@ -425,7 +443,7 @@ def eval_loader(data_dir: str, split: str, *, global_batch_size: int, process_in
     process_index, process_count = _process(process_index, process_count)
     batch = per_process_batch_size(global_batch_size, process_count)
     size = _image_size(data_dir, split, image_size)
-    source = _source(data_dir, split)
+    source = _source(data_dir, split, source)
     padded = -(-len(source) // global_batch_size) * global_batch_size
     ds = _EvalPositions(source, padded)[process_index::process_count]
     ds = ds.map(functools.partial(_eval_element, image_size=size))
@@ -540,7 +558,17 @@ class _CheckedShards(grain.MapDataset):
             raise records.shard_error(self._paths[shard], f"reading its record {local} failed ({e or 'unreadable'})") from e
 
 
-def _source(data_dir: str, split: str) -> grain.MapDataset:
+def _source(data_dir: str, split: str, records_in: Sequence[Any] | None = None) -> grain.MapDataset:
+    """The split's records: its checked shards, or ``records_in`` (e.g. a TFDS data source of the
+    whole split), checked against the manifest's count."""
+    if records_in is not None:
+        source = grain.MapDataset.source(records_in)
+        expected = _split_entry(data_dir, split)["num_records"]
+        if len(source) != expected:
+            raise records.RecordError(
+                f"{os.path.join(data_dir, records.MANIFEST)} lists {expected} records for split {split!r} "
+                f"but the given source holds {len(source)}: pass the whole split (no TFDS slice)")
+        return source
     paths = records.check_shards(data_dir, split)
     entry = _split_entry(data_dir, split)
     counts = entry.get("records_per_shard")

@@ -16,7 +16,9 @@ A record is a msgpack map::
 Shards of a split are ``<name>-<split>.array_record-NNNNN-of-MMMMM`` in one directory, beside a
 ``manifest.json`` that lists every split's shards and counts by grade x quality (the paper's
 Table I), and ``<name>-<split>.labels.json`` with every record's grade and quality in reading order
-(so class-balanced loaders need not open the records). A split is written under a temporary directory and moved into place only when
+(so class-balanced loaders need not open the records), and TensorFlow Datasets' ``dataset_info.json``
+and ``features.json`` (`tfds_metadata`), so the directory also opens with
+``tfds.builder_from_directory``. A split is written under a temporary directory and moved into place only when
 complete, so an interrupted run never leaves shards that look complete.
 
 The manifest's per-split keys that `ShardWriter` writes (`MANIFEST_KEYS`) have one meaning each;
@@ -40,6 +42,8 @@ import cv2
 import msgpack
 import numpy as np
 from array_record.python import array_record_module
+
+from cleaq_jax.data import tfds_metadata
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -200,6 +204,17 @@ def _atomic_write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_manifest(data_dir: str, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` and, first, the TFDS metadata derived from it (`tfds_metadata`), so the
+    shard set also opens with ``tfds.builder_from_directory``; the manifest comes last, marking the set
+    complete. Every shard the manifest lists must be in ``data_dir``."""
+    sizes = {s: os.path.getsize(os.path.join(data_dir, s))
+             for entry in manifest["splits"].values() for s in entry["shards"]}
+    _atomic_write_json(os.path.join(data_dir, tfds_metadata.FEATURES), tfds_metadata.features_json())
+    _atomic_write_json(os.path.join(data_dir, tfds_metadata.DATASET_INFO), tfds_metadata.dataset_info(manifest, sizes))
+    _atomic_write_json(os.path.join(data_dir, MANIFEST), manifest)
 
 
 def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, dict[str, int]]:
@@ -373,7 +388,7 @@ class ShardWriter:
             "counts": count_table(self._grades, self._qualities),
             **self.extra,
         }
-        _atomic_write_json(path, manifest)
+        write_manifest(os.path.dirname(path), manifest)
 
     def __enter__(self) -> "ShardWriter":
         return self

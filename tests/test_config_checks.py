@@ -1,0 +1,135 @@
+"""A bad command line or config stops `python -m cleaq_jax.main` at once: one stderr line naming the key,
+the value and what is allowed, exit code 2, no traceback, nothing written."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from ml_collections.config_flags import config_flags
+
+from cleaq_jax import config_checks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(tmp_path, *args, config="configs/stage1.py"):
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "cleaq_jax.main", *([f"--config={config}"] if config else []),
+            f"--workdir={workdir}", *args]
+    start = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    return proc, time.monotonic() - start, workdir
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.loss.qe=l3"], "config.loss.qe='l3': must be one of 'l2', 'l1'"),
+    (["--config.batch_size=abc"], "config.batch_size='abc': must be an integer >= 1"),
+    (["--config.batch_size=0"], "config.batch_size=0: must be an integer >= 1"),
+    (["--config.data.class_balance=1.5"], "config.data.class_balance=1.5: must be a number in [0.0, 1.0]"),
+    (["--config.data.augment=maybe"], "config.data.augment='maybe': must be True or False"),
+    (["--config.model.encoder_stages=(1,2)"], "config.model.encoder_stages=(1, 2): must be 4 integers >= 1"),
+    (["--config.stage=stage4"], "config.stage='stage4': must be one of 'stage1'"),
+    (["--config.nonexistent=1"], "--config.nonexistent=1: config has no key 'nonexistent' (it has: batch_size,"),
+    (["--config.loss.nope=1"], "--config.loss.nope=1: config.loss has no key 'nope' (it has: alpha,"),
+    (["--config.lossx.qe=l1"], "config has no key 'lossx'"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may take the remaining devices"),
+    (["--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
+     "config.distributed.process_id=2: must be below config.distributed.num_processes=2"),
+    (["--config.distributed.coordinator_address=localhost"],
+     "config.distributed.coordinator_address='localhost': must be '' (auto-detect) or 'host:port'"),
+])
+def test_bad_key_value_or_type_is_one_line_and_exit_code_2_before_any_work(tmp_path, args, expected):
+    proc, seconds, workdir = _main(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not workdir.exists()  # no data built, no run directory made
+    assert seconds < 60  # no model or data work (measured: well under 1 s on an idle 2-core CPU)
+
+
+def test_missing_config_file_and_missing_flag_are_one_line_too(tmp_path):
+    proc, _, workdir = _main(tmp_path, config="configs/nope.py")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--config=configs/nope.py: cannot load it" in proc.stderr and "No such file" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.main", "--config=configs/stage1.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: flag --workdir=None: Flag --workdir must have a value other than None.")
+
+
+def test_checking_needs_neither_jax_nor_tensorflow():
+    code = ("import sys\nfrom cleaq_jax import config_checks, main\nfrom configs import default\n"
+            "assert config_checks.check(default.get_config()) == []\n"
+            "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'grain', 'orbax') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+                      if os.path.basename(p) not in ("__init__.py", "presets.py"))
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections' loader
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_shipped_config_passes_the_checks(path):
+    config = config_flags.ConfigFileFlagParser(name="config").parse(path)
+    assert config_checks.check(config) == []
+
+
+def test_every_ablation_preset_passes_the_checks():
+    from configs import default
+    from configs.ablations import presets
+
+    for name, preset in presets.PRESETS.items():
+        config = default.get_config()
+        for key, value in preset["overrides"].items():
+            *parents, leaf = key.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        assert config_checks.check(config) == [], name
+
+
+def test_every_default_key_has_a_rule_and_every_rule_a_key():
+    from configs import default
+
+    keys = set(config_checks.flatten(default.get_config()))
+    missing = sorted(keys - set(config_checks.RULES) - set(config_checks.FREE_BLOCKS))
+    assert not missing, f"add a rule for these config keys to cleaq_jax/config_checks.py RULES: {missing}"
+    assert not sorted(set(config_checks.RULES) - keys), "RULES names keys that configs/default.py lacks"
+
+
+def test_the_programs_named_are_those_main_dispatches_on():
+    from cleaq_jax import factory
+
+    assert config_checks.TRAINING_STAGES == factory.STAGES
+    assert set(factory.TEACHER_STAGES) <= set(config_checks.TRAINING_STAGES)
+
+
+def _distributed_args(*flags_):
+    argv = ["m", "--config=configs/stage1.py", "--workdir=w", *flags_]
+    # ml_collections reads the overrides from sys.argv, so the parse runs as a command line would.
+    code = (f"import json, sys\nsys.argv = {argv!r}\nfrom cleaq_jax import main\nmain.FLAGS(sys.argv)\n"
+            "print(json.dumps(main.distributed_args(main.FLAGS.config)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_distributed_flags_win_over_config_keys_and_unset_values_mean_auto():
+    given = _distributed_args("--num_processes=3", "--config.distributed.num_processes=5",
+                              "--config.distributed.process_id=1",
+                              "--config.distributed.coordinator_address=10.0.0.1:1234")
+    assert given == {"coordinator_address": "10.0.0.1:1234", "num_processes": 3, "process_id": 1}
+    assert _distributed_args() == {"coordinator_address": None, "num_processes": None, "process_id": None}
