@@ -130,6 +130,10 @@ RULES: dict[str, Rule] = {
     "loss.fixed.iqe": _WEIGHT,
     "loss.fixed.iqa": _WEIGHT,
     "loss.grl_scale": _WEIGHT,
+    "loss.iqe_guidance": choice("reverse", "to_good"),
+    "loss.grl_schedule": choice("constant", "ganin"),
+    "loss.guidance_weight": _WEIGHT,
+    "loss.weighted_tasks": choice("eq11", "all"),
     "loss.usable_self_reference": boolean(),
     "optim.learning_rate": number(0.0, low_open=True),
     "optim.constant_epochs": _COUNT,
@@ -160,6 +164,10 @@ RULES: dict[str, Rule] = {
     "pretrained.resnet34": text(what="a converted ResNet-34 directory, or ''"),
     "checkpoint_dir": text(what="a stage directory or its checkpoints/ folder, or ''"),
     "eval.gate_quality": boolean(),
+    "eval.vessel_max_images": integer(0),
+    "eval.vessel_teacher": text(),
+    "eval.vessel_method": choice("matched", "frangi"),
+    "eval.gradcam_per_grade": integer(0),
     "eval.num_examples_grid": _COUNT,
 }
 # Blocks whose keys are free-form and checked by their reader (config.qt: degrade.QTParams.from_config).
