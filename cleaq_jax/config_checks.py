@@ -169,6 +169,10 @@ RULES: dict[str, Rule] = {
     "eval.vessel_method": choice("matched", "frangi"),
     "eval.gradcam_per_grade": integer(0),
     "eval.num_examples_grid": _COUNT,
+    "eval.vessel_max_images": _COUNT,
+    "eval.vessel_teacher": text(what="a teacher_b stage directory, or '' for the classical filter"),
+    "eval.vessel_method": choice("frangi", "matched"),  # cleaq_jax.data.vesselness.METHODS (a test pins it)
+    "eval.gradcam_per_grade": _COUNT,
 }
 # Blocks whose keys are free-form and checked by their reader (config.qt: degrade.QTParams.from_config).
 FREE_BLOCKS = ("qt",)

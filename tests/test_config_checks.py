@@ -12,6 +12,7 @@ import pytest
 from ml_collections.config_flags import config_flags
 
 from cleaq_jax import config_checks
+from cleaq_jax.data import vesselness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,3 +134,8 @@ def test_distributed_flags_win_over_config_keys_and_unset_values_mean_auto():
                               "--config.distributed.coordinator_address=10.0.0.1:1234")
     assert given == {"coordinator_address": "10.0.0.1:1234", "num_processes": 3, "process_id": 1}
     assert _distributed_args() == {"coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+def test_the_vessel_method_rule_names_the_classical_filters():
+    assert all(config_checks.RULES["eval.vessel_method"].ok(m) for m in vesselness.METHODS)
+    assert not config_checks.RULES["eval.vessel_method"].ok("hough")
