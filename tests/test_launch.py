@@ -76,7 +76,7 @@ def _env(devices: int, *, compile_cache: bool = True, **extra: str) -> dict[str,
     for name in [n for n in env if n.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS", "SLURM_"))]:
         del env[name]
     if not compile_cache:
-        del env["JAX_COMPILATION_CACHE_DIR"]
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.update(extra)
     return env
 

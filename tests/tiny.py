@@ -9,8 +9,6 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Shared by the test process and its subprocesses: one compilation of each tiny step per CI run.
-COMPILE_CACHE = os.environ.get("CLEAQ_TEST_COMPILE_CACHE", "/tmp/cleaq_jax_test_compile_cache")
 
 
 def tiny_config(**overrides):
@@ -82,12 +80,11 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
-    """Environment for a child Python: CPU, `devices` fake devices, the shared compilation cache."""
+    """Environment for a child Python: CPU, `devices` fake devices, the run's compilation cache (conftest)."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
     return env
 
