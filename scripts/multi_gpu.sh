@@ -69,11 +69,22 @@ if [[ -z "$log_dir" ]]; then
 fi
 mkdir -p "$log_dir"
 
-declare -A running=()  # pid -> process index, until it exits
-stop_all() { for pid in "${!running[@]}"; do kill -TERM "$pid" 2> /dev/null || true; done; }
+declare -A running=() signalled=()  # pid -> process index, until it exits; pids sent SIGTERM
+stopping=0
+# Bash runs a trap between two commands, so it may come between starting a process and recording its
+# pid, or halfway through starting them: stop_all sends each recorded process SIGTERM once, and the
+# start loop passes a stop on to a process recorded after it and starts no more.
+stop_all() {
+  stopping=1
+  for pid in "${!running[@]}"; do
+    [[ -n "${signalled[$pid]:-}" ]] && continue
+    signalled[$pid]=1
+    kill -TERM "$pid" 2> /dev/null || true
+  done
+}
 trap 'stop_all' TERM INT
 
-for ((i = 0; i < num_processes; i++)); do
+for ((i = 0; i < num_processes && stopping == 0; i++)); do
   cmd=("${PYTHON:-python}" -m cleaq_jax.main "${main_args[@]}" --coordinator_address="127.0.0.1:$port"
        --num_processes="$num_processes" --process_id="$i")
   (
@@ -87,7 +98,9 @@ for ((i = 0; i < num_processes; i++)); do
     exec "${cmd[@]}"
   ) > "$log_dir/process_$i.log" 2>&1 &
   running[$!]=$i
-  echo "process $i (pid $!): ${cmd[*]} > $log_dir/process_$i.log"
+  if [[ $stopping -eq 1 ]]; then stop_all; fi
+  # A signal interrupting a write to a full pipe makes echo fail: the message is lost, not the job.
+  echo "process $i (pid $!): ${cmd[*]} > $log_dir/process_$i.log" || true
 done
 
 status=0
@@ -98,7 +111,7 @@ while [[ ${#running[@]} -gt 0 ]]; do
   unset "running[$finished]"
   if [[ $code -ne 0 && $status -eq 0 ]]; then
     status=$code
-    echo "multi_gpu.sh: a process exited with status $code; stopping the others (see $log_dir)" >&2
+    echo "multi_gpu.sh: a process exited with status $code; stopping the others (see $log_dir)" >&2 || true
     stop_all
   fi
 done

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grain
@@ -37,11 +38,11 @@ SINGLE_CMD = "python -m cleaq_jax.main --config=$CONFIG --workdir=$WORKDIR --con
 EXPLICIT_CMD = ("scripts/multi_gpu.sh --num-processes $NUM_PROCESSES --port $PORT -- "
                 "--config=$CONFIG --workdir=$WORKDIR --config.data.dir=$DATA")
 SLURM_TASK_CMD = "scripts/slurm_task.sh --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$DATA"
-# Appended to each: stage 1 of DR alone at 32 px and width 1/16, two steps of 8 images, one checkpoint.
+# Appended to each: stage 1 of DR alone at 32 px and width 1/16, two steps of 8 images, a checkpoint after each.
 TINY = ("--config.data.image_size=32 --config.model.width=0.0625 --config.model.encoder_stages='(1,1,1,1)' "
         "--config.model.classifier_stages='(1,1,1,1)' --config.tasks.iqe=False --config.batch_size=8 "
         "--config.num_epochs=1 --config.eval_at_end=False --config.image_every_steps=0 "
-        "--config.log_every_steps=1 --config.checkpoint_every_steps=2")
+        "--config.log_every_steps=1 --config.checkpoint_every_steps=1")
 TRAIN_RECORDS = 16  # two global batches of 8
 
 
@@ -75,7 +76,7 @@ def _env(devices: int, *, compile_cache: bool = True, **extra: str) -> dict[str,
     for name in [n for n in env if n.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS", "SLURM_"))]:
         del env[name]
     if not compile_cache:
-        del env["JAX_COMPILATION_CACHE_DIR"]
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.update(extra)
     return env
 
@@ -154,38 +155,44 @@ def _by_path(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def _restored_params(workdir: str) -> dict[str, np.ndarray]:
-    """The stage-1 checkpoint of ``workdir`` restored onto this process's one device."""
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _restored_state(workdir: str, step: int):
+    """The stage-1 checkpoint of ``workdir`` at ``step`` restored onto this process's one device."""
     abstract = jax.eval_shape(_stage1_init(), jax.random.key(0))
     target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
-    state = checkpoint.restore_state(os.path.join(workdir, "stage1", "checkpoints"), target)
-    assert int(state.step) == 2
-    return _by_path(state.params)
+    state = checkpoint.restore_state(os.path.join(workdir, "stage1", "checkpoints"), target, step=step)
+    assert int(state.step) == step
+    return state
 
 
 @pytest.fixture(scope="module")
-def params(launched):
-    return {name: _restored_params(path) for name, path in launched["work"].items()}
+def states(launched):
+    """{launch: {step: train state}} after each of the two steps."""
+    return {name: {step: _restored_state(path, step) for step in (1, 2)} for name, path in launched["work"].items()}
 
 
 @pytest.mark.slow
-def test_two_processes_started_with_coordinator_flags_train_what_one_process_trains(params):
-    single, explicit = params["single"], params["explicit"]
-    initial = _by_path(_stage1_init()(jax.random.key(0)).params)  # config.seed = 0
-    assert single.keys() == explicit.keys() == initial.keys()
-    flat = {name: np.concatenate([np.ravel(p[k]) for k in sorted(initial)])
-            for name, p in (("single", single), ("explicit", explicit), ("initial", initial))}
-    update = np.abs(flat["single"] - flat["initial"]).mean()
-    assert update > 1e-4, "the checkpoint holds the initial parameters: no step was trained"
-    # Summation order differs (4 devices in one process vs 2 x 2), and Adam turns round-off in
-    # near-zero gradients into steps of up to lr = 1e-3: equal up to that, and on average far closer.
-    np.testing.assert_allclose(flat["explicit"], flat["single"], rtol=0, atol=5e-4)
-    assert np.abs(flat["explicit"] - flat["single"]).mean() < 0.05 * update
+def test_two_processes_started_with_coordinator_flags_train_what_one_process_trains(states):
+    single, explicit = states["single"], states["explicit"]
+    initial = _stage1_init()(jax.random.key(factory.stage_seed(tiny.tiny_config(), "stage1")))
+    assert _by_path(single[2].params).keys() == _by_path(explicit[2].params).keys() == _by_path(initial.params).keys()
+    assert np.abs(_flat(single[2].params) - _flat(initial.params)).mean() > 1e-4, "no step was trained"
+    # The first step, from the same initial state on the same 8 images (4 devices in one process vs 2 x 2):
+    # its gradient (Adam's first moment after one step is (1 - b1) x the gradient) and the BatchNorm
+    # statistics it measured. Parameters after an Adam step are not compared: Adam's first update is about
+    # lr x sign(gradient), and round-off picks that sign wherever a gradient is zero up to round-off.
+    for what, get in (("gradient", lambda s: s.opt_state["dr"][0].mu),
+                      ("BatchNorm statistics", lambda s: s.batch_stats)):
+        difference = tiny.relative_difference(_flat(get(explicit[1])), _flat(get(single[1])))
+        assert difference <= tiny.LAYOUT_RTOL, f"{what} of the first step differ by {difference:.2e} (relative)"
 
 
 @pytest.mark.slow
-def test_slurm_variables_start_the_same_job_as_coordinator_flags(params):
-    explicit, slurm = params["explicit"], params["slurm"]
+def test_slurm_variables_start_the_same_job_as_coordinator_flags(states):
+    explicit, slurm = _by_path(states["explicit"][2].params), _by_path(states["slurm"][2].params)
     assert explicit.keys() == slurm.keys()
     for key in explicit:
         np.testing.assert_array_equal(slurm[key], explicit[key], err_msg=key)
@@ -299,22 +306,33 @@ def test_with_class_balance_one_of_four_processes_reads_its_records_and_the_shar
 
 # --------------------------------------------------------------------------- the scripts themselves
 # A stand-in for `python -m cleaq_jax.main`: records its arguments and the signal that ends it, the way
-# the trainer does (SIGTERM -> "save" -> exit 0); FAIL_PROCESS makes that process exit 3 at once.
+# the trainer does (SIGTERM -> "save" -> exit 0). It writes ready<i> once its handler is installed and
+# its arguments are written: a test signals it only after that. FAIL_PROCESS=i makes process i exit 3
+# once every other process is ready (so each of them can answer the SIGTERM that follows).
 STAND_IN = """#!{python}
 import os, signal, sys, time
 out = os.environ["STAND_IN_OUT"]
-pid = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--process_id=")), "0")
+flag = lambda name, default: next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{{name}}=")), default)
+pid, count = flag("process_id", "0"), int(flag("num_processes", "1"))
 def saved(signum, frame):
     open(os.path.join(out, f"saved{{pid}}"), "w").write(str(signum))
     sys.exit(0)
 signal.signal(signal.SIGTERM, saved)
-open(os.path.join(out, f"pid{{pid}}"), "w").write(str(os.getpid()))
-with open(os.path.join(out, f"args{{pid}}"), "w") as f:
-    f.write("\\n".join(sys.argv[1:]) + "\\n" + os.environ.get("JAX_LOCAL_DEVICE_IDS", "<unset>"))
+def mark(name, text):  # written whole, then renamed: a file that exists is complete
+    with open(os.path.join(out, f".{{name}}"), "w") as f:
+        f.write(text)
+    os.rename(os.path.join(out, f".{{name}}"), os.path.join(out, name))
+mark(f"args{{pid}}", "\\n".join(sys.argv[1:]) + "\\n" + os.environ.get("JAX_LOCAL_DEVICE_IDS", "<unset>"))
+mark(f"pid{{pid}}", str(os.getpid()))
+mark(f"ready{{pid}}", "")
 if os.environ.get("FAIL_PROCESS") == pid:
+    others = [os.path.join(out, f"ready{{i}}") for i in range(count) if str(i) != pid]
+    while not all(os.path.exists(p) for p in others):
+        time.sleep(0.01)
     sys.exit(3)
-time.sleep(120)
+time.sleep(3600)  # until signalled; the fixture ends any stand-in a failed test leaves behind
 """
+DEADLINE = 300  # seconds: only a guard against a hang; every wait below ends on an event
 
 
 @pytest.fixture
@@ -326,21 +344,33 @@ def stand_in(tmp_path):
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHON=str(path), STAND_IN_OUT=str(out))
-    return env, out
+    yield env, out
+    for pid_file in out.glob("pid*"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-def _multi_gpu(env: dict[str, str], tmp_path, n: int = 3) -> subprocess.Popen:
+def _multi_gpu(env: dict[str, str], tmp_path, n: int = 3, stdout=subprocess.PIPE) -> subprocess.Popen:
     cmd = ["scripts/multi_gpu.sh", "--num-processes", str(n), "--port", "1", "--log-dir", str(tmp_path / "logs"),
            "--", "--config=configs/stage1.py", "--workdir=w"]
-    return subprocess.Popen(cmd, cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=tiny.REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def _wait_for(paths: list, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
+def _wait_for(paths: list, proc: subprocess.Popen | None = None) -> None:
+    """Returns once every path exists; fails if ``proc`` exits first or after DEADLINE seconds."""
+    deadline = time.monotonic() + DEADLINE
     while not all(os.path.exists(p) for p in paths):
-        assert time.time() < deadline, f"not written in {timeout} s: {[p for p in paths if not os.path.exists(p)]}"
-        time.sleep(0.05)
+        missing = [str(p) for p in paths if not os.path.exists(p)]
+        assert proc is None or proc.poll() is None, f"exited with {proc.returncode} before writing {missing}"
+        assert time.monotonic() < deadline, f"not written in {DEADLINE} s: {missing}"
+        time.sleep(0.01)
+
+
+def _ready(out, n: int) -> list:
+    return [out / f"ready{i}" for i in range(n)]
 
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
@@ -348,16 +378,50 @@ def _wait_for(paths: list, timeout: float = 60) -> None:
 def test_multi_gpu_turns_a_stop_signal_into_sigterm_for_every_process(stand_in, tmp_path, signum, to_group):
     env, out = stand_in
     proc = _multi_gpu(env, tmp_path)
-    _wait_for([out / f"args{i}" for i in range(3)])
+    _wait_for(_ready(out, 3), proc)
     os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=DEADLINE) == 0
     assert [(out / f"saved{i}").read_text() for i in range(3)] == [str(int(signal.SIGTERM))] * 3
+
+
+def _full_pipe() -> tuple[int, int]:
+    """(read end, write end) of a pipe already full: a write to it blocks until the read end is drained."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    for chunk in (4096, 1):
+        try:
+            while True:
+                os.write(write, b"x" * chunk)
+        except BlockingIOError:
+            pass
+    os.set_blocking(write, True)
+    return read, write
+
+
+def test_multi_gpu_stopped_while_starting_processes_stops_those_started_and_starts_no_more(stand_in, tmp_path):
+    env, out = stand_in
+    # The script's first message, after it started process 0, waits on a full pipe: the stop comes
+    # while the script is still starting processes, whatever the machine's speed.
+    read, write = _full_pipe()
+    proc = _multi_gpu(env, tmp_path, stdout=write)
+    os.close(write)
+    _wait_for(_ready(out, 1), proc)
+    proc.send_signal(signal.SIGTERM)
+    pipe = os.fdopen(read, "rb")
+    threading.Thread(target=pipe.read, daemon=True).start()  # drains until the script closes it
+    try:
+        assert proc.wait(timeout=DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (out / "saved0").read_text() == str(int(signal.SIGTERM))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("args")) == ["args0"]
 
 
 def test_multi_gpu_stops_the_other_processes_when_one_fails(stand_in, tmp_path):
     env, out = stand_in
     proc = _multi_gpu({**env, "FAIL_PROCESS": "1"}, tmp_path)
-    assert proc.wait(timeout=60) == 3
+    assert proc.wait(timeout=DEADLINE) == 3
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("saved")) == ["saved0", "saved2"]
     assert "exited with status 3" in proc.stdout.read().decode()
 
@@ -365,9 +429,9 @@ def test_multi_gpu_stops_the_other_processes_when_one_fails(stand_in, tmp_path):
 def test_multi_gpu_gives_each_process_the_coordinator_flags(stand_in, tmp_path):
     env, out = stand_in
     proc = _multi_gpu(env, tmp_path, n=2)
-    _wait_for([out / f"args{i}" for i in range(2)])
+    _wait_for(_ready(out, 2), proc)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=DEADLINE) == 0
     for i in range(2):
         args = (out / f"args{i}").read_text().splitlines()[:-1]
         assert args == ["-m", "cleaq_jax.main", "--config=configs/stage1.py", "--workdir=w",
@@ -387,16 +451,16 @@ def test_slurm_task_gives_each_task_its_share_of_the_gpus(stand_in, tasks_per_no
                SLURM_STEP_TASKS_PER_NODE=tasks_per_node, CUDA_VISIBLE_DEVICES=visible)
     env.pop("JAX_LOCAL_DEVICE_IDS", None)
     proc = subprocess.Popen(["scripts/slurm_task.sh", "--config=configs/stage1.py"], cwd=tiny.REPO, env=env)
-    _wait_for([out / "args0"])
+    _wait_for(_ready(out, 1), proc)
     proc.terminate()
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=DEADLINE) == 0
     assert (out / "args0").read_text().splitlines()[-1] == expected
 
 
 def test_slurm_task_outside_a_job_says_how_to_start_it(stand_in):
     env, _ = stand_in
     proc = subprocess.run(["scripts/slurm_task.sh", "--config=configs/stage1.py"], cwd=tiny.REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=DEADLINE)
     assert proc.returncode == 2 and "start it with srun" in proc.stderr
 
 
@@ -404,7 +468,7 @@ def test_tpu_pod_train_runs_main_on_each_worker_with_the_arguments_unchanged(sta
     env, out = stand_in
     args = ["--config=configs/stage1.py", "--workdir=gs://bucket/run 1", "--config.data.dir=data/it's"]
     sent = subprocess.run(["scripts/tpu_pod.sh", "--name", "slice", "--zone", "z", "train", *args], cwd=tiny.REPO,
-                          env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, check=True, timeout=60)
+                          env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, check=True, timeout=DEADLINE)
     gcloud = shlex.split(sent.stdout)
     assert gcloud[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "slice"] and "--worker=all" in gcloud
     remote = next(a for a in gcloud if a.startswith("--command=")).removeprefix("--command=")
@@ -412,8 +476,8 @@ def test_tpu_pod_train_runs_main_on_each_worker_with_the_arguments_unchanged(sta
     home = tmp_path / "worker"
     (home / "cleaq_jax" / ".venv" / "bin").mkdir(parents=True)
     os.symlink(env["PYTHON"], home / "cleaq_jax" / ".venv" / "bin" / "python")
-    subprocess.run(["bash", "-c", remote], env={**env, "HOME": str(home)}, check=True, timeout=60)
-    _wait_for([out / "args0", out / "pid0"])
+    subprocess.run(["bash", "-c", remote], env={**env, "HOME": str(home)}, check=True, timeout=DEADLINE)
+    _wait_for(_ready(out, 1))
     os.kill(int((out / "pid0").read_text()), signal.SIGTERM)  # the stand-in runs on in the background
     assert (out / "args0").read_text().splitlines()[:-1] == ["-m", "cleaq_jax.main", *args]
 
@@ -434,7 +498,7 @@ def test_sbatch_file_starts_the_doc_task_command_with_extra_arguments(stand_in, 
     env = _sbatch_env(stand_in[0], tmp_path, CONFIG="configs/stage3.py", WORKDIR="/shared/run", DATA="/shared/d",
                       SLURM_GPUS_ON_NODE="8")
     subprocess.run(["bash", SBATCH, "--config.batch_size=64"], cwd=str(tmp_path), env=env, check=True,
-                   capture_output=True, timeout=60)
+                   capture_output=True, timeout=DEADLINE)
     expected = shlex.split(SLURM_TASK_CMD.replace("$CONFIG", "configs/stage3.py").replace(
         "$WORKDIR", "/shared/run").replace("$DATA", "/shared/d"))
     srun_args = (tmp_path / "srun_args").read_text().splitlines()
@@ -443,7 +507,8 @@ def test_sbatch_file_starts_the_doc_task_command_with_extra_arguments(stand_in, 
 
 def test_sbatch_file_without_config_names_the_variable(stand_in, tmp_path):
     env = _sbatch_env(stand_in[0], tmp_path, WORKDIR="/shared/run")
-    proc = subprocess.run(["bash", SBATCH], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", SBATCH], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=DEADLINE)
     assert proc.returncode != 0 and "CONFIG" in proc.stderr and not (tmp_path / "srun_args").exists()
 
 

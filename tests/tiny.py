@@ -9,8 +9,6 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Shared by the test process and its subprocesses: one compilation of each tiny step per CI run.
-COMPILE_CACHE = os.environ.get("CLEAQ_TEST_COMPILE_CACHE", "/tmp/cleaq_jax_test_compile_cache")
 
 
 def tiny_config(**overrides):
@@ -62,13 +60,32 @@ def random_batch(n: int, size: int, seed: int = 0, num_grades: int = 5) -> dict[
     }
 
 
+# How far one train step may differ between two layouts of the same computation (1 device vs 8, one
+# process vs two), as ||a - b|| / ||b|| over a loss, a whole gradient or a set of BatchNorm statistics.
+# Only the order of float32 sums differs (u = 2**-24 = 6e-8 per operation): a sum of n terms reordered
+# moves by about sqrt(n) u of its terms' magnitude, 5e-6 for the largest reductions here (BatchNorm over
+# 8 x 32 x 32 values, weight gradients over as many products); BatchNorm's division by a batch standard
+# deviation and the ~40 such layers forward and backward compound that by a factor of ten or so, to
+# about 1e-4. Measured on a 2-core x86-64 CPU: gradients 4e-5 (joint step) and 4e-6 (DR, two processes),
+# losses 1e-5, statistics 6e-7. The errors these comparisons exist to catch change the step itself:
+# per-device BatchNorm statistics (emulated) moved the gradients by 1.0, the losses by 5%, the statistics
+# by 3%; one process feeding the other's slice of the batch moved the gradient by 4, the statistics by 3%.
+LAYOUT_RTOL = 1e-3
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| (Euclidean norms of the flattened arrays); NaN when b is all zeros."""
+    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm > 0 else float("nan")
+
+
 def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
-    """Environment for a child Python: CPU, `devices` fake devices, the shared compilation cache."""
+    """Environment for a child Python: CPU, `devices` fake devices, the run's compilation cache (conftest)."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
     return env
 
