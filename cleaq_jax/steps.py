@@ -86,7 +86,9 @@ def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
 def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     """The three subnetworks as linen modules, from config.model (the only place it is read)."""
     m = cfg.model
-    common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat))
+    forms = layers.LayerForms(upsample=m.upsample, upsample_init=m.upsample_init, stem_pool=m.stem_pool,
+                              scan_blocks=bool(m.scan_blocks))
+    common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat), forms=forms)
     return {
         "iqe": iqe_lib.IQE(use_seg=bool(m.use_seg), encoder_stages=tuple(m.encoder_stages),
                            blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width) or None,
