@@ -19,6 +19,7 @@ from cleaq_jax.models import cenet as cenet_lib
 from cleaq_jax.models import dr as dr_lib
 from cleaq_jax.models import iqa as iqa_lib
 from cleaq_jax.models import iqe as iqe_lib
+from cleaq_jax.models import layers
 
 STAGES = ("stage1", "stage2", "stage3", "teacher_a", "teacher_b")
 TEACHER_STAGES = ("teacher_a", "teacher_b")
@@ -41,7 +42,9 @@ def build_models(cfg: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     """The subnetworks {"iqe", "iqa", "dr", "cenet"} as linen modules, from config.model (the only
     place it is read)."""
     m = cfg.model
-    common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat))
+    forms = layers.LayerForms(upsample=m.upsample, upsample_init=m.upsample_init, stem_pool=m.stem_pool,
+                              scan_blocks=bool(m.scan_blocks))
+    common = dict(width=float(m.width), dtype=compute_dtype(cfg), remat=bool(m.remat), forms=forms)
     return {
         "iqe": iqe_lib.IQE(use_seg=bool(m.use_seg), encoder_stages=tuple(m.encoder_stages),
                            blocks_per_level=int(m.uiqe_blocks), uiqe_width=float(m.uiqe_width) or None,

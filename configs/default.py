@@ -40,6 +40,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.uiqe_blocks = 1  # Residual blocks per U-IQE level (paper: 1; the authors' code: 3).
     c.model.uiqe_width = 0.0  # U-IQE's own channel multiplier (0: model.width); cheap at small sizes.
     c.model.uiqe_residual = False  # U-IQE corrects its input (True) or draws the image anew (paper).
+    # Equivalent formulations (same values and gradients; docs/performance.md has the timings):
+    # stride-2 transposed convs as four 2x2 convs ("subpixel4"), one 2x2 conv to 4x channels
+    # ("subpixel") or XLA's transposed conv ("transpose", slow backward on CPU).
+    c.model.upsample = "subpixel4"
+    # Transposed-conv kernel init: "icnr" starts the four output phases equal (no checkerboard in
+    # an untrained U-IQE); "lecun" draws every tap independently (the earlier default).
+    c.model.upsample_init = "icnr"
+    # ResNet stem max-pool gradient: "masked" (custom_vjp, elementwise) or "reduce_window"
+    # (nn.max_pool's select-and-scatter, slow on CPU). Same values and gradients.
+    c.model.stem_pool = "masked"
+    # Run each ResNet stage's repeated blocks under nn.scan (one compiled body per stage: shorter
+    # compile). Same maths, but the parameter tree stacks those blocks (resnet.stack_blocks converts).
+    c.model.scan_blocks = False
 
     # Which subnetworks are trained (ablations switch them off). Stage 1 trains IQE and DR, stage 2 IQA.
     c.tasks = ml_collections.ConfigDict(dict(iqe=True, iqa=True, dr=True))

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from cleaq_jax.models import pretrained as P
+from cleaq_jax.models.layers import LayerForms
 from cleaq_jax.models.resnet import (BasicBlock, Bottleneck, ResNet, Stage, Stem, channels,
-                                     imagenet_normalize, resnet34, resnet50, stem_pool)
+                                     imagenet_normalize, resnet34, resnet50, stack_blocks, stem_pool,
+                                     unstack_blocks)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "resnet_torch.npz")
 ARCH = {"basic": "resnet34", "bottleneck": "resnet50"}
@@ -190,6 +192,74 @@ def test_stage_downsamples_only_in_its_first_block():
     variables = jax.eval_shape(lambda: stage.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)), False))
     assert "downsample_conv" in variables["params"]["block0"]
     assert "downsample_conv" not in variables["params"]["block1"]
+
+
+def _loss_and_grads(model, variables, x):
+    """Loss, parameter gradients and new batch statistics of a train-mode forward (float64 inputs)."""
+    def loss(params):
+        out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out)), upd["batch_stats"]
+
+    (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return value, grads, stats
+
+
+def _assert_trees_close(a, b):
+    # Compute in float64 except the fc, which ResNet keeps in float32 by design: a float64 reduction
+    # in another order can move its input by one float32 ulp (6e-8 relative); 1e-6 leaves room for
+    # that and catches any real difference (a misrouted gradient is of the order of the values).
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6,
+                                                         atol=1e-9), a, b)
+
+
+def test_stem_pool_forms_give_a_resnet_the_same_values_and_gradients():
+    # The two gradients add the same cotangents in another order (~1e-16 relative in float64).
+    with jax.enable_x64(True):
+        kw = dict(stage_sizes=(1, 1), block_cls=BasicBlock, width=0.125, num_classes=5, dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3), jnp.float64)
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), _random_variables(ResNet(**kw), x))
+        results = [_loss_and_grads(ResNet(**kw, forms=LayerForms(stem_pool=f)), variables, x)
+                   for f in ("reduce_window", "masked")]
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+        _assert_trees_close(results[0][1], results[1][1])
+        _assert_trees_close(results[0][2], results[1][2])
+
+
+def test_scan_blocks_stacks_the_repeated_blocks_of_every_stage():
+    model = resnet34(5, width=0.125, stage_sizes=(3, 2, 4, 1), forms=LayerForms(scan_blocks=True))
+    params = _abstract(model, 32)["params"]
+    assert set(params["layer1"]) == {"block0", "blocks"} and params["layer1"]["blocks"]["block"]["conv1"][
+        "kernel"].shape[0] == 2
+    assert set(params["layer2"]) == {"block0", "block1"}  # two blocks: nothing to share
+    assert params["layer3"]["blocks"]["block"]["bn1"]["scale"].shape[0] == 3
+    assert set(params["layer4"]) == {"block0"}
+    plain = _abstract(resnet34(5, width=0.125, stage_sizes=(3, 2, 4, 1)), 32)["params"]
+    shapes = lambda t: jax.tree.map(lambda a: a.shape, t)
+    assert shapes(jax.eval_shape(stack_blocks, plain)) == shapes(params)
+
+
+def test_stack_and_unstack_blocks_are_inverse():
+    model = resnet50(5, width=0.125, stage_sizes=(3, 1, 1, 1))
+    variables = _random_variables(model, jnp.zeros((1, 32, 32, 3)))
+    back = unstack_blocks(stack_blocks(variables["params"]))
+    jax.tree.map(np.testing.assert_array_equal, back, variables["params"])
+    assert "blocks" in stack_blocks(variables["params"])["layer1"]
+
+
+def test_scan_blocks_gives_the_plain_stage_s_values_gradients_and_statistics():
+    with jax.enable_x64(True):
+        kw = dict(stage_sizes=(3, 1), block_cls=Bottleneck, width=0.125, num_classes=5, dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3), jnp.float64)
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), _random_variables(ResNet(**kw), x))
+        stacked = jax.tree.map(stack_blocks, variables, is_leaf=lambda t: t is variables["params"]
+                               or t is variables["batch_stats"])
+        plain = _loss_and_grads(ResNet(**kw), variables, x)
+        scan = _loss_and_grads(ResNet(**kw, forms=LayerForms(scan_blocks=True)), stacked, x)
+        np.testing.assert_allclose(scan[0], plain[0], rtol=1e-6)
+        _assert_trees_close(unstack_blocks(scan[1]), plain[1])
+        _assert_trees_close(unstack_blocks(scan[2]), plain[2])
 
 
 # --------------------------------------------------------------------------- torchvision import

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cleaq_jax.models import resnet
-from cleaq_jax.models.layers import ConvTranspose2x, batch_norm, check_divisible, resize_to
+from cleaq_jax.models.layers import ConvTranspose2x, LayerForms, batch_norm, check_divisible, resize_to
 
 RMP_KERNELS = (2, 3, 5, 6)
 
@@ -76,6 +76,7 @@ class DecoderBlock(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -83,7 +84,7 @@ class DecoderBlock(nn.Module):
         mid = max(1, x.shape[-1] // 4)
         x = nn.Conv(mid, (1, 1), dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
-        x = ConvTranspose2x(mid, kernel_size=3, dtype=self.dtype, name="deconv2")(x)
+        x = ConvTranspose2x(mid, kernel_size=3, dtype=self.dtype, forms=self.forms, name="deconv2")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn2")(x))
         x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv3")(x)
         return nn.relu(batch_norm(train, self.dtype, "bn3")(x))
@@ -97,12 +98,14 @@ class CEDecoder(nn.Module):
       out_channels: channels of the full-resolution head output.
       dtype: compute dtype; parameters and BN statistics stay float32.
       remat: rematerialise each decoder block in the backward pass.
+      forms: layer formulations (layers.LayerForms).
     """
 
     width: float = 1.0
     out_channels: int = 1
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool):
@@ -120,24 +123,25 @@ class CEDecoder(nn.Module):
         ch = lambda c: resnet.channels(c, self.width)
         block = nn.remat(DecoderBlock, static_argnums=(2,)) if self.remat else DecoderBlock
         x = RMP(self.dtype, name="rmp")(DAC(self.dtype, name="dac")(e4))
-        d4 = block(ch(256), self.dtype, name="decoder4")(x, train) + e3
-        d3 = block(ch(128), self.dtype, name="decoder3")(d4, train) + e2
-        d2 = block(ch(64), self.dtype, name="decoder2")(d3, train) + e1
-        d1 = block(ch(64), self.dtype, name="decoder1")(d2, train)
-        y = nn.relu(ConvTranspose2x(ch(32), kernel_size=4, dtype=self.dtype, name="finaldeconv1")(d1))
+        d4 = block(ch(256), self.dtype, self.forms, name="decoder4")(x, train) + e3
+        d3 = block(ch(128), self.dtype, self.forms, name="decoder3")(d4, train) + e2
+        d2 = block(ch(64), self.dtype, self.forms, name="decoder2")(d3, train) + e1
+        d1 = block(ch(64), self.dtype, self.forms, name="decoder1")(d2, train)
+        y = nn.relu(ConvTranspose2x(ch(32), kernel_size=4, dtype=self.dtype, forms=self.forms,
+                                    name="finaldeconv1")(d1))
         y = nn.relu(nn.Conv(ch(32), (3, 3), dtype=self.dtype, name="finalconv2")(y))
         y = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="finalconv3")(y)
         return y, [d4, d3, d2, d1]
 
 
 def encode34(x: jax.Array, train: bool, width: float, stage_sizes: Sequence[int], dtype: Any,
-             remat: bool, name: str) -> list[jax.Array]:
+             remat: bool, name: str, forms: LayerForms = LayerForms()) -> list[jax.Array]:
     """ResNet-34 trunk (submodule ``name``) on ImageNet-normalised ``x`` (B, S, S, 3) in [0, 1].
 
     Must be called inside a compact method. Returns [e1, e2, e3, e4] at S/4 ... S/32.
     """
     trunk = resnet.resnet34(num_classes=None, width=width, stage_sizes=tuple(stage_sizes),
-                            dtype=dtype, remat=remat, name=name)
+                            dtype=dtype, remat=remat, forms=forms, name=name)
     _, f = trunk(resnet.imagenet_normalize(x.astype(jnp.float32)), train, return_features=True)
     return [f["layer1"], f["layer2"], f["layer3"], f["layer4"]]
 
@@ -148,12 +152,14 @@ class CENet(nn.Module):
     Attributes:
       width: channel multiplier; stage_sizes: ResNet-34 blocks per stage (tests: (1, 1, 1, 1)).
       dtype: compute dtype; remat: rematerialise encoder and decoder blocks.
+      forms: layer formulations (layers.LayerForms).
     """
 
     width: float = 1.0
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
@@ -168,6 +174,7 @@ class CENet(nn.Module):
            channels(256/128/64/64, width)}.
         """
         check_divisible(x, 32, "CENet")
-        feats = encode34(x, train, self.width, self.stage_sizes, self.dtype, self.remat, "encoder")
-        head, dec = CEDecoder(self.width, 1, self.dtype, self.remat, name="decoder")(feats, train)
+        feats = encode34(x, train, self.width, self.stage_sizes, self.dtype, self.remat, "encoder",
+                         self.forms)
+        head, dec = CEDecoder(self.width, 1, self.dtype, self.remat, self.forms, name="decoder")(feats, train)
         return {"vessel_logits": head.astype(jnp.float32), "decoder_features": dec}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cleaq_jax.models import resnet
+from cleaq_jax.models.layers import LayerForms
 
 
 class DRGrader(nn.Module):
@@ -21,7 +22,7 @@ class DRGrader(nn.Module):
     Attributes:
       num_grades: DR levels (5 EyeQ, 4 Messidor).
       width: channel multiplier; stage_sizes: Bottleneck blocks per stage.
-      dtype: compute dtype; remat: rematerialise blocks.
+      dtype: compute dtype; remat: rematerialise blocks; forms: layer formulations (LayerForms).
     """
 
     num_grades: int = 5
@@ -29,6 +30,7 @@ class DRGrader(nn.Module):
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -40,5 +42,5 @@ class DRGrader(nn.Module):
             raise ValueError(f"DRGrader expects NHWC RGB images (B, H, W, 3), got shape {x.shape}")
         backbone = resnet.resnet50(num_classes=self.num_grades, width=self.width,
                                    stage_sizes=tuple(self.stage_sizes), dtype=self.dtype,
-                                   remat=self.remat, name="backbone")
+                                   remat=self.remat, forms=self.forms, name="backbone")
         return backbone(resnet.imagenet_normalize(x.astype(jnp.float32)), train)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from cleaq_jax.models import resnet
 from cleaq_jax.models.cenet import CEDecoder, encode34
-from cleaq_jax.models.layers import ConvBNReLU, check_divisible, resize_to
+from cleaq_jax.models.layers import ConvBNReLU, LayerForms, check_divisible, resize_to
 
 # torchvision's nn.Linear default init, as resnet.py's fc.
 _fc_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -38,6 +38,7 @@ class LQIIQA(nn.Module):
     encoder_stages: Sequence[int] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
@@ -46,8 +47,8 @@ class LQIIQA(nn.Module):
         Returns (lqi (B, S, S', 3) float32 in [0, 1], [d4 (S/16), d3 (S/8), d2 (S/4), d1 (S/2)]).
         """
         feats = encode34(x, train, self.width, self.encoder_stages, self.dtype, self.remat,
-                         "encoder")
-        head, dec = CEDecoder(self.width, 3, self.dtype, self.remat, name="decoder")(feats, train)
+                         "encoder", self.forms)
+        head, dec = CEDecoder(self.width, 3, self.dtype, self.remat, self.forms, name="decoder")(feats, train)
         y = nn.Conv(3, (3, 3), dtype=self.dtype, name="refine")(head + x.astype(self.dtype))
         return nn.sigmoid(y.astype(jnp.float32)), dec
 
@@ -62,6 +63,7 @@ class CIQA(nn.Module):
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, lqi_features: Sequence[jax.Array] | None = None,
@@ -87,10 +89,10 @@ class CIQA(nn.Module):
 
         x = resnet.imagenet_normalize(x.astype(jnp.float32))
         h = fuse(resnet.Stem(resnet.channels(64, self.width), self.dtype, name="stem")(x, train), 0)
-        h = resnet.stem_pool(h)
+        h = resnet.stem_pool(h, self.forms.stem_pool)
         for i, n in enumerate(self.stage_sizes):
             h = resnet.Stage(resnet.Bottleneck, n, resnet.channels(64 * 2 ** i, self.width),
-                             1 if i == 0 else 2, self.dtype, self.remat,
+                             1 if i == 0 else 2, self.dtype, self.remat, self.forms.scan_blocks,
                              name=f"layer{i + 1}")(h, train)
             if i < 3:
                 h = fuse(h, i + 1)
@@ -107,7 +109,7 @@ class IQA(nn.Module):
       width: channel multiplier; use_lqi: build LQI-IQA and the fusion convs (False: the
       "IQA w/o LQI-IQA" ablation); num_classes: quality levels (good, usable, reject);
       encoder_stages: LQI-IQA's ResNet-34 stages; classifier_stages: C-IQA's ResNet-50 stages;
-      dtype: compute dtype; remat: rematerialise blocks.
+      dtype: compute dtype; remat: rematerialise blocks; forms: layer formulations (LayerForms).
     """
 
     width: float = 1.0
@@ -117,6 +119,7 @@ class IQA(nn.Module):
     classifier_stages: Sequence[int] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
@@ -135,7 +138,7 @@ class IQA(nn.Module):
         if self.use_lqi:
             check_divisible(x, 32, "IQA (with LQI-IQA)")
             out["lqi"], feats = LQIIQA(self.width, self.encoder_stages, self.dtype, self.remat,
-                                       name="lqi_iqa")(x, train)
+                                       self.forms, name="lqi_iqa")(x, train)
         out["quality_logits"] = CIQA(self.width, self.num_classes, self.classifier_stages,
-                                     self.dtype, self.remat, name="c_iqa")(x, feats, train)
+                                     self.dtype, self.remat, self.forms, name="c_iqa")(x, feats, train)
         return out

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from cleaq_jax.models import resnet
 from cleaq_jax.models.cenet import CENet
-from cleaq_jax.models.layers import (ConvTranspose2x, ResidualStack, check_divisible,
+from cleaq_jax.models.layers import (ConvTranspose2x, LayerForms, ResidualStack, check_divisible,
                                      max_pool_2x, resize_to)
 
 # Channel multipliers of U-IQE's four levels relative to base_channels (the authors' 32-64-64-128).
@@ -42,6 +42,8 @@ class UIQE(nn.Module):
       residual: output sigmoid(head + logit(x)), so the untrained network is the identity and learns a
         correction (the paper and the authors' code draw the image anew: sigmoid(head)).
       dtype: compute dtype; remat: rematerialise residual blocks.
+      forms: layer formulations; ``forms.upsample_init`` "icnr" starts the four phases of every
+        up-sampling equal, so the untrained network draws no 2x2 checkerboard.
     """
 
     width: float = 1.0
@@ -51,6 +53,7 @@ class UIQE(nn.Module):
     residual: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array, structure: Sequence[jax.Array] | None = None) -> jax.Array:
@@ -74,7 +77,8 @@ class UIQE(nn.Module):
             h = max_pool_2x(skips[-1])
         structure = list(structure or [])
         for k, level in enumerate(reversed(range(len(chans)))):
-            up = ConvTranspose2x(chans[level], 4, use_bias=False, dtype=self.dtype, name=f"up{level}")
+            up = ConvTranspose2x(chans[level], 4, use_bias=False, dtype=self.dtype, forms=self.forms,
+                                 name=f"up{level}")
             h = stack(chans[level], f"dec{level}")(up(h) + skips[level])
             if k < len(structure):
                 s = resize_to(structure[k], h.shape[1], h.shape[2]).astype(self.dtype)
@@ -97,7 +101,7 @@ class IQE(nn.Module):
       base_channels: U-IQE full-resolution channels at width 1.
       uiqe_width: U-IQE's own channel multiplier (None: ``width``).
       residual: U-IQE's head corrects the logit of its input instead of drawing the image anew.
-      dtype: compute dtype; remat: rematerialise blocks.
+      dtype: compute dtype; remat: rematerialise blocks; forms: layer formulations (LayerForms).
     """
 
     width: float = 1.0
@@ -109,6 +113,7 @@ class IQE(nn.Module):
     residual: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x_degraded: jax.Array, train: bool = False) -> dict:
@@ -126,12 +131,12 @@ class IQE(nn.Module):
         structure = None
         if self.use_seg:
             check_divisible(x_degraded, 32, "IQE (with Seg-IQE)")
-            seg = CENet(self.width, self.encoder_stages, self.dtype, self.remat,
+            seg = CENet(self.width, self.encoder_stages, self.dtype, self.remat, self.forms,
                         name="seg_iqe")(x_degraded, train)
             out["vessel_logits"] = seg["vessel_logits"]
             structure = seg["decoder_features"][1:]  # d3 (S/8), d2 (S/4), d1 (S/2)
         uiqe_width = self.width if self.uiqe_width is None else self.uiqe_width
         out["enhanced"] = UIQE(uiqe_width, self.base_channels, self.blocks_per_level, residual=self.residual,
-                               dtype=self.dtype, remat=self.remat,
+                               dtype=self.dtype, remat=self.remat, forms=self.forms,
                                name="u_iqe")(x_degraded, structure)
         return out

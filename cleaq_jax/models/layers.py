@@ -1,11 +1,14 @@
 """Blocks shared by the CLEAQ-DR networks: gradient reversal, stride-2 transposed convolution in
-sub-pixel (phase) form, U-IQE's residual block and small helpers.
+sub-pixel (phase) form, max-pools with cheap gradients, U-IQE's residual block and small helpers.
 
-All modules take NHWC inputs, keep parameters in float32 and compute in ``dtype``.
+All modules take NHWC inputs, keep parameters in float32 and compute in ``dtype``. ``LayerForms``
+picks between mathematically equivalent formulations of some layers (faster ones on XLA CPU, plain
+ones to check them against) and the initialisation of the up-sampling kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +16,40 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+UPSAMPLE_FORMS = ("subpixel4", "subpixel", "transpose")
+UPSAMPLE_INITS = ("icnr", "lecun")
+POOL_FORMS = ("masked", "reduce_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerForms:
+    """How some layers are computed and initialised; every network passes one down to its layers.
+
+    Attributes:
+      upsample: stride-2 transposed convolutions as four 2x2 convolutions, one per output phase
+        ("subpixel4"), as one 2x2 convolution to 4x the channels ("subpixel"), or as XLA's
+        transposed convolution ("transpose"). Same maths; the backward of "transpose" is slow on CPU.
+      upsample_init: "icnr" initialises a transposed-convolution kernel so that its four output
+        phases start equal (no 2x2 checkerboard in an untrained network); "lecun" draws every tap
+        independently (LeCun normal over K*K*Cin). Same parameter shapes either way.
+      stem_pool: ResNet's 3x3 stride-2 max-pool with a mask-based gradient ("masked", jax.custom_vjp)
+        or nn.max_pool's select-and-scatter gradient ("reduce_window"). Same values and gradients.
+      scan_blocks: ResNet stages run their repeated blocks (all but the first) under nn.scan, so
+        XLA compiles one block body per stage instead of one per block. Same maths, but the stacked
+        parameter tree differs (``resnet.stack_blocks`` / ``resnet.unstack_blocks`` convert).
+    """
+
+    upsample: str = "subpixel4"
+    upsample_init: str = "icnr"
+    stem_pool: str = "masked"
+    scan_blocks: bool = False
+
+    def __post_init__(self):
+        for field, allowed in (("upsample", UPSAMPLE_FORMS), ("upsample_init", UPSAMPLE_INITS),
+                               ("stem_pool", POOL_FORMS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"config.model.{field}={getattr(self, field)!r} is not one of {allowed}")
 
 
 # ----------------------------------------------------------------------------- gradient reversal
@@ -73,16 +110,8 @@ def phase_kernel(kernel: jax.Array) -> jax.Array:
     return flipped.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout)
 
 
-def conv_transpose_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-2 transposed convolution computed as one 2x2 convolution plus depth-to-space.
-
-    Args:
-      x: (B, H, W, Cin).
-      kernel: (K, K, Cin, Cout), K in {3, 4}; PyTorch semantics of ``ConvTranspose2d(K, stride=2,
-        padding=1, output_padding=K == 3)``, both of which double the spatial size.
-    Returns:
-      (B, 2H, 2W, Cout) in the promoted dtype of ``x`` and ``kernel``.
-    """
+def _subpixel_fused(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """One 2x2 convolution to 4*Cout channels over the 1-padded input, each phase sliced out."""
     _, h, w, _ = x.shape
     # Pad outside the conv: XLA CPU's kernel gradient of a conv padded by its full kernel size
     # falls to a path ~40x slower than the same conv on a pre-padded VALID input.
@@ -99,14 +128,80 @@ def conv_transpose_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return depth_to_space(z.reshape(b, h, w, c4))
 
 
+def _subpixel_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Four 2x2 convolutions, one per output phase, each exactly H x W, then depth-to-space."""
+    pk = phase_kernel(kernel)
+    cout = pk.shape[-1] // 4
+    phases = []
+    for ry in (0, 1):
+        for rx in (0, 1):
+            # Phase (ry, rx) at output (2m + ry, 2n + rx) reads inputs (m - 1 + ry + t, n - 1 + rx + u).
+            k = pk[..., (2 * ry + rx) * cout:(2 * ry + rx + 1) * cout]
+            phases.append(jax.lax.conv_general_dilated(
+                x, k, window_strides=(1, 1), padding=((1 - ry, ry), (1 - rx, rx)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return depth_to_space(jnp.concatenate(phases, axis=-1))
+
+
+def _transpose_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's transposed convolution: torch padding 1 is lax padding (K-1-1, K-1-1+output_padding)."""
+    pad = ((2, 2),) * 2 if kernel.shape[0] == 4 else ((1, 2),) * 2
+    return jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), pad,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_transpose_2x(x: jax.Array, kernel: jax.Array, form: str = "subpixel4") -> jax.Array:
+    """Stride-2 transposed convolution (doubles H and W), in one of three equivalent forms.
+
+    Args:
+      x: (B, H, W, Cin).
+      kernel: (K, K, Cin, Cout), K in {3, 4}; PyTorch semantics of ``ConvTranspose2d(K, stride=2,
+        padding=1, output_padding=K == 3)``, both of which double the spatial size.
+      form: one of UPSAMPLE_FORMS (see LayerForms.upsample).
+    Returns:
+      (B, 2H, 2W, Cout) in the promoted dtype of ``x`` and ``kernel``.
+    """
+    if form == "transpose":
+        return _transpose_plain(x, kernel)
+    if form == "subpixel":
+        return _subpixel_fused(x, kernel)
+    if form == "subpixel4":
+        return _subpixel_phases(x, kernel)
+    raise ValueError(f"conv_transpose_2x form must be one of {UPSAMPLE_FORMS}, got {form!r}")
+
+
+def icnr_init(base_init: Any = nn.initializers.lecun_normal()):
+    """Initialiser of (K, K, Cin, Cout) transposed kernels whose four output phases start equal.
+
+    K = 4 (ICNR, Aitken et al. 2017): a 2x2 kernel drawn by ``base_init`` (fan-in 4*Cin, the taps one
+    output pixel sees) repeated per tap pair, so every phase applies the same 2x2 kernel and the
+    output is that convolution up-sampled by nearest neighbour. K = 3 (output_padding 1): its phases
+    have 1 and 2 taps per axis, so they cannot be equal; a 1x1 kernel drawn by ``base_init`` times the
+    bilinear taps (1/2, 1, 1/2) per axis makes each phase's taps sum to the same kernel (a constant
+    input gives a constant output).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        k, _, cin, cout = shape
+        if k == 4:
+            small = base_init(key, (2, 2, cin, cout), dtype)
+            return jnp.repeat(jnp.repeat(small, 2, axis=0), 2, axis=1)
+        if k == 3:
+            taps = jnp.asarray([0.5, 1.0, 0.5], dtype)
+            return taps[:, None, None, None] * taps[None, :, None, None] * base_init(key, (1, 1, cin, cout), dtype)
+        raise ValueError(f"icnr_init: kernel size must be 3 or 4, got shape {shape}")
+
+    return init
+
+
 class ConvTranspose2x(nn.Module):
-    """Stride-2 transposed convolution (doubles H and W) in sub-pixel form.
+    """Stride-2 transposed convolution (doubles H and W), computed in ``forms.upsample``.
 
     Its parameter ``kernel`` (K, K, Cin, Cout) is the transposed-convolution kernel in PyTorch
     semantics (a ``ConvTranspose2d`` weight (Cin, Cout, K, K) transposed to (K, K, Cin, Cout)
-    loads unchanged): K = 3 acts as ``ConvTranspose2d(3, 2, padding=1, output_padding=1)``,
-    K = 4 as ``ConvTranspose2d(4, 2, padding=1)``. The backward of the plain strided form is
-    slow on CPU; the phase form is the same maths as regular convolutions.
+    loads unchanged) whatever the form: K = 3 acts as ``ConvTranspose2d(3, 2, padding=1,
+    output_padding=1)``, K = 4 as ``ConvTranspose2d(4, 2, padding=1)``. ``forms.upsample_init``
+    picks its initialisation: ``icnr_init(kernel_init)`` or ``kernel_init`` itself.
     """
 
     features: int
@@ -114,6 +209,7 @@ class ConvTranspose2x(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,12 +217,79 @@ class ConvTranspose2x(nn.Module):
         if self.kernel_size not in (3, 4):
             raise ValueError(f"ConvTranspose2x.kernel_size must be 3 or 4, got {self.kernel_size}")
         shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-        y = conv_transpose_2x(x.astype(self.dtype), kernel.astype(self.dtype))
+        init = icnr_init(self.kernel_init) if self.forms.upsample_init == "icnr" else self.kernel_init
+        kernel = self.param("kernel", init, shape, jnp.float32)
+        y = conv_transpose_2x(x.astype(self.dtype), kernel.astype(self.dtype), self.forms.upsample)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
+
+
+# ----------------------------------------------------------------------------- max-pools
+def _pool_windows(x: jax.Array) -> list[jax.Array]:
+    """The nine stride-2 views of a 3x3, stride-2, padding-1 pool over x padded with -inf, in the
+    window's row-major order; each (B, ceil(H/2), ceil(W/2), C)."""
+    _, h, w, _ = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
+def max_pool_3x3_2x(x: jax.Array) -> jax.Array:
+    """3x3 stride-2 max-pool with padding 1 (torchvision's stem pool), with a cheap gradient.
+
+    Args:
+      x: (B, H, W, C) float.
+    Returns:
+      (B, ceil(H/2), ceil(W/2), C), equal to ``nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))``.
+      Its gradient equals nn.max_pool's too (each window's cotangent goes to its first maximum in
+      row-major order, as XLA's select-and-scatter does), but is computed with nine masks and a
+      parity interleave: elementwise work, where select-and-scatter is ~25x the forward on XLA CPU.
+    """
+    return _max_of(_pool_windows(x))
+
+
+def _max_of(views: list[jax.Array]) -> jax.Array:
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
+
+
+def _max_pool_fwd(x):
+    y = _max_of(_pool_windows(x))
+    return y, (x, y)
+
+
+def _max_pool_bwd(residual, g):
+    x, y = residual
+    _, h, w, _ = x.shape
+    ho, wo = y.shape[1:3]
+    taken = jnp.zeros(y.shape, bool)
+    parts = {}
+    for n, view in enumerate(_pool_windows(x)):  # the first maximum of a window takes its cotangent
+        hit = (view == y) & ~taken
+        taken = taken | hit
+        parts[divmod(n, 3)] = jnp.where(hit, g, jnp.zeros_like(g))
+    # Window tap (i, j) of output (m, n) is padded pixel (2m + i, 2n + j): taps 0 and 2 share a parity,
+    # tap 2 one block later. Sum each parity class on a (ho + 1, wo + 1) grid, then interleave.
+    phase = {}
+    for pi in (0, 1):
+        for pj in (0, 1):
+            acc = jnp.zeros((g.shape[0], ho + 1, wo + 1, g.shape[3]), g.dtype)
+            for i in (pi, pi + 2) if pi == 0 else (1,):
+                for j in (pj, pj + 2) if pj == 0 else (1,):
+                    si, sj = i // 2, j // 2
+                    acc = acc + jnp.pad(parts[(i, j)], ((0, 0), (si, 1 - si), (sj, 1 - sj), (0, 0)))
+            phase[(pi, pj)] = acc
+    grid = jnp.stack([jnp.stack([phase[(pi, 0)], phase[(pi, 1)]], axis=3) for pi in (0, 1)], axis=2)
+    grid = grid.reshape(g.shape[0], 2 * ho + 2, 2 * wo + 2, g.shape[3])  # (B, ho+1, pi, wo+1, pj, C)
+    return (grid[:, 1:h + 1, 1:w + 1],)
+
+
+max_pool_3x3_2x.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # ----------------------------------------------------------------------------- blocks

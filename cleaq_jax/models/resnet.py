@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from cleaq_jax.models.layers import LayerForms, max_pool_3x3_2x
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,16 +136,41 @@ class Stem(nn.Module):
         return nn.relu(_bn(train, self.dtype, "bn")(x))
 
 
-def stem_pool(x):
-    """torchvision's stem max-pool: 3x3, stride 2, padding 1. (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)."""
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+def stem_pool(x, form: str = "masked"):
+    """torchvision's stem max-pool: 3x3, stride 2, padding 1. (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
+
+    ``form`` (LayerForms.stem_pool): "masked" computes the same gradient as nn.max_pool's
+    ("reduce_window") without XLA's select-and-scatter, which is slow on CPU.
+    """
+    if form == "masked":
+        return max_pool_3x3_2x(x)
+    if form == "reduce_window":
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    raise ValueError(f"stem_pool form must be 'masked' or 'reduce_window', got {form!r}")
+
+
+class _ScanBody(nn.Module):
+    """One repeated block as an nn.scan body: (carry x, nothing) -> (block(x), nothing)."""
+
+    block_cls: Any
+    features: int
+    dtype: Any
+    remat: bool
+    train: bool
+
+    @nn.compact
+    def __call__(self, x, _):
+        block = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
+        return block(self.features, strides=1, dtype=self.dtype, name="block")(x, self.train), None
 
 
 class Stage(nn.Module):
     """``num_blocks`` blocks of ``block_cls``; the first has ``strides`` (and the downsample).
 
     Blocks are named ``block0``, ``block1``, ...; ``remat`` recomputes each block's activations in
-    the backward pass (nn.remat) to trade compute for memory.
+    the backward pass (nn.remat) to trade compute for memory. With ``scan`` the identical blocks
+    1..n-1 run under nn.scan (one compiled body), their variables stacked on a leading axis under
+    ``blocks/block`` (``stack_blocks`` / ``unstack_blocks`` convert to and from the plain tree).
     """
 
     block_cls: Any
@@ -151,16 +179,61 @@ class Stage(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         """x: (N, H, W, C) -> (N, H/strides, W/strides, features * block_cls.expansion)."""
         # `train` is a Python bool that picks the BN mode; argnum 2 counts the module as 0.
         block = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
-        for j in range(self.num_blocks):
+        scan = self.scan and self.num_blocks > 2  # two blocks: nothing to share
+        for j in range(1 if scan else self.num_blocks):
             x = block(self.features, strides=self.strides if j == 0 else 1, dtype=self.dtype,
                       name=f"block{j}")(x, train)
+        if scan:
+            body = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
+                           split_rngs={"params": True}, length=self.num_blocks - 1)
+            x, _ = body(self.block_cls, self.features, self.dtype, self.remat, train, name="blocks")(x, None)
         return x
+
+
+def _is_stage(name: str, node: Any) -> bool:
+    return name.startswith("layer") and isinstance(node, dict)
+
+
+def stack_blocks(tree: Any) -> Any:
+    """A variables tree (params or batch_stats) of plain ResNet stages -> the ``scan_blocks`` layout:
+    every ``layerN`` with more than two blocks keeps ``block0`` and stacks ``block1..`` under
+    ``blocks/block`` (leading axis = block index - 1). Other subtrees pass unchanged."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, node in tree.items():
+        blocks = sorted((k for k in node if k.startswith("block") and k[5:].isdigit()),
+                        key=lambda k: int(k[5:])) if _is_stage(name, node) else []
+        if len(blocks) > 2:
+            rest = [node[k] for k in blocks[1:]]
+            out[name] = {"block0": node["block0"],
+                         "blocks": {"block": jax.tree.map(lambda *a: jnp.stack(a), *rest)}}
+        else:
+            out[name] = stack_blocks(node)
+    return out
+
+
+def unstack_blocks(tree: Any) -> Any:
+    """Inverse of ``stack_blocks``: the ``scan_blocks`` layout -> plain ``block0``, ``block1``, ..."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, node in tree.items():
+        if _is_stage(name, node) and "blocks" in node:
+            stacked = node["blocks"]["block"]
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out[name] = {"block0": node["block0"],
+                         **{f"block{j + 1}": jax.tree.map(lambda a: a[j], stacked) for j in range(n)}}
+        else:
+            out[name] = unstack_blocks(node)
+    return out
 
 
 class ResNet(nn.Module):
@@ -173,6 +246,7 @@ class ResNet(nn.Module):
       num_classes: fc outputs; None builds the trunk only (no pool, no fc).
       dtype: compute dtype; parameters and BN statistics stay float32.
       remat: rematerialise every block in the backward pass.
+      forms: equivalent formulations (stem pool gradient, scanned stages); see layers.LayerForms.
     """
 
     stage_sizes: Sequence[int]
@@ -181,6 +255,7 @@ class ResNet(nn.Module):
     num_classes: int | None = 1000
     dtype: Any = jnp.float32
     remat: bool = False
+    forms: LayerForms = LayerForms()
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -196,10 +271,10 @@ class ResNet(nn.Module):
           'layer2' (S/8), 'layer3' (S/16), 'layer4' (S/32), each NHWC in the compute dtype.
         """
         feats = {"stem": Stem(channels(64, self.width), self.dtype, name="stem")(x, train)}
-        y = stem_pool(feats["stem"])
+        y = stem_pool(feats["stem"], self.forms.stem_pool)
         for i, n in enumerate(self.stage_sizes):
             y = Stage(self.block_cls, n, channels(64 * 2 ** i, self.width), 1 if i == 0 else 2,
-                      self.dtype, self.remat, name=f"layer{i + 1}")(y, train)
+                      self.dtype, self.remat, self.forms.scan_blocks, name=f"layer{i + 1}")(y, train)
             feats[f"layer{i + 1}"] = y
         logits = None
         if self.num_classes is not None:
@@ -211,12 +286,12 @@ class ResNet(nn.Module):
 
 
 def resnet34(num_classes: int | None = 1000, **kw) -> ResNet:
-    """ResNet-34 (BasicBlock, stages 3-4-6-3). kw: width, stage_sizes, dtype, remat."""
+    """ResNet-34 (BasicBlock, stages 3-4-6-3). kw: width, stage_sizes, dtype, remat, forms."""
     kw.setdefault("stage_sizes", (3, 4, 6, 3))
     return ResNet(block_cls=BasicBlock, num_classes=num_classes, **kw)
 
 
 def resnet50(num_classes: int | None = 1000, **kw) -> ResNet:
-    """ResNet-50 (Bottleneck v1.5, stages 3-4-6-3). kw: width, stage_sizes, dtype, remat."""
+    """ResNet-50 (Bottleneck v1.5, stages 3-4-6-3). kw: width, stage_sizes, dtype, remat, forms."""
     kw.setdefault("stage_sizes", (3, 4, 6, 3))
     return ResNet(block_cls=Bottleneck, num_classes=num_classes, **kw)
