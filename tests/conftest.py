@@ -1,5 +1,5 @@
 """Test-wide settings: CPU only, TensorFlow kept off accelerators, absl flags parsed (grain needs them),
-and one compilation cache per test run."""
+one compilation cache per test run, and the Cloud Storage emulator."""
 
 import os
 
@@ -35,9 +35,6 @@ def compilation_cache(tmp_path_factory):
     path = str(root / "jax_compilation_cache")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     jax.config.update("jax_compilation_cache_dir", path)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
