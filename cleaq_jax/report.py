@@ -100,8 +100,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-VESSEL_INPUTS = {"input": "the photograph as recorded", "enhanced": "IQE's enhancement of it",
-                 "reference": "the clean reference"}
+VESSEL_INPUTS = {"input": "the degraded input of the enhancement table",
+                 "enhanced": "IQE's enhancement of it",
+                 "reference": "its reference (the clean image where the record has one, else the original)"}
 
 
 def vessel_markdown(block: dict[str, Any]) -> list[str]:
@@ -234,13 +235,13 @@ def grid_figure(panels: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
-VESSEL_COLUMNS = ("photograph", "its vessels", "enhanced", "its vessels", "clean reference", "its vessels",
+VESSEL_COLUMNS = ("degraded input", "its vessels", "enhanced", "its vessels", "reference", "its vessels",
                   "true vessels")
 
 
 def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray], truth: np.ndarray) -> np.ndarray:
-    """Panels for `vessel_figure`: each row the photograph, enhancement and reference, each followed by its
-    segmentation, then the true vessels.
+    """Panels for `vessel_figure`: each row the degraded input, enhancement and reference, each followed by
+    its segmentation, then the true vessels.
 
     images: {'input', 'enhanced', 'reference'} (n, H, W, 3) float in [0, 1] (a missing one is drawn black);
     segmented: the same keys, (n, H, W) binary; truth: (n, H, W) binary. Returns (n, H, 7W, 3) float32.
@@ -257,7 +258,7 @@ def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray],
 
 def vessel_figure(block: dict[str, Any], rows: np.ndarray | None, path: str) -> None:
     """Paper Fig. 8's analogue: example rows (`vessel_rows`, optional) above Dice per quality level of the
-    segmentation of the photograph, its enhancement and the clean reference."""
+    segmentation of the degraded input, its enhancement and the reference."""
     plt = pyplot()
     n = 0 if rows is None else rows.shape[0]
     fig = plt.figure(figsize=(10, 1.5 * n + 3.2))

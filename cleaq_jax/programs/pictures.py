@@ -1,11 +1,14 @@
 """Evaluation's pictures: downstream vessel segmentation (paper Fig. 8) and Grad-CAM of DR grading (Fig. 9).
 
 - `vessel_evaluation`: a vessel segmenter (the CE-Net vessel teacher named by ``config.eval.vessel_teacher``,
-  else the classical filter of `cleaq_jax.data.vesselness`) segments each test photograph as recorded, IQE's
-  enhancement of it and its clean reference; Dice, AUC and accuracy inside the field of view against the
-  split's true vessels, per quality level (`vessel_table`). Only splits whose vessel masks are ground truth
+  else the classical filter of `cleaq_jax.data.vesselness`) segments the degraded input of the enhancement
+  table (`inference.enhancement_pair`: a good image degraded by op2, a usable or reject image with a clean
+  reference as it is, op1 of a usable one without), IQE's enhancement of it and its reference; Dice, AUC
+  and accuracy inside the field of view against the split's true vessels, per quality level of the
+  original (`vessel_table`). Only splits whose vessel masks are ground truth
   count (synthetic sets, DRIVE): pseudo masks written by ``data_prep.pseudo_masks`` are not.
-- `gradcam_grid`: a few test images per grade, their enhancement and the grader's Grad-CAM on each.
+- `gradcam_grid`: a few test photographs per grade (the lowest quality first), IQE's enhancement of them
+  and the grader's Grad-CAM on each.
 
 Both run on the first ``config.eval.vessel_max_images`` examples of the split, on the host of every
 process (the state may span devices of all of them); process 0 writes them.
@@ -23,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cleaq_jax import checkpoint, gradcam, inference, metrics, report
+from cleaq_jax import checkpoint, factory, gradcam, inference, metrics, report
 from cleaq_jax import train_state as ts
 from cleaq_jax.data import pipeline, records, vesselness
 from cleaq_jax.data.records import QUALITY_NAMES
@@ -93,33 +96,56 @@ def true_vessels(data_dir: str, split: str) -> str:
 
 
 # --------------------------------------------------------------------------- the vessel table
-def segment_kinds(segmenter: Segmenter, batch: dict[str, np.ndarray], enhanced: np.ndarray | None
-                  ) -> dict[str, dict[str, np.ndarray]]:
-    """Segment the photograph, its enhancement and its reference and score each against the true vessels.
+@functools.lru_cache(maxsize=4)
+def _jit_pair(qt):
+    def pair(image, mask, quality, id_hash, reference, has_reference):
+        batch = {"image": image, "mask": mask, "quality": quality, "id_hash": id_hash, "reference": reference,
+                 "has_reference": has_reference}
+        x, mask = inference.inputs(batch)
+        return inference.enhancement_pair(qt, batch, x, mask)
 
-    batch: host arrays of B examples with true vessels: image (B, S, S, 3) uint8, mask, vessel (B, S, S),
-    quality (B,), optional reference (B, S, S, 3) uint8 with has_reference (B,); a good image without a
-    reference is its own. enhanced: (B, S, S, 3) float in [0, 1] or None (no IQE).
-    Returns {kind: {'dice', 'auc', 'accuracy': (B,) float (NaN where the kind is missing), 'vessels': (B, S, S)
-    bool, 'image': (B, S, S, 3) uint8 segmented}} for the kinds present.
+    return jax.jit(pair)
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def vessel_inputs(qt, batch: dict[str, np.ndarray], batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The images the table segments, by the enhancement table's rule (`inference.enhancement_pair`).
+
+    batch: host arrays of N examples: image (N, S, S, 3) uint8, mask (N, S, S), quality, id_hash (N,),
+    optional reference (N, S, S, 3) uint8 and has_reference (N,). A record with a clean reference is
+    compared with it (a good image degraded by op2 first); without one, op2(good) and op1(usable) with
+    their original; reject images without a reference have none. Returns ({'input', 'reference'}: (N, S,
+    S, 3) uint8, masked) and (N,) bool: the rows with a reference.
     """
-    images = {"input": batch["image"]}
-    if enhanced is not None:
-        images["enhanced"] = np.clip(np.rint(np.asarray(enhanced) * 255.0), 0, 255).astype(np.uint8)
-    present = np.asarray(batch.get("has_reference", np.zeros(len(batch["image"]), bool)), bool)
-    reference = batch["reference"] if "reference" in batch else np.zeros_like(batch["image"])
-    own = ~present & (np.asarray(batch["quality"]) == 0)
-    reference = np.where(own[:, None, None, None], batch["image"], reference)
-    if (present | own).any():
-        images["reference"] = reference
+    n = len(batch["image"])
+    reference = batch.get("reference", np.zeros_like(batch["image"]))
+    has_reference = np.asarray(batch.get("has_reference", np.zeros(n, bool)), bool)
+    degraded, ref, scored = _in_chunks(_jit_pair(qt), n, batch_size, batch["image"], batch["mask"],
+                                       np.asarray(batch["quality"], np.int32), np.asarray(batch["id_hash"], np.int32),
+                                       reference, has_reference)
+    return {"input": _uint8(degraded), "reference": _uint8(ref)}, np.asarray(scored, bool)
+
+
+def segment_kinds(segmenter: Segmenter, images: dict[str, np.ndarray], present: dict[str, np.ndarray],
+                  vessel: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Segment each kind of image and score it against the true vessels inside the field of view.
+
+    images: {kind: (B, S, S, 3) uint8} for kinds of VESSEL_KINDS; present: {kind: (B,) bool} rows that
+    count (default all); vessel, mask: (B, S, S) true vessels and retinal mask.
+    Returns {kind: {'dice', 'auc', 'accuracy': (B,) float (NaN where the row does not count), 'vessels':
+    (B, S, S) bool, 'image': the (B, S, S, 3) uint8 segmented}}.
+    """
     out = {}
     for kind, image in images.items():
-        image = np.asarray(image) * (batch["mask"][..., None] != 0)
-        scores, vessels = segmenter.segment(image.astype(np.uint8), batch["mask"])
-        values = jax.device_get(metrics.segmentation_scores(scores, batch["vessel"], batch["mask"], pred=vessels))
-        keep = present | own if kind == "reference" else np.ones(len(image), bool)
+        image = (np.asarray(image) * (mask[..., None] != 0)).astype(np.uint8)
+        scores, vessels = segmenter.segment(image, mask)
+        values = jax.device_get(metrics.segmentation_scores(scores, vessel, mask, pred=vessels))
+        keep = present.get(kind, np.ones(len(image), bool))
         out[kind] = {k: np.where(keep, np.asarray(v, np.float64), np.nan) for k, v in values.items()}
-        out[kind]["vessels"], out[kind]["image"] = vessels, image.astype(np.uint8)
+        out[kind]["vessels"], out[kind]["image"] = vessels, image
     return out
 
 
@@ -212,24 +238,28 @@ def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> np.ndarray
     return report.vessel_rows(images, segmented, examples["vessel"][picks])
 
 
-def vessel_evaluation(cfg: ml_collections.ConfigDict, examples: dict[str, np.ndarray], enhanced: np.ndarray,
-                      data_dir: str, segmenter: Segmenter | None = None) -> tuple[dict[str, Any] | None, Any]:
+def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examples: dict[str, np.ndarray],
+                      data_dir: str, batch_size: int, segmenter: Segmenter | None = None
+                      ) -> tuple[dict[str, Any] | None, Any]:
     """The downstream vessel block for eval.json / eval.md and the figure's example rows.
 
-    examples: `load_examples` arrays; enhanced: `enhance_examples` of them. Returns (None, reason) when the
-    split has no true vessels, else ({'segmenter', 'note', 'overall', 'per_quality'}, rows).
+    examples: `load_examples` arrays. The degraded input and the reference come from `vessel_inputs`, the
+    enhancement is IQE's of that input. Returns (None, reason) when the split has no true vessels, else
+    ({'segmenter', 'note', 'overall', 'per_quality'}, rows).
     """
     why = true_vessels(data_dir, cfg.data.eval_split)
     if why:
         return None, why
     rows = np.asarray(examples["has_vessel"], bool)
     examples = {k: v[rows] for k, v in examples.items()}
-    enhanced = enhanced[rows]
+    images, has_reference = vessel_inputs(factory.qt_params(cfg), examples, batch_size)
+    images["enhanced"] = _uint8(enhance_examples(models, state, {"image": images["input"], "mask": examples["mask"]},
+                                                 batch_size))
     segmenter = segmenter_for(cfg) if segmenter is None else segmenter
-    per_kind = segment_kinds(segmenter, examples, enhanced)
+    per_kind = segment_kinds(segmenter, images, {"reference": has_reference}, examples["vessel"], examples["mask"])
     note = (f"{int(rows.sum())} examples with vessels among the first {len(rows)} of split "
-            f"{cfg.data.eval_split!r} (config.eval.vessel_max_images). A good image without a stored reference "
-            "is its own reference.")
+            f"{cfg.data.eval_split!r} (config.eval.vessel_max_images), degraded and referenced as in the "
+            "enhancement table.")
     if not cfg.eval.get("vessel_teacher"):
         note += " No vessel teacher configured (config.eval.vessel_teacher): the classical filter segments."
     block = {"segmenter": segmenter.name, **vessel_table(per_kind, examples["quality"]), "note": note}
@@ -279,14 +309,14 @@ def evaluation_pictures(cfg: ml_collections.ConfigDict, state, models: dict, net
         return {}
     examples = load_examples(data_dir, cfg, limit)
     batch_size = max(1, min(len(examples["image"]), int(cfg.eval_batch_size)))
-    enhanced = enhance_examples(models, state, examples, batch_size)
     out: dict[str, Any] = {}
-    block, rows = vessel_evaluation(cfg, examples, enhanced, data_dir)
+    block, rows = vessel_evaluation(cfg, state, models, examples, data_dir, batch_size)
     if block is None:
         out["vessels_skipped"] = rows
     else:
         out["vessels"], out["vessel_panels"] = block, rows
     per_grade = int(cfg.eval.get("gradcam_per_grade", 0))
     if "dr" in nets and per_grade > 0:
+        enhanced = enhance_examples(models, state, examples, batch_size)
         out["gradcam"] = gradcam_grid(models, state, examples, enhanced, per_grade, batch_size)
     return out
