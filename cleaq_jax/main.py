@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import config_checks
+from cleaq_jax import config_checks, console
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
@@ -74,12 +74,17 @@ def main(argv):
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    # Library INFO (orbax, grain, jax, absl, TensorFlow) only when -v / --verbosity was given.
+    console.setup(verbose=FLAGS["verbosity"].present)
     # The library loads JAX, flax and TensorFlow: only once the command line is known to be good.
+    import jax
+
     from cleaq_jax import parallel
     from cleaq_jax.programs import pipeline
 
     _hide_accelerators_from_tensorflow()
     parallel.initialize_distributed(**distributed_args(FLAGS.config))
+    console.set_process_index(jax.process_index())
     logging.info("config:\n%s", FLAGS.config)
     pipeline.run(FLAGS.config, FLAGS.workdir)
 

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from cleaq_jax import parallel
+from cleaq_jax import console, parallel
 from cleaq_jax.data import records, synthetic
 
 NAME = "synthetic"
@@ -56,8 +56,8 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     manifest = os.path.join(path, records.MANIFEST)
     if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
         if jax.process_index() == 0:
-            logging.info("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
-                         cfg.data.image_size, path)
+            console.say("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
+                        cfg.data.image_size, path)
             build_synthetic(path, num=int(cfg.data.synthetic.num), size=int(cfg.data.image_size),
                             seed=int(cfg.data.synthetic.seed), lesion_scale=float(cfg.data.synthetic.lesion_scale))
         parallel.barrier("synthetic-data")
@@ -98,28 +98,6 @@ def _encode(job: tuple[int, int, int, float]) -> bytes:
     example = synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale)
     # Every quality level keeps the image before QT, so enhancement is scored against the clean eye.
     return records.encode_record({**example, "reference": example["clean"]})
-
-
-class _Progress:
-    """One stderr line, rewritten at most twice a second: done/total, rate, ETA."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.stream = total, 0, stream or sys.stderr
-        self.start = self.last = time.monotonic()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last < 0.5 and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = int((self.total - self.done) / rate)
-        self.stream.write(f"\r{NAME} {what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) "
-                          f"{rate:.1f} img/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  ")
-        if self.done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _generator_info(num: int, size: int, seed: int, splits: Mapping[str, float],
@@ -185,7 +163,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
 
 def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str, float], workers: int,
                   num_shards: int | None, info: Mapping[str, Any], lesion_scale: float = 1.0) -> None:
-    progress = _Progress(num)
+    progress = console.bar(num, f"{NAME} images", unit="img")
     pool = None
     if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_use_cpu)
@@ -199,8 +177,9 @@ def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str,
                 encoded = pool.imap(_encode, jobs, chunksize=4) if pool else map(_encode, jobs)
                 for data in encoded:  # imap keeps index order, so shards do not depend on workers
                     writer.write(data)
-                    progress.step(split)
+                    progress.update(1)
     finally:
+        progress.close()
         if pool is not None:
             pool.terminate()
 

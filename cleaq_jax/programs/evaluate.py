@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cleaq_jax import checkpoint, factory, inference, metrics, parallel, report
+from cleaq_jax import checkpoint, console, factory, inference, metrics, parallel, report
 from cleaq_jax.data import degrade, location, pipeline, records
 from cleaq_jax.programs import pictures
 
@@ -98,9 +98,11 @@ def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3"
     loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
                                   image_size=int(cfg.data.image_size))
     parts: list[dict[str, np.ndarray]] = []
-    for local in loader:
-        out = fn(state, parallel.global_batch(local, mesh))
-        parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+    with console.bar(None, f"{stage} evaluation ({cfg.data.eval_split})", unit="batch") as progress:
+        for local in loader:
+            out = fn(state, parallel.global_batch(local, mesh))
+            parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+            progress.update(1)
     if not parts:
         raise ValueError(f"split {cfg.data.eval_split!r} of {data_dir} is empty (config.data.eval_split)")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -196,7 +198,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     if jax.process_index() == 0:
         report.write(result, out_dir, panels=panels, vessel_panels=extra.get("vessel_panels"),
                      gradcam=extra.get("gradcam"))
-        logging.info("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
+        console.say("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
     return result
 
 

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import factory, inference, parallel, report
+from cleaq_jax import console, factory, inference, parallel, report
 from cleaq_jax import train_state as ts
 from cleaq_jax.data import degrade, location, pipeline
 
@@ -151,7 +151,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
         os.makedirs(out_dir, exist_ok=True)
         report.atomic_file(os.path.join(out_dir, "eval.json"), lambda tmp: _dump(tmp, json.dumps(result, indent=2)))
         report.atomic_file(os.path.join(out_dir, "eval.md"), lambda tmp: _dump(tmp, markdown(result)))
-        logging.info("%s evaluation written to %s:\n%s", stage, out_dir, markdown(result))
+        console.say("%s evaluation written to %s:\n%s", stage, out_dir, markdown(result))
     return result
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import checkpoint, factory, inference, optim, parallel, stage_init, steps
+from cleaq_jax import checkpoint, console, factory, inference, optim, parallel, stage_init, steps
 from cleaq_jax.data import location, pipeline
 from cleaq_jax.programs import evaluate, teacher
 
@@ -56,9 +56,10 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
         start = int(jax.device_get(state.step))
         step_fn = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
                                           shardings, mesh)
-        logging.info("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
-                     start, total_steps, dict(mesh.shape))
-        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models)
+        console.say("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
+                    start, total_steps, dict(mesh.shape))
+        progress = console.StageProgress(stage, start, total_steps, steps_per_epoch)
+        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress)
     if not cfg.eval_at_end:
         return {}
     evaluate_state = teacher.evaluate_state if stage in factory.TEACHER_STAGES else evaluate.evaluate_state
@@ -73,13 +74,12 @@ def _for_stage(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
 
 
 # --------------------------------------------------------------------------- the loop
-def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models):
+def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress):
     from clu import metric_writers, periodic_actions  # heavy: pulls TensorFlow, which only the writers need
 
     writer = metric_writers.create_default_writer(os.path.join(out, "tensorboard"),
                                                   just_logging=jax.process_index() != 0)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=None,
-                                             every_steps=cfg.log_every_steps)]
+    hooks = []  # the per-interval console line replaces clu's ReportProgress (a log line per note)
     if cfg.profile_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
                                               num_profile_steps=cfg.profile_steps, first_profile=start + 5))
@@ -88,6 +88,7 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
         return state
     first = next(batches)
     step_fn = _compile(step_fn, state, first, stage)
+    progress.start()
     stream = itertools.chain([first], batches)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
@@ -104,6 +105,7 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
             if step % cfg.log_every_steps == 0 or last:
                 last_metrics = _write_metrics(writer, step, pending, stage)
                 pending = []
+                progress.report(step, last_metrics)
             if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last):
                 _write_images(cfg, writer, step, state, batch, models, stage)
             stop = guard.should_stop(step)
@@ -127,7 +129,7 @@ def _compile(step_fn, state, batch, stage: str):
     when one process (e.g. with a warm compilation cache) reaches step 1 long before the others."""
     t0 = time.time()
     compiled = step_fn.lower(state, batch).compile()
-    logging.info("%s: step compiled in %.1f s", stage, time.time() - t0)
+    console.say("%s: step compiled in %.1f s", stage, time.time() - t0)
     parallel.barrier(f"{stage}-compiled")
     return compiled
 
