@@ -11,13 +11,7 @@ from tests import tiny
 
 
 def _setup(**overrides):
-    cfg = tiny.tiny_config(**{"loss.weighting": "fixed", "tasks.dr": False, **overrides})
-    models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage3")
-    tx = optim.make_optimizer(cfg, 1)
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
-    batch = jax.tree.map(jnp.asarray, tiny.random_batch(6, cfg.data.image_size))
-    return cfg, models, state, batch
+    return tiny.joint_setup(6, **{"tasks.dr": False, **overrides})
 
 
 def _grads(stage="stage3", **overrides):

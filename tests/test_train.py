@@ -45,14 +45,7 @@ def test_each_ablation_config_runs_the_stages_its_variant_needs(name, stages):
         assert ("iqa" in nets) == cfg.tasks.iqa and ("dr" in nets) == cfg.tasks.dr
 
 
-def _joint_setup(**overrides):
-    cfg = tiny.tiny_config(**{"loss.weighting": "fixed", **overrides})
-    models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage3")
-    tx = optim.make_optimizer(cfg, 1)
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
-    batch = jax.tree.map(jnp.asarray, tiny.random_batch(4, cfg.data.image_size))
-    return cfg, models, state, batch
+_joint_setup = tiny.joint_setup
 
 
 def test_joint_step_reverses_the_iqa_gradient_into_iqe():

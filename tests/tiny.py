@@ -42,6 +42,23 @@ def tiny_config(**overrides):
     return c
 
 
+def joint_setup(batch_size: int = 4, **overrides):
+    """(cfg, models, stage-3 state, random batch on device) of a tiny joint stage, fixed task weights
+    unless overridden: the starting point of the stage-3 step tests."""
+    import jax
+    import jax.numpy as jnp
+
+    from cleaq_jax import factory, optim, train_state
+
+    cfg = tiny_config(**{"loss.weighting": "fixed", **overrides})
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage3")
+    tx = optim.make_optimizer(cfg, 1)
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, random_batch(batch_size, cfg.data.image_size))
+    return cfg, models, state, batch
+
+
 def random_batch(n: int, size: int, seed: int = 0, num_grades: int = 5) -> dict[str, np.ndarray]:
     """A loader-shaped batch of random images inside a disc mask, every quality level present."""
     rng = np.random.default_rng(seed)
