@@ -35,7 +35,7 @@ TINY = ("--config.model.width=0.0625", "--config.model.encoder_stages=(1,1,1,1)"
 # Losses each stage trains, as its step logs them (cleaq_jax/steps.py, cleaq_jax/losses.py).
 STAGE_LOSSES = {"stage1": ("loss_iqe", "loss_qe", "loss_seg", "loss_dr"),
                 "stage2": ("loss_iqa", "loss_qa", "loss_lqi"),
-                "stage3": ("loss_iqe", "loss_qe", "loss_seg", "loss_iqa", "loss_qa", "loss_dr"),
+                "stage3": ("loss_iqe", "loss_qe", "loss_seg", "loss_iqa", "loss_qa", "loss_lqi", "loss_dr"),
                 "teacher_a": ("loss_dice", "loss_bce"), "teacher_b": ("loss_dice", "loss_bce")}
 
 
