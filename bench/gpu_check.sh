@@ -1,64 +1,80 @@
 #!/usr/bin/env bash
-# One GPU check of the joint (stage-3) step, prepared to finish in under 8 minutes on an H100 or H200:
-# 512 px, bfloat16 compute, per-device batch 32 (16 where 32 does not fit), remat off and on.
-# Prints the GPU, one JSON line per configuration (bench/train_step.py) and nvidia-smi's memory.
+# Staged GPU check of the joint (stage-3) step: numbers come back within the first minutes and each
+# configuration prints its line the moment it finishes, smallest first:
+#   1. tiny joint step (128 px, width 1/4, one block per ResNet stage): proves the path, compiles fast;
+#   2. 256 px, full networks, bfloat16, batch 16;
+#   3. 512 px, bfloat16, batch 16 then 32, remat off; then remat on at 32 and 16.
+# Each line: compile time, step time, images/s, TFLOP/s, MFU, peak memory (and a JSON line with
+# everything). The whole run stops before DEADLINE_S (default 450 s, inside 8 minutes with start-up);
+# a configuration that would start with under MIN_LEFT_S left is skipped, one cut short names the phase
+# it reached (backend ready / initialised / compiled / warmed up).
 #
-#   bash bench/gpu_check.sh            # PYTHON=/path/to/python to pick the interpreter
+#   bash bench/gpu_check.sh                        # on the GPU machine
+#   PYTHON=/path/python REHEARSE=1 bash bench/gpu_check.sh   # CPU rehearsal: same flow, tiny sizes
 #
-# Installs nothing. It needs jax with CUDA beside this repository's other dependencies; where only the
-# CPU build is present, install the CUDA one first (network or a local wheel cache):
-#   pip install "jax[cuda12]==0.10.2"
+# Needs only jax (with CUDA on the GPU machine), flax, optax and numpy beside this repository: it runs
+# bench/gpu_step.py, which builds the step without the config system or the data stack. A persistent
+# compilation cache (JAX_COMPILATION_CACHE_DIR, default /tmp/cleaq_jax_xla_cache) keeps every
+# compiled program, with XLA's autotuning results, so a rerun skips compilation.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-PY="${PYTHON:-python}"
-STEPS="${STEPS:-10}"
-LIMIT_S="${LIMIT_S:-240}"    # per configuration: start-up, init and step compilation, 13 steps
-DEADLINE_S="${DEADLINE_S:-450}"  # all configurations together; the rest of the 8 minutes is set-up
+PY="${PYTHON:-python3}"
+DEADLINE_S="${DEADLINE_S:-450}"
+MIN_LEFT_S="${MIN_LEFT_S:-30}"
+STEPS="${STEPS:-5}"
+REHEARSE="${REHEARSE:-0}"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 # Keep XLA's memory pool (so the largest batch fits) but let it take nearly the whole GPU.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
-export TF_CPP_MIN_LOG_LEVEL=2
-# A compilation cache across the configurations: the init program is the same in all of them
-# (train_step.py initialises float32 models without remat) and XLA's per-fusion autotuning results are
-# kept beside it, so later configurations skip that work; each step program still compiles anew.
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/cleaq_jax_xla_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+mkdir -p "$JAX_COMPILATION_CACHE_DIR"
+
+if [ "$REHEARSE" = 1 ]; then
+  want=cpu
+  configs=("--size 64 --batch 2 --width 0.125 --stages 1 --dtype float32"
+           "--size 64 --batch 2 --width 0.125 --stages 1 --dtype bfloat16"
+           "--size 64 --batch 4 --width 0.125 --stages 1 --dtype bfloat16 --remat on")
+else
+  want=gpu
+  configs=("--size 128 --batch 8 --width 0.25 --stages 1 --dtype bfloat16"
+           "--size 256 --batch 16 --dtype bfloat16"
+           "--size 512 --batch 16 --dtype bfloat16"
+           "--size 512 --batch 32 --dtype bfloat16"
+           "--size 512 --batch 32 --dtype bfloat16 --remat on"
+           "--size 512 --batch 16 --dtype bfloat16 --remat on")
+fi
 
 backend="$("$PY" -c 'import jax; print(jax.default_backend(), jax.__version__, [d.device_kind for d in jax.devices()])' 2>&1 | tail -1)"
-if [ "${backend%% *}" != "gpu" ]; then
-  echo "gpu_check: jax sees no GPU (jax says: $backend)."
-  echo "Install the CUDA build first: pip install \"jax[cuda12]==0.10.2\""
+if [ "${backend%% *}" != "$want" ]; then
+  echo "gpu_check: expected the $want backend, jax says: $backend"
+  [ "$want" = gpu ] && echo "Install jax with CUDA (pip install \"jax[cuda12]\") or rehearse on CPU with REHEARSE=1."
   exit 2
 fi
-echo "jax: $backend"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+echo "gpu_check: jax $backend, deadline ${DEADLINE_S} s, cache $JAX_COMPILATION_CACHE_DIR"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
-# Largest memory.used nvidia-smi reports while the benchmarks run (the XLA pool, not live data;
-# the JSON lines' peak_bytes is the allocator's own peak).
-smi_log="$(mktemp)"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$smi_log" 2>/dev/null &
-smi_pid=$!
-trap 'kill "$smi_pid" 2>/dev/null; rm -f "$smi_log"' EXIT
-
-# run REMAT BATCH: one configuration within what is left of DEADLINE_S; prints its JSON line
-# (a late one names the phase it reached), returns 3 when it ran out of memory.
-run() {
-  local left=$((DEADLINE_S - SECONDS)) line
-  if [ "$left" -lt 60 ]; then
-    echo "{\"stage\": \"stage3\", \"remat\": \"$1\", \"batch_per_device\": $2, \"error\": \"skipped: ${left} s left of DEADLINE_S\"}"
-    return 0
+err="$(mktemp)"
+trap 'rm -f "$err"' EXIT
+for args in "${configs[@]}"; do
+  left=$((DEADLINE_S - SECONDS))
+  if [ "$left" -lt "$MIN_LEFT_S" ]; then
+    echo "skipped ($left s left of DEADLINE_S): $args"
+    continue
   fi
-  [ "$left" -gt "$LIMIT_S" ] && left="$LIMIT_S"
-  line="$("$PY" bench/train_step.py --stages stage3 --size 512 --dtype bfloat16 --remat "$1" \
-          --batch "$2" --steps "$STEPS" --warmup 3 --timeout "$left" | tail -1)"
-  echo "$line"
-  case "$line" in *'"out of memory"'*) return 3 ;; esac
-  return 0
-}
-
-for remat in off on; do
-  run "$remat" 32 || run "$remat" 16
+  # shellcheck disable=SC2086  # the configuration's flags are meant to split
+  timeout -k 5 "$left" "$PY" bench/gpu_step.py $args --steps "$STEPS" --warmup 2 2>"$err"
+  code=$?
+  if [ "$code" -ne 0 ]; then
+    phase="$(grep '^{"phase"' "$err" | tail -1)"
+    if [ "$code" -ge 124 ]; then
+      why="cut at the deadline after ${left} s"
+    elif grep -q -E 'RESOURCE_EXHAUSTED|[Oo]ut of memory' "$err"; then
+      why="out of memory"
+    else
+      why="exit $code: $(grep -v '^{"phase"' "$err" | tail -2 | tr '\n' ' ')"
+    fi
+    echo "FAILED $args: $why; last phase ${phase:-none}"
+  fi
 done
-
-kill "$smi_pid" 2>/dev/null
-wait "$smi_pid" 2>/dev/null
-echo "nvidia-smi memory.used peak: $(sort -n "$smi_log" | tail -1) MiB"
-nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+echo "gpu_check: done in ${SECONDS} s"
