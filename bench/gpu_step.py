@@ -6,9 +6,9 @@ array_record, TensorFlow): the GPU check's benchmark.
     python bench/gpu_step.py --size 64 --batch 4 --width 0.125 --stages 1 --steps 3   # tiny, seconds
 
 It computes what ``steps.make_train_step(cfg, ..., "stage3", ...)`` computes with configs/default.py's
-loss settings (the paper's: L2 L_QE on good images, Dice L_Seg, L2 L_LQI, lambdas 1, gradient
-reversal 1, loss-balanced task weighting with alpha 0.5 re-taken every epoch) and Adam at a constant
-learning rate: the quality transform inside the step, IQE -> enhanced image -> IQA through the
+loss settings (the paper's: L2 L_QE on good images, Dice L_Seg, L2 L_LQI, lambdas 1, IQA guidance by
+gradient reversal at a constant scale 1, eq. (11)'s loss-balanced weights on L_IQE and L_IQA with
+alpha 0.5 re-taken every epoch and L_DR at 1) and Adam at a constant learning rate: the quality transform inside the step, IQE -> enhanced image -> IQA through the
 gradient-reversal layer and DR. ``tests/test_gpu_step.py`` checks that its loss and gradients equal
 the training step's, so the two cannot drift apart unnoticed.
 
@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from cleaq_jax import losses  # noqa: E402
-from cleaq_jax import train_state as ts  # noqa: E402
 from cleaq_jax.data import degrade  # noqa: E402
 from cleaq_jax.models import dr, iqa, iqe, layers  # noqa: E402
 _START = time.perf_counter()
@@ -84,10 +83,12 @@ def build_models(width: float, stages: int, dtype, remat: bool, forms) -> dict:
             "dr": dr.DRGrader(num_grades=5, stage_sizes=enc, **common)}
 
 
-def joint_loss(models: dict, qt, params: dict, state, batch: dict, key, steps_per_epoch: int):
-    """Eq. (3), (11) as the training step computes them: -> (loss, (metrics, new batch_stats, lbtw))."""
+def joint_loss(models: dict, qt, params: dict, batch_stats: dict, step, lbtw, batch: dict, key,
+               steps_per_epoch: int):
+    """Eq. (3), (11) as the training step computes them, for the state's ``batch_stats``, ``step``
+    (int32 scalar) and ``lbtw`` (losses.LBTWState): -> (loss, (metrics, new batch_stats, new lbtw))."""
     def apply(name, x):
-        out, upd = models[name].apply({"params": params[name], "batch_stats": state.batch_stats[name]}, x,
+        out, upd = models[name].apply({"params": params[name], "batch_stats": batch_stats[name]}, x,
                                       train=True, mutable=["batch_stats"])
         return out, upd["batch_stats"]
 
@@ -107,32 +108,47 @@ def joint_loss(models: dict, qt, params: dict, state, batch: dict, key, steps_pe
     logits, new_bs["dr"] = apply("dr", enhanced)
     task["dr"] = losses.cross_entropy(logits, batch["dr_grade"])
     vector = jnp.stack([task[t] for t in TASKS])
-    weights, lbtw = losses.lbtw_weights(vector, state.lbtw, epoch=state.step // steps_per_epoch, alpha=0.5,
-                                        reset="epoch")
+    weights, lbtw = losses.lbtw_weights(vector, lbtw, epoch=step // steps_per_epoch, alpha=0.5, reset="epoch")
+    # Eq. (11): the dynamic weights on L_IQE and L_IQA only (renormalised to sum to 2), L_DR at 1.
+    dynamic = jnp.asarray([t != "dr" for t in TASKS])
+    share = jnp.sum(jnp.where(dynamic, weights, 0.0))
+    weights = jnp.where(dynamic, weights * (dynamic.sum() / jnp.where(share > 0, share, 1.0)), 1.0)
+    lbtw = lbtw.replace(weights=weights)
     metrics = {**metrics, **terms, **{f"loss_{t}": vector[i] for i, t in enumerate(TASKS)}}
     return losses.combine(vector, weights), (metrics, new_bs, lbtw)
 
 
 def make_step(models: dict, qt, tx, steps_per_epoch: int = 1000):
-    """(state, batch) -> (state, metrics): the joint step with the optimizer update."""
+    """(state, batch) -> (state, metrics): the joint step with the optimizer update. ``state`` is a
+    dict with train_state.TrainState's fields (that module needs the config system, so it is not used)."""
+
     def step(state, batch):
-        key, state = state.next_key()
+        key, rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         (loss, (metrics, new_bs, lbtw)), grads = jax.value_and_grad(
-            lambda p: joint_loss(models, qt, p, state, batch, key, steps_per_epoch), has_aux=True)(state.params)
-        return ts.apply_gradients(state, grads, new_bs, tx).replace(lbtw=lbtw), {**metrics, "loss": loss}
+            lambda p: joint_loss(models, qt, p, state["batch_stats"], state["step"], state["lbtw"], batch, key,
+                                 steps_per_epoch), has_aux=True)(state["params"])
+        params, opt_state = {}, {}
+        for name, p in state["params"].items():  # one optimizer state per subnetwork, as in training
+            updates, opt_state[name] = tx.update(grads[name], state["opt_state"][name], p)
+            params[name] = optax.apply_updates(p, updates)
+        new = dict(step=state["step"] + 1, params=params, batch_stats={**state["batch_stats"], **new_bs},
+                   opt_state=opt_state, lbtw=lbtw, rng=jax.random.key_data(rng))
+        return new, {**metrics, "loss": loss}
 
     return step
 
 
-def init_state(models: dict, tx, size: int, key):
+def init_state(models: dict, tx, size: int, key) -> dict:
     """The train state of the three subnetworks, initialised at ``size`` (call under jit)."""
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     init_key, state_key = jax.random.split(key)
-    variables = {}
-    for i, name in enumerate(("iqe", "iqa", "dr")):  # steps.stage_nets order for stage 3
+    params, stats = {}, {}
+    for i, name in enumerate(("iqe", "iqa", "dr")):  # factory.stage_nets order for stage 3
         v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
-        variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
-    return ts.create(variables, tx, num_tasks=len(TASKS), rng=state_key)
+        params[name], stats[name] = v["params"], v.get("batch_stats", {})
+    return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                opt_state={k: tx.init(p) for k, p in params.items()}, lbtw=losses.lbtw_init(len(TASKS)),
+                rng=jax.random.key_data(state_key))
 
 
 def random_batch(n: int, size: int, seed: int = 0) -> dict:

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cleaq_jax import steps
-from cleaq_jax.data import degrade
+from cleaq_jax import factory, optim, steps, train_state
 from cleaq_jax.models import layers
 from configs import default
-from tiny import REPO, random_batch
+from tiny import REPO, random_batch, run_python
 
 SIZE, WIDTH = 32, 1 / 16
 
@@ -34,23 +33,45 @@ def _config():
 def test_gpu_step_models_have_the_training_models_parameter_trees():
     g, cfg = _gpu_step(), _config()
     ours = g.build_models(WIDTH, 1, jnp.float32, False, layers.LayerForms())
-    theirs = steps.build_models(cfg)
+    theirs = factory.build_models(cfg)
     x = jnp.zeros((1, SIZE, SIZE, 3))
     for name in ("iqe", "iqa", "dr"):
         shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda: m.init(jax.random.key(0), x)))
         assert shapes(ours[name]) == shapes(theirs[name])
 
 
+def test_gpu_step_imports_nothing_the_gpu_machine_lacks():
+    # A module set to None in sys.modules fails to import, as it would on a machine without it.
+    absent = ("ml_collections", "grain", "array_record", "clu", "tensorflow", "tensorflow_datasets")
+    path = os.path.join(REPO, "bench", "gpu_step.py")
+    run_python("import runpy, sys\n"
+               f"for name in {absent!r}:\n    sys.modules[name] = None\n"
+               f"assert 'joint_loss' in runpy.run_path({path!r})\n")
+
+
+def test_gpu_step_state_has_the_training_state_s_leaves():
+    g, cfg = _gpu_step(), _config()
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(cfg, 10)
+    ours = jax.eval_shape(lambda k: g.init_state(models, tx, SIZE, k), jax.random.key(0))
+    theirs = jax.eval_shape(lambda k: train_state.init_state(cfg, models, factory.stage_nets(cfg, "stage3"), tx, k),
+                            jax.random.key(0))
+    for field in ("step", "params", "batch_stats", "opt_state", "lbtw", "rng"):
+        shapes = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]  # noqa: E731
+        assert shapes(ours[field]) == shapes(getattr(theirs, field)), field
+
+
 def test_gpu_step_joint_loss_and_gradients_equal_the_training_step_s():
     g, cfg = _gpu_step(), _config()
-    models = steps.build_models(cfg)
-    tx = steps.make_optimizer(cfg, 10)
-    state = jax.jit(lambda k: steps.init_state(cfg, models, ("iqe", "iqa", "dr"), tx, k))(jax.random.key(0))
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(cfg, 10)
+    nets = factory.stage_nets(cfg, "stage3")
+    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
     batch = jax.device_put(random_batch(6, SIZE))
     key = jax.random.key(1)
-    qt = degrade.QTParams.from_config(cfg.qt, image_size=SIZE)
+    qt = factory.qt_params(cfg)
     theirs_fn = steps.stage_loss(cfg, models, "stage3", 10)
-    ours_fn = lambda p: g.joint_loss(models, qt, p, state, batch, key, 10)  # noqa: E731
+    ours_fn = lambda p: g.joint_loss(models, qt, p, state.batch_stats, state.step, state.lbtw, batch, key, 10)  # noqa: E731
     (l_theirs, (_, bs_theirs, lbtw_theirs)), g_theirs = jax.jit(jax.value_and_grad(
         lambda p: theirs_fn(p, state, batch, key), has_aux=True))(state.params)
     (l_ours, (_, bs_ours, lbtw_ours)), g_ours = jax.jit(jax.value_and_grad(ours_fn, has_aux=True))(state.params)
