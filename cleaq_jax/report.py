@@ -257,8 +257,9 @@ def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray],
 
 
 def vessel_figure(block: dict[str, Any], rows: np.ndarray | None, path: str) -> None:
-    """Paper Fig. 8's analogue: example rows (`vessel_rows`, optional) above Dice per quality level of the
-    segmentation of the degraded input, its enhancement and the reference."""
+    """Paper Fig. 8's analogue: example rows (`vessel_rows`, optional; labelled by block['figure_rows'], the
+    quality level of each) above Dice per quality level of the segmentation of the degraded input, its
+    enhancement and the reference."""
     plt = pyplot()
     n = 0 if rows is None else rows.shape[0]
     fig = plt.figure(figsize=(10, 1.5 * n + 3.2))
@@ -266,7 +267,12 @@ def vessel_figure(block: dict[str, Any], rows: np.ndarray | None, path: str) -> 
     for i in range(n):
         ax = fig.add_subplot(grid[i])
         ax.imshow(np.clip(rows[i], 0, 1), interpolation="nearest")
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if i < len(block.get("figure_rows", ())):
+            ax.set_ylabel(block["figure_rows"][i], fontsize=8)
         if i == 0:
             ax.set_title("  |  ".join(VESSEL_COLUMNS), fontsize=8)
     per = {q: {"n": block["per_quality"][q].get("input", {}).get("n", 0),

@@ -149,6 +149,7 @@ def test_evaluation_writes_the_vessel_table_and_both_figures(evaluated_synthetic
     test_count = result["num_examples"]
     assert vessels["overall"]["input"]["n"] == vessels["overall"]["enhanced"]["n"] == test_count
     assert vessels["overall"]["reference"]["n"] == test_count  # synthetic records carry clean references
+    assert vessels["figure_rows"] == [q for q in ("good", "usable", "reject") if q in vessels["per_quality"]]
     md = open(os.path.join(out_dir, "eval.md")).read()
     assert "## Downstream vessel segmentation" in md and "| all | enhanced |" in md
     for name in ("vessels.png", "gradcam_grid.png"):

@@ -13,7 +13,8 @@ def _vessels_block():
     row = lambda d: {"n": 4, "dice": d, "auc": 0.9, "accuracy": 0.95}  # noqa: E731
     per = {q: {"input": row(0.5), "enhanced": row(0.6), "reference": row(0.7)} for q in ("good", "usable")}
     per["reject"] = {"input": row(0.3), "enhanced": {"n": 4, "dice": None, "auc": None, "accuracy": None}}
-    return {"segmenter": "classical (frangi)", "overall": per["good"], "per_quality": per}
+    return {"segmenter": "classical (frangi)", "overall": per["good"], "per_quality": per,
+            "figure_rows": ["good", "usable"]}
 
 
 def test_vessel_table_lists_each_level_and_image_kind():

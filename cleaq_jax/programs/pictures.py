@@ -222,8 +222,9 @@ def enhance_examples(models: dict, state, examples: dict[str, np.ndarray], batch
     return _in_chunks(fn, len(examples["image"]), batch_size, examples["image"], examples["mask"])
 
 
-def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> np.ndarray:
-    """`report.vessel_rows` of one example per quality level (those with a reference first)."""
+def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> tuple[np.ndarray, list[str]]:
+    """`report.vessel_rows` of one example per quality level (those with a reference first), and the
+    level of each row."""
     n = len(examples["quality"])
     has_ref = np.isfinite(per_kind["reference"]["accuracy"]) if "reference" in per_kind else np.zeros(n, bool)
     picks = []
@@ -235,7 +236,8 @@ def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> np.ndarray
     images = {k: np.where(np.isfinite(v["accuracy"][picks])[:, None, None, None], v["image"][picks] / 255.0, 0.0)
               for k, v in per_kind.items()}
     segmented = {k: v["vessels"][picks] for k, v in per_kind.items()}
-    return report.vessel_rows(images, segmented, examples["vessel"][picks])
+    levels = [QUALITY_NAMES[int(q)] for q in examples["quality"][picks]]
+    return report.vessel_rows(images, segmented, examples["vessel"][picks]), levels
 
 
 def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examples: dict[str, np.ndarray],
@@ -262,8 +264,10 @@ def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examp
             "enhancement table.")
     if not cfg.eval.get("vessel_teacher"):
         note += " No vessel teacher configured (config.eval.vessel_teacher): the classical filter segments."
-    block = {"segmenter": segmenter.name, **vessel_table(per_kind, examples["quality"]), "note": note}
-    return block, _example_rows(examples, per_kind)
+    rows, levels = _example_rows(examples, per_kind)
+    block = {"segmenter": segmenter.name, **vessel_table(per_kind, examples["quality"]), "note": note,
+             "figure_rows": levels}
+    return block, rows
 
 
 # --------------------------------------------------------------------------- the Grad-CAM grid
