@@ -114,7 +114,9 @@ class Page:
     def open(self, url: str) -> None:
         """Navigate and wait for the load event (scripts have run, images have loaded or failed)."""
         self.events.clear()
-        self.call("Page.navigate", session=True, url=url)
+        reply = self.call("Page.navigate", session=True, url=url)
+        if "loaderId" not in reply:  # a fragment change within the open page: no new load, so reload it
+            self.call("Page.reload", session=True)
         self._wait(lambda m: m.get("method") == "Page.loadEventFired")
 
     def evaluate(self, expression: str):
@@ -140,9 +142,14 @@ class Page:
                 found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
         return found
 
-    def screenshot(self, path: str) -> None:
-        """The viewport as a PNG file."""
-        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+    def screenshot(self, path: str, full_page: bool = False) -> None:
+        """The viewport (or, with full_page, the whole page) as a PNG file."""
+        params = {"format": "png"}
+        if full_page:
+            size = self.call("Page.getLayoutMetrics", session=True)["cssContentSize"]
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        data = self.call("Page.captureScreenshot", session=True, **params)["data"]
         with open(path, "wb") as f:
             f.write(base64.b64decode(data))
 
