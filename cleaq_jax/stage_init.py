@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from cleaq_jax import checkpoint, factory
+from cleaq_jax import checkpoint, console, factory
 from cleaq_jax import train_state as ts
 from cleaq_jax.models import pretrained
 
@@ -70,7 +70,7 @@ def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState) -> ts.T
             if net in params:
                 merged = pretrained.graft({"params": params[net], "batch_stats": batch_stats[net]}, weights, into=path)
                 params[net], batch_stats[net] = merged["params"], merged["batch_stats"]
-                logging.info("%s/%s initialised from ImageNet weights in %s", net, path, directory)
+                console.say("%s/%s initialised from ImageNet weights in %s", net, path, directory)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
@@ -95,7 +95,7 @@ def load_earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str
                 f"same model and data settings.") from e
         for n in wanted:
             params[n], batch_stats[n] = restored.params[n], restored.batch_stats[n]
-        logging.info("%s: %s initialised from %s", stage, "+".join(wanted), directory)
+        console.say("%s: %s initialised from %s", stage, "+".join(wanted), directory)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
