@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import ml_collections
 import optax
-from absl import logging
 
 from cleaq_jax import checkpoint, console, factory
 from cleaq_jax import train_state as ts
@@ -49,7 +48,7 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
     if ckpt.latest_step() is not None:
         target, shardings = ts.abstract_state(init, mesh, key)
         state, step = ckpt.restore_intact(target, data_iter=loader)
-        logging.info("%s: resumed from step %d", stage, step)
+        console.say("%s: resumed from step %d", stage, step)
         return state, shardings
     state, shardings = ts.sharded_state(init, mesh, key)
     state = graft_imagenet(cfg, state)
