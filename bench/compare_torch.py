@@ -50,7 +50,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TORCH_REF = os.path.join(os.path.dirname(REPO), "shared", "reference", "torch_cleaq.py")
+# The peer lives in shared/reference/ beside the repository (or beside the folder of its worktrees).
+_REF_CANDIDATES = [os.path.join(up, "shared", "reference", "torch_cleaq.py")
+                   for up in (os.path.dirname(REPO), os.path.dirname(os.path.dirname(REPO)))]
+DEFAULT_TORCH_REF = next((c for c in _REF_CANDIDATES if os.path.isfile(c)), _REF_CANDIDATES[0])
 # Our variants: name -> config overrides (KEY=VALUE as bench/train_step.py --set takes them).
 VARIANTS = {"paper": [], "uiqe3": ["model.uiqe_blocks=3"]}
 

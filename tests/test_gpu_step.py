@@ -53,7 +53,8 @@ def test_gpu_step_state_has_the_training_state_s_leaves():
     g, cfg = _gpu_step(), _config()
     models = factory.build_models(cfg)
     tx = optim.make_optimizer(cfg, 10)
-    ours = jax.eval_shape(lambda k: g.init_state(models, tx, SIZE, k), jax.random.key(0))
+    # gpu_step initialises every configuration at INIT_SIZE: no parameter depends on the image size.
+    ours = jax.eval_shape(lambda k: g.init_state(models, tx, g.INIT_SIZE, k), jax.random.key(0))
     theirs = jax.eval_shape(lambda k: train_state.init_state(cfg, models, factory.stage_nets(cfg, "stage3"), tx, k),
                             jax.random.key(0))
     for field in ("step", "params", "batch_stats", "opt_state", "lbtw", "rng"):
