@@ -78,6 +78,16 @@ def clean_reference(batch: Batch) -> jax.Array:
     return batch["has_reference"].astype(bool)
 
 
+def reference_or_original(batch: Batch, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B,H,W,3) float32: each row's stored clean ``reference`` (zero outside the mask) where its record
+    has one, else the original ``x``; and the (B,) bool `clean_reference` saying which."""
+    clean = clean_reference(batch)
+    if "reference" not in batch:
+        return x, clean
+    stored = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
+    return jnp.where(clean[:, None, None, None], stored, x), clean
+
+
 def enhancement_pair(qt: degrade.QTParams, batch: Batch, x: jax.Array, mask: jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What evaluation asks IQE to enhance, and against what: (input, reference, scored).
@@ -88,16 +98,12 @@ def enhancement_pair(qt: degrade.QTParams, batch: Batch, x: jax.Array, mask: jax
     not scored. x: (B,H,W,3) float32 from `inputs`; returns input and reference (B,H,W,3) float32
     (zero outside mask) and scored (B,) bool. QT uses evaluation's fixed per-example keys.
     """
-    quality, clean = batch["quality"], clean_reference(batch)
+    quality = batch["quality"]
+    reference, clean = reference_or_original(batch, x, mask)
     # QT's levels: 0 -> op2, 1 -> op1, 2 -> unchanged; a referenced usable image is already degraded.
     level = jnp.where(quality == 0, 0, jnp.where((quality == 1) & ~clean, 1, 2))
     keys = degrade.eval_keys(jax.random.key(EVAL_KEY_SEED), batch["id_hash"])
     degraded = degrade.quality_transform_batch(x, mask, level, keys, qt)
-    if "reference" in batch:
-        stored = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
-        reference = jnp.where(clean[:, None, None, None], stored, x)
-    else:
-        reference = x
     scored = clean | (quality == 0) | (quality == 1)
     return degraded, reference, scored
 

@@ -128,12 +128,8 @@ def _qe_target(x: jax.Array, mask: jax.Array, batch: Batch, s: LossSettings) -> 
     """
     quality = batch["quality"]
     counted = (quality == 0) | ((quality == 1) & s.usable_self_reference)
-    if "has_reference" not in batch:
-        return x, counted.astype(jnp.float32)
-    has_ref = batch["has_reference"].astype(bool)
-    reference = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
-    target = jnp.where(has_ref[:, None, None, None], reference, x)
-    return target, (counted | has_ref).astype(jnp.float32)
+    target, clean = inference.reference_or_original(batch, x, mask)
+    return target, (counted | clean).astype(jnp.float32)
 
 
 def _stage1_loss(params, state, batch, key, models, nets, qt, s, *, progress=None):
@@ -184,9 +180,10 @@ def grl_scale_at(s: LossSettings, progress: jax.Array) -> jax.Array:
 
 def _reverse_guidance(models, state, params, enhanced, degraded, mask, quality, s, progress):
     """The paper's form: IQA on X^ through the gradient-reversal layer (IQE ascends L_IQA)."""
-    reversed_enh = layers.grad_reverse(enhanced, grl_scale_at(s, progress))
+    scale = grl_scale_at(s, progress)
+    reversed_enh = layers.grad_reverse(enhanced, scale)
     l_iqa, terms, bs = _iqa_terms(models["iqa"], state, params, reversed_enh, degraded, mask, quality, s)
-    return l_iqa, jnp.float32(0.0), {**terms, "grl_scale": grl_scale_at(s, progress)}, bs
+    return l_iqa, jnp.float32(0.0), {**terms, "grl_scale": scale}, bs
 
 
 def _to_good_guidance(models, state, params, enhanced, x, degraded, mask, quality, s):
