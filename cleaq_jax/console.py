@@ -21,6 +21,8 @@ LOGGER_NAME = "cleaq_jax.console"
 LIBRARY_LOGGERS = ("jax", "orbax", "grain", "tensorflow", "clu", "etils", "absl", "fsspec", "gcsfs")
 
 _logger = logging.getLogger(LOGGER_NAME)
+# Lines every process writes (a process joining a multi-process run), each to its own log.
+_every_logger = logging.getLogger(LOGGER_NAME + ".every_process")
 
 
 def _is_main_process() -> bool:
@@ -31,12 +33,14 @@ def _is_main_process() -> bool:
 def setup(verbose: bool) -> None:
     """Console output for a run: the project's lines on stderr (process 0); library INFO only when
     ``verbose`` (absl's -v / --verbosity given), otherwise those libraries log warnings and errors only."""
-    if not _logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        _logger.addHandler(handler)
-    _logger.propagate = False
+    for logger in (_logger, _every_logger):
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.propagate = False
     _logger.setLevel(logging.INFO if _is_main_process() else logging.WARNING)
+    _every_logger.setLevel(logging.INFO)
     if verbose:
         return
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -55,6 +59,11 @@ def set_process_index(index: int) -> None:
 def say(message: str, *args) -> None:
     """One line for the person at the terminal (printf-style args), shown whatever the verbosity."""
     _logger.info(message, *args)
+
+
+def say_every_process(message: str, *args) -> None:
+    """Like `say`, but written by every process (each process's log shows it), e.g. joining a run."""
+    _every_logger.info(message, *args)
 
 
 def _duration(seconds: float) -> str:

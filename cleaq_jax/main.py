@@ -83,8 +83,10 @@ def main(argv):
     from cleaq_jax.programs import pipeline
 
     _hide_accelerators_from_tensorflow()
-    parallel.initialize_distributed(**distributed_args(FLAGS.config))
+    joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))
     console.set_process_index(jax.process_index())
+    if joined:
+        console.say_every_process("%s", parallel.process_line(joined))
     logging.info("config:\n%s", FLAGS.config)
     pipeline.run(FLAGS.config, FLAGS.workdir)
 

@@ -104,27 +104,29 @@ def initialize_distributed(
     and Cloud TPU are left to ``jax.distributed.initialize()``'s own auto-detection. Otherwise
     this is a single-process run and nothing happens. Must run before any device is used.
 
-    Returns True when this call initialised the distributed runtime.
+    Returns how this call joined the processes (``"explicit"``, ``"SLURM"``, ...) when it initialised
+    the distributed runtime, else None.
     """
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     num_processes = _env_int("JAX_NUM_PROCESSES") if num_processes is None else num_processes
     process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
     if jax.distributed.is_initialized():
         logging.info("jax.distributed already initialised: process %d of %d", jax.process_index(), jax.process_count())
-        return False
+        return None
     plan = _launch_plan(address, num_processes, process_id)
     if plan is None:
         logging.info("single-process run: %d local devices (%s)", jax.local_device_count(), jax.default_backend())
-        return False
+        return None
     # Cross-process collectives on CPU need gloo; only the CPU backend reads this flag.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes, process_id, local_device_ids)
-    logging.info(
-        "jax.distributed initialised (%s): process %d of %d, %d local / %d global devices (%s)",
-        plan, jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-        jax.default_backend(),
-    )
-    return True
+    return plan
+
+
+def process_line(plan: str) -> str:
+    """The line a process writes on joining a multi-process run (each process, to its own log)."""
+    return (f"jax.distributed initialised ({plan}): process {jax.process_index()} of {jax.process_count()}, "
+            f"{jax.local_device_count()} local / {jax.device_count()} global devices ({jax.default_backend()})")
 
 
 def barrier(name: str, timeout_s: int = 3600) -> None:

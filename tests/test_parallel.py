@@ -143,7 +143,7 @@ _LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCES
 def test_initialize_distributed_is_a_no_op_without_settings(monkeypatch):
     for name in _LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed() is None
     assert not jax.distributed.is_initialized()
 
 
