@@ -490,21 +490,27 @@ def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int 
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (and any other given signals) into a flag the training loop polls.
+    """Turns SIGTERM (a preemption notice) into a stop every process agrees on, polled by the loop.
 
     Use as a context manager around the loop; the previous handlers are restored on exit::
 
-        with PreemptionGuard(sync_every_steps=100) as guard:
+        with PreemptionGuard() as guard:
             for step in ...:
                 ...
                 if guard.should_stop(step):
                     checkpointer.save(step, state, force=True); break
 
-    With several processes, every process must stop at the same step, so `should_stop(step)`
-    agrees across them (an all-gather of the flags) at steps divisible by ``sync_every_steps``
-    and returns False in between without any communication: the all-gather waits for the
-    devices, so doing it every step would stall asynchronous dispatch. Every process must call
-    it with the same steps. With one process the local flag is returned at every step.
+    One process: a Python handler sets a flag, and `should_stop` returns it at every step.
+
+    Several processes (jax.distributed started, with its preemption service, the default): JAX's
+    preemption sync point. The runtime's own SIGTERM handler, installed by jax.distributed.initialize,
+    takes the notice on whichever process gets it and tells the others through the coordination
+    service, which picks the first step every process can still reach (the largest step any reports,
+    plus one); `should_stop(step)` is True on every process at exactly that step. It must be called at
+    every step, from the same first step on every process; it waits for no device and costs nothing
+    until a notice comes. No Python handler is installed then for SIGTERM (it would replace the
+    runtime's). Without the preemption service (``JAX_ENABLE_PREEMPTION_SERVICE=false``) the local
+    flags are all-gathered at steps divisible by ``sync_every_steps`` instead.
     """
 
     def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), sync_every_steps: int = 1):
@@ -514,6 +520,7 @@ class PreemptionGuard:
         self._sync_every = int(sync_every_steps)
         self._received = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._sync_point = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
@@ -523,7 +530,10 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionGuard must be entered in the main thread (Python delivers signals there)")
+        self._sync_point = jax.process_count() > 1 and parallel.preemption_service_running()
         for sig in self._signals:
+            if self._sync_point and sig == signal.SIGTERM:
+                continue  # the runtime's preemption notifier handles it
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -535,18 +545,23 @@ class PreemptionGuard:
 
     @property
     def received(self) -> bool:
-        """True once this process got a signal (local; no agreement with other processes)."""
+        """True once this process got a handled signal, or (several processes) once the processes
+        reached the preemption sync point."""
         return self._received.is_set()
 
     def should_stop(self, step: int | None = None) -> bool:
-        """True once any process received a signal; a collective with several processes.
+        """True once a signal arrived (one process) or at the step all processes agreed to stop at.
 
-        step: the training step, to agree only every ``sync_every_steps`` (None: agree now).
+        step: the training step (needed with several processes; None agrees now by all-gather).
         """
-        local = self._received.is_set()
         if jax.process_count() == 1:
-            return local
+            return self._received.is_set()
+        if self._sync_point and step is not None and multihost_utils.reached_preemption_sync_point(int(step)):
+            self._received.set()
+            return True
+        if self._sync_point and not self._previous:
+            return False  # SIGTERM was the only signal, and the sync point handles it
         if step is not None and int(step) % self._sync_every:
             return False
-        flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        flags = multihost_utils.process_allgather(np.asarray(self._received.is_set(), np.int32))
         return bool(np.any(flags))

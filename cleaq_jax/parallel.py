@@ -129,6 +129,11 @@ def process_line(plan: str) -> str:
             f"{jax.local_device_count()} local / {jax.device_count()} global devices ({jax.default_backend()})")
 
 
+def preemption_service_running() -> bool:
+    """Whether jax.distributed started its preemption sync manager (SIGTERM -> a common stop step)."""
+    return jax_distributed.global_state.preemption_sync_manager is not None
+
+
 def barrier(name: str, timeout_s: int = 3600) -> None:
     """Wait for every process at the coordination service (no device collective, so no collective
     timeout however long the others take, e.g. to compile or to build data). A no-op with one process."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -81,9 +82,10 @@ def _env(devices: int, *, compile_cache: bool = True, **extra: str) -> dict[str,
     return env
 
 
-def _start(command: str, env: dict[str, str], log: str) -> subprocess.Popen:
+def _start(command: str, env: dict[str, str], log: str, extra: str = "") -> subprocess.Popen:
+    """``command`` with TINY's flags, then ``extra`` (later flags win), its output in ``log``."""
     with open(log, "w") as f:
-        return subprocess.Popen(["bash", "-c", f"{command} {TINY}"], cwd=tiny.REPO, env=env, stdout=f,
+        return subprocess.Popen(["bash", "-c", f"{command} {TINY} {extra}"], cwd=tiny.REPO, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -207,6 +209,71 @@ def test_each_launch_joins_two_processes_of_two_devices(launched, name, how):
         with open(log) as f:
             text = f.read()
         assert f"jax.distributed initialised ({how}): process {i} of 2, 2 local / 4 global devices" in text
+
+
+def _logged_step(log: str, proc: subprocess.Popen) -> int:
+    """The step of the last per-interval line in ``log`` (0 before the first)."""
+    with open(log) as f:
+        found = re.findall(r"^stage1 epoch \d+/\d+ step (\d+)/", f.read(), flags=re.M)
+    if not found and proc.poll() is not None:
+        raise AssertionError(f"{log}: the process ended (status {proc.returncode}) before its first step")
+    return int(found[-1]) if found else 0
+
+
+def _saved_on_stop(log: str) -> int:
+    with open(log) as f:
+        found = re.findall(r"stage1: SIGTERM received; saved step (\d+) and stopping", f.read())
+    assert len(found) == 1, f"{log}: no single preemption save:\n{open(log).read()[-3000:]}"
+    return int(found[0])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_rerun_resumes_there(tmp_path):
+    data = str(tmp_path / "data")
+    write_split(data, "train", TRAIN_RECORDS, 32)
+    work = str(tmp_path / "work")
+    # 400 steps, no checkpoint before the notice: the save the notice triggers is the only one.
+    long_run = "--config.num_epochs=200 --config.checkpoint_every_steps=100000"
+    port = _slurm_port()
+    logs = [str(tmp_path / f"task{rank}.log") for rank in range(2)]
+    procs = [_start(SLURM_TASK_CMD, _slurm_task_env(rank, port, WORKDIR=work, DATA=data), logs[rank], long_run)
+             for rank in range(2)]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _logged_step(logs[0], procs[0]) < 3:  # training, past compilation, in both processes
+            assert time.monotonic() < deadline, "no training step logged before the deadline"
+            time.sleep(0.2)
+        os.killpg(procs[1].pid, signal.SIGTERM)  # process 1 only
+        for proc, log in zip(procs, logs, strict=True):
+            _finish(proc, log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    saved = [_saved_on_stop(log) for log in logs]
+    assert saved[0] == saved[1] > 3, saved
+    step = saved[0]
+    checkpoints = os.path.join(work, "stage1", "checkpoints")
+    assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == [step]
+    positions = [f for f in os.listdir(os.path.join(checkpoints, str(step), "data")) if f.startswith("process_")]
+    assert sorted(positions) == ["process_0-of-2.json", "process_1-of-2.json"]
+    # The rerun (same job, two more steps to go) resumes from that step in both processes.
+    to_go, port = f"--config.num_epochs={step // 2 + 1}", _slurm_port()
+    procs = [_start(SLURM_TASK_CMD, _slurm_task_env(rank, port, WORKDIR=work, DATA=data), logs[rank], to_go)
+             for rank in range(2)]
+    try:
+        for proc, log in zip(procs, logs, strict=True):
+            _finish(proc, log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    with open(logs[0]) as f:
+        assert f"stage1: resumed from step {step}" in f.read()
+    final = 2 * (step // 2 + 1)
+    assert max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == final
 
 
 @pytest.mark.slow

@@ -311,11 +311,13 @@ def test_two_processes_match_single_process(request, meshes, init):
             np.testing.assert_allclose(result[key.replace("one_", "")], meshes[key], rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_to_one_process_stops_every_process_at_the_next_agreed_step(runs):
-    # The signal reaches process 1 at step 3; the processes compare flags every 2 steps.
+def test_sigterm_to_one_process_stops_every_process_at_one_common_step(runs):
+    # The signal reaches process 1 at its step 3, through jax's preemption notifier: the processes
+    # agree on a step after every step any of them had reached, and stop there together.
     results = [runs[f"explicit{pid}"].result() for pid in range(2)]
-    assert [bool(r["received"]) for r in results] == [False, True]
-    assert [int(r["stopped_at"]) for r in results] == [4, 4]
+    assert [bool(r["received"]) for r in results] == [True, True]
+    stopped = [int(r["stopped_at"]) for r in results]
+    assert stopped[0] == stopped[1] >= 4, stopped
 
 
 def test_two_processes_save_and_restore_one_checkpoint_with_their_own_data_positions(runs):

@@ -92,7 +92,8 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
     stream = itertools.chain([first], batches)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
-    # Processes agree on a SIGTERM only at checkpoint steps: an all-gather every step would stall.
+    # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
+    # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
     with checkpoint.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
         for step in range(start + 1, total_steps + 1):
             batch = next(stream)
