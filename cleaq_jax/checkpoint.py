@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as pylogging
+import math
 import os
 import signal
 import threading
@@ -64,15 +65,43 @@ class _NoMetricsWarningFilter:
 _NO_METRICS_FILTER = _NoMetricsWarningFilter()
 
 
-def _metric_fn(best_metric: str | None):
+# The validation metrics a stage writes (programs/train.py); checkpoints saved between validations
+# carry none of them, so a checkpoint without one ranks last rather than failing.
+VALIDATION_METRICS = ("val_dr_kappa", "val_dr_accuracy", "val_iqa_kappa", "val_iqa_accuracy",
+                      "val_psnr_enhanced", "val_ssim_enhanced")
+
+
+def _metric_fn(best_metric: str | None, best_mode: str = "max"):
+    worst = -math.inf if best_mode == "max" else math.inf
+
     def metric(metrics: dict[str, Any]) -> float:
         if best_metric is None:
             return 0.0
         if best_metric not in metrics:
+            if best_metric in VALIDATION_METRICS:
+                return worst
             raise KeyError(f"best_metric={best_metric!r} is not among the saved metrics {sorted(metrics)}")
-        return float(metrics[best_metric])
+        value = float(metrics[best_metric])
+        return value if math.isfinite(value) else worst
 
     return metric
+
+
+def best_metric(cfg: ml_collections.ConfigDict, nets: Iterable[str], validating: bool) -> tuple[str, str]:
+    """(metric, mode) that ranks a stage's checkpoints: config.checkpoint_metric / checkpoint_mode, where
+    "auto" means the validation DR kappa for a stage that trains DR, else IQA kappa, else IQE's PSNR
+    ("max"), or the training loss ("min") when the stage is not validated."""
+    metric, mode = str(cfg.checkpoint_metric), str(cfg.checkpoint_mode)
+    if metric == "auto":
+        nets = tuple(nets)
+        metric = ("loss" if not validating else "val_dr_kappa" if "dr" in nets else
+                  "val_iqa_kappa" if "iqa" in nets else "val_psnr_enhanced")
+    if metric in VALIDATION_METRICS and not validating:
+        raise ValueError(f"config.checkpoint_metric={metric!r} is a validation metric, but this stage is not "
+                         "validated: set config.eval_every_epochs > 0 and give data.val_split a split of the data")
+    if mode == "auto":
+        mode = "max" if metric.startswith("val_") else "min"
+    return metric, mode
 
 
 def _manager_options(max_to_keep: int | None, best_metric: str | None, best_mode: str, async_save: bool):
@@ -85,7 +114,7 @@ def _manager_options(max_to_keep: int | None, best_metric: str | None, best_mode
         # BestN keeps the top n by the metric; checkpoints saved without metrics fall to LatestN alone.
         keep.append(
             _policies.BestN(
-                get_metric_fn=_metric_fn(best_metric),
+                get_metric_fn=_metric_fn(best_metric, best_mode),
                 reverse=best_mode == "min",
                 n=1,
                 keep_checkpoints_without_metrics=False,
@@ -93,7 +122,7 @@ def _manager_options(max_to_keep: int | None, best_metric: str | None, best_mode
         )
     return ocp.CheckpointManagerOptions(
         # best_fn makes orbax write the "metrics" item; retention itself is the preservation policy.
-        best_fn=_metric_fn(best_metric),
+        best_fn=_metric_fn(best_metric, best_mode),
         best_mode=best_mode,
         preservation_policy=_policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=async_save,
@@ -146,7 +175,7 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = _as_path(directory)
-        self.best_metric = best_metric
+        self.best_metric, self.best_mode = best_metric, best_mode
         pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
         self._options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
@@ -173,7 +202,7 @@ class Checkpointer:
             return False
         if metrics:  # an empty dict ranks nothing: saved as "no metrics"
             metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
-            _metric_fn(self.best_metric)(metrics)  # fail now, not in orbax's background thread
+            _metric_fn(self.best_metric, self.best_mode)(metrics)  # fail now, not in orbax's background thread
         else:
             metrics = None
         items = {"state": ocp.args.StandardSave(state)}
@@ -416,6 +445,7 @@ class Restored:
     state: ts.InferenceState
     directory: str
     step: int
+    chosen: str = ""  # why this step: "best by val_dr_kappa = 0.41", "latest", ...
 
 
 def _stage_of(cfg: ml_collections.ConfigDict, directory: str, nets: tuple[str, ...]) -> str:
@@ -429,26 +459,55 @@ def _stage_of(cfg: ml_collections.ConfigDict, directory: str, nets: tuple[str, .
     return "stage2" if nets == ("iqa",) else "stage1" if "iqe" not in nets else "stage3"
 
 
-def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Restored:
+def select_step(directory: str, which: int | str = "best") -> tuple[int, str]:
+    """The step of a checkpoints/ folder to restore, and why, in words.
+
+    which: "best" (the best by the metric the run ranked its checkpoints with, its config's
+    checkpoint_metric, e.g. validation DR kappa; the latest when no checkpoint carries that metric),
+    "latest", or a step number (an int or its digits).
+    """
+    with _read_only(directory) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}; check the checkpoint path in the config")
+        if isinstance(which, int) or str(which).isdigit():
+            return _saved_step(manager, directory, int(which)), f"step {int(which)}, as asked"
+        if which == "latest":
+            return steps[-1], "latest"
+        if which != "best":
+            raise ValueError(f"checkpoint step {which!r}: use 'best', 'latest' or a step number")
+        cfg = read_trained_config(directory, steps[-1])
+        metric, mode = str(cfg.get("checkpoint_metric", "loss")), str(cfg.get("checkpoint_mode", "min"))
+        ranked = []
+        for step in steps:
+            value = (manager.metrics(step) or {}).get(metric)
+            if value is not None and math.isfinite(float(value)):
+                ranked.append((float(value) if mode == "max" else -float(value), step))
+    if not ranked:
+        return steps[-1], f"latest: no checkpoint carries {metric}"
+    value, step = max(ranked)
+    return step, f"best by {metric} = {value if mode == 'max' else -value:.4g}"
+
+
+def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, step: int | str = "best") -> Restored:
     """Restore the parameters and BatchNorm statistics of a stage checkpoint for inference.
 
     path: a stage directory (<workdir>/stage3) or its checkpoints/ folder, saved on any number of
         devices; mesh: where to put the variables (default: every present device, replicated);
-    step: default the latest. Optimizer state is not read. Raises FileNotFoundError / ValueError
-    naming the directory when it holds no cleaq_jax checkpoint.
+    step: "best" (default; see `select_step`), "latest" or a step number. Optimizer state is not read.
+    Raises FileNotFoundError / ValueError naming the directory when it holds no cleaq_jax checkpoint.
     """
     directory = checkpoint_directory(path)
+    step, chosen = select_step(directory, step)
     cfg = read_trained_config(directory, step)
     mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
     models = factory.build_models(cfg)
-    with _read_only(directory) as manager:
-        step = _saved_step(manager, directory, step)
     nets = tuple(n for n in saved_nets(directory, step) if n != "cenet")
     if not nets:
         raise ValueError(f"checkpoint {directory}/{step} holds none of the subnetworks iqe, iqa, dr")
     target = ts.abstract_variables(models, nets, int(cfg.data.image_size), mesh)
     state = restore_variables(directory, target, step)
-    return Restored(cfg, _stage_of(cfg, directory, nets), nets, models, state, directory, int(step))
+    return Restored(cfg, _stage_of(cfg, directory, nets), nets, models, state, directory, int(step), chosen)
 
 
 @dataclasses.dataclass

@@ -48,6 +48,9 @@ def setup(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # TensorFlow's and XLA's C++ logs (read when TensorFlow / XLA load; an explicit value is kept).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow only writes TensorBoard files and TFDS metadata here, so its oneDNN kernels do no work;
+    # left on, TensorFlow announces them on every import (two lines each, whatever the log level).
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def set_process_index(index: int) -> None:
@@ -105,7 +108,8 @@ class StageProgress:
         say("%s", self.line(step, metrics))
 
 
-def bar(total: int | None, desc: str, unit: str = "it"):
-    """A tqdm progress bar on stderr (process 0 only; others get a disabled one), closed by the caller."""
+def bar(total: int | None, desc: str, unit: str = "it", disable: bool = False):
+    """A tqdm progress bar on stderr (process 0 only; others, and ``disable``, get a disabled one),
+    closed by the caller."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
-                disable=not _is_main_process(), mininterval=1.0)
+                disable=disable or not _is_main_process(), mininterval=1.0)

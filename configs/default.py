@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # Shard directory written by data_prep (holds manifest.json).
     c.data.train_split = "train"
     c.data.eval_split = "test"
+    c.data.val_split = "val"  # Validated during training (eval_every_epochs); EyeQ / Messidor prep: --split val.
     c.data.image_size = 512  # Must equal the size the shards were prepared at.
     c.data.num_grades = 5  # 5 for EyeQ (DR-0..4), 4 for Messidor (0..3).
     c.data.class_balance = 0.0  # 0 natural frequencies, 1 equal classes (paper IV-B class-balanced augmentation).
@@ -105,8 +106,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_every_steps = 500  # TensorBoard image grid (low-quality / enhanced / reference / vessel mask).
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3  # Latest checkpoints kept; the best one by checkpoint_metric is kept as well.
-    c.checkpoint_metric = "loss"  # Training metric that picks the best checkpoint ...
-    c.checkpoint_mode = "min"  # ... lower ("min") or higher ("max") is better.
+    # Validation during training: every eval_every_epochs epochs (and at the last step) the stage is
+    # evaluated on data.val_split, written to TensorBoard (val/...) and saved with a checkpoint ranked by
+    # it. 0, or a dataset without that split, turns it off.
+    c.eval_every_epochs = 1
+    # Metric that picks the best checkpoint (evaluation and predict restore it by default): "auto" is the
+    # validation DR kappa (stages 1 and 3) or IQA kappa (stage 2), the training "loss" without validation;
+    # or a training metric ("loss", "loss_dr", ...) or a validation one (val_dr_kappa, val_dr_accuracy,
+    # val_iqa_kappa, val_iqa_accuracy, val_psnr_enhanced, val_ssim_enhanced).
+    c.checkpoint_metric = "auto"
+    c.checkpoint_mode = "auto"  # higher ("max") or lower ("min") is better; "auto": max for val_*, else min
     c.profile_steps = 0  # >0: write a profile of that many steps to TensorBoard after warm-up.
     c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
 
@@ -120,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Evaluation (configs/eval.py): checkpoint directory to restore (a stage directory or its checkpoints/).
     c.checkpoint_dir = ""
+    c.checkpoint_step = "best"  # which of its checkpoints: "best" (by its checkpoint_metric), "latest", or a step
     c.eval = ml_collections.ConfigDict(dict(gate_quality=False, num_examples_grid=8))
     # Evaluation's pictures (docs/evaluation.md): on the first vessel_max_images test examples (0: off),
     # the downstream vessel table (paper Fig. 8; splits with true vessels only), segmented by the CE-Net

@@ -104,6 +104,58 @@ def test_metrics_without_the_best_metric_are_rejected(tmp_path):
     ckpt.close()
 
 
+def _validated_run(directory, saves: list[dict[str, float]]) -> checkpoint.Checkpointer:
+    """Checkpoints 1..N ranked by validation DR kappa, which only some of them carry (as in training)."""
+    cfg = ml_collections.ConfigDict({"checkpoint_metric": "val_dr_kappa", "checkpoint_mode": "max"})
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=1, best_metric="val_dr_kappa", best_mode="max",
+                                   async_save=False)
+    for step, metrics in enumerate(saves, start=1):
+        ckpt.save(step, _tiny(step), config=cfg, metrics=metrics)
+    return ckpt
+
+
+def test_checkpoints_between_validations_rank_last_and_the_best_validated_one_is_kept(tmp_path):
+    saves = [{"loss": 1.0}, {"loss": 0.5, "val_dr_kappa": 0.3}, {"loss": 0.4},
+             {"loss": 0.3, "val_dr_kappa": 0.2}, {"loss": 0.2}]
+    with _validated_run(tmp_path, saves) as ckpt:
+        assert ckpt.all_steps() == [2, 5]
+        assert ckpt.best_step() == 2
+
+
+def test_evaluation_picks_the_best_latest_or_a_named_step(tmp_path):
+    saves = [{"loss": 1.0, "val_dr_kappa": 0.1}, {"loss": 0.5, "val_dr_kappa": 0.4}, {"loss": 0.4}]
+    _validated_run(tmp_path, saves).close()
+    assert checkpoint.select_step(str(tmp_path), "best") == (2, "best by val_dr_kappa = 0.4")
+    assert checkpoint.select_step(str(tmp_path), "latest") == (3, "latest")
+    assert checkpoint.select_step(str(tmp_path), "2")[0] == 2
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 1 .*saved steps: \[2, 3\]"):
+        checkpoint.select_step(str(tmp_path), 1)
+    with pytest.raises(ValueError, match="use 'best', 'latest' or a step number"):
+        checkpoint.select_step(str(tmp_path), "newest")
+
+
+def test_best_falls_back_to_the_latest_when_no_checkpoint_carries_the_metric(tmp_path):
+    _validated_run(tmp_path, [{"loss": 1.0}, {"loss": 0.5}]).close()
+    assert checkpoint.select_step(str(tmp_path), "best") == (2, "latest: no checkpoint carries val_dr_kappa")
+
+
+@pytest.mark.parametrize("nets, validating, expected", [
+    (("iqe", "dr"), True, ("val_dr_kappa", "max")),
+    (("iqa",), True, ("val_iqa_kappa", "max")),
+    (("iqe",), True, ("val_psnr_enhanced", "max")),
+    (("iqe", "iqa", "dr"), False, ("loss", "min")),
+])
+def test_auto_ranks_by_the_stage_s_validation_metric_or_the_training_loss(nets, validating, expected):
+    cfg = ml_collections.ConfigDict({"checkpoint_metric": "auto", "checkpoint_mode": "auto"})
+    assert checkpoint.best_metric(cfg, nets, validating) == expected
+
+
+def test_a_validation_metric_without_validation_names_the_keys():
+    cfg = ml_collections.ConfigDict({"checkpoint_metric": "val_iqa_kappa", "checkpoint_mode": "auto"})
+    with pytest.raises(ValueError, match=r"checkpoint_metric='val_iqa_kappa'.*eval_every_epochs.*val_split"):
+        checkpoint.best_metric(cfg, ("iqa",), validating=False)
+
+
 def test_saving_an_existing_step_again_returns_false(tmp_path):
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.save(3, _tiny(3)) is True

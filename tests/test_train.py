@@ -277,3 +277,37 @@ def test_pipeline_writes_tensorboard_scalars_and_images(pipeline_run):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     image_tags = set(acc.Tags()["images"]) | {t for t in tags if "enhanced" in t}
     assert any("low_enhanced_reference_vessel" in t for t in image_tags), sorted(image_tags)
+
+
+@pytest.mark.slow
+def test_each_stage_validates_on_the_val_split_and_ranks_its_checkpoints_by_it(pipeline_run):
+    from cleaq_jax import checkpoint
+    from cleaq_jax.programs import curves
+
+    workdir, _ = pipeline_run
+    for stage, metric, logged in (("stage1", "val_dr_kappa", "val/dr_accuracy"),
+                                  ("stage2", "val_iqa_kappa", "val/iqa_accuracy"),
+                                  ("stage3", "val_dr_kappa", "val/psnr_enhanced")):
+        directory = os.path.join(workdir, stage, "checkpoints")
+        assert checkpoint.read_trained_config(directory).checkpoint_metric == metric
+        scalars = curves.read_scalars(os.path.join(workdir, stage, "tensorboard"))
+        assert logged in scalars, f"{stage}: {logged} not among {sorted(scalars)}"
+        steps, _ = scalars[logged]
+        with checkpoint.Checkpointer(directory) as ckpt:
+            last = ckpt.latest_step()
+            assert steps.tolist() == [last]  # one epoch: validated once, at the last step
+            saved = ckpt.metrics(last)
+        assert logged.replace("/", "_") in saved and "loss" in saved, saved
+
+
+@pytest.mark.slow
+def test_curves_draws_the_validation_and_training_curves_of_a_run(pipeline_run, tmp_path):
+    from cleaq_jax.programs import curves
+
+    workdir, _ = pipeline_run
+    out = str(tmp_path / "curves.png")
+    tags = curves.figure(workdir, out)
+    assert "train/loss" in tags and "val/psnr_enhanced" in tags
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out).shape[1] > 3 * matplotlib.image.imread(out).shape[0]  # a row of panels

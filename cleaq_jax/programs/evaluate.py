@@ -91,20 +91,23 @@ def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, 
 
 
 # --------------------------------------------------------------------------- host side
-def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3") -> dict[str, np.ndarray]:
-    """Run the eval function over the whole eval split; per-example outputs (numpy) of valid rows."""
+def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3", split: str | None = None,
+            show_progress: bool = True) -> dict[str, np.ndarray]:
+    """Run the eval function over the whole of ``split`` (default config.data.eval_split); per-example
+    outputs (numpy) of valid rows. show_progress: a progress bar (off for validation during training)."""
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
+    split, key = (cfg.data.eval_split, "eval_split") if split is None else (split, "val_split")
     fn = make_eval_fn(cfg, models, nets, stage)
-    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
+    loader = pipeline.eval_loader(data_dir, split, global_batch_size=int(cfg.eval_batch_size),
                                   image_size=int(cfg.data.image_size))
     parts: list[dict[str, np.ndarray]] = []
-    with console.bar(None, f"{stage} evaluation ({cfg.data.eval_split})", unit="batch") as progress:
+    with console.bar(None, f"{stage} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
         for local in loader:
             out = fn(state, parallel.global_batch(local, mesh))
             parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
             progress.update(1)
     if not parts:
-        raise ValueError(f"split {cfg.data.eval_split!r} of {data_dir} is empty (config.data.eval_split)")
+        raise ValueError(f"split {split!r} of {data_dir} is empty (config.data.{key})")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     valid = merged.pop("valid").astype(bool)
     return {k: v[valid] for k, v in merged.items()}
@@ -174,6 +177,23 @@ def summarise(out: dict[str, np.ndarray]) -> dict[str, Any]:
     return result
 
 
+def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a `summarise` result that validation during training reports and ranks
+    checkpoints by (names in checkpoint.VALIDATION_METRICS): overall DR and IQA kappa and accuracy, PSNR
+    and SSIM of the enhancement; those a stage has, and defined."""
+    values: dict[str, float] = {}
+    for task in ("dr", "iqa"):
+        overall = summary.get(task, {}).get("overall", {})
+        for name in ("kappa", "accuracy"):
+            if overall.get(name) is not None:
+                values[f"val_{task}_{name}"] = float(overall[name])
+    enhancement = summary.get("enhancement", {}).get("overall", {})
+    for name in ("psnr_enhanced", "ssim_enhanced"):
+        if enhancement.get(name) is not None:
+            values[f"val_{name}"] = float(enhancement[name])
+    return values
+
+
 def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, state, models: dict, mesh,
                    out_dir: str) -> dict[str, Any]:
     """Evaluate a train state of any stage on config.data.eval_split and write the report into out_dir.
@@ -217,10 +237,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
                          "(a stage directory or its checkpoints/ folder)")
     mesh = parallel.make_mesh(-1, 1)
-    restored = checkpoint.load_checkpoint(cfg.checkpoint_dir, mesh)
+    restored = checkpoint.load_checkpoint(cfg.checkpoint_dir, mesh, cfg.checkpoint_step)
     merged = merge_for_eval(restored.config, cfg, restored.directory)
-    logging.info("evaluating %s (%s, step %d: %s) on split %r", restored.directory, restored.stage, restored.step,
-                 "+".join(restored.nets), merged.data.eval_split)
+    console.say("evaluating %s step %d (%s; %s: %s) on split %r", restored.directory, restored.step,
+                restored.chosen, restored.stage, "+".join(restored.nets), merged.data.eval_split)
     return evaluate_state(merged, workdir, restored.stage, restored.state, restored.models, mesh,
                           out_dir=os.path.join(workdir, "eval"))
 

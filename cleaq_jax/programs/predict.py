@@ -271,6 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")
+    parser.add_argument("--checkpoint-step", default="best", metavar="best|latest|STEP",
+                        help="which of its checkpoints: the best by the run's validation metric (default), "
+                             "the latest, or a step number")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="photographs and/or folders of photographs (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        restored = checkpoint.load_checkpoint(args.checkpoint)
+        restored = checkpoint.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
+        print(f"predict: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
         os.makedirs(args.out, exist_ok=True)
         result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
                          explain=args.explain, report_html=args.report)

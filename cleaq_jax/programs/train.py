@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from cleaq_jax import checkpoint, console, factory, inference, optim, parallel, stage_init, steps
-from cleaq_jax.data import location, pipeline
+from cleaq_jax.data import location, pipeline, records
 from cleaq_jax.programs import evaluate, teacher
 
 
@@ -48,6 +48,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     models = factory.build_models(cfg)
     tx = optim.make_optimizer(cfg, steps_per_epoch)
     nets = factory.stage_nets(cfg, stage)
+    val_split = _validation_split(cfg, data, stage)
+    # The saved config names the metric that ranked its checkpoints (evaluation restores the best by it).
+    cfg.checkpoint_metric, cfg.checkpoint_mode = checkpoint.best_metric(cfg, nets, val_split is not None)
     # Leaving the block (also on an error) waits for in-flight asynchronous saves: the last good
     # checkpoint is always complete on disk.
     with checkpoint.Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
@@ -59,7 +62,10 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
         console.say("%s: %s, %d steps/epoch, steps %d..%d, mesh %s", stage, "+".join(nets), steps_per_epoch,
                     start, total_steps, dict(mesh.shape))
         progress = console.StageProgress(stage, start, total_steps, steps_per_epoch)
-        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress)
+        validate = (_Validation(cfg, data, stage, models, nets, mesh, val_split, steps_per_epoch)
+                    if val_split else None)
+        state = _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress,
+                      validate)
     if not cfg.eval_at_end:
         return {}
     evaluate_state = teacher.evaluate_state if stage in factory.TEACHER_STAGES else evaluate.evaluate_state
@@ -73,8 +79,45 @@ def _for_stage(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
     return stage_cfg
 
 
+# --------------------------------------------------------------------------- validation
+def _validation_split(cfg: ml_collections.ConfigDict, data: str, stage: str) -> str | None:
+    """config.data.val_split when this stage validates during training, else None (said once)."""
+    if not int(cfg.eval_every_epochs) or stage in factory.TEACHER_STAGES:
+        return None
+    split = str(cfg.data.val_split)
+    if split not in records.read_manifest(data).get("splits", {}):
+        console.say("%s: no validation during training: %s has no %r split (config.data.val_split; prepare "
+                    "one with data_prep's --split %s, or set config.eval_every_epochs=0 to silence this)",
+                    stage, data, split, split)
+        return None
+    return split
+
+
+class _Validation:
+    """Every config.eval_every_epochs epochs and at the last step: the stage's evaluation on the val
+    split, its headline metrics (`evaluate.validation_metrics`) to TensorBoard (val/...) and the console,
+    returned for the checkpoint saved at that step, which they rank."""
+
+    def __init__(self, cfg, data, stage, models, nets, mesh, split, steps_per_epoch):
+        self.cfg, self.data, self.stage, self.models, self.mesh, self.split = cfg, data, stage, models, mesh, split
+        self.nets = tuple(n for n in ("iqe", "iqa", "dr") if n in nets)
+        self.every, self.per_epoch = int(cfg.eval_every_epochs) * steps_per_epoch, steps_per_epoch
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.every == 0
+
+    def __call__(self, writer, state, step: int) -> dict[str, float]:
+        out = evaluate.collect(self.cfg, state, self.models, self.nets, self.mesh, self.data, self.stage,
+                               split=self.split, show_progress=False)
+        values = evaluate.validation_metrics(evaluate.summarise(out))
+        writer.write_scalars(step, {f"val/{k.removeprefix('val_')}": v for k, v in values.items()})
+        console.say("%s validation (%s, %d images) at epoch %.3g: %s", self.stage, self.split, len(out["quality"]),
+                    step / self.per_epoch, " ".join(f"{k.removeprefix('val_')}={v:.4g}" for k, v in values.items()))
+        return values
+
+
 # --------------------------------------------------------------------------- the loop
-def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress):
+def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress, validate):
     from clu import metric_writers, periodic_actions  # heavy: pulls TensorFlow, which only the writers need
 
     writer = metric_writers.create_default_writer(os.path.join(out, "tensorboard"),
@@ -110,12 +153,14 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
             if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last):
                 _write_images(cfg, writer, step, state, batch, models, stage)
             stop = guard.should_stop(step)
-            if step % cfg.checkpoint_every_steps == 0 or last or stop:
+            validated = validate(writer, state, step) if validate and not stop and validate.due(step, last) else {}
+            if step % cfg.checkpoint_every_steps == 0 or last or stop or validated:
                 if pending:
                     last_metrics = _write_metrics(writer, step, pending, stage)
                     pending = []
                 # The prefetcher's position is that of the last batch consumed, not of those queued.
-                ckpt.save(step, state, data_iter=batches, config=cfg, metrics=last_metrics, force=last or stop)
+                ckpt.save(step, state, data_iter=batches, config=cfg, metrics={**last_metrics, **validated},
+                          force=last or stop or bool(validated))
             if stop:
                 logging.warning("%s: SIGTERM received; saved step %d and stopping", stage, step)
                 ckpt.wait_until_finished()
