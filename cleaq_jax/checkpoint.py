@@ -55,11 +55,15 @@ def _as_path(directory: str | os.PathLike) -> epath.Path:
 
 
 class _NoMetricsWarningFilter:
-    """Drops orbax's per-save warning about missing metrics: periodic saves between evaluations
-    legitimately have none."""
+    """Drops orbax's warnings about what this module does on purpose: periodic saves between
+    validations without metrics, and read-only managers (every evaluation and restore opens one)."""
+
+    EXPECTED = ("did not provide metrics", "read_only=True, setting save_interval_steps=0",
+                "Given directory is read only")
 
     def filter(self, record: Any) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
 
 
 _NO_METRICS_FILTER = _NoMetricsWarningFilter()
@@ -354,6 +358,7 @@ def _read_only(directory: str | os.PathLike, partial: bool = False) -> ocp.Check
     handlers = _handlers()
     if partial:
         handlers["state"] = ocp.PyTreeCheckpointHandler()
+    pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
 

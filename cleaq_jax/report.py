@@ -100,6 +100,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def console_summary(result: dict[str, Any], out_dir: str) -> str:
+    """The evaluation as the terminal shows it: `markdown`'s tables without their explanations, the
+    vessel table's overall rows only, and where the full report is."""
+    full = markdown(result).split("\n")
+    keep, section = [], ""
+    for line in full:
+        if line.startswith("#"):
+            section = line
+            keep.append(line.lstrip("# ").strip() if line.startswith("## ") else line)
+        elif line.startswith("|"):
+            vessel_detail = section.startswith("## Downstream") and not line.startswith(("| all ", "| subset", "|---"))
+            if not vessel_detail:
+                keep.append(line)
+    return "\n".join(keep + [f"(explanations, every vessel row and the figures: {os.path.join(out_dir, 'eval.md')})"])
+
+
 VESSEL_INPUTS = {"input": "the degraded input of the enhancement table",
                  "enhanced": "IQE's enhancement of it",
                  "reference": "its reference (the clean image where the record has one, else the original)"}

@@ -28,7 +28,7 @@ def get_config():
     c.eval_batch_size = 16
     c.num_epochs = 6
     c.optim.constant_epochs = 4
-    c.log_every_steps = 5
+    c.log_every_steps = 15  # one line per epoch (15 steps)
     c.image_every_steps = 20
     c.checkpoint_every_steps = 10
     c.keep_checkpoints = 2

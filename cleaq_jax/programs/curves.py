@@ -20,6 +20,7 @@ import numpy as np
 from cleaq_jax import report
 
 STAGES = ("stage1", "stage2", "stage3")
+COLOURS = {"stage1": "tab:blue", "stage2": "tab:green", "stage3": "tab:orange"}  # the same in every panel
 PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation IQA kappa"),
           ("val/psnr_enhanced", "validation PSNR of IQE (dB)"), ("val/ssim_enhanced", "validation SSIM of IQE"),
           ("train/loss", "training loss"))
@@ -76,7 +77,8 @@ def figure(workdir: str, path: str) -> list[str]:
             if tag in scalars:
                 steps, values = scalars[tag]
                 x = steps / per_epoch if per_epoch else steps
-                ax.plot(x, values, marker="o" if tag.startswith("val/") else None, markersize=3, label=stage)
+                ax.plot(x, values, marker="o" if tag.startswith("val/") else None, markersize=3, label=stage,
+                        color=COLOURS[stage])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch" if all(p for _, p in runs.values()) else "step", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the run directory (holds stage1/, stage2/, stage3/)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
+    # TensorBoard's reader imports TensorFlow, whose C++ start-up notices would bury the one line here.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         tags = figure(args.workdir, args.out)
     except FileNotFoundError as error:

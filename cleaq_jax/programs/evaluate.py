@@ -218,7 +218,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     if jax.process_index() == 0:
         report.write(result, out_dir, panels=panels, vessel_panels=extra.get("vessel_panels"),
                      gradcam=extra.get("gradcam"))
-        console.say("%s evaluation written to %s:\n%s", stage, out_dir, report.markdown(result))
+        console.say("%s evaluation (%s):\n%s", stage, result["split"], report.console_summary(result, out_dir))
     return result
 
 
