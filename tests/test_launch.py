@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -227,18 +228,29 @@ def _saved_on_stop(log: str) -> int:
     return int(found[0])
 
 
+@contextlib.contextmanager
+def _slurm_job(work: str, data: str, logs: list[str], extra: str):
+    """Two SLURM-started tasks of TINY's stage 1 plus ``extra`` flags; any still running on leaving is killed."""
+    port = _slurm_port()
+    procs = [_start(SLURM_TASK_CMD, _slurm_task_env(rank, port, WORKDIR=work, DATA=data), logs[rank], extra)
+             for rank in range(2)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_rerun_resumes_there(tmp_path):
     data = str(tmp_path / "data")
     write_split(data, "train", TRAIN_RECORDS, 32)
     work = str(tmp_path / "work")
-    # 400 steps, no checkpoint before the notice: the save the notice triggers is the only one.
-    long_run = "--config.num_epochs=200 --config.checkpoint_every_steps=100000"
-    port = _slurm_port()
     logs = [str(tmp_path / f"task{rank}.log") for rank in range(2)]
-    procs = [_start(SLURM_TASK_CMD, _slurm_task_env(rank, port, WORKDIR=work, DATA=data), logs[rank], long_run)
-             for rank in range(2)]
-    try:
+    # 400 steps, no checkpoint before the notice: the save the notice triggers is the only one.
+    with _slurm_job(work, data, logs, "--config.num_epochs=200 --config.checkpoint_every_steps=100000") as procs:
         deadline = time.monotonic() + TIMEOUT
         while _logged_step(logs[0], procs[0]) < 3:  # training, past compilation, in both processes
             assert time.monotonic() < deadline, "no training step logged before the deadline"
@@ -246,11 +258,6 @@ def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_rerun_re
         os.killpg(procs[1].pid, signal.SIGTERM)  # process 1 only
         for proc, log in zip(procs, logs, strict=True):
             _finish(proc, log)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     saved = [_saved_on_stop(log) for log in logs]
     assert saved[0] == saved[1] > 3, saved
     step = saved[0]
@@ -258,22 +265,13 @@ def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_rerun_re
     assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == [step]
     positions = [f for f in os.listdir(os.path.join(checkpoints, str(step), "data")) if f.startswith("process_")]
     assert sorted(positions) == ["process_0-of-2.json", "process_1-of-2.json"]
-    # The rerun (same job, two more steps to go) resumes from that step in both processes.
-    to_go, port = f"--config.num_epochs={step // 2 + 1}", _slurm_port()
-    procs = [_start(SLURM_TASK_CMD, _slurm_task_env(rank, port, WORKDIR=work, DATA=data), logs[rank], to_go)
-             for rank in range(2)]
-    try:
+    # The rerun (same job, a step or two to go) resumes from that step in both processes.
+    with _slurm_job(work, data, logs, f"--config.num_epochs={step // 2 + 1}") as procs:
         for proc, log in zip(procs, logs, strict=True):
             _finish(proc, log)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     with open(logs[0]) as f:
         assert f"stage1: resumed from step {step}" in f.read()
-    final = 2 * (step // 2 + 1)
-    assert max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == final
+    assert max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == 2 * (step // 2 + 1)
 
 
 @pytest.mark.slow
