@@ -106,16 +106,7 @@ done
 status=0
 while [[ ${#running[@]} -gt 0 ]]; do
   code=0 finished=""
-  # A process that exited while a trap ran may never be reported by a later `wait -n`: collect any
-  # that is gone first (kill -0 fails once bash has reaped it; `wait PID` then gives its status).
-  for pid in "${!running[@]}"; do
-    if ! kill -0 "$pid" 2> /dev/null; then
-      finished=$pid
-      wait "$pid" || code=$?
-      break
-    fi
-  done
-  [[ -z "$finished" ]] && { wait -n -p finished "${!running[@]}" || code=$?; }
+  wait -n -p finished "${!running[@]}" || code=$?
   [[ -z "${finished:-}" ]] && continue  # woken by a signal (passed on by the trap), not by an exit
   unset "running[$finished]"
   if [[ $code -ne 0 && $status -eq 0 ]]; then
