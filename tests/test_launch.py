@@ -420,8 +420,10 @@ def stand_in(tmp_path):
 def _multi_gpu(env: dict[str, str], tmp_path, n: int = 3, stdout=subprocess.PIPE) -> subprocess.Popen:
     cmd = ["scripts/multi_gpu.sh", "--num-processes", str(n), "--port", "1", "--log-dir", str(tmp_path / "logs"),
            "--", "--config=configs/stage1.py", "--workdir=w"]
+    # SIGINT as at a terminal: a test runner started in the background (`cmd &` in a script) ignores it,
+    # the script would inherit that, and bash cannot trap a signal ignored on entry.
     return subprocess.Popen(cmd, cwd=tiny.REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(paths: list, proc: subprocess.Popen | None = None) -> None:
