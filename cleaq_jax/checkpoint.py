@@ -54,7 +54,7 @@ def _as_path(directory: str | os.PathLike) -> epath.Path:
     return path if "://" in os.fspath(directory) else path.absolute()
 
 
-class _NoMetricsWarningFilter:
+class _ExpectedWarningsFilter:
     """Drops orbax's warnings about what this module does on purpose: periodic saves between
     validations without metrics, and read-only managers (every evaluation and restore opens one)."""
 
@@ -66,7 +66,7 @@ class _NoMetricsWarningFilter:
         return not any(text in message for text in self.EXPECTED)
 
 
-_NO_METRICS_FILTER = _NoMetricsWarningFilter()
+_EXPECTED_WARNINGS = _ExpectedWarningsFilter()
 
 
 # The validation metrics a stage writes (programs/train.py); checkpoints saved between validations
@@ -180,7 +180,7 @@ class Checkpointer:
     ):
         self.directory = _as_path(directory)
         self.best_metric, self.best_mode = best_metric, best_mode
-        pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
+        pylogging.getLogger("absl").addFilter(_EXPECTED_WARNINGS)  # adding it twice is a no-op
         self._options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
 
@@ -358,7 +358,7 @@ def _read_only(directory: str | os.PathLike, partial: bool = False) -> ocp.Check
     handlers = _handlers()
     if partial:
         handlers["state"] = ocp.PyTreeCheckpointHandler()
-    pylogging.getLogger("absl").addFilter(_NO_METRICS_FILTER)  # adding it twice is a no-op
+    pylogging.getLogger("absl").addFilter(_EXPECTED_WARNINGS)  # adding it twice is a no-op
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
 

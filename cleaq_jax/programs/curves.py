@@ -47,7 +47,8 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _steps_per_epoch(stage_dir: str) -> float | None:
-    """The stage's last checkpoint step over its epochs (from its saved config); None if unknown."""
+    """The stage's last checkpoint step over its epochs (from its saved config): the steps per epoch of a
+    finished stage (a stage stopped early gets a stretched epoch axis); None if unknown."""
     from cleaq_jax import checkpoint  # heavy (orbax, jax): only for a stage that has checkpoints
 
     directory = os.path.join(stage_dir, "checkpoints")
