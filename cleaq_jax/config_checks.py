@@ -140,6 +140,7 @@ RULES: dict[str, Rule] = {
     "loss.guidance_weight": _WEIGHT,
     "loss.weighted_tasks": choice("eq11", "all"),
     "loss.usable_self_reference": boolean(),
+    "loss.qt_good_fraction": number(0.0, 1.0),
     "optim.learning_rate": number(0.0, low_open=True),
     "optim.constant_epochs": _COUNT,
     "optim.power": _WEIGHT,

@@ -64,6 +64,7 @@ class LossSettings:
     iqe_guidance: str
     guidance_weight: float
     weighted_tasks: str
+    qt_good_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossSettings":
@@ -81,7 +82,8 @@ class LossSettings:
                    lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in factory.TASK_ORDER),
                    grl_scale=float(lc.grl_scale), grl_schedule=lc.grl_schedule,
                    usable_self_reference=bool(lc.usable_self_reference), iqe_guidance=lc.iqe_guidance,
-                   guidance_weight=float(lc.guidance_weight), weighted_tasks=lc.weighted_tasks)
+                   guidance_weight=float(lc.guidance_weight), weighted_tasks=lc.weighted_tasks,
+                   qt_good_fraction=float(lc.get("qt_good_fraction", 1.0)))
 
 
 # --------------------------------------------------------------------------- per-subnetwork terms
@@ -222,16 +224,33 @@ def _task_weights(vector, names, state, steps_per_epoch, s):
     return weights, lbtw
 
 
+def _stage3_input(x, mask, batch, key, qt, s: LossSettings) -> jax.Array:
+    """X~, what IQE enhances in stage 3: QT(X) by quality (good -> op2, usable -> op1, reject as it is).
+
+    A usable record with a clean reference is already its degraded image and enters as it is, as in
+    evaluation (`inference.enhancement_pair`). With ``qt_good_fraction`` < 1 only that fraction of good
+    images (drawn per step) is degraded; the others enter as they are, the path DR(IQE(X)) of inference.
+    """
+    quality = batch["quality"]
+    clean = inference.clean_reference(batch)
+    level = jnp.where((quality == 1) & clean, 2, quality)  # QT's levels: 0 op2, 1 op1, 2 unchanged
+    if s.qt_good_fraction < 1.0:
+        key, k_pick = jax.random.split(key)
+        spared = jax.random.uniform(k_pick, quality.shape) >= s.qt_good_fraction
+        level = jnp.where((quality == 0) & spared, 2, level)
+    keys = jax.random.split(key, x.shape[0])
+    return degrade.quality_transform_batch(x, mask, level, keys, qt)
+
+
 def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_epoch, progress=None):
     """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA guidance (config.loss.iqe_guidance), DR};
     ``progress`` in [0, 1] of the stage drives the reversal-scale schedule."""
     x, mask = inference.inputs(batch)
     quality = batch["quality"]
-    keys = jax.random.split(key, x.shape[0])
-    degraded = degrade.quality_transform_batch(x, mask, quality, keys, qt)
+    target, weight = _qe_target(x, mask, batch, s)
+    degraded = _stage3_input(x, mask, batch, key, qt, s)
     progress = jnp.float32(1.0) if progress is None else progress
     new_bs = {}
-    target, weight = _qe_target(x, mask, batch, s)
     enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(models["iqe"], state, params, degraded, target, mask,
                                                         weight, batch, s)
     task_losses, metrics, guidance = {"iqe": l_iqe}, dict(terms), jnp.float32(0.0)

@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.weighted_tasks = "eq11"
     # Stages 1 and 3: L_QE also on usable images (op1-degraded) against themselves.
     c.loss.usable_self_reference = False
+    # Stage 3: the fraction of good images QT degrades (op2) before IQE; the rest enter as they are, so
+    # DR and IQE also train on the path they are evaluated and used on, DR(IQE(X)). 1.0 is eq. (3)'s
+    # literal DR(QE(QT(X))) for every image (docs/training.md, "Stage 3's input").
+    c.loss.qt_good_fraction = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

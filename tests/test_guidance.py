@@ -112,3 +112,36 @@ def test_two_stages_with_the_same_seed_draw_different_first_batches(tmp_path):
 
     assert first_ids("stage1") == first_ids("stage1")
     assert first_ids("stage1") != first_ids("stage3")
+
+
+def _stage3_inputs(fraction, n=64):
+    """Stage 3's X~ for a batch of n images cycling good / usable / reject, half of them with a stored
+    clean reference, and the batch's float images."""
+    cfg = tiny.tiny_config(**{"loss.qt_good_fraction": fraction})
+    rng = np.random.default_rng(0)
+    size = 16
+    x = jnp.asarray(rng.uniform(0.2, 0.8, (n, size, size, 3)), jnp.float32)
+    mask = jnp.ones((n, size, size), jnp.float32)
+    batch = {"quality": jnp.arange(n) % 3, "has_reference": jnp.arange(n) % 2 == 0}
+    s = steps.LossSettings.from_config(cfg)
+    out = steps._stage3_input(x, mask, batch, jax.random.key(3), factory.qt_params(cfg), s)
+    changed = np.asarray(jnp.any(jnp.abs(out - x) > 1e-6, axis=(1, 2, 3)))
+    return changed, np.asarray(batch["quality"]), np.asarray(batch["has_reference"])
+
+
+def test_stage3_input_degrades_good_images_by_qt_good_fraction():
+    """Eq. (3)'s literal form (fraction 1) degrades every good image; fraction 0 none; 0.5 some of each.
+    Reject images and usable records with a clean reference (already degraded) enter as they are; usable
+    records without one go through op1."""
+    for fraction in (1.0, 0.5, 0.0):
+        changed, quality, has_ref = _stage3_inputs(fraction)
+        assert not changed[quality == 2].any()
+        assert not changed[(quality == 1) & has_ref].any()
+        assert changed[(quality == 1) & ~has_ref].any()  # op1 draws its operations: some may leave an image as is
+        good = changed[quality == 0]
+        if fraction == 1.0:
+            assert good.all()
+        elif fraction == 0.0:
+            assert not good.any()
+        else:  # 22 good images: all on one side has probability 2 * 0.5 ** 22
+            assert good.any() and not good.all()
