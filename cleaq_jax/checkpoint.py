@@ -41,7 +41,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cleaq_jax import factory, parallel
+from cleaq_jax import factory, parallel, storage
 from cleaq_jax import train_state as ts
 
 PyTree = Any
@@ -259,7 +259,7 @@ class Checkpointer:
                 raise ValueError(
                     f"checkpoint {self.directory}/{step} holds no data-iterator state; restore without data_iter"
                 )
-            _restore_position(os.path.join(self.directory, str(step), "data"), data_iter)
+            _restore_position(storage.join(self.directory, str(step), "data"), data_iter)
         items = {"state": ocp.args.StandardRestore(target_abstract_state)}
         return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
@@ -327,15 +327,14 @@ def _restore_position(data_dir: str, data_iter: Any) -> None:
     """Move ``data_iter`` to the saved position. grain writes one file per process
     (``process_i-of-n.json``); the loaders' positions are the same on every process, so a run resumed
     with another process count reads process 0's file instead of failing."""
-    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    if not os.path.exists(own):
-        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
+    own = storage.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not storage.exists(own):
+        saved = sorted(f for f in storage.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
         if not saved:
             raise FileNotFoundError(f"{data_dir} holds no data-iterator position")
         logging.info("data position saved by another process layout (%s); using %s", saved, saved[0])
-        own = os.path.join(data_dir, saved[0])
-    with open(own) as f:
-        text = f.read()
+        own = storage.join(data_dir, saved[0])
+    text = storage.read_text(own)
     data_iter.set_state(json.loads(text) if isinstance(data_iter, grain.DatasetIterator) else text.encode())
     if hasattr(data_iter, "start_prefetch"):
         data_iter.start_prefetch()
@@ -415,9 +414,9 @@ def checkpoint_directory(path: str) -> str:
 
     Raises FileNotFoundError naming ``path`` when neither holds a checkpoint.
     """
-    path = os.path.abspath(os.fspath(path))
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+    path = os.fspath(path).rstrip("/") if storage.is_remote(path) else os.path.abspath(os.fspath(path))
+    for candidate in (storage.join(path, "checkpoints"), path):
+        if storage.isdir(candidate) and any(n.isdigit() for n in storage.listdir(candidate)):
             return candidate
     raise FileNotFoundError(
         f"no checkpoint in {path}: pass a stage directory written by training (e.g. <workdir>/stage3) "
@@ -431,7 +430,7 @@ def read_trained_config(directory: str, step: int | None = None) -> ml_collectio
     """
     with _read_only(directory) as manager:
         step = manager.latest_step() if step is None else step
-        if step is None or not os.path.isdir(os.path.join(directory, str(step), "config")):
+        if step is None or not storage.isdir(storage.join(directory, str(step), "config")):
             raise FileNotFoundError(f"checkpoint {directory} (step {step}) holds no config item; it was not "
                                     "written by cleaq_jax training")
         restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from cleaq_jax import storage
 from cleaq_jax.data.records import QUALITY_NAMES as QUALITY
 
 TASK_TITLES = {"dr": "DR grading", "iqa": "Quality assessment (raw image)",
@@ -24,19 +24,7 @@ DR_INPUT = {"raw": "DR grades the images as they are (a stage-1 DR network was t
                      "they are (config.eval.gate_quality)."}
 
 
-def atomic_file(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``.
-
-    The temporary file is created with open(), not mkstemp, so the result gets the usual umask
-    permissions; it is removed if ``write`` fails.
-    """
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+atomic_file = storage.atomic_file  # the report's files appear whole, on local disk or in a bucket
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -143,7 +131,7 @@ def write(result: dict[str, Any], out_dir: str, panels: np.ndarray | None = None
     panels: enhancement grid rows (`grid_figure`); vessel_panels: downstream vessel rows
     (`vessel_figure`, drawn with result['vessels']); gradcam: the Grad-CAM grid (`gradcam_figure`).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
 
     def dump_json(tmp):
         with open(tmp, "w") as f:

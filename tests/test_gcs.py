@@ -1,9 +1,16 @@
 """gs:// paths against a Cloud Storage emulator on localhost: etils.epath (through gcsfs) and orbax
 checkpoints (tensorstore's GCS driver) write into the emulator's bucket, and read back what they wrote."""
 
+import json
 import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 from tests import gcs_emulator as emulator_lib
+from tests import tiny
 
 
 def _objects(emulator, bucket):
@@ -57,3 +64,68 @@ assert int(back["step"]) == 3
     assert steps == ["2", "3"]  # step 1 was deleted in the bucket (max_to_keep=2)
     assert "stage1/checkpoints/3/_CHECKPOINT_METADATA" in objects
     assert any(p.startswith("stage1/checkpoints/3/default/") and "/d/" in p for p in objects)  # array data
+
+
+def _main(emulator, cwd, *flags):
+    """python -m cleaq_jax.main in a child process with the emulator's environment, started in ``cwd``."""
+    env = tiny.subprocess_env(**emulator.env)
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.main", *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{flags}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+_TINY = ("--config.model.width=0.0625", "--config.model.encoder_stages=(1,1,1,1)",
+         "--config.model.classifier_stages=(1,1,1,1)", "--config.data.image_size=32",
+         "--config.data.synthetic.num=0", "--config.batch_size=4", "--config.eval_batch_size=4",
+         "--config.log_every_steps=2", "--config.image_every_steps=0", "--config.checkpoint_every_steps=1000",
+         "--config.eval.num_examples_grid=0", "--config.eval_every_epochs=1")
+
+
+@pytest.mark.slow
+def test_a_stage_trains_resumes_and_evaluates_in_a_gs_workdir(gcs_emulator, tmp_path):
+    """The run's workdir in a bucket: checkpoints with the data-iterator position, TensorBoard events and
+    the end-of-stage report land there; a second run resumes from the bucket's checkpoint and position;
+    evaluation reads the checkpoint from the bucket and writes its report there. Nothing goes to a local
+    folder named gs:."""
+    bucket = gcs_emulator.new_bucket()
+    shards, cwd = str(tmp_path / "shards"), tmp_path / "cwd"
+    cwd.mkdir()
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", shards, "--num", "40", "--size", "32"],
+                   cwd=tiny.REPO, env=tiny.subprocess_env(), check=True, capture_output=True, timeout=600)
+    run = f"gs://{bucket}/run"
+    stage1 = (f"--config={tiny.REPO}/configs/stage1.py", f"--workdir={run}", f"--config.data.dir={shards}", *_TINY)
+    first = _main(gcs_emulator, cwd, *stage1, "--config.num_epochs=1")
+    per_epoch = int(re.search(r"stage1: iqe\+dr, (\d+) steps/epoch, steps 0\.\.", first).group(1))
+    objects = _objects(gcs_emulator, bucket)
+    assert f"run/stage1/checkpoints/{per_epoch}/data/process_0-of-1.json" in objects
+    assert {"run/stage1/eval/eval.json", "run/stage1/eval/eval.md"} <= set(objects)
+    assert any(p.startswith("run/stage1/tensorboard/") and ".tfevents." in p for p in objects), objects
+
+    second = _main(gcs_emulator, cwd, *stage1, "--config.num_epochs=2")
+    assert f"steps {per_epoch}..{2 * per_epoch}" in second  # resumed at the bucket's step, not from 0
+    assert f"run/stage1/checkpoints/{2 * per_epoch}/data/process_0-of-1.json" in _objects(gcs_emulator, bucket)
+
+    _main(gcs_emulator, cwd, f"--config={tiny.REPO}/configs/eval.py", f"--config.checkpoint_dir={run}/stage1",
+          f"--config.data.dir={shards}", f"--workdir={run}/evaluated", "--config.eval_batch_size=4")
+    report = json.loads(open(os.path.join(gcs_emulator.root, bucket, "run/evaluated/eval/eval.json")).read())
+    assert report["split"] == "test" and report["dr"]["overall"]["n"] > 0
+
+    # predict: photographs read from the bucket, its outputs written there (a real fundus photograph).
+    emulator_lib.run_python(gcs_emulator, f"""
+import cv2, skimage.data
+from etils import epath
+ok, png = cv2.imencode(".png", cv2.cvtColor(skimage.data.retina(), cv2.COLOR_RGB2BGR))
+for name in ("a.png", "b.png"):
+    epath.Path("gs://{bucket}/photos/" + name).write_bytes(png.tobytes())
+epath.Path("gs://{bucket}/photos/notes.txt").write_text("not a photograph")
+""")
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.programs.predict", "--checkpoint", f"{run}/stage1",
+                           "--input", f"gs://{bucket}/photos", "--out", f"{run}/predicted", "--batch-size", "2"],
+                          cwd=cwd, env=tiny.subprocess_env(**gcs_emulator.env), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = open(os.path.join(gcs_emulator.root, bucket, "run/predicted/predictions.csv")).read().splitlines()
+    assert len(rows) == 3 and rows[1].startswith(f"gs://{bucket}/photos/a.png"), rows
+    assert {"run/predicted/enhanced/a.png", "run/predicted/enhanced/b.png"} <= set(_objects(gcs_emulator, bucket))
+    assert os.listdir(cwd) == []  # nothing written to a local folder named gs:

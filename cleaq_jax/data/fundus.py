@@ -17,6 +17,9 @@ import os
 
 import cv2
 import numpy as np
+from etils import epath
+
+from cleaq_jax import storage
 
 # Long side of the downscaled copy the disc is searched on: keeps detection to a few ms per image.
 WORK_SIZE = 384
@@ -58,7 +61,10 @@ class Disc:
 # --------------------------------------------------------------------------- reading
 def _read_bytes(path: str | os.PathLike) -> np.ndarray:
     try:
-        data = np.fromfile(path, np.uint8)
+        if storage.is_remote(path):
+            data = np.frombuffer(epath.Path(path).read_bytes(), np.uint8)
+        else:
+            data = np.fromfile(path, np.uint8)
     except OSError as e:
         raise BadImageError(f"{path}: cannot read the file ({e.strerror or e})") from e
     if data.size == 0:

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from cleaq_jax import console, parallel
+from cleaq_jax import console, parallel, storage
 from cleaq_jax.data import records, synthetic
 
 NAME = "synthetic"
@@ -53,6 +53,7 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     """Check the shards exist (building the synthetic set on first use when configured); returns
     their directory. Every process calls it; process 0 builds, the others wait."""
     path = data_dir(cfg, workdir)
+    storage.require_local(path, "config.data.dir" if cfg.data.dir else "the synthetic shard directory <workdir>/data")
     manifest = os.path.join(path, records.MANIFEST)
     if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
         if jax.process_index() == 0:

@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+from cleaq_jax import storage
 from cleaq_jax.data import tfds_metadata
 
 SCHEMA_VERSION = 1
@@ -188,6 +189,7 @@ def decode_png(data: bytes, *, color: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------- manifest
 def read_manifest(data_dir: str) -> dict[str, Any]:
+    storage.require_local(data_dir, "the shard directory")
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(

@@ -36,8 +36,9 @@ from typing import Any
 import cv2
 import jax
 import numpy as np
+from etils import epath
 
-from cleaq_jax import checkpoint, inference, parallel, report
+from cleaq_jax import checkpoint, inference, parallel, report, storage
 from cleaq_jax.data import fundus, records
 from cleaq_jax.programs import explain as explain_lib
 
@@ -52,13 +53,26 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
     (sorted). A path that does not exist is kept, to be reported as skipped."""
     found: list[str] = []
     for path in paths:
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             found.append(path)
+            continue
+        if storage.is_remote(path):
+            found += _remote_images(epath.Path(path))
             continue
         for root, dirs, files in os.walk(path):
             dirs.sort()
             found += [os.path.join(root, f) for f in sorted(files)
                       if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    return found
+
+
+def _remote_images(folder: epath.Path) -> list[str]:
+    """`list_inputs` for a bucket folder: one listing per folder, sub-folders after files, sorted."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    found = [str(p) for p in entries if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+             and not p.is_dir()]
+    for sub in (p for p in entries if p.is_dir()):
+        found += _remote_images(sub)
     return found
 
 
@@ -207,7 +221,7 @@ def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, ga
     fn = inference.compiled_inference(restored.models, restored.nets, gate_quality=gate_quality,
                                       enhance_first=inference.enhance_before_grading(restored.stage))
     enhanced_dir = os.path.join(out_dir, "enhanced")
-    os.makedirs(enhanced_dir, exist_ok=True)
+    storage.makedirs(enhanced_dir)
     extras = explain_lib.Outputs(out_dir, explain=explain, report_html=report_html,
                                  subtitle=f"{restored.directory} ({restored.stage}, step {restored.step})")
     rows: list[list[str]] = []
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         restored = checkpoint.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
         print(f"predict: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
-        os.makedirs(args.out, exist_ok=True)
+        storage.makedirs(args.out)
         result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
                          explain=args.explain, report_html=args.report)
     except (FileNotFoundError, ValueError) as error:

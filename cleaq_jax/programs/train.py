@@ -8,6 +8,7 @@ stages.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import time
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import checkpoint, console, factory, inference, optim, parallel, stage_init, steps
+from cleaq_jax import checkpoint, console, factory, inference, optim, parallel, stage_init, steps, storage
 from cleaq_jax.data import location, pipeline, records
 from cleaq_jax.programs import evaluate, teacher
 
@@ -120,8 +121,7 @@ class _Validation:
 def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress, validate):
     from clu import metric_writers, periodic_actions  # heavy: pulls TensorFlow, which only the writers need
 
-    writer = metric_writers.create_default_writer(os.path.join(out, "tensorboard"),
-                                                  just_logging=jax.process_index() != 0)
+    writer = _tensorboard_writer(metric_writers, os.path.join(out, "tensorboard"))
     hooks = []  # the per-interval console line replaces clu's ReportProgress (a log line per note)
     if cfg.profile_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
@@ -168,6 +168,36 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
                 raise SystemExit(0)
     writer.flush()
     return state
+
+
+class _MirroredWriter:
+    """A clu metric writer over a local directory whose every `flush` also copies its event files whole
+    to the run's remote TensorBoard directory: tf.summary writes ``gs://`` only through TensorFlow's own
+    Cloud Storage client, so event files go to local disk first and to the bucket through `storage`."""
+
+    def __init__(self, inner, local_dir: str, remote_dir: str):
+        self._inner, self._local, self._remote = inner, local_dir, remote_dir
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def flush(self) -> None:
+        self._inner.flush()
+        storage.mirror(self._local, self._remote)
+
+    def close(self) -> None:
+        self._inner.close()
+        storage.mirror(self._local, self._remote)
+
+
+def _tensorboard_writer(metric_writers, logdir: str):
+    """clu's default writer into ``logdir`` (process 0; the others only log), mirrored from a local
+    directory when ``logdir`` is remote."""
+    if jax.process_index() != 0 or not storage.is_remote(logdir):
+        return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() != 0)
+    local = storage.local_stand_in(logdir)
+    atexit.register(storage.remove_tree, local)
+    return _MirroredWriter(metric_writers.create_default_writer(local), local, logdir)
 
 
 def _compile(step_fn, state, batch, stage: str):
