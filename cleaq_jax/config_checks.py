@@ -142,6 +142,7 @@ RULES: dict[str, Rule] = {
     "loss.usable_self_reference": boolean(),
     "loss.qt_good_fraction": number(0.0, 1.0),
     "optim.learning_rate": number(0.0, low_open=True),
+    "optim.joint_learning_rate": number(0.0),
     "optim.constant_epochs": _COUNT,
     "optim.power": _WEIGHT,
     "optim.b1": number(0.0, 1.0, high_open=True),

@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
+    # Stage 3's starting learning rate when above 0, else learning_rate (the paper: 1e-3 for every stage).
+    # Stage 3 starts Adam afresh on pre-trained networks; at 1e-3 a residual U-IQE lost its stage-1
+    # enhancement within an epoch in the demo (docs/training.md, "Stage 3's learning rate").
+    c.optim.joint_learning_rate = 0.0
     c.optim.constant_epochs = 60  # lr constant, then times (1 - epoch/total_epochs)^power
     c.optim.power = 0.9
     c.optim.b1 = 0.9

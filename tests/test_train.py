@@ -31,6 +31,17 @@ def test_lr_schedule_is_constant_then_polynomial_in_the_epoch():
     assert float(sched(jnp.int32(1205))) == pytest.approx(1e-3 * (1 - 120 / 150) ** 0.9, rel=1e-5)
 
 
+def test_joint_learning_rate_is_stage_3s_base_rate_only():
+    """optim.joint_learning_rate replaces learning_rate in stage 3 when above 0; other stages, and 0,
+    keep learning_rate (the paper's single rate)."""
+    kw = {"optim.learning_rate": 1e-3, "optim.joint_learning_rate": 1e-4, "optim.constant_epochs": 2, "num_epochs": 4}
+    at = lambda cfg, count: float(optim.lr_schedule(cfg, steps_per_epoch=10)(jnp.int32(count)))  # noqa: E731
+    assert at(tiny.tiny_config(**kw, stage="stage3"), 0) == pytest.approx(1e-4)
+    assert at(tiny.tiny_config(**kw, stage="stage3"), 30) == pytest.approx(1e-4 * (1 - 3 / 4) ** 0.9, rel=1e-5)
+    assert at(tiny.tiny_config(**kw, stage="stage1"), 0) == pytest.approx(1e-3)
+    assert at(tiny.tiny_config(**{**kw, "optim.joint_learning_rate": 0.0}, stage="stage3"), 0) == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("name, stages", [
     ("dr_only", ("stage1",)), ("iqe_only", ("stage1",)), ("iqe_no_seg", ("stage1",)),
     ("iqa_only", ("stage2",)), ("iqa_no_lqi", ("stage2",)), ("cleaq", ("stage1", "stage2", "stage3")),

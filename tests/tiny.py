@@ -25,6 +25,9 @@ def tiny_config(**overrides):
     c.model.uiqe_residual = False
     c.loss.usable_self_reference = False
     c.loss.grl_scale = 1.0
+    c.loss.iqe_guidance = "reverse"
+    c.loss.qt_good_fraction = 1.0
+    c.optim.joint_learning_rate = 0.0
     c.data.synthetic.lesion_scale = 1.0
     c.batch_size = 8
     c.eval_batch_size = 8
