@@ -6,6 +6,11 @@ through TensorFlow's tf.io.gfile when TensorFlow is installed and through gcsfs 
 (``EPATH_USE_TF=false`` chooses gcsfs; the tests do, against a local emulator). Local paths keep plain
 file operations, so local behaviour is that of the standard library.
 
+`atomic_file` puts a file at its path whole, locally or in a bucket. `summary_writer` is clu's TensorBoard
+writer; for a remote log directory it writes into a local temporary directory that `MirroredWriter`
+copies to the bucket at every flush and at close, because tf.summary reaches ``gs://`` only through
+TensorFlow's own Cloud Storage client.
+
 Shards are the exception: ArrayRecord reads local files only, so a ``gs://`` data directory is refused
 with the two ways to reach it (`require_local`).
 """
@@ -16,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from etils import epath
 
@@ -53,22 +58,30 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` with a local temporary file name, then put the result at ``path`` whole.
+    """Call ``write(tmp)`` with a temporary local file name, then rename the result to ``path``.
 
-    Local ``path``: the temporary name is beside it (``.tmp-<uuid>-<name>``, created by ``write`` with the
-    usual umask permissions) and renamed over it, so a reader never sees half a file; it is removed if
-    ``write`` fails. Remote ``path``: ``write`` fills a file in a local temporary directory, which is then
-    uploaded as one object (a Cloud Storage object appears only when its upload completes).
+    The result is first put at ``.tmp-<uuid>-<name>`` beside ``path`` and renamed over it, so a reader
+    never sees half a file, and the temporary name is removed if anything fails. Local ``path``: ``write``
+    writes that temporary file itself (created with open(), so it gets the usual umask permissions).
+    Remote ``path``: ``write`` fills a file in a local temporary directory (figures and tables are drawn
+    by libraries that open local files), which is uploaded to the temporary name through epath and
+    renamed there.
     """
     path = os.fspath(path)
+    tmp = join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     if is_remote(path):
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            tmp = os.path.join(tmp_dir, os.path.basename(path))
-            write(tmp)
-            with open(tmp, "rb") as f:
-                epath.Path(path).write_bytes(f.read())
+        target, staged = epath.Path(path), epath.Path(tmp)
+        try:
+            with tempfile.TemporaryDirectory(prefix="cleaq-") as local_dir:
+                local = os.path.join(local_dir, os.path.basename(path))
+                write(local)
+                with open(local, "rb") as f:
+                    staged.write_bytes(f.read())
+            staged.replace(target)
+        finally:
+            if staged.exists():
+                staged.unlink()
         return
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -77,25 +90,65 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-def mirror(local_dir: str, remote_dir: str) -> None:
-    """Copy every file under ``local_dir`` to the same relative path under ``remote_dir``, each whole
-    (objects cannot be appended to, so a growing file is uploaded again)."""
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), local_dir)
-            target = epath.Path(remote_dir) / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(os.path.join(root, name), "rb") as f:
-                target.write_bytes(f.read())
+class MirroredWriter:
+    """A clu metric writer whose TensorBoard files go to a local directory first and then, whole, to a
+    remote one: `flush` and `close` copy every file under ``local_dir`` that changed since the last copy
+    (a Cloud Storage object cannot be appended to, so a grown event file is uploaded again), and `close`
+    removes ``local_dir``. tf.summary reaches ``gs://`` only through TensorFlow's own Cloud Storage
+    client; this way the event files travel through `etils.epath` like every other file of a run.
+
+    inner: the writer into ``local_dir`` (e.g. ``clu.metric_writers.create_default_writer(local_dir)``);
+    every other method is ``inner``'s.
+    """
+
+    def __init__(self, inner: Any, local_dir: str, remote_dir: str):
+        self._inner, self.local_dir, self.remote_dir = inner, local_dir, os.fspath(remote_dir)
+        self._copied: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) when last copied
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def flush(self) -> None:
+        self._inner.flush()
+        self.mirror()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+            self.mirror()
+        finally:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def mirror(self) -> list[str]:
+        """Copy the files under ``local_dir`` that changed since the last call to the same relative paths
+        under ``remote_dir``; returns their relative paths."""
+        copied = []
+        for root, _, files in os.walk(self.local_dir):
+            for name in sorted(files):
+                local = os.path.join(root, name)
+                relative = os.path.relpath(local, self.local_dir)
+                stat = os.stat(local)
+                if self._copied.get(relative) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                target = epath.Path(self.remote_dir) / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(local, "rb") as f:
+                    target.write_bytes(f.read())
+                self._copied[relative] = (stat.st_size, stat.st_mtime_ns)
+                copied.append(relative)
+        return copied
 
 
-def local_stand_in(remote_dir: str) -> str:
-    """A new local temporary directory that stands in for ``remote_dir`` (see `mirror`)."""
-    return tempfile.mkdtemp(prefix="cleaq-" + os.path.basename(remote_dir.rstrip("/")) + "-")
+def summary_writer(logdir: str, *, just_logging: bool = False) -> Any:
+    """clu's default writer: console log lines and, unless ``just_logging``, TensorBoard event files in
+    ``logdir``, directly when it is local, through a `MirroredWriter` over a local temporary directory
+    when it is remote."""
+    from clu import metric_writers  # heavy: pulls TensorFlow, which only the writers need
 
-
-def remove_tree(local_dir: str) -> None:
-    shutil.rmtree(local_dir, ignore_errors=True)
+    if just_logging or not is_remote(logdir):
+        return metric_writers.create_default_writer(logdir, just_logging=just_logging)
+    local_dir = tempfile.mkdtemp(prefix="cleaq-tensorboard-")
+    return MirroredWriter(metric_writers.create_default_writer(local_dir), local_dir, logdir)
 
 
 def require_local(path: str | os.PathLike, what: str) -> None:

@@ -66,6 +66,45 @@ assert int(back["step"]) == 3
     assert any(p.startswith("stage1/checkpoints/3/default/") and "/d/" in p for p in objects)  # array data
 
 
+def test_report_files_and_mirrored_tensorboard_files_reach_the_bucket_whole(gcs_emulator, tmp_path):
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import os, tempfile
+from etils import epath
+from cleaq_jax import storage
+os.chdir({str(tmp_path)!r})
+run = "gs://{bucket}/run"
+storage.makedirs(run + "/eval")
+storage.atomic_file(run + "/eval/eval.md", lambda tmp: open(tmp, "w").write("| a |"))
+storage.atomic_file(run + "/eval/eval.md", lambda tmp: open(tmp, "w").write("| b |"))  # replaces it
+try:
+    storage.atomic_file(run + "/eval/broken.md", lambda tmp: 1 / 0)
+except ZeroDivisionError:
+    pass
+assert epath.Path(run + "/eval/eval.md").read_text() == "| b |"
+
+class Events:  # stands in for clu's writer: appends to one event file
+    def __init__(self, d): self.d = d
+    def write_scalars(self, step, scalars): open(os.path.join(self.d, "events.out"), "a").write(f"{{step}}\\n")
+    def flush(self): pass
+    def close(self): pass
+
+local = tempfile.mkdtemp()
+writer = storage.MirroredWriter(Events(local), local, run + "/stage1/tensorboard")
+writer.write_scalars(1, {{}})
+writer.flush()
+assert epath.Path(run + "/stage1/tensorboard/events.out").read_text() == "1\\n"
+assert writer.mirror() == []  # unchanged files are not copied again
+writer.write_scalars(2, {{}})
+writer.close()
+assert epath.Path(run + "/stage1/tensorboard/events.out").read_text() == "1\\n2\\n"
+assert not os.path.exists(local)
+"""
+    emulator_lib.run_python(gcs_emulator, code)
+    assert _objects(gcs_emulator, bucket) == ["run/eval/eval.md", "run/stage1/tensorboard/events.out"]
+    assert os.listdir(tmp_path) == []
+
+
 def _main(emulator, cwd, *flags):
     """python -m cleaq_jax.main in a child process with the emulator's environment, started in ``cwd``."""
     env = tiny.subprocess_env(**emulator.env)
@@ -99,11 +138,16 @@ def test_a_stage_trains_resumes_and_evaluates_in_a_gs_workdir(gcs_emulator, tmp_
     per_epoch = int(re.search(r"stage1: iqe\+dr, (\d+) steps/epoch, steps 0\.\.", first).group(1))
     objects = _objects(gcs_emulator, bucket)
     assert f"run/stage1/checkpoints/{per_epoch}/data/process_0-of-1.json" in objects
-    assert {"run/stage1/eval/eval.json", "run/stage1/eval/eval.md"} <= set(objects)
-    assert any(p.startswith("run/stage1/tensorboard/") and ".tfevents." in p for p in objects), objects
+    assert {"run/stage1/eval/eval.json", "run/stage1/eval/eval.md", "run/stage1/eval/confusion_matrix.png",
+            "run/stage1/eval/per_quality.png"} <= set(objects)
+    assert [p for p in objects if p.startswith("run/stage1/tensorboard/events.out.tfevents.")], objects
+    assert not [p for p in objects if "/.tmp-" in p]  # each report file was renamed into place
 
     second = _main(gcs_emulator, cwd, *stage1, "--config.num_epochs=2")
-    assert f"steps {per_epoch}..{2 * per_epoch}" in second  # resumed at the bucket's step, not from 0
+    # Resumed at the bucket's step, its data position read from there (a missing one fails the restore).
+    assert f"stage1: resumed from step {per_epoch}" in second and f"steps {per_epoch}..{2 * per_epoch}" in second
+    events = [p for p in _objects(gcs_emulator, bucket) if p.startswith("run/stage1/tensorboard/events.")]
+    assert len(events) == 2, events  # one event file per run, the first run's kept
     assert f"run/stage1/checkpoints/{2 * per_epoch}/data/process_0-of-1.json" in _objects(gcs_emulator, bucket)
 
     _main(gcs_emulator, cwd, f"--config={tiny.REPO}/configs/eval.py", f"--config.checkpoint_dir={run}/stage1",

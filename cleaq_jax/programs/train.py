@@ -8,7 +8,6 @@ stages.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import os
 import time
@@ -119,13 +118,27 @@ class _Validation:
 
 # --------------------------------------------------------------------------- the loop
 def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress, validate):
-    from clu import metric_writers, periodic_actions  # heavy: pulls TensorFlow, which only the writers need
+    # Process 0 writes TensorBoard files (through a local directory mirrored to a remote workdir); the
+    # others only log. Closing it (also on an error or SIGTERM) copies the last events to a bucket.
+    logdir = os.path.join(out, "tensorboard")
+    writer = storage.summary_writer(logdir, just_logging=jax.process_index() != 0)
+    try:
+        return _train(cfg, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress,
+                      validate, writer, logdir)
+    finally:
+        writer.close()
 
-    writer = _tensorboard_writer(metric_writers, os.path.join(out, "tensorboard"))
+
+def _train(cfg, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress, validate, writer,
+           logdir):
+    from clu import periodic_actions  # heavy: pulls TensorFlow, which only the writers need
+
     hooks = []  # the per-interval console line replaces clu's ReportProgress (a log line per note)
     if cfg.profile_steps and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=os.path.join(out, "tensorboard"),
-                                              num_profile_steps=cfg.profile_steps, first_profile=start + 5))
+        # Traces go where the writer's event files go, so a remote workdir gets them mirrored too.
+        local_logdir = writer.local_dir if isinstance(writer, storage.MirroredWriter) else logdir
+        hooks.append(periodic_actions.Profile(logdir=local_logdir, num_profile_steps=cfg.profile_steps,
+                                              first_profile=start + 5))
     batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
     if start >= total_steps:
         return state
@@ -161,43 +174,13 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
                 # The prefetcher's position is that of the last batch consumed, not of those queued.
                 ckpt.save(step, state, data_iter=batches, config=cfg, metrics={**last_metrics, **validated},
                           force=last or stop or bool(validated))
+                writer.flush()  # the events on disk (or in the bucket) reach the step a resume starts from
             if stop:
                 logging.warning("%s: SIGTERM received; saved step %d and stopping", stage, step)
                 ckpt.wait_until_finished()
-                writer.flush()
                 raise SystemExit(0)
     writer.flush()
     return state
-
-
-class _MirroredWriter:
-    """A clu metric writer over a local directory whose every `flush` also copies its event files whole
-    to the run's remote TensorBoard directory: tf.summary writes ``gs://`` only through TensorFlow's own
-    Cloud Storage client, so event files go to local disk first and to the bucket through `storage`."""
-
-    def __init__(self, inner, local_dir: str, remote_dir: str):
-        self._inner, self._local, self._remote = inner, local_dir, remote_dir
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def flush(self) -> None:
-        self._inner.flush()
-        storage.mirror(self._local, self._remote)
-
-    def close(self) -> None:
-        self._inner.close()
-        storage.mirror(self._local, self._remote)
-
-
-def _tensorboard_writer(metric_writers, logdir: str):
-    """clu's default writer into ``logdir`` (process 0; the others only log), mirrored from a local
-    directory when ``logdir`` is remote."""
-    if jax.process_index() != 0 or not storage.is_remote(logdir):
-        return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() != 0)
-    local = storage.local_stand_in(logdir)
-    atexit.register(storage.remove_tree, local)
-    return _MirroredWriter(metric_writers.create_default_writer(local), local, logdir)
 
 
 def _compile(step_fn, state, batch, stage: str):
