@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cleaq_jax import gradcam, html_report, report
+from cleaq_jax import gradcam, html_report, report, storage
 from cleaq_jax import train_state as ts
 
 EXPLAIN_DIR = "explain"
@@ -77,7 +77,7 @@ class Outputs:
         self.cards: list[html_report.Card] = []
         for folder, wanted in ((EXPLAIN_DIR, self.explain), (CROPS_DIR, report_html)):
             if wanted:
-                os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+                storage.makedirs(os.path.join(out_dir, folder))
 
     @property
     def needs_heatmaps(self) -> bool:

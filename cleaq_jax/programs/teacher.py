@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import console, factory, inference, parallel, report
+from cleaq_jax import console, factory, inference, parallel, report, storage
 from cleaq_jax import train_state as ts
 from cleaq_jax.data import degrade, location, pipeline
 
@@ -148,7 +148,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "threshold": THRESHOLD,
               **{name: summarise_counts(c) for name, c in counts.items()}}
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
         report.atomic_file(os.path.join(out_dir, "eval.json"), lambda tmp: _dump(tmp, json.dumps(result, indent=2)))
         report.atomic_file(os.path.join(out_dir, "eval.md"), lambda tmp: _dump(tmp, markdown(result)))
         console.say("%s evaluation written to %s:\n%s", stage, out_dir, markdown(result))
