@@ -93,7 +93,11 @@ _WEIGHT = number(0.0)
 RULES: dict[str, Rule] = {
     "stage": choice(*PROGRAMS),
     "seed": Rule(lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)"),
-    "data.dir": text(what="a shard directory written by data_prep, or '' for <workdir>/data"),
+    # ArrayRecord opens local files only: a bucket's shards are read through a copy or a FUSE mount.
+    "data.dir": Rule(lambda v: isinstance(v, str) and "://" not in v,
+                     "a local (or mounted) shard directory written by data_prep, or '' for <workdir>/data: the "
+                     "shard reader reads local files only, so copy the shards from the bucket to a local disk or "
+                     "mount the bucket with Cloud Storage FUSE (docs/launch.md, section B, Data)"),
     "data.train_split": text(empty=False, what="a split name of the shards' manifest.json"),
     "data.eval_split": text(empty=False, what="a split name of the shards' manifest.json"),
     "data.val_split": text(empty=False, what="a split name of the shards' manifest.json"),
