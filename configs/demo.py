@@ -18,12 +18,15 @@ def get_config():
     c.model.width = 0.125
     c.model.encoder_stages = (1, 1, 1, 1)
     c.model.classifier_stages = (1, 1, 1, 1)
-    # Short runs: a U-IQE that starts as the identity, and usable images as their own references.
+    # Short runs: a U-IQE that starts as the identity. The synthetic records carry clean references at
+    # every quality level, so usable images are not their own references (loss.usable_self_reference).
     c.model.uiqe_residual = True
-    c.loss.usable_self_reference = True
-    # The paper's reversal scale 1 lets IQE wreck its output to defeat IQA in a short joint stage;
-    # 0.1 keeps the enhancement (docs/results.md).
-    c.loss.grl_scale = 0.1
+    # Stage 3 in the form that kept its networks working here (docs/training.md, "Stage 3's learning
+    # rate"): a fine-tuning rate, half the good images as they are (the path DR(IQE(X)) it is used on), and
+    # IQA guiding IQE towards "good" through a frozen IQA instead of the paper's gradient reversal.
+    c.optim.joint_learning_rate = 1e-4
+    c.loss.qt_good_fraction = 0.5
+    c.loss.iqe_guidance = "to_good"
     c.batch_size = 16
     c.eval_batch_size = 16
     c.num_epochs = 6

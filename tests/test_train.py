@@ -169,7 +169,8 @@ def _main_cmd(workdir: str, *overrides: str) -> list[str]:
     cfg = tiny.tiny_config()
     args = [sys.executable, "-m", "cleaq_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"]
     for key in ("data.image_size", "data.synthetic.num", "data.synthetic.lesion_scale", "model.width",
-                "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "batch_size",
+                "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "loss.iqe_guidance",
+                "loss.qt_good_fraction", "optim.joint_learning_rate", "batch_size",
                 "eval_batch_size", "log_every_steps", "image_every_steps", "checkpoint_every_steps"):
         node = cfg
         for p in key.split("."):
