@@ -101,7 +101,9 @@ RULES: dict[str, Rule] = {
     "data.train_split": text(empty=False, what="a split name of the shards' manifest.json"),
     "data.eval_split": text(empty=False, what="a split name of the shards' manifest.json"),
     "data.val_split": text(empty=False, what="a split name of the shards' manifest.json"),
-    "data.image_size": integer(16),
+    # U-IQE's encoder halves the image five times and concatenates skips of equal size (models.layers).
+    "data.image_size": Rule(lambda v: _is_int(v) and v >= 32 and v % 32 == 0,
+                            "a multiple of 32 (the networks halve the image five times), e.g. 64, 96, 512"),
     "data.num_grades": integer(2),
     "data.class_balance": number(0.0, 1.0),
     "data.balance_by": choice("dr_grade", "quality"),

@@ -101,7 +101,8 @@ def test_enhancement_examples_show_each_quality_level(study, tmp_path):
 # --------------------------------------------------------------------------- planning and arguments
 @pytest.mark.parametrize("variant, stage", [("dr_only", "stage1"), ("iqe_only", "stage1"), ("iqe_no_seg", "stage1"),
                                             ("iqa_only", "stage2"), ("iqa_no_lqi", "stage2"), ("cleaq", "stage3"),
-                                            ("cleq_dr", "stage3"), ("cleaq_dr", "stage3")])
+                                            ("cleq_dr", "stage3"), ("cleaq_dr", "stage3"),
+                                            ("cleaq_dr_to_good", "stage3")])
 def test_each_variant_is_read_from_its_final_stage(variant, stage):
     assert ablations.final_stage(ablations.load_config(ablations.config_path(variant), {})) == stage
 
@@ -203,3 +204,74 @@ def test_a_joint_run_also_reports_its_own_pre_trained_stages(tmp_path):
     assert tables["dr_kappa_differences"]["cleaq_dr - dr_only"]["all"]["values"] == pytest.approx([0.4, 0.4])
     text = "\n".join(ablations._per_quality_table(tables, "kappa"))
     assert "CLEAQ-DR − CLEAQ-DR, its stage1 (pre-training) (paired by seed)" in text
+
+
+# --------------------------------------------------------------------------- shared pre-training
+def test_joint_variants_start_stage3_from_the_base_variants_pretraining_of_the_same_seed(tmp_path):
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleaq", "cleq_dr", "cleaq_dr", "cleaq_dr_to_good"],
+                               range(2), {"data.dir": "/d"})
+    order = [(r["variant"], r["seed"]) for r in runs]
+    assert order[:5] == [("dr_only", 0), ("cleaq_dr", 0), ("cleaq", 0), ("cleq_dr", 0), ("cleaq_dr_to_good", 0)]
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    base = by[("cleaq_dr", 1)]
+    assert "after" not in base and not any("init.stage1" in c for c in base["command"])
+    for v in ("cleaq", "cleq_dr", "cleaq_dr_to_good"):
+        run = by[(v, 1)]
+        assert run["after"] == base["dir"] and run["pretrained"] == "cleaq_dr" and run["stage"] == "stage3"
+        assert "--config.stage=stage3" in run["command"]
+        assert f"--config.init.stage1={os.path.join(base['dir'], 'stage1')}" in run["command"]
+        assert f"--config.init.stage2={os.path.join(base['dir'], 'stage2')}" in run["command"]
+        assert run["command"][-1] == "--config.seed=1"
+    separate = ablations.plan_runs(str(tmp_path), ["cleaq", "cleaq_dr"], range(1), {}, share_pretraining=False)
+    assert all("after" not in r and r["pretrained"] == r["variant"] for r in separate)
+    alone = ablations.plan_runs(str(tmp_path), ["cleaq"], range(1), {})  # no base in the study: its own stages
+    assert "after" not in alone[0] and "--config.stage=stage3" not in alone[0]["command"]
+
+
+def _process(code):
+    import sys
+
+    return [sys.executable, "-c", code]
+
+
+def test_a_run_whose_pretraining_failed_is_not_started(tmp_path, capsys):
+    marker = tmp_path / "started"
+    base = {"variant": "cleaq_dr", "seed": 0, "dir": str(tmp_path / "cleaq_dr" / "seed0"), "stage": "stage3",
+            "command": _process("raise SystemExit(3)")}
+    dependant = {"variant": "cleq_dr", "seed": 0, "dir": str(tmp_path / "cleq_dr" / "seed0"), "stage": "stage3",
+                 "after": base["dir"], "command": _process(f"open({str(marker)!r}, 'w')")}
+    failed = ablations.execute([base, dependant], str(tmp_path), jobs=2)
+    assert [r["variant"] for r in failed] == ["cleaq_dr", "cleq_dr"]
+    assert not marker.exists()
+    assert "it starts from" in capsys.readouterr().out
+
+
+def test_a_run_waits_for_its_pretraining_even_with_free_jobs(tmp_path):
+    log = tmp_path / "order.txt"
+    base_dir = tmp_path / "cleaq_dr" / "seed0"
+    write = "import os, sys; os.makedirs(sys.argv[1], exist_ok=True); open(sys.argv[1] + '/eval.json', 'w'); " \
+            f"open({str(log)!r}, 'a').write(sys.argv[2] + chr(10))"
+    runs = [{"variant": v, "seed": 0, "dir": str(tmp_path / v / "seed0"), "stage": "stage3",
+             "command": [*_process(write), str(tmp_path / v / "seed0" / "stage3" / "eval"), v]}
+            for v in ("cleaq_dr", "cleq_dr")]
+    runs[1]["after"] = str(base_dir)
+    assert ablations.execute(runs, str(tmp_path), jobs=2) == []
+    assert log.read_text().split() == ["cleaq_dr", "cleq_dr"]
+
+
+def test_shared_pretraining_rows_are_the_base_runs_and_pair_each_joint_variant_with_them(tmp_path):
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleq_dr", "cleaq_dr"], range(2), {"data.dir": "/d"})
+    kappas = {("dr_only", "stage1"): (0.1, 0.2), ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6),
+              ("cleq_dr", "stage3"): (0.4, 0.2)}
+    for run in runs:
+        for (variant, stage), values in kappas.items():
+            if variant == run["variant"]:
+                os.makedirs(os.path.join(run["dir"], stage, "eval"))
+                with open(os.path.join(run["dir"], stage, "eval", "eval.json"), "w") as f:
+                    json.dump(_dr_eval(values[run["seed"]], values[run["seed"]]), f)
+    tables = ablations.tabulate(runs)
+    assert "cleq_dr@stage1" not in tables["dr"]
+    assert tables["dr"]["cleaq_dr@stage1"]["all"]["kappa"]["values"] == [0.3, 0.1]
+    differences = tables["dr_kappa_differences"]
+    assert differences["cleq_dr - cleaq_dr@stage1"]["reject"]["values"] == pytest.approx([0.1, 0.1])
+    assert differences["cleaq_dr - cleq_dr"]["all"]["values"] == pytest.approx([0.1, 0.4])

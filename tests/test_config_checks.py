@@ -41,6 +41,7 @@ def _main(tmp_path, *args, config="configs/stage1.py"):
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may take the remaining devices"),
     (["--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
      "config.distributed.process_id=2: must be below config.distributed.num_processes=2"),
+    (["--config.data.image_size=80"], "config.data.image_size=80: must be a multiple of 32"),
     (["--config.data.dir=gs://bucket/data/eyeq"],
      "config.data.dir='gs://bucket/data/eyeq': must be a local (or mounted) shard directory"),
     (["--config.distributed.coordinator_address=localhost"],

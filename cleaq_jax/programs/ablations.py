@@ -49,7 +49,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_DIR = os.path.join("configs", "ablations")
 # The paper's names for the variants, in the order the tables list them.
 VARIANTS = {"dr_only": "DR grading", "iqe_only": "IQE", "iqe_no_seg": "IQE w/o Seg-IQE", "iqa_only": "IQA",
-            "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR"}
+            "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR",
+            "cleaq_dr_to_good": "CLEAQ-DR to_good"}
+# Joint variants whose stage 3 starts from another variant's stage-1 and stage-2 checkpoints of the same
+# seed when both are in the study (unless --separate-pretraining): their stages 1 and 2 would train the same
+# networks alone on the same data again, and sharing them pairs the comparison of what stage 3 adds.
+SHARED_PRETRAINING = {"cleaq": "cleaq_dr", "cleq_dr": "cleaq_dr", "cleaq_dr_to_good": "cleaq_dr"}
+# Paired DR-kappa differences the claim is about (besides each variant against DR alone and its own stage 1).
+PAIRS = (("cleaq_dr", "cleq_dr"), ("cleaq_dr_to_good", "cleq_dr"), ("cleaq_dr_to_good", "cleaq_dr"))
 CLASSIFICATION = ("accuracy", "kappa", "precision", "f1")
 ENHANCEMENT = ("psnr_input", "psnr_enhanced", "ssim_input", "ssim_enhanced")
 SUBSETS = ("all",) + records.QUALITY_NAMES
@@ -116,17 +123,29 @@ def final_stage(cfg: ml_collections.ConfigDict) -> str:
 
 # --------------------------------------------------------------------------- plan and run
 def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
-              overrides: Mapping[str, str]) -> list[dict[str, Any]]:
+              overrides: Mapping[str, str], share_pretraining: bool = True) -> list[dict[str, Any]]:
     """One entry per variant x seed (seed-major, so later seeds reuse the first seed's compilations):
-    variant, seed, dir, stage (the evaluated one), command (argv, run from the repository root)."""
-    runs = []
+    variant, seed, dir, stage (the evaluated one), command (argv, run from the repository root), and
+    pretrained: the variant whose run directory holds this run's stage-1/2 checkpoints and evaluations
+    (itself, or its `SHARED_PRETRAINING` base, whose run is then listed first and is this one's ``after``)."""
     stages = {v: final_stage(load_config(config_path(v), overrides)) for v in variants}
+    base = {v: SHARED_PRETRAINING[v] if share_pretraining and SHARED_PRETRAINING.get(v) in variants
+            and stages[v] == "stage3" else v for v in variants}
+    ordered = sorted(variants, key=lambda v: (variants.index(base[v]), v != base[v]))
+    runs = []
     for seed in seeds:
-        for v in variants:
+        for v in ordered:
             run_dir = os.path.join(workdir, v, f"seed{seed}")
-            command = [sys.executable, "-m", "cleaq_jax.main", f"--config={config_path(v)}",
-                       f"--workdir={run_dir}", *override_flags({**overrides, "seed": str(seed)})]
-            runs.append({"variant": v, "seed": seed, "dir": run_dir, "stage": stages[v], "command": command})
+            flags_ = {**overrides, "seed": str(seed)}
+            run = {"variant": v, "seed": seed, "dir": run_dir, "stage": stages[v], "pretrained": base[v]}
+            if base[v] != v:
+                source = os.path.join(workdir, base[v], f"seed{seed}")
+                flags_ = {**overrides, "stage": "stage3", "init.stage1": os.path.join(source, "stage1"),
+                          "init.stage2": os.path.join(source, "stage2"), "seed": str(seed)}
+                run["after"] = source
+            run["command"] = [sys.executable, "-m", "cleaq_jax.main", f"--config={config_path(v)}",
+                              f"--workdir={run_dir}", *override_flags(flags_)]
+            runs.append(run)
     return runs
 
 
@@ -201,20 +220,31 @@ def _finish(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def execute(runs: Sequence[dict[str, Any]], workdir: str, jobs: int = 1) -> list[dict[str, Any]]:
-    """Run every unfinished run (at most ``jobs`` at once); returns the runs that failed."""
+    """Run every unfinished run (at most ``jobs`` at once; a run with an ``after`` waits for that run and is
+    not started when it failed); returns the runs that failed or could not start."""
     todo = []
     for run in runs:
         if os.path.exists(eval_json(run)):
             print(f"[ablations] skip {run['variant']} seed {run['seed']}: {eval_json(run)} exists", flush=True)
         else:
             todo.append(run)
+    pending = {r["dir"] for r in todo}
     env, active, failed = _environment(workdir), [], []
     while todo or active:
-        while todo and len(active) < max(1, jobs):
-            active.append(_start(todo.pop(0), env))
+        for run in [r for r in todo if r.get("after") in {f["dir"] for f in failed}]:
+            todo.remove(run)
+            failed.append(run)
+            print(f"[ablations] not run {run['variant']} seed {run['seed']}: it starts from {run['after']}, "
+                  "which failed", flush=True)
+        ready = [r for r in todo if r.get("after") not in pending]
+        while ready and len(active) < max(1, jobs):
+            run = ready.pop(0)
+            todo.remove(run)
+            active.append(_start(run, env))
         time.sleep(0.2)
         for job in [j for j in active if j["proc"].poll() is not None]:
             active.remove(job)
+            pending.discard(job["run"]["dir"])
             if _finish(job)["status"] != "finished":
                 failed.append(job["run"])
     return failed
@@ -248,15 +278,15 @@ def aggregate(evals: Sequence[Mapping[str, Any] | None], task: str, metrics: Seq
 
 
 def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any] | None]], variant: str,
-                      baseline: str = BASELINE, metric: str = "kappa") -> dict[str, Any]:
-    """Per subset: stat of (variant - baseline) ``metric`` of DR grading, paired by seed."""
+                      baseline: str = BASELINE, metric: str = "kappa", task: str = "dr") -> dict[str, Any]:
+    """Per subset: stat of (variant - baseline) ``metric`` of ``task`` (DR grading by default), paired by seed."""
     out = {}
     for subset in SUBSETS:
         diffs = []
         for seed, e in evals_by_seed.get(variant, {}).items():
             base = evals_by_seed.get(baseline, {}).get(seed)
-            a = _subset(e.get("dr", {}), subset).get(metric) if e else None
-            b = _subset(base.get("dr", {}), subset).get(metric) if base else None
+            a = _subset(e.get(task, {}), subset).get(metric) if e else None
+            b = _subset(base.get(task, {}), subset).get(metric) if base else None
             diffs.append(None if a is None or b is None else a - b)
         out[subset] = stat(diffs)
     return out
@@ -273,10 +303,13 @@ def title(name: str, short: bool = False) -> str:
 
 def _earlier_stages(run: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(row name, eval.json) of a joint run's pre-training stages: stage 1 trains IQE and DR alone and
-    stage 2 IQA alone, the models stage 3 starts from (the cleanest baseline for what joint training adds)."""
+    stage 2 IQA alone, the models stage 3 starts from (the cleanest baseline for what joint training adds).
+    A run that shares its base's pre-training reads (and names) the base's rows."""
     if run["stage"] != "stage3":
         return []
-    return [(f"{run['variant']}@{s}", os.path.join(run["dir"], s, "eval", "eval.json")) for s in ("stage1", "stage2")]
+    source = run.get("after", run["dir"])
+    return [(f"{run.get('pretrained', run['variant'])}@{s}", os.path.join(source, s, "eval", "eval.json"))
+            for s in ("stage1", "stage2")]
 
 
 def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -288,7 +321,8 @@ def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         record = run_record(run) or {}
         done = os.path.exists(eval_json(run))
         for name, path in [(run["variant"], eval_json(run))] + _earlier_stages(run):
-            evals.setdefault(name, {})[run["seed"]] = _read_json(path) if done else None
+            if done or run["seed"] not in evals.get(name, {}):
+                evals.setdefault(name, {})[run["seed"]] = _read_json(path) if done else None
         listed.append({k: run[k] for k in ("variant", "seed", "dir", "stage")} | {
             "eval_json": eval_json(run), "status": "finished" if done else record.get("status", "not run"),
             "wall_s": record.get("wall_s"), "command": shown(record.get("command", run["command"]))})
@@ -297,9 +331,15 @@ def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                           ("enhancement", ENHANCEMENT)):
         per_variant = {v: aggregate(list(by_seed.values()), task, metrics) for v, by_seed in evals.items()}
         tables[task] = {v: t for v, t in per_variant.items() if t is not None}
-    tables["dr_kappa_differences"] = {
-        f"{v} - {base}": paired_difference(evals, v, base) for v in tables["dr"]
-        for base in (BASELINE, f"{v}@stage1") if base != v and base in tables["dr"] and "@" not in v}
+    pretrained = {r["variant"]: r.get("pretrained", r["variant"]) for r in runs}
+    pairs = [(v, base) for v in tables["dr"] if "@" not in v for base in (BASELINE, f"{pretrained[v]}@stage1")]
+    pairs += [p for p in PAIRS if p[0] in tables["dr"]]
+    tables["dr_kappa_differences"] = {f"{v} - {base}": paired_difference(evals, v, base) for v, base in pairs
+                                      if base != v and base in tables["dr"]}
+    tables["enhancement_differences"] = {
+        f"{v} - {pretrained[v]}@stage1": {m: paired_difference(evals, v, f"{pretrained[v]}@stage1", m, "enhancement")
+                                          for m in ("psnr_enhanced", "ssim_enhanced")}
+        for v in tables["enhancement"] if "@" not in v and f"{pretrained[v]}@stage1" in tables["enhancement"]}
     return tables
 
 
@@ -357,6 +397,16 @@ def _enhancement_table(results: Mapping[str, Any]) -> list[str]:
                    "SSIM enhanced"], rows)
 
 
+def _enhancement_difference_table(results: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for name, diff in results.get("enhancement_differences", {}).items():
+        a, b = name.split(" - ")
+        for q in [q for q in SUBSETS if diff["psnr_enhanced"].get(q, {}).get("n")]:
+            rows.append([f"{title(a)} − {title(b)}", q, fmt(diff["psnr_enhanced"][q], 2),
+                         fmt(diff["ssim_enhanced"][q])])
+    return _table(["paired by seed", "subset", "PSNR enhanced (dB)", "SSIM enhanced"], rows) if rows else []
+
+
 def _runs_table(results: Mapping[str, Any]) -> list[str]:
     rows = [[VARIANTS[r["variant"]], str(r["seed"]), r["stage"], r["status"],
              "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in results["runs"]]
@@ -375,6 +425,11 @@ def _study_lines(study: Mapping[str, Any]) -> list[str]:
             f"batch {o.get('batch_size', '?')}, {study['num_epochs']} epoch(s) per stage, seeds "
             f"{', '.join(map(str, study['seeds']))}.",
             f"- Overrides given to every run: `{' '.join(override_flags(o))}`",
+            *([f"- Shared pre-training: " + "; ".join(
+                f"{title(a)} starts stage 3 from {title(b)}'s stage-1 and stage-2 checkpoints of the same seed"
+                for a, b in (x.split("<-") for x in study["shared_pretraining"])) + " (`--config.stage=stage3 "
+               "--config.init.stage1=... --config.init.stage2=...`), so its pre-training rows are that run's."]
+              if study.get("shared_pretraining") else []),
             f"- Machine: {study['machine']}; {study['jobs']} run(s) at a time; 1-min load average "
             f"{study['load_average'][0]:.1f} at the start, {study['load_average'][1]:.1f} at the end; "
             f"total wall time {study['wall_s']:.0f} s.",
@@ -396,6 +451,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines += ["## Enhancement (Table IV analogue): PSNR (dB) and SSIM against the original, inside the mask",
                   "", "Input: the QT-degraded original (op2 for good, op1 for usable images, fixed keys).", "",
                   *_enhancement_table(results), ""]
+        if results.get("enhancement_differences"):
+            lines += ["What the joint stage changes in each seed's enhancement (stage 3 minus the stage 1 it started "
+                      "from):", "", *_enhancement_difference_table(results), ""]
     for task, title in (("iqa", "IQA on the raw image"), ("iqa_enhanced", "IQA on IQE's enhancement (joint models)")):
         if results[task]:
             lines += [f"## Quality assessment (Table VI analogue): {title}", "", *_classification_table(results[task]), ""]
@@ -493,6 +551,7 @@ def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, 
             "eval_split": cfg.data.eval_split,
             "num_epochs": int(cfg.num_epochs), "seeds": list(seeds), "variants": sorted({r["variant"] for r in runs},
                                                                                        key=list(VARIANTS).index),
+            "shared_pretraining": sorted({f"{r['variant']}<-{r['pretrained']}" for r in runs if r["pretrained"] != r["variant"]}),
             "jobs": args.jobs, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.system()})",
             "example_command": shown(runs[-1]["command"])}
 
@@ -541,7 +600,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: 0..N-1 (default 3)")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the shards' size)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--preset", default="full", help="size preset: tiny, bench or full (configs/ablations/presets.py)")
+    p.add_argument("--preset", default="full", help="size preset: tiny, bench, study or full (configs/ablations/presets.py)")
     p.add_argument("--build-synthetic", type=int, default=0, metavar="N",
                    help="when --data has no shards yet, build N synthetic examples there first")
     p.add_argument("--synthetic-seed", type=int, default=0, help="generator seed for --build-synthetic")
@@ -549,6 +608,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="lesion size multiplier for --build-synthetic (default: the preset's; 1 = 512 px sizes)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: a run uses every core)")
     p.add_argument("--tabulate-only", action="store_true", help="start no run; tabulate the finished ones")
+    p.add_argument("--separate-pretraining", action="store_true",
+                   help="every joint variant trains its own stages 1 and 2 (default: CLEAQ, CLEQ-DR and CLEAQ-DR "
+                        "to_good start stage 3 from CLEAQ-DR's stage-1/2 checkpoints of the same seed)")
     return p
 
 
@@ -570,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             lesion_scale)
         overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
         overrides.update(parse_overrides(rest))
-        runs = plan_runs(workdir, variants, range(args.seeds), overrides)
+        runs = plan_runs(workdir, variants, range(args.seeds), overrides, not args.separate_pretraining)
         for run in runs:
             check_same_settings(run)
     except (ValueError, FileNotFoundError) as e:
