@@ -189,15 +189,20 @@ def test_a_run_recorded_with_its_flags_in_another_order_counts_as_the_same(tmp_p
         ablations.check_same_settings(run)
 
 
-def test_a_joint_run_also_reports_its_own_pre_trained_stages(tmp_path):
-    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleaq_dr"], range(2), {"data.dir": "/d"})
-    kappas = {("dr_only", "stage1"): (0.1, 0.2), ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6)}
+def _write_dr_evals(runs, kappas):
+    """eval.json files for the planned runs: {(variant, stage): (kappa of seed 0, of seed 1)}, all and reject."""
     for run in runs:
         for (variant, stage), values in kappas.items():
             if variant == run["variant"]:
                 os.makedirs(os.path.join(run["dir"], stage, "eval"))
                 with open(os.path.join(run["dir"], stage, "eval", "eval.json"), "w") as f:
                     json.dump(_dr_eval(values[run["seed"]], values[run["seed"]]), f)
+
+
+def test_a_joint_run_also_reports_its_own_pre_trained_stages(tmp_path):
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleaq_dr"], range(2), {"data.dir": "/d"})
+    kappas = {("dr_only", "stage1"): (0.1, 0.2), ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6)}
+    _write_dr_evals(runs, kappas)
     tables = ablations.tabulate(runs)
     assert tables["dr"]["cleaq_dr@stage1"]["all"]["kappa"]["values"] == [0.3, 0.1]
     assert tables["dr_kappa_differences"]["cleaq_dr - cleaq_dr@stage1"]["reject"]["values"] == pytest.approx([0.2, 0.5])
@@ -263,12 +268,7 @@ def test_shared_pretraining_rows_are_the_base_runs_and_pair_each_joint_variant_w
     runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleq_dr", "cleaq_dr"], range(2), {"data.dir": "/d"})
     kappas = {("dr_only", "stage1"): (0.1, 0.2), ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6),
               ("cleq_dr", "stage3"): (0.4, 0.2)}
-    for run in runs:
-        for (variant, stage), values in kappas.items():
-            if variant == run["variant"]:
-                os.makedirs(os.path.join(run["dir"], stage, "eval"))
-                with open(os.path.join(run["dir"], stage, "eval", "eval.json"), "w") as f:
-                    json.dump(_dr_eval(values[run["seed"]], values[run["seed"]]), f)
+    _write_dr_evals(runs, kappas)
     tables = ablations.tabulate(runs)
     assert "cleq_dr@stage1" not in tables["dr"]
     assert tables["dr"]["cleaq_dr@stage1"]["all"]["kappa"]["values"] == [0.3, 0.1]
