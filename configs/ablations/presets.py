@@ -12,7 +12,7 @@ study after the preset win over it.
   4x lesions; residual U-IQE and usable self-reference on (both are config switches, off by default).
 - study: the study of docs/results.md, sized from measured step times to finish in under 2 hours on a
   2-core x86-64 CPU for the 8 variants plus CLEAQ-DR to_good x 3 seeds: bench's networks on 800 images,
-  12 epochs per stage, and stage 3 in the form the demo's validation runs chose (docs/training.md): a
+  10 epochs per stage, and stage 3 in the form the demo's validation runs chose (docs/training.md): a
   fine-tuning rate, half the good images as they are, clean references for every quality level.
 - full: the paper's networks and schedule (IV-B) at 512 px, for a GPU or TPU host.
 
@@ -79,11 +79,14 @@ PRESETS = {
             "loss.qt_good_fraction": 0.5,
             "batch_size": 16,
             "eval_batch_size": 32,
-            "num_epochs": 12,
-            "optim.constant_epochs": 10,
+            "num_epochs": 10,
+            "optim.constant_epochs": 8,
             # Validation once, at each stage's end: the study evaluates each stage's final state on the test
-            # split, so the per-epoch validation would only add a fifth to the time.
-            "eval_every_epochs": 12,
+            # split, so the per-epoch validation would only add a fifth to the time. Its tables need neither
+            # the vessel-segmentation pictures nor Grad-CAM (a compilation each, in every evaluation).
+            "eval_every_epochs": 10,
+            "eval.vessel_max_images": 0,
+            "eval.gradcam_per_grade": 0,
             "log_every_steps": 26,
             "checkpoint_every_steps": 500,
         },
