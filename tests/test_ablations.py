@@ -275,3 +275,15 @@ def test_shared_pretraining_rows_are_the_base_runs_and_pair_each_joint_variant_w
     differences = tables["dr_kappa_differences"]
     assert differences["cleq_dr - cleaq_dr@stage1"]["reject"]["values"] == pytest.approx([0.1, 0.1])
     assert differences["cleaq_dr - cleq_dr"]["all"]["values"] == pytest.approx([0.1, 0.4])
+
+
+def test_a_tabulate_only_pass_keeps_the_training_studys_command_and_wall_time():
+    trained = {"study": {"command": "python -m cleaq_jax.programs.ablations --data d --workdir w", "wall_s": 4000.0,
+                         "load_average": [0.1, 2.0], "jobs": 2}}
+    redrawn = {"command": "python -m cleaq_jax.programs.ablations --data d --workdir w --tabulate-only",
+               "wall_s": 3.0, "load_average": [1.0, 1.0], "jobs": 1, "seeds": [0, 1, 2]}
+    kept = ablations._keep_training_run(redrawn, trained)
+    assert kept["wall_s"] == 4000.0 and kept["jobs"] == 2 and kept["command"] == trained["study"]["command"]
+    assert kept["tabulated_by"] == redrawn["command"] and kept["seeds"] == [0, 1, 2]
+    assert ablations._keep_training_run(redrawn, None) == redrawn
+    assert ablations._keep_training_run(redrawn, {"study": redrawn}) == redrawn

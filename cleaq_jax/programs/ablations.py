@@ -432,7 +432,8 @@ def _study_lines(study: Mapping[str, Any]) -> list[str]:
               if study.get("shared_pretraining") else []),
             f"- Machine: {study['machine']}; {study['jobs']} run(s) at a time; 1-min load average "
             f"{study['load_average'][0]:.1f} at the start, {study['load_average'][1]:.1f} at the end; "
-            f"total wall time {study['wall_s']:.0f} s.",
+            f"total wall time {study['wall_s']:.0f} s." + (
+                f" Tables re-drawn from the runs' files by `{study['tabulated_by']}`." if study.get("tabulated_by") else ""),
             "- One run's exact command (every run's is in results.json):", "",
             f"      {study['example_command']}"]
 
@@ -448,8 +449,10 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "Quadratic-weighted kappa:", "", *_per_quality_table(results, "kappa"), "",
                   "Accuracy:", "", *_per_quality_table(results, "accuracy"), ""]
     if results["enhancement"]:
-        lines += ["## Enhancement (Table IV analogue): PSNR (dB) and SSIM against the original, inside the mask",
-                  "", "Input: the QT-degraded original (op2 for good, op1 for usable images, fixed keys).", "",
+        lines += ["## Enhancement (Table IV analogue): PSNR (dB) and SSIM against the reference, inside the mask",
+                  "", "Input: IQE's input in the evaluation (fixed QT keys); reference: the record's clean image "
+                  "wherever it stores one (good images through op2, usable and reject ones as they are), else the "
+                  "original of good (op2) and usable (op1) images.", "",
                   *_enhancement_table(results), ""]
         if results.get("enhancement_differences"):
             lines += ["What the joint stage changes in each seed's enhancement (stage 3 minus the stage 1 it started "
@@ -556,6 +559,16 @@ def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, 
             "example_command": shown(runs[-1]["command"])}
 
 
+def _keep_training_run(study: dict[str, Any], previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A --tabulate-only pass reports the command, wall time and load of the study that trained the runs
+    (from the previous results.json), and names itself as what re-tabulated them."""
+    before = (previous or {}).get("study", {})
+    if "tabulate-only" in before.get("command", "") or "wall_s" not in before:
+        return study
+    kept = {k: before[k] for k in ("command", "wall_s", "load_average", "jobs") if k in before}
+    return {**study, **kept, "tabulated_by": study["command"]}
+
+
 def write_results(workdir: str, study: dict[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """results.json, results.md and the figures into workdir, from the runs' own files."""
     results = {"study": study, **tabulate(runs)}
@@ -642,6 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [] if args.tabulate_only else execute(runs, workdir, args.jobs)
     study = study_info(args, data_dir, overrides, range(args.seeds), runs)
     study.update(wall_s=time.time() - t0, load_average=[load0, os.getloadavg()[0]])
+    if args.tabulate_only:
+        study = _keep_training_run(study, _read_json(os.path.join(workdir, "results.json")))
     write_results(workdir, study, runs)
     print(f"[ablations] results in {os.path.join(workdir, 'results.md')}", flush=True)
     if failed:
