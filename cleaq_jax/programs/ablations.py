@@ -512,7 +512,8 @@ def _examples_by_quality(cfg: ml_collections.ConfigDict, per_quality: int) -> di
 def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2) -> None:
     """Rows of low-quality input | enhanced | reference from a trained IQE (a stage directory), for the
     first test images of each quality level. Good and usable inputs are QT-degraded (op2 / op1, the
-    evaluation's fixed keys); reject images pass unchanged and have no reference but themselves."""
+    evaluation's fixed keys); reject images pass unchanged, scored against the record's clean image when it
+    stores one, else shown without a reference."""
     restored = checkpoint.load_checkpoint(stage_dir)
     batch = _examples_by_quality(restored.config, per_quality)
     panels = inference.enhancement_panels(restored.config, restored.state, restored.models, batch)
@@ -523,7 +524,8 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
     for i, row in enumerate(panels):
         low, enhanced, ref = (row[:, j * size:(j + 1) * size] for j in range(3))
         quality = records.QUALITY_NAMES[int(batch["quality"][i])]
-        if quality == "reject":  # QT leaves it as it is: no clean reference exists
+        if quality == "reject" and not bool(batch.get("has_reference", np.zeros(len(panels), bool))[i]):
+            # QT leaves it as it is and the record stores no clean image: there is no reference
             titles = ("reject: input", "enhanced", "(no reference: the input)")
         else:
             titles = (f"{quality}, QT-degraded: {float(metrics.psnr(low, ref, mask[i])):.1f} dB",
