@@ -136,15 +136,14 @@ def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
     for seed in seeds:
         for v in ordered:
             run_dir = os.path.join(workdir, v, f"seed{seed}")
-            flags_ = {**overrides, "seed": str(seed)}
             run = {"variant": v, "seed": seed, "dir": run_dir, "stage": stages[v], "pretrained": base[v]}
+            start = {}
             if base[v] != v:
-                source = os.path.join(workdir, base[v], f"seed{seed}")
-                flags_ = {**overrides, "stage": "stage3", "init.stage1": os.path.join(source, "stage1"),
-                          "init.stage2": os.path.join(source, "stage2"), "seed": str(seed)}
-                run["after"] = source
+                run["after"] = source = os.path.join(workdir, base[v], f"seed{seed}")
+                start = {"stage": "stage3", "init.stage1": os.path.join(source, "stage1"),
+                         "init.stage2": os.path.join(source, "stage2")}
             run["command"] = [sys.executable, "-m", "cleaq_jax.main", f"--config={config_path(v)}",
-                              f"--workdir={run_dir}", *override_flags(flags_)]
+                              f"--workdir={run_dir}", *override_flags({**overrides, **start, "seed": str(seed)})]
             runs.append(run)
     return runs
 
@@ -427,7 +426,7 @@ def _study_lines(study: Mapping[str, Any]) -> list[str]:
             f"- Overrides given to every run: `{' '.join(override_flags(o))}`",
             *([f"- Shared pre-training: " + "; ".join(
                 f"{title(a)} starts stage 3 from {title(b)}'s stage-1 and stage-2 checkpoints of the same seed"
-                for a, b in (x.split("<-") for x in study["shared_pretraining"])) + " (`--config.stage=stage3 "
+                for a, b in study["shared_pretraining"]) + " (`--config.stage=stage3 "
                "--config.init.stage1=... --config.init.stage2=...`), so its pre-training rows are that run's."]
               if study.get("shared_pretraining") else []),
             f"- Machine: {study['machine']}; {study['jobs']} run(s) at a time; 1-min load average "
@@ -521,10 +520,11 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
     plt = report.pyplot()
     fig, axes = plt.subplots(len(panels), 3, figsize=(6.3, 2.2 * len(panels)), squeeze=False)
     mask = batch["mask"].astype(np.float32)
+    clean = np.asarray(inference.clean_reference(batch))
     for i, row in enumerate(panels):
         low, enhanced, ref = (row[:, j * size:(j + 1) * size] for j in range(3))
         quality = records.QUALITY_NAMES[int(batch["quality"][i])]
-        if quality == "reject" and not bool(batch.get("has_reference", np.zeros(len(panels), bool))[i]):
+        if quality == "reject" and not clean[i]:
             # QT leaves it as it is and the record stores no clean image: there is no reference
             titles = ("reject: input", "enhanced", "(no reference: the input)")
         else:
@@ -556,7 +556,7 @@ def study_info(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, 
             "eval_split": cfg.data.eval_split,
             "num_epochs": int(cfg.num_epochs), "seeds": list(seeds), "variants": sorted({r["variant"] for r in runs},
                                                                                        key=list(VARIANTS).index),
-            "shared_pretraining": sorted({f"{r['variant']}<-{r['pretrained']}" for r in runs if r["pretrained"] != r["variant"]}),
+            "shared_pretraining": sorted({(r["variant"], r["pretrained"]) for r in runs if r["pretrained"] != r["variant"]}),
             "jobs": args.jobs, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.system()})",
             "example_command": shown(runs[-1]["command"])}
 
