@@ -40,25 +40,26 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
     """The state a stage's loop starts from, on ``mesh``, and its shardings.
 
     Resumes from ``ckpt``'s latest step when there is one (moving ``loader``, a grain iterator, to its
-    saved position); otherwise initialises ``nets`` from the stage's seed (`factory.stage_seed`), grafts the ImageNet trunks and
-    loads the earlier stages' subnetworks.
+    saved position); otherwise takes the subnetworks the earlier stages trained (config.init) as they
+    are, initialises the others from the stage's seed (`factory.stage_seed`) and grafts the ImageNet
+    trunks into those.
     """
     key = jax.random.key(factory.stage_seed(cfg, stage))
-    init = lambda k: ts.init_state(cfg, models, nets, tx, k)  # noqa: E731
     if ckpt.latest_step() is not None:
-        target, shardings = ts.abstract_state(init, mesh, key)
+        target, shardings = ts.abstract_state(lambda k: ts.init_state(cfg, models, nets, tx, k), mesh, key)
         state, step = ckpt.restore_intact(target, data_iter=loader)
         console.say("%s: resumed from step %d", stage, step)
         return state, shardings
-    state, shardings = ts.sharded_state(init, mesh, key)
-    state = graft_imagenet(cfg, state)
-    state = load_earlier_stages(cfg, workdir, stage, models, nets, state, mesh)
-    return state, shardings
+    given = earlier_stages(cfg, workdir, stage, models, nets, mesh)
+    init = lambda k, g: ts.init_state(cfg, models, nets, tx, k, given=g)  # noqa: E731
+    state, shardings = ts.sharded_state(init, mesh, key, given)
+    return graft_imagenet(cfg, state, skip=tuple(given)), shardings
 
 
-def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState) -> ts.TrainState:
+def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState, skip: tuple[str, ...] = ()) -> ts.TrainState:
     """Put torchvision ImageNet weights (converted by `python -m cleaq_jax.models.pretrained`) into the
-    ResNet trunks that config.pretrained names, before any training."""
+    ResNet trunks that config.pretrained names, before any training; ``skip``: subnetworks that came
+    trained from an earlier stage and keep their weights."""
     params, batch_stats = dict(state.params), dict(state.batch_stats)
     for key, targets in IMAGENET_TARGETS.items():
         directory = cfg.pretrained.get(key, "")
@@ -66,19 +67,20 @@ def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState) -> ts.T
             continue
         weights = pretrained.load(directory)
         for net, path in targets:
-            if net in params:
+            if net in params and net not in skip:
                 merged = pretrained.graft({"params": params[net], "batch_stats": batch_stats[net]}, weights, into=path)
                 params[net], batch_stats[net] = merged["params"], merged["batch_stats"]
                 console.say("%s/%s initialised from ImageNet weights in %s", net, path, directory)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
-def load_earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str, models: dict,
-                        nets: tuple[str, ...], state: ts.TrainState, mesh: jax.sharding.Mesh) -> ts.TrainState:
+def earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str, models: dict,
+                   nets: tuple[str, ...], mesh: jax.sharding.Mesh) -> dict[str, ts.Variables]:
     """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints named by config.init
     (default ``<workdir>/stage1``, ``<workdir>/stage2``); the teacher's fine-tuning (teacher_b) from
-    teacher_a. Only those subnetworks' parameters and BatchNorm statistics are read."""
-    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    teacher_a. Returns {subnetwork: its variables}, laid out on ``mesh`` as a train state's; only
+    those subnetworks' parameters and BatchNorm statistics are read."""
+    given: dict[str, ts.Variables] = {}
     for source, config_name in INIT_FROM.get(stage, ()):
         wanted = tuple(n for n in _trained_nets(cfg, source) if n in nets)
         if not wanted:
@@ -93,9 +95,9 @@ def load_earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str
                 f"Run `python -m cleaq_jax.main --config={config_name} --workdir={workdir}` first, with the "
                 f"same model and data settings.") from e
         for n in wanted:
-            params[n], batch_stats[n] = restored.params[n], restored.batch_stats[n]
+            given[n] = {"params": restored.params[n], "batch_stats": restored.batch_stats[n]}
         console.say("%s: %s initialised from %s", stage, "+".join(wanted), directory)
-    return state.replace(params=params, batch_stats=batch_stats)
+    return given
 
 
 def _trained_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:

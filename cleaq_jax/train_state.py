@@ -89,17 +89,25 @@ def variables(state: Any, name: str) -> Variables:
 
 # --------------------------------------------------------------------------- the builder
 def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
-               tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+               tx: optax.GradientTransformation, key: jax.Array,
+               given: dict[str, Variables] | None = None) -> TrainState:
     """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit).
 
     models: `factory.build_models` output; nets: the subnetworks to hold (`factory.stage_nets`);
-    key: a PRNG key (split into the parameters' and the state's RNG).
+    key: a PRNG key (split into the parameters' and the state's RNG); given: variables of subnetworks
+    that come from elsewhere (an earlier stage's checkpoint): taken as they are, not initialised, so a
+    stage that starts from trained networks compiles no initialiser for them. The others get the same
+    values with or without ``given``.
     """
     size = int(cfg.data.image_size)
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     init_key, state_key = jax.random.split(key)
+    given = given or {}
     variables = {}
     for i, name in enumerate(nets):
+        if name in given:
+            variables[name] = {"params": given[name]["params"], "batch_stats": given[name].get("batch_stats", {})}
+            continue
         v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
     # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
@@ -126,7 +134,7 @@ def sharded_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: A
     Returns (state, shardings), shardings as in `abstract_state`.
     """
     _, shardings = abstract_state(init, mesh, *args, fsdp_min_size=fsdp_min_size)
-    return jax.jit(init, out_shardings=shardings)(*args), shardings
+    return parallel.run_once(init, *args, out_shardings=shardings), shardings
 
 
 def abstract_variables(models: dict[str, nn.Module], nets: tuple[str, ...], image_size: int,

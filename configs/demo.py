@@ -32,7 +32,8 @@ def get_config():
     c.num_epochs = 6
     c.optim.constant_epochs = 4
     c.log_every_steps = 15  # one line per epoch (15 steps)
-    c.image_every_steps = 20
-    c.checkpoint_every_steps = 10
+    c.eval_every_epochs = 2  # validation (24 images) after epochs 2, 4 and 6
+    c.image_every_steps = 45  # TensorBoard image grids after epochs 3 and 6
+    c.checkpoint_every_steps = 15  # a checkpoint per epoch
     c.keep_checkpoints = 2
     return c

@@ -231,6 +231,20 @@ def test_step_returns_state_in_its_shardings_and_metrics_replicated():
     assert metrics["mean"].sharding.is_fully_replicated
 
 
+def test_run_once_gives_jits_values_in_the_requested_layout():
+    # Integer arithmetic (threefry's bits) is exact under any compiler optimisation level, so the
+    # single-call compilation must agree with jax.jit bit for bit.
+    mesh = parallel.make_mesh()
+    fn = lambda key: {"bits": jax.random.bits(key, (8, 4), jnp.uint32), "n": jnp.arange(8) * 3}  # noqa: E731
+    shardings = {"bits": parallel.batch_sharding(mesh), "n": parallel.replicated(mesh)}
+    got = parallel.run_once(fn, jax.random.key(7), out_shardings=shardings)
+    want = jax.jit(fn)(jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(got["bits"]), np.asarray(want["bits"]))
+    np.testing.assert_array_equal(np.asarray(got["n"]), np.asarray(want["n"]))
+    assert got["bits"].sharding.is_equivalent_to(shardings["bits"], 2)
+    assert got["n"].sharding.is_fully_replicated
+
+
 # --------------------------------------------------------------------------- prefetch
 def _batches(n: int):
     return (

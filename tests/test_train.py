@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import factory, optim, parallel, steps, train_state
+from cleaq_jax import checkpoint, factory, optim, parallel, stage_init, steps, train_state
 from cleaq_jax.programs import pipeline, train
 from tests import tiny
 
@@ -130,7 +130,7 @@ def test_stage1_enhancement_loss_covers_usable_images_only_with_usable_self_refe
 # lr x sign(gradient): round-off picks that sign wherever a gradient is zero up to round-off.
 _DEVICES_SCRIPT = r"""
 import os, jax, numpy as np
-from cleaq_jax import factory, optim, parallel, steps, train_state
+from cleaq_jax import checkpoint, factory, optim, parallel, stage_init, steps, train_state
 from tests import tiny
 cfg = tiny.tiny_config(**{"batch_size": 8})
 models = factory.build_models(cfg)
@@ -171,7 +171,7 @@ def _main_cmd(workdir: str, *overrides: str) -> list[str]:
     for key in ("data.image_size", "data.synthetic.num", "data.synthetic.lesion_scale", "model.width",
                 "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "loss.iqe_guidance",
                 "loss.qt_good_fraction", "optim.joint_learning_rate", "batch_size",
-                "eval_batch_size", "log_every_steps", "image_every_steps", "checkpoint_every_steps"):
+                "eval_batch_size", "log_every_steps", "eval_every_epochs", "image_every_steps", "checkpoint_every_steps"):
         node = cfg
         for p in key.split("."):
             node = node[p]
@@ -272,6 +272,39 @@ def test_pipeline_leaves_a_checkpoint_per_stage_and_an_evaluation(pipeline_run):
             report = json.load(f)
         assert report["stage"] == stage and report["num_examples"] > 0
     assert {"dr", "iqa", "enhancement"} <= set(result)
+
+
+def test_given_subnetworks_are_taken_as_they_are_and_the_others_initialised_as_without_them():
+    cfg = tiny.tiny_config()
+    models = factory.build_models(cfg)
+    nets = ("iqe", "dr")
+    tx = optim.make_optimizer(cfg, 1)
+    plain = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    given = {"dr": jax.tree.map(lambda a: a + 1.0, {"params": plain.params["dr"], "batch_stats": plain.batch_stats["dr"]})}
+    state = jax.jit(lambda k, g: train_state.init_state(cfg, models, nets, tx, k, given=g))(jax.random.key(0), given)
+    for got, want in ((state.params["iqe"], plain.params["iqe"]), (state.params["dr"], given["dr"]["params"]),
+                      (state.batch_stats["dr"], given["dr"]["batch_stats"])):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    jax.tree.map(lambda mu: np.testing.assert_array_equal(mu, 0.0), state.opt_state["dr"][0].mu)
+
+
+@pytest.mark.slow
+def test_stage3_starts_from_the_last_stage1_and_stage2_networks(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    cfg = tiny.tiny_config()
+    models = factory.build_models(cfg)
+    nets = factory.stage_nets(cfg, "stage3")
+    mesh = parallel.make_mesh()
+    with checkpoint.Checkpointer(tmp_path / "stage3") as ckpt:
+        state, _ = stage_init.initial_state(cfg, workdir, "stage3", models, nets, optim.make_optimizer(cfg, 1), mesh,
+                                            ckpt, loader=None)
+    assert int(state.step) == 0
+    for source, trained in (("stage1", ("iqe", "dr")), ("stage2", ("iqa",))):
+        target = train_state.abstract_variables(models, trained, cfg.data.image_size, mesh)
+        saved = checkpoint.restore_variables(os.path.join(workdir, source, "checkpoints"), target)
+        for n in trained:
+            jax.tree.map(np.testing.assert_array_equal, state.params[n], saved.params[n])
+            jax.tree.map(np.testing.assert_array_equal, state.batch_stats[n], saved.batch_stats[n])
 
 
 @pytest.mark.slow

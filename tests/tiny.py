@@ -34,6 +34,7 @@ def tiny_config(**overrides):
     c.num_epochs = 1
     c.eval.vessel_max_images = 0  # evaluation's pictures cost a compilation each; tests/test_pictures.py runs them
     c.log_every_steps = 2
+    c.eval_every_epochs = 1
     c.image_every_steps = 2
     c.checkpoint_every_steps = 2
     for key, value in overrides.items():
