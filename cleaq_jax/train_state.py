@@ -105,10 +105,7 @@ def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], net
     given = given or {}
     variables = {}
     for i, name in enumerate(nets):
-        if name in given:
-            variables[name] = {"params": given[name]["params"], "batch_stats": given[name].get("batch_stats", {})}
-            continue
-        v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
+        v = given[name] if name in given else models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
     # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
     return create(variables, tx, num_tasks=max(1, len(factory.stage_tasks(nets))), rng=state_key)

@@ -318,6 +318,8 @@ def test_fsdp_two_by_data_four_gives_one_device_training(meshes):
 # fault (a shard read twice, a gradient not reduced) moves parameters by the order of one Adam step,
 # lr = 1e-2; 1e-5 is a thousandth of that and a few times the round-off seen.
 PROCESS_ATOL = 1e-5
+
+
 @pytest.mark.parametrize("init", ["explicit", "env"])
 def test_two_processes_match_single_process(request, meshes, init):
     job = request.getfixturevalue("runs" if init == "explicit" else "env_job")

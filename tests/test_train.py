@@ -130,7 +130,7 @@ def test_stage1_enhancement_loss_covers_usable_images_only_with_usable_self_refe
 # lr x sign(gradient): round-off picks that sign wherever a gradient is zero up to round-off.
 _DEVICES_SCRIPT = r"""
 import os, jax, numpy as np
-from cleaq_jax import checkpoint, factory, optim, parallel, stage_init, steps, train_state
+from cleaq_jax import factory, optim, parallel, steps, train_state
 from tests import tiny
 cfg = tiny.tiny_config(**{"batch_size": 8})
 models = factory.build_models(cfg)
