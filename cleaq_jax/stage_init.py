@@ -10,9 +10,8 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 
-from cleaq_jax import checkpoint, console, factory
+from cleaq_jax import checkpoint, console, factory, optim
 from cleaq_jax import train_state as ts
 from cleaq_jax.models import pretrained
 
@@ -35,7 +34,7 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 
 def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, models: dict, nets: tuple[str, ...],
-                  tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer,
+                  tx: optim.Optimizer, mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer,
                   loader: Any) -> tuple[ts.TrainState, Any]:
     """The state a stage's loop starts from, on ``mesh``, and its shardings.
 

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from cleaq_jax import factory, inference, losses, optim
 from cleaq_jax import metrics as metrics_lib
@@ -313,7 +312,7 @@ def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], sta
                                                                progress=progress)
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optax.GradientTransformation,
+def make_train_step(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], tx: optim.Optimizer,
                     stage: str, steps_per_epoch: int) -> Step:
     """The stage's pure train step ``(state, batch) -> (state, metrics)`` (jit it with parallel.py)."""
     loss_fn = stage_loss(cfg, models, stage, steps_per_epoch)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cleaq_jax import factory, losses, parallel
+from cleaq_jax import factory, losses, optim, parallel
 
 Variables = dict[str, Any]
 PyTree = Any
@@ -49,26 +49,28 @@ class TrainState(flax.struct.PyTreeNode):
         return key, self.replace(rng=jax.random.key_data(new))
 
 
-def create(variables: dict[str, Variables], tx: optax.GradientTransformation, *, num_tasks: int,
+def create(variables: dict[str, Variables], tx: optim.Optimizer, *, num_tasks: int,
            rng: jax.Array) -> TrainState:
-    """A fresh state from initialised linen variables per subnetwork ({name: {'params', 'batch_stats'}})."""
+    """A fresh state from initialised linen variables per subnetwork ({name: {'params', 'batch_stats'}});
+    tx: one transformation for every subnetwork or one per name (`optim.make_optimizer`)."""
     params = {k: v["params"] for k, v in variables.items()}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats={k: v.get("batch_stats", {}) for k, v in variables.items()},
-        opt_state={k: tx.init(p) for k, p in params.items()},
+        opt_state={k: optim.for_net(tx, k).init(p) for k, p in params.items()},
         lbtw=losses.lbtw_init(num_tasks),
         rng=jax.random.key_data(rng),
     )
 
 
 def apply_gradients(state: TrainState, grads: dict[str, Any], batch_stats: dict[str, Any],
-                    tx: optax.GradientTransformation) -> TrainState:
-    """One optimizer update per subnetwork (each has its own optimizer state)."""
+                    tx: optim.Optimizer) -> TrainState:
+    """One optimizer update per subnetwork (each has its own optimizer state, and may have its own
+    transformation)."""
     params, opt_state = {}, {}
     for name, p in state.params.items():
-        updates, opt_state[name] = tx.update(grads[name], state.opt_state[name], p)
+        updates, opt_state[name] = optim.for_net(tx, name).update(grads[name], state.opt_state[name], p)
         params[name] = optax.apply_updates(p, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          batch_stats={**state.batch_stats, **batch_stats})
@@ -89,7 +91,7 @@ def variables(state: Any, name: str) -> Variables:
 
 # --------------------------------------------------------------------------- the builder
 def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
-               tx: optax.GradientTransformation, key: jax.Array,
+               tx: optim.Optimizer, key: jax.Array,
                given: dict[str, Variables] | None = None) -> TrainState:
     """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit).
 

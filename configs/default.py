@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Stage 3 starts Adam afresh on pre-trained networks; at 1e-3 a residual U-IQE lost its stage-1
     # enhancement within an epoch in the demo (docs/training.md, "Stage 3's learning rate").
     c.optim.joint_learning_rate = 0.0
+    # Stage 3's starting rate of one subnetwork when above 0 (before joint_learning_rate): e.g. DR at the
+    # paper's 1e-3 while IQE and IQA fine-tune at joint_learning_rate (docs/training.md).
+    c.optim.joint_net_learning_rate = ml_collections.ConfigDict(dict(iqe=0.0, iqa=0.0, dr=0.0))
     c.optim.constant_epochs = 60  # lr constant, then times (1 - epoch/total_epochs)^power
     c.optim.power = 0.9
     c.optim.b1 = 0.9

@@ -42,6 +42,23 @@ def test_joint_learning_rate_is_stage_3s_base_rate_only():
     assert at(tiny.tiny_config(**{**kw, "optim.joint_learning_rate": 0.0}, stage="stage3"), 0) == pytest.approx(1e-3)
 
 
+def test_a_subnetwork_with_its_own_stage_3_rate_moves_by_it_and_the_others_by_the_joint_rate():
+    """optim.joint_net_learning_rate.dr = 1e-3 beside joint_learning_rate = 1e-4: Adam's first update is
+    lr * g / (|g| + eps) per element, so the largest |change| of each subnetwork's parameters is its own rate
+    (to eps / |g| and float32's rounding of parameters of size ~1, 1e-7, a thousandth of 1e-4)."""
+    rates = {"optim.joint_learning_rate": 1e-4, "optim.joint_net_learning_rate.dr": 1e-3, "stage": "stage3"}
+    cfg, models, state, batch = _joint_setup(**rates)
+    tx = optim.make_optimizer(cfg, 1)
+    assert {n: optim.base_learning_rate(cfg, n) for n in optim.JOINT_NETS} == {"iqe": 1e-4, "iqa": 1e-4, "dr": 1e-3}
+    new = jax.jit(steps.make_train_step(cfg, models, tx, "stage3", steps_per_epoch=1))(state, batch)[0]
+    for net, rate in (("iqe", 1e-4), ("iqa", 1e-4), ("dr", 1e-3)):
+        moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new.params[net]),
+                                                                   jax.tree.leaves(state.params[net])))
+        assert moved == pytest.approx(rate, rel=1e-2), net
+    # Without a per-network rate every subnetwork shares one transformation, and other stages ignore them.
+    assert not isinstance(optim.make_optimizer(tiny.tiny_config(**{**rates, "stage": "stage1"}), 1), dict)
+
+
 @pytest.mark.parametrize("name, stages", [
     ("dr_only", ("stage1",)), ("iqe_only", ("stage1",)), ("iqe_no_seg", ("stage1",)),
     ("iqa_only", ("stage2",)), ("iqa_no_lqi", ("stage2",)), ("cleaq", ("stage1", "stage2", "stage3")),
@@ -170,7 +187,8 @@ def _main_cmd(workdir: str, *overrides: str) -> list[str]:
     args = [sys.executable, "-m", "cleaq_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"]
     for key in ("data.image_size", "data.synthetic.num", "data.synthetic.lesion_scale", "model.width",
                 "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "loss.iqe_guidance",
-                "loss.qt_good_fraction", "optim.joint_learning_rate", "batch_size",
+                "loss.qt_good_fraction", "optim.joint_learning_rate", "optim.joint_net_learning_rate.dr",
+                "loss.weighting", "loss.fixed.iqe", "loss.guidance_weight", "batch_size",
                 "eval_batch_size", "log_every_steps", "eval_every_epochs", "image_every_steps", "checkpoint_every_steps"):
         node = cfg
         for p in key.split("."):
