@@ -27,8 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.augment = True  # Random rotation + horizontal/vertical flips.
     c.data.worker_count = 0  # grain worker processes per host (0: decode in the main process).
     # Build synthetic shards into data.dir on first use when num > 0 (demo and tests); lesion_scale
-    # enlarges the lesions so the grade stays visible on small images (4 at 64 px).
+    # enlarges the lesions so the grade stays visible on small images (4 at 64 px); splits: the fraction
+    # of the images in each split (summing to 1).
     c.data.synthetic = ml_collections.ConfigDict(dict(num=0, seed=0, lesion_scale=1.0))
+    c.data.synthetic.splits = ml_collections.ConfigDict(dict(train=0.7, val=0.1, test=0.2))
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 1.0  # Channel multiplier of every subnetwork (1.0 = the paper's networks).

@@ -79,6 +79,22 @@ def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
     np.testing.assert_array_equal(rec["image"], synthetic.generate_example(0, 0, 32, lesion_scale=4)["image"])
 
 
+def test_a_run_builds_its_synthetic_set_with_the_configured_splits_and_names_a_bad_one(tmp_path):
+    """config.data.synthetic.splits decides the split sizes of the set a run builds on first use (a
+    split at 0 is left out); fractions that do not sum to 1 stop it before anything is written."""
+    from tests import tiny
+
+    cfg = tiny.tiny_config(**{"data.dir": "", "data.synthetic.num": 10, "data.synthetic.splits.train": 0.3,
+                              "data.synthetic.splits.val": 0.0, "data.synthetic.splits.test": 0.7})
+    path = location.ensure_data(cfg, str(tmp_path / "run"))
+    counts = {k: v["num_records"] for k, v in records.read_manifest(path)["splits"].items()}
+    assert counts == {"train": 3, "test": 7}
+    cfg.data.synthetic.splits.test = 0.5
+    with pytest.raises(ValueError, match=r"config\.data\.synthetic\.splits: the split fractions must sum to 1"):
+        location.ensure_data(cfg, str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
+
+
 def test_built_records_keep_the_clean_image_as_reference_at_every_quality_level(tmp_path):
     manifest = location.build_synthetic(str(tmp_path), 12, size=32, splits={"train": 1.0}, workers=1)
     assert manifest["splits"]["train"]["with_reference"] == 12

@@ -56,11 +56,14 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     storage.require_local(path, "config.data.dir" if cfg.data.dir else "the synthetic shard directory <workdir>/data")
     manifest = os.path.join(path, records.MANIFEST)
     if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
+        splits = {k: float(v) for k, v in cfg.data.synthetic.get("splits", DEFAULT_SPLITS).items() if v > 0}
+        check_fractions(splits, "config.data.synthetic.splits")
         if jax.process_index() == 0:
             console.say("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
                         cfg.data.image_size, path)
             build_synthetic(path, num=int(cfg.data.synthetic.num), size=int(cfg.data.image_size),
-                            seed=int(cfg.data.synthetic.seed), lesion_scale=float(cfg.data.synthetic.lesion_scale))
+                            seed=int(cfg.data.synthetic.seed), splits=splits,
+                            lesion_scale=float(cfg.data.synthetic.lesion_scale))
         parallel.barrier("synthetic-data")
     if not os.path.exists(manifest):
         raise FileNotFoundError(
