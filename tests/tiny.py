@@ -18,6 +18,7 @@ def tiny_config(**overrides):
     c = demo.get_config()
     c.data.image_size = 32
     c.data.synthetic.num = 40
+    c.data.synthetic.splits.update(train=0.7, val=0.1, test=0.2)
     c.model.width = 1 / 16
     c.model.encoder_stages = (1, 1, 1, 1)
     c.model.classifier_stages = (1, 1, 1, 1)
@@ -28,6 +29,10 @@ def tiny_config(**overrides):
     c.loss.iqe_guidance = "reverse"
     c.loss.qt_good_fraction = 1.0
     c.optim.joint_learning_rate = 0.0
+    c.optim.joint_net_learning_rate.dr = 0.0
+    c.loss.weighting = "lbtw"
+    c.loss.fixed.iqe = 1.0
+    c.loss.guidance_weight = 0.01
     c.data.synthetic.lesion_scale = 1.0
     c.batch_size = 8
     c.eval_batch_size = 8

@@ -76,6 +76,11 @@ PRESETS = {
             # --config.loss.usable_self_reference=True for EyeQ, which has none.
             "loss.usable_self_reference": False,
             "optim.joint_learning_rate": 1e-4,
+            # Stage 3: DR at the paper's rate while IQE and IQA fine-tune, and L_IQE weighted so DR's
+            # gradient through IQE does not erode the enhancement (docs/training.md, "Per subnetwork").
+            "optim.joint_net_learning_rate.dr": 1e-3,
+            "loss.weighting": "fixed",
+            "loss.fixed.iqe": 100.0,
             "loss.qt_good_fraction": 0.5,
             "batch_size": 16,
             "eval_batch_size": 32,
