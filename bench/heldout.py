@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cleaq_jax import checkpoint, parallel  # noqa: E402
-from cleaq_jax.programs import evaluate  # noqa: E402
+from cleaq_jax.programs import ablations, evaluate  # noqa: E402
 
 LEVELS = ("all", "good", "usable", "reject")
 
@@ -53,10 +52,9 @@ def scores(path: str, data: str, split: str, mesh) -> dict[str, float]:
     return row
 
 
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def mean_sd(values: list[float | None]) -> str:
+    """The study's "mean ± sample std" over the defined values (`ablations.stat`, `ablations.fmt`)."""
+    return ablations.fmt(ablations.stat(values))
 
 
 def main() -> None:
@@ -79,7 +77,7 @@ def main() -> None:
         for seed in seeds:
             row = scores(pattern.format(seed=seed), args.data, args.split, mesh)
             values.setdefault(name, []).append(row)
-            print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+            print(f"{name} seed {seed}: " + " ".join(f"{k}={v if v is None else round(v, 3)}" for k, v in row.items()), flush=True)
     for metric, levels in (("kappa", LEVELS), ("psnr", LEVELS), ("ssim", LEVELS), ("iqa", ("all",))):
         keys = [f"{metric}_{level}" for level in levels]
         rows = [(n, v) for n, v in values.items() if keys[0] in v[0]]
@@ -91,7 +89,7 @@ def main() -> None:
             print(f"{name} | " + " | ".join(mean_sd([r[k] for r in runs]) for k in keys))
         for name, runs in others:
             print(f"{name} - {first} (paired by seed) | " + " | ".join(
-                mean_sd([r[k] - b[k] for r, b in zip(runs, base)]) for k in keys))
+                mean_sd([None if None in (r[k], b[k]) else r[k] - b[k] for r, b in zip(runs, base)]) for k in keys))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"data": args.data, "split": args.split, "seeds": seeds, "methods": dict(methods),
