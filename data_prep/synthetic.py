@@ -26,23 +26,6 @@ import numpy as np
 from cleaq_jax.data import location, synthetic
 
 
-def parse_splits(text: str) -> dict[str, float]:
-    """"train=0.8,test=0.2" -> {"train": 0.8, "test": 0.2}; fractions must be positive and sum to 1."""
-    splits: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = -1.0
-        if not sep or not name.strip() or fraction <= 0 or name.strip() in splits:
-            raise ValueError(f"--splits {text!r}: write NAME=FRACTION pairs with distinct names and positive "
-                             "fractions, e.g. train=0.7,val=0.1,test=0.2")
-        splits[name.strip()] = fraction
-    location.check_fractions(splits, f"--splits {text!r}")
-    return splits
-
-
 # --------------------------------------------------------------------------- pictures
 def _real_photo(size: int) -> np.ndarray:
     """skimage's real fundus photograph, resized to size x size, RGB uint8."""
@@ -161,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.out or args.grid or args.qt_examples):
         parser.error("give --out DIR (shards), --grid PNG or --qt-examples PNG")
     try:
-        splits = parse_splits(args.splits) if args.splits else None
+        splits = location.parse_splits(args.splits) if args.splits else None
     except ValueError as e:
         parser.error(str(e))
     if args.grid:

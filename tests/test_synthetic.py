@@ -229,7 +229,7 @@ def test_build_keeps_a_complete_identical_set_and_replaces_a_different_one(tmp_p
 @pytest.mark.parametrize("text", ["train=0.8,test=0.3", "train=0.8,test", "train=-1,test=2", "a=0.5,a=0.5"])
 def test_bad_splits_are_rejected(text):
     with pytest.raises(ValueError, match="--splits"):
-        prep.parse_splits(text)
+        location.parse_splits(text)
 
 
 def test_split_counts_add_up_and_follow_the_fractions():

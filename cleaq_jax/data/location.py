@@ -83,6 +83,23 @@ def check_fractions(splits: Mapping[str, float], what: str) -> None:
         raise ValueError(f"{what}: the split fractions must sum to 1 (got {sum(splits.values()):.4f})")
 
 
+def parse_splits(text: str) -> dict[str, float]:
+    """"train=0.8,test=0.2" -> {"train": 0.8, "test": 0.2}; fractions must be positive and sum to 1."""
+    splits: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not sep or not name.strip() or fraction <= 0 or name.strip() in splits:
+            raise ValueError(f"--splits {text!r}: write NAME=FRACTION pairs with distinct names and positive "
+                             "fractions, e.g. train=0.7,val=0.1,test=0.2")
+        splits[name.strip()] = fraction
+    check_fractions(splits, f"--splits {text!r}")
+    return splits
+
+
 def split_counts(num: int, splits: Mapping[str, float]) -> dict[str, int]:
     """Records per split: floor(num * fraction), the remainder to the largest fractional parts."""
     exact = {k: num * f for k, f in splits.items()}

@@ -50,7 +50,10 @@ CONFIG_DIR = os.path.join("configs", "ablations")
 # The paper's names for the variants, in the order the tables list them.
 VARIANTS = {"dr_only": "DR grading", "iqe_only": "IQE", "iqe_no_seg": "IQE w/o Seg-IQE", "iqa_only": "IQA",
             "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR",
-            "cleaq_dr_to_good": "CLEAQ-DR to_good"}
+            "cleaq_dr_to_good": "CLEAQ-DR to_good", "dr_only_x2": "DR grading, 2x epochs"}
+# Variants trained for a multiple of the study's epochs (num_epochs and optim.constant_epochs): DR alone as long
+# as a joint variant's DR trains in stages 1 and 3 together, so that "joint beats DR alone" is not "more epochs".
+EPOCHS_FACTOR = {"dr_only_x2": 2}
 # Joint variants whose stage 3 starts from another variant's stage-1 and stage-2 checkpoints of the same
 # seed when both are in the study (unless --separate-pretraining): their stages 1 and 2 would train the same
 # networks alone on the same data again, and sharing them pairs the comparison of what stage 3 adds.
@@ -61,6 +64,8 @@ CLASSIFICATION = ("accuracy", "kappa", "precision", "f1")
 ENHANCEMENT = ("psnr_input", "psnr_enhanced", "ssim_input", "ssim_enhanced")
 SUBSETS = ("all",) + records.QUALITY_NAMES
 BASELINE = "dr_only"
+# Further baselines every variant is paired with when they are in the study.
+BASELINES = (BASELINE, "dr_only_x2")
 
 
 # --------------------------------------------------------------------------- configs and commands
@@ -122,13 +127,22 @@ def final_stage(cfg: ml_collections.ConfigDict) -> str:
 
 
 # --------------------------------------------------------------------------- plan and run
+def _longer(cfg: ml_collections.ConfigDict, factor: int) -> dict[str, str]:
+    """The overrides that train ``factor`` times the config's epochs (the constant-rate part as well)."""
+    if factor == 1:
+        return {}
+    return {"num_epochs": str(int(cfg.num_epochs) * factor),
+            "optim.constant_epochs": str(int(cfg.optim.constant_epochs) * factor)}
+
+
 def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
               overrides: Mapping[str, str], share_pretraining: bool = True) -> list[dict[str, Any]]:
     """One entry per variant x seed (seed-major, so later seeds reuse the first seed's compilations):
     variant, seed, dir, stage (the evaluated one), command (argv, run from the repository root), and
     pretrained: the variant whose run directory holds this run's stage-1/2 checkpoints and evaluations
     (itself, or its `SHARED_PRETRAINING` base, whose run is then listed first and is this one's ``after``)."""
-    stages = {v: final_stage(load_config(config_path(v), overrides)) for v in variants}
+    configs = {v: load_config(config_path(v), overrides) for v in variants}
+    stages = {v: final_stage(c) for v, c in configs.items()}
     base = {v: SHARED_PRETRAINING[v] if share_pretraining and SHARED_PRETRAINING.get(v) in variants
             and stages[v] == "stage3" else v for v in variants}
     ordered = sorted(variants, key=lambda v: (variants.index(base[v]), v != base[v]))
@@ -137,10 +151,10 @@ def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
         for v in ordered:
             run_dir = os.path.join(workdir, v, f"seed{seed}")
             run = {"variant": v, "seed": seed, "dir": run_dir, "stage": stages[v], "pretrained": base[v]}
-            start = {}
+            start = _longer(configs[v], EPOCHS_FACTOR.get(v, 1))
             if base[v] != v:
                 run["after"] = source = os.path.join(workdir, base[v], f"seed{seed}")
-                start = {"stage": "stage3", "init.stage1": os.path.join(source, "stage1"),
+                start = {**start, "stage": "stage3", "init.stage1": os.path.join(source, "stage1"),
                          "init.stage2": os.path.join(source, "stage2")}
             run["command"] = [sys.executable, "-m", "cleaq_jax.main", f"--config={config_path(v)}",
                               f"--workdir={run_dir}", *override_flags({**overrides, **start, "seed": str(seed)})]
@@ -331,7 +345,7 @@ def tabulate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         per_variant = {v: aggregate(list(by_seed.values()), task, metrics) for v, by_seed in evals.items()}
         tables[task] = {v: t for v, t in per_variant.items() if t is not None}
     pretrained = {r["variant"]: r.get("pretrained", r["variant"]) for r in runs}
-    pairs = [(v, base) for v in tables["dr"] if "@" not in v for base in (BASELINE, f"{pretrained[v]}@stage1")]
+    pairs = [(v, base) for v in tables["dr"] if "@" not in v for base in (*BASELINES, f"{pretrained[v]}@stage1")]
     pairs += [p for p in PAIRS if p[0] in tables["dr"]]
     tables["dr_kappa_differences"] = {f"{v} - {base}": paired_difference(evals, v, base) for v, base in pairs
                                       if base != v and base in tables["dr"]}
@@ -586,16 +600,18 @@ def write_results(workdir: str, study: dict[str, Any], runs: Sequence[Mapping[st
 
 
 def prepare_data(data_dir: str, size: int | None, build_synthetic: int, synthetic_seed: int,
-                 default_size: int = 512, lesion_scale: float = 1.0) -> int:
+                 default_size: int = 512, lesion_scale: float = 1.0,
+                 splits: Mapping[str, float] | None = None) -> int:
     """Check the shards (building ``build_synthetic`` synthetic examples at ``size`` or ``default_size``
-    px, lesions enlarged by ``lesion_scale``, when there are none); returns their image size."""
+    px, lesions enlarged by ``lesion_scale``, split by ``splits`` fractions, when there are none); returns
+    their image size."""
     if not os.path.exists(os.path.join(data_dir, records.MANIFEST)):
         if not build_synthetic:
             raise FileNotFoundError(
                 f"--data {data_dir}: no {records.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
                 "or pass --build-synthetic N (and --size S) to build a synthetic set there")
         location.build_synthetic(data_dir, num=build_synthetic, size=size or default_size, seed=synthetic_seed,
-                                  lesion_scale=lesion_scale)
+                                  lesion_scale=lesion_scale, splits=splits)
     splits = records.read_manifest(data_dir)["splits"]
     sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
     built = next(iter(sizes))[0] if len(sizes) == 1 else None
@@ -621,6 +637,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-seed", type=int, default=0, help="generator seed for --build-synthetic")
     p.add_argument("--lesion-scale", type=float, default=None,
                    help="lesion size multiplier for --build-synthetic (default: the preset's; 1 = 512 px sizes)")
+    p.add_argument("--splits", default=None, metavar="NAME=FRACTION,...",
+                   help="split fractions for --build-synthetic (default: the preset's, else train=0.7,val=0.1,test=0.2)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: a run uses every core)")
     p.add_argument("--tabulate-only", action="store_true", help="start no run; tabulate the finished ones")
     p.add_argument("--separate-pretraining", action="store_true",
@@ -643,8 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = preset(args.preset)
         overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
         lesion_scale = chosen["data"].get("lesion_scale", 1.0) if args.lesion_scale is None else args.lesion_scale
+        splits = location.parse_splits(args.splits) if args.splits else chosen["data"].get("splits")
         size = prepare_data(data_dir, args.size, args.build_synthetic, args.synthetic_seed, chosen["data"]["size"],
-                            lesion_scale)
+                            lesion_scale, splits)
         overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
         overrides.update(parse_overrides(rest))
         runs = plan_runs(workdir, variants, range(args.seeds), overrides, not args.separate_pretraining)
