@@ -211,6 +211,34 @@ def test_a_joint_run_also_reports_its_own_pre_trained_stages(tmp_path):
     assert "CLEAQ-DR − CLEAQ-DR, its stage1 (pre-training) (paired by seed)" in text
 
 
+def test_dr_alone_at_2x_epochs_trains_twice_the_studys_epochs_and_pairs_every_variant_with_it(tmp_path):
+    overrides = {"data.dir": "/d", "num_epochs": "3", "optim.constant_epochs": "2"}
+    runs = ablations.plan_runs(str(tmp_path), ["dr_only", "dr_only_x2", "cleaq_dr"], range(2), overrides)
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    for variant, epochs, constant in (("dr_only", 3, 2), ("dr_only_x2", 6, 4), ("cleaq_dr", 3, 2)):
+        config = ablations.load_config(ablations.config_path(variant),
+                                       ablations.parse_overrides(by[(variant, 1)]["command"][5:]))
+        assert (config.num_epochs, config.optim.constant_epochs) == (epochs, constant), variant
+    kappas = {("dr_only", "stage1"): (0.1, 0.2), ("dr_only_x2", "stage1"): (0.3, 0.5),
+              ("cleaq_dr", "stage1"): (0.3, 0.1), ("cleaq_dr", "stage3"): (0.5, 0.6)}
+    _write_dr_evals(runs, kappas)
+    differences = ablations.tabulate(runs)["dr_kappa_differences"]
+    assert differences["cleaq_dr - dr_only_x2"]["reject"]["values"] == pytest.approx([0.2, 0.1])
+    assert differences["dr_only_x2 - dr_only"]["all"]["values"] == pytest.approx([0.2, 0.3])
+
+
+def test_the_study_builds_its_synthetic_set_with_the_given_splits_and_refuses_a_bad_one(tmp_path, capsys):
+    data = tmp_path / "data"
+    args = ["--data", str(data), "--workdir", str(tmp_path / "w"), "--preset", "tiny", "--variants", "dr_only",
+            "--seeds", "1", "--build-synthetic", "20", "--size", "32", "--tabulate-only"]
+    assert ablations.main([*args, "--splits", "train=0.5,test=0.6"]) == 2
+    assert "--splits" in capsys.readouterr().err and not data.exists()
+    assert ablations.main([*args, "--splits", "train=0.3,val=0.2,test=0.5"]) == 0
+    with open(data / "manifest.json") as f:
+        splits = json.load(f)["splits"]
+    assert {k: v["num_records"] for k, v in splits.items()} == {"train": 6, "val": 4, "test": 10}
+
+
 # --------------------------------------------------------------------------- shared pre-training
 def test_joint_variants_start_stage3_from_the_base_variants_pretraining_of_the_same_seed(tmp_path):
     runs = ablations.plan_runs(str(tmp_path), ["dr_only", "cleaq", "cleq_dr", "cleaq_dr", "cleaq_dr_to_good"],
