@@ -138,7 +138,7 @@ def _descendants(root: int) -> list[int]:
 
 def profile(blobs: list[bytes], size: int) -> dict:
     """CPU milliseconds per example of each stage of `pipeline.decode_example` (with augmentation)."""
-    stages = {"unpack": 0.0, "decode_image": 0.0, "decode_masks": 0.0, "augment": 0.0, "total": 0.0}
+    stages = {"unpack": 0.0, "decode_image": 0.0, "decode_masks": 0.0, "augment": 0.0, "total": 0.0}  # masks: and reference
     rng = np.random.default_rng(0)
     clock = time.thread_time
     for blob in blobs:
@@ -150,8 +150,10 @@ def profile(blobs: list[bytes], size: int) -> dict:
         mask = cv2.imdecode(np.frombuffer(payload["mask"], np.uint8), cv2.IMREAD_GRAYSCALE)
         vessel = cv2.imdecode(np.frombuffer(payload["vessel"], np.uint8), cv2.IMREAD_GRAYSCALE) \
             if payload["vessel"] else None
+        reference = cv2.imdecode(np.frombuffer(payload["reference"], np.uint8), cv2.IMREAD_COLOR) \
+            if payload.get("reference") else None
         t3 = clock()
-        pipeline._augment(bgr, mask, vessel, pipeline.augment_matrix(rng, size))
+        pipeline._augment(bgr, mask, vessel, reference, pipeline.augment_matrix(rng, size))
         t4 = clock()
         pipeline.decode_example(blob, image_size=size, rng=rng)
         t5 = clock()
