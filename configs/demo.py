@@ -14,7 +14,7 @@ def get_config():
     # 336 training, 24 validation and 440 test images. On 168 training images (and 288 test images) DR
     # stayed near chance through stage 1 (kappa 0.04 and 0.07 in two runs), so stage 3 could not show what
     # joint training does for DR; on 336 its stage-1 kappa is 0.43-0.60 (seeds 0-2), and 440 test images
-    # leave 110-120 per lower quality level (docs/training.md, "The demo").
+    # leave 110-120 per lower quality level (docs/training.md, "The steps": the demo's per-seed table).
     c.data.synthetic.num = 800
     c.data.synthetic.splits.train = 0.42
     c.data.synthetic.splits.val = 0.03
