@@ -155,10 +155,21 @@ nets = factory.stage_nets(cfg, "stage3")
 tx = optim.make_optimizer(cfg, 3)
 init = lambda k: train_state.init_state(cfg, models, nets, tx, k)
 flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+def perturbed(state, rel):
+    # Every weight times (1 +- rel), signs drawn at random: rel / 2**-24 units of float32 round-off.
+    leaves, treedef = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    scaled = [p * (1 + rel * jax.random.rademacher(k, p.shape, p.dtype)) for p, k in zip(leaves, keys)]
+    return state.replace(params=jax.tree.unflatten(treedef, scaled))
+
 out = {}
-for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+for name, devices, rel in (("one", jax.devices()[:1], 0.0), ("nudged", jax.devices()[:1], float(os.environ["REL"])),
+                           ("eight", jax.devices(), 0.0)):
     mesh = parallel.make_mesh(devices=devices)
     state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))
+    if rel:
+        state = jax.jit(lambda s: perturbed(s, rel), out_shardings=shardings)(state)
     step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", 3), shardings, mesh)
     state, metrics = step(state, parallel.global_batch(tiny.random_batch(8, 32), mesh))
     out.update({f"{name}/{k}": np.asarray(v) for k, v in metrics.items() if k.startswith("loss")})
@@ -168,17 +179,31 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
 np.savez(os.environ["OUT"], **out)
 """
 
+# The gradients of the joint step are not continuous in its inputs: a ReLU or max-pool decision that a
+# reordered float32 sum flips routes a finite gradient elsewhere, so no bound argued from u = 2**-24 holds
+# for them (two x86-64 CPUs gave 4e-5 and 1.6e-3 for IQA's gradient, 8 devices vs 1). They are held to what
+# the same step does on one device when every weight moves by 1e-6 of itself (17 units of round-off; the
+# reordered sums move BatchNorm statistics by less than that nudge does), times 3. The nudge must move each gradient
+# by under 0.1, or the comparison could not see the errors it is for, which move gradients by 1 or more.
+NUDGE = 1e-6
+
 
 @pytest.mark.slow
 def test_eight_devices_take_the_same_joint_step_as_one(tmp_path):
-    tiny.run_python(_DEVICES_SCRIPT, devices=8, OUT=str(tmp_path / "step.npz"))
+    tiny.run_python(_DEVICES_SCRIPT, devices=8, OUT=str(tmp_path / "step.npz"), REL=str(NUDGE))
     with np.load(tmp_path / "step.npz") as f:
         results = dict(f)
     names = sorted(k.removeprefix("one/") for k in results if k.startswith("one/"))
     assert {"loss_iqa", "loss_dr", "gradient/iqe", "gradient/iqa", "gradient/dr", "batch_stats/iqa"} <= set(names)
     for name in names:
         difference = tiny.relative_difference(results[f"eight/{name}"], results[f"one/{name}"])
-        assert difference <= tiny.LAYOUT_RTOL, f"{name}: 8 devices vs 1 differ by {difference:.2e} (relative)"
+        if name.startswith("gradient/"):
+            nudge = tiny.relative_difference(results[f"nudged/{name}"], results[f"one/{name}"])
+            assert 0 < nudge < 0.1, f"{name}: a 1e-6 nudge of the weights moves it by {nudge:.2e}"
+            bound = max(tiny.LAYOUT_RTOL, 3 * nudge)
+        else:  # losses and BatchNorm statistics are continuous in every sum's rounding (tiny.LAYOUT_RTOL)
+            bound = tiny.LAYOUT_RTOL
+        assert difference <= bound, f"{name}: 8 devices vs 1 differ by {difference:.2e} (relative; bound {bound:.2e})"
 
 
 # --------------------------------------------------------------------------- runs through main
