@@ -178,11 +178,16 @@ def test_module_entry_point_runs_in_a_subprocess(eyeq_data, tmp_path):
 
 
 def test_a_run_killed_midway_leaves_nothing_that_looks_complete(eyeq_data, tmp_path):
-    # The last image is a FIFO: reading it blocks, so the run is provably stopped mid-way when killed.
-    fifo = os.path.join(eyeq_data["images"], "99999_left.jpeg")
-    os.mkfifo(fifo)
+    # The last two images are FIFOs. Opening one for reading blocks until a writer opens it; the read then
+    # fails at once (not seekable) and the run goes on to the next. The test opens the third image's writer
+    # (which succeeds only once the run waits on it, after the first two images) and never the fourth's, so
+    # from then on the run cannot finish: it is provably mid-way whenever the kill lands.
+    fifos = [os.path.join(eyeq_data["images"], f"{n}_left.jpeg") for n in (99998, 99999)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
     labels = write_csv(str(tmp_path / "labels.csv"), EYEQ_HEADER,
-                       [[0, "10009_right.jpeg", 0, 0], [1, "10010_left.jpeg", 1, 1], [2, "99999_left.jpeg", 0, 0]])
+                       [[0, "10009_right.jpeg", 0, 0], [1, "10010_left.jpeg", 1, 1], [2, "99998_left.jpeg", 0, 0],
+                        [3, "99999_left.jpeg", 0, 0]])
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "data_prep.eyeq", "--images", eyeq_data["images"], "--labels",
                              labels, "--split", "train", "--out", str(out), "--size", SIZE, "--workers", "1"],
@@ -191,8 +196,8 @@ def test_a_run_killed_midway_leaves_nothing_that_looks_complete(eyeq_data, tmp_p
     try:
         deadline = time.monotonic() + 60
         while writer is None and time.monotonic() < deadline and proc.poll() is None:
-            try:  # succeeds only once the run is blocked reading the FIFO, after the first two images
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:  # succeeds only once the run waits to read the third image
+                writer = os.open(fifos[0], os.O_WRONLY | os.O_NONBLOCK)
             except OSError:
                 time.sleep(0.05)
         assert writer is not None, "the run never reached the third image"
@@ -203,7 +208,8 @@ def test_a_run_killed_midway_leaves_nothing_that_looks_complete(eyeq_data, tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
         if writer is not None:
             os.close(writer)
-        os.remove(fifo)
+        for fifo in fifos:
+            os.remove(fifo)
     assert looks_complete(out) == []
     assert any(f.startswith(".tmp-eyeq-train-") for f in os.listdir(out))  # it had started writing
     with pytest.raises(FileNotFoundError):
