@@ -183,8 +183,8 @@ np.savez(os.environ["OUT"], **out)
 # reordered float32 sum flips routes a finite gradient elsewhere, so no bound argued from u = 2**-24 holds
 # for them (two x86-64 CPUs gave 4e-5 and 1.6e-3 for IQA's gradient, 8 devices vs 1). They are held to what
 # the same step does on one device when every weight moves by 1e-6 of itself (17 units of round-off; the
-# reordered sums move BatchNorm statistics by less than that nudge does), times 3. The nudge must move each gradient
-# by under 0.1, or the comparison could not see the errors it is for, which move gradients by 1 or more.
+# reordered sums move BatchNorm statistics by less than that nudge does), times 3. The nudge must move each
+# gradient by under 0.1, or the comparison could not see the errors it is for, which move gradients by >= 1.
 NUDGE = 1e-6
 
 
