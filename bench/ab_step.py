@@ -42,7 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args, overrides: list[str]) -> dict:
     """Compile one side and warm it up; returns its callable, state, batch and compile figures."""
-    import jax
 
     cfg = tsb.bench_config(args.stage, args.size, args.batch, args.dtype, False, args.width,
                            tsb.parse_overrides([*args.set, *overrides]))

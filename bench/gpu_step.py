@@ -36,9 +36,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from cleaq_jax import losses  # noqa: E402
 from cleaq_jax.data import degrade  # noqa: E402
 from cleaq_jax.models import dr, iqa, iqe, layers  # noqa: E402
+from cleaq_jax.training import losses  # noqa: E402
+
 _START = time.perf_counter()
 TASKS = ("dr", "iqe", "iqa")  # the training step's task order (steps.TASK_ORDER)
 # No parameter depends on the image size, so every configuration of one width initialises at this size:
@@ -146,7 +147,7 @@ def init_state(models: dict, tx, size: int, key) -> dict:
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     init_key, state_key = jax.random.split(key)
     params, stats = {}, {}
-    for i, name in enumerate(("iqe", "iqa", "dr")):  # factory.stage_nets order for stage 3
+    for i, name in enumerate(("iqe", "iqa", "dr")):  # stages.stage_nets order for stage 3
         v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         params[name], stats[name] = v["params"], v.get("batch_stats", {})
     return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,

@@ -26,15 +26,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cleaq_jax import checkpoint, parallel  # noqa: E402
+from cleaq_jax.evaluation import restore  # noqa: E402
 from cleaq_jax.programs import ablations, evaluate  # noqa: E402
+from cleaq_jax.runtime import parallel  # noqa: E402
 
 LEVELS = ("all", "good", "usable", "reject")
 
 
 def scores(path: str, data: str, split: str, mesh) -> dict[str, float]:
     """kappa_<level> and, for a model with IQE, psnr_<level> / ssim_<level> of the enhancement."""
-    r = checkpoint.load_checkpoint(path, mesh, "latest")
+    r = restore.load_checkpoint(path, mesh, "latest")
     cfg = r.config
     cfg.data.dir = data
     nets = tuple(n for n in ("iqe", "iqa", "dr") if n in r.nets)

@@ -164,11 +164,14 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
     import jax
     import ml_collections
 
-    from cleaq_jax import factory, optim, parallel, steps, train_state
+    from cleaq_jax.models import factory
+    from cleaq_jax.runtime import parallel
+    from cleaq_jax.training import optim, stages, steps
+    from cleaq_jax.training import state as train_state
 
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, stage)
+    nets = stages.stage_nets(cfg, stage)
     tx = optim.make_optimizer(cfg, steps_per_epoch)
     init_cfg = ml_collections.ConfigDict(cfg.to_dict())
     init_cfg.model.dtype, init_cfg.model.remat = "float32", False

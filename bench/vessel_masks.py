@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cleaq_jax.data import records, synthetic, vesselness  # noqa: E402
+from cleaq_jax.evaluation import restore  # noqa: E402
 from data_prep import pseudo_masks  # noqa: E402
 
 BATCH = 16  # records per mask-pass batch
@@ -101,9 +102,9 @@ def all_fov_masker(payloads):
 
 
 def run_methods(workdir: str, held_out: str, teacher_dir: str, workers: int) -> dict[str, dict]:
-    from cleaq_jax import checkpoint, inference
+    from cleaq_jax.evaluation import inference
 
-    restored = checkpoint.restore_teacher(teacher_dir)
+    restored = restore.restore_teacher(teacher_dir)
     truth = {r["id"]: r["vessel"] for r in records.iter_records(held_out, "test")}
     maskers = {"teacher": pseudo_masks.teacher_masker(restored, 0.5, BATCH),
                "frangi": pseudo_masks.FilterMasker("frangi", workers),

@@ -21,7 +21,9 @@ from typing import Any
 from ml_collections.config_flags import config_flags
 
 # The programs `cleaq_jax.main` dispatches on (`config.stage`); a test pins them to the programs'.
+# The training stages (paper III-A, IV-B) and the vessel teacher's two (paper III-C); the one stage list.
 TRAINING_STAGES = ("stage1", "stage2", "stage3", "teacher_a", "teacher_b")
+TEACHER_STAGES = ("teacher_a", "teacher_b")
 PROGRAMS = TRAINING_STAGES + ("eval", "pipeline", "teacher")
 
 

@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import config_checks, console
+from cleaq_jax import config_checks
+from cleaq_jax.runtime import console
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
@@ -79,8 +80,8 @@ def main(argv):
     # The library loads JAX, flax and TensorFlow: only once the command line is known to be good.
     import jax
 
-    from cleaq_jax import parallel
     from cleaq_jax.programs import pipeline
+    from cleaq_jax.runtime import parallel
 
     _hide_accelerators_from_tensorflow()
     joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))

@@ -41,6 +41,7 @@ import msgpack
 import numpy as np
 
 from cleaq_jax.data import records, vesselness
+from cleaq_jax.evaluation import restore
 from data_prep.common import _positive
 
 METHODS = ("teacher",) + vesselness.METHODS
@@ -66,10 +67,12 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def teacher_masker(teacher, threshold: float, batch_size: int) -> Masker:
-    """Masks from a restored `cleaq_jax.checkpoint.Teacher`: probability > threshold, inside the mask.
+    """Masks from a restored `cleaq_jax.runtime.restore.Teacher`: probability > threshold, inside the mask.
 
     Batches of up to ``batch_size`` records run as one compiled program (shorter ones are padded)."""
-    from cleaq_jax import inference  # JAX only for the teacher: the filter methods' workers stay light
+    from cleaq_jax.evaluation import (
+        inference,  # JAX only for the teacher: the filter methods' workers stay light
+    )
 
     size = teacher.image_size
 
@@ -283,9 +286,8 @@ def _make_masker(args: argparse.Namespace) -> tuple[Masker, dict[str, Any], Call
     if args.method != "teacher":
         masker = FilterMasker(args.method, args.workers)
         return masker, {"method": args.method}, masker.close
-    from cleaq_jax import checkpoint  # JAX and orbax only for the teacher method
 
-    restored = checkpoint.restore_teacher(args.teacher, step=args.step)
+    restored = restore.restore_teacher(args.teacher, step=args.step)
     settings = {"method": "teacher", "teacher": restored.directory, "teacher_step": restored.step,
                 "teacher_stage": restored.config.stage, "threshold": args.threshold}
     return teacher_masker(restored, args.threshold, args.batch_size), settings, lambda: None

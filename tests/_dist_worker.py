@@ -52,10 +52,11 @@ def _train(mesh, steps, rows=slice(None), initial=None):
 
     initial: a state to start from (moved onto this mesh) instead of a fresh sharded init.
     """
+    import _toy
     import jax
 
-    import _toy
-    from cleaq_jax import parallel, train_state
+    from cleaq_jax.runtime import parallel
+    from cleaq_jax.training import state as train_state
 
     if initial is None:
         state, shardings = train_state.sharded_state(
@@ -78,11 +79,12 @@ def _sharded_leaves(state) -> int:
 
 
 def run_meshes(args):
+    import _toy
     import jax
     import numpy as np
 
-    import _toy
-    from cleaq_jax import parallel, train_state
+    from cleaq_jax.runtime import parallel
+    from cleaq_jax.training import state as train_state
 
     out = {}
     one_device_init = train_state.sharded_state(_toy.init_state, parallel.make_mesh(1, 1, jax.devices()[:1]),
@@ -109,7 +111,7 @@ def run_multi(args):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from cleaq_jax import parallel
+    from cleaq_jax.runtime import parallel
 
     if args.init == "explicit":
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -130,12 +132,12 @@ def run_multi(args):
 
 def _multi_checkpoint(directory, state, shardings, pid, gather):
     """Every process saves (its own data position: pid + 1 elements read) and restores."""
+    import _toy
     import grain
     import jax
     import numpy as np
 
-    import _toy
-    from cleaq_jax import checkpoint, parallel
+    from cleaq_jax.runtime import checkpoint, parallel
 
     dataset = grain.MapDataset.range(10).to_iter_dataset()
     data = iter(dataset)
@@ -154,7 +156,7 @@ def _multi_checkpoint(directory, state, shardings, pid, gather):
 
 def _multi_preemption(pid, count):
     """A SIGTERM to the last process only, at its step 3; every process runs until the guard stops it."""
-    from cleaq_jax.checkpoint import PreemptionGuard
+    from cleaq_jax.runtime.checkpoint import PreemptionGuard
 
     with PreemptionGuard() as guard:
         step = 0
@@ -170,10 +172,10 @@ def _multi_preemption(pid, count):
 
 
 def run_save(args):
+    import _toy
     import numpy as np
 
-    import _toy
-    from cleaq_jax import checkpoint, parallel
+    from cleaq_jax.runtime import checkpoint, parallel
 
     state, _, _, _ = _train(parallel.make_mesh(4, 2), 2)
     with checkpoint.Checkpointer(args.ckpt) as ckpt:
@@ -182,17 +184,18 @@ def run_save(args):
 
 
 def run_loop(args):
+    import _toy
     import jax
 
-    import _toy
-    from cleaq_jax import checkpoint, parallel, train_state
+    from cleaq_jax.runtime import checkpoint, parallel, preemption
+    from cleaq_jax.training import state as train_state
 
     mesh = parallel.make_mesh()
     abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
     shardings = parallel.state_shardings(abstract, mesh)
     step_fn = parallel.jit_train_step(_toy.train_step, shardings, mesh)
     status = {"resumed_from": 0, "stopped_at": None}
-    with checkpoint.Checkpointer(args.ckpt, async_save=True) as ckpt, checkpoint.PreemptionGuard() as guard:
+    with checkpoint.Checkpointer(args.ckpt, async_save=True) as ckpt, preemption.PreemptionGuard() as guard:
         if ckpt.latest_step() is not None:  # resuming: no fresh init needed
             state = ckpt.restore(parallel.abstract_with_shardings(abstract, shardings))
             status["resumed_from"] = int(state.step)

@@ -1,4 +1,4 @@
-"""Checkpoints of a stage (cleaq_jax.checkpoint): retention, topology-free restore, iterator and
+"""Checkpoints of a stage (cleaq_jax.runtime.checkpoint): retention, topology-free restore, iterator and
 config round-trips, and clean preemption on SIGTERM."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import _toy
 import grain
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import _toy
-from cleaq_jax import checkpoint, parallel
+from cleaq_jax.runtime import checkpoint, parallel, preemption
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
 TIMEOUT = 300
@@ -280,7 +280,7 @@ def test_config_round_trips(tmp_path):
 # --------------------------------------------------------------------------- preemption
 def test_guard_sets_the_flag_on_sigterm_and_restores_the_previous_handler():
     previous = signal.getsignal(signal.SIGTERM)
-    with checkpoint.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         assert not guard.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.time() + 5

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from cleaq_jax import console
+from cleaq_jax.runtime import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Evaluation (cleaq_jax.programs.evaluate, cleaq_jax.report): topology-free restore of a checkpoint for inference,
+"""Evaluation (cleaq_jax.programs.evaluate, cleaq_jax.evaluation.report): topology-free restore of a checkpoint for inference,
 the paper's tables per quality level from per-example outputs, and the report files of a run.
 
 The checkpoint is a tiny CLEAQ-DR state (32 px, width 1/16) with deterministic host-drawn weights, saved
@@ -21,9 +21,13 @@ import pytest
 import skimage.data
 from sklearn.metrics import cohen_kappa_score
 
-from cleaq_jax import checkpoint, factory, inference, metrics, optim, parallel, report, train_state
-from cleaq_jax.programs import evaluate
 from cleaq_jax.data import fundus, pipeline, records
+from cleaq_jax.evaluation import inference, metrics, report, restore
+from cleaq_jax.models import factory
+from cleaq_jax.programs import evaluate
+from cleaq_jax.runtime import parallel
+from cleaq_jax.training import optim, stages
+from cleaq_jax.training import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -78,7 +82,7 @@ def host_state(cfg: ml_collections.ConfigDict, nets=NETS, seed: int = 0, quality
 
 def save_checkpoint(cfg, directory: str, state, mesh) -> None:
     """Save `state` laid out on `mesh` (small leaves sharded too) as training does."""
-    from cleaq_jax import checkpoint
+    from cleaq_jax.runtime import checkpoint
 
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size=64)
     placed = jax.tree.map(lambda a, s: jax.device_put(a, s), state, shardings)
@@ -116,7 +120,7 @@ _SAVE_ON_8 = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "tests")]
     import jax
-    from cleaq_jax import parallel
+    from cleaq_jax.runtime import parallel
     import test_evaluate as t
     assert jax.device_count() == 8, jax.devices()
     cfg = t.tiny_config()
@@ -177,7 +181,7 @@ def referenced_dir(tmp_path_factory):
 def test_restores_a_checkpoint_saved_on_8_devices_onto_1(tmp_path):
     save_on_8_devices(str(tmp_path / "stage3"))
     one = parallel.make_mesh(devices=jax.devices()[:1])
-    restored = checkpoint.load_checkpoint(str(tmp_path / "stage3"), one)
+    restored = restore.load_checkpoint(str(tmp_path / "stage3"), one)
     expected = host_state(tiny_config())
     assert restored.nets == NETS and restored.stage == "stage3" and restored.step == 2
     got = jax.tree_util.tree_leaves_with_path(restored.state.params)
@@ -189,14 +193,14 @@ def test_restores_a_checkpoint_saved_on_8_devices_onto_1(tmp_path):
 
 
 def test_restored_config_is_the_trained_one(stage3_dir):
-    restored = checkpoint.load_checkpoint(stage3_dir)
+    restored = restore.load_checkpoint(stage3_dir)
     assert restored.config.data.image_size == SIZE
     assert restored.config.model.encoder_stages == (1, 1, 1, 1)  # JSON lists come back as tuples
 
 
 def test_a_folder_without_checkpoints_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        checkpoint.load_checkpoint(str(tmp_path))
+        restore.load_checkpoint(str(tmp_path))
 
 
 def test_eval_without_checkpoint_dir_names_the_key(tmp_path):
@@ -334,10 +338,10 @@ def test_evaluation_writes_json_markdown_and_figures(evaluated):
 
 
 def test_grid_shows_input_enhanced_reference_and_vessels(stage3_dir, data_dir):
-    restored = checkpoint.load_checkpoint(stage3_dir)
+    restored = restore.load_checkpoint(stage3_dir)
     cfg = evaluate.merge_for_eval(restored.config, restored.config)
     batch = evaluate._first_examples(data_dir, cfg, 3)  # the report's grid size: its compilation is reused
-    panels = inference.enhancement_panels(cfg, restored.state, restored.models, batch)
+    panels = inference.enhancement_panels(stages.qt_params(cfg), restored.state, restored.models, batch)
     assert panels.shape == (3, SIZE, 4 * SIZE, 3)
     reference = batch["image"].astype(np.float32) / 255 * batch["mask"][..., None]
     np.testing.assert_allclose(panels[:, :, 2 * SIZE:3 * SIZE], reference, atol=1e-6)
@@ -355,11 +359,11 @@ def _inference(restored, stage):
 
 def _dr(restored, image):
     apply = jax.jit(lambda v, im: jax.nn.softmax(restored.models["dr"].apply(v, im, train=False)))
-    return np.asarray(apply(train_state.variables(restored.state, "dr"), image))
+    return np.asarray(apply(factory.variables(restored.state, "dr"), image))
 
 
 def test_joint_model_grades_the_enhanced_image_and_stage1_the_raw_one(stage3_dir):
-    restored = checkpoint.load_checkpoint(stage3_dir)
+    restored = restore.load_checkpoint(stage3_dir)
     x, joint = _inference(restored, "stage3")
     _, separate = _inference(restored, "stage1")
     np.testing.assert_allclose(joint["dr_probs"], _dr(restored, joint["enhanced"]), atol=1e-5)

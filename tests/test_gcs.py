@@ -71,7 +71,7 @@ def test_report_files_and_mirrored_tensorboard_files_reach_the_bucket_whole(gcs_
     code = f"""
 import os, tempfile
 from etils import epath
-from cleaq_jax import storage
+from cleaq_jax.runtime import storage
 os.chdir({str(tmp_path)!r})
 run = "gs://{bucket}/run"
 storage.makedirs(run + "/eval")

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cleaq_jax import gradcam
+from cleaq_jax.evaluation import gradcam
 from cleaq_jax.models.dr import DRGrader
 
 TINY = dict(width=1 / 16, stage_sizes=(1, 1, 1, 1))

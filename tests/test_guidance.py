@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import factory, optim, steps, train_state
+from cleaq_jax import config_checks
+from cleaq_jax.models import factory
+from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import state as train_state
 from tests import tiny
 
 
@@ -76,7 +79,7 @@ def test_l_qe_uses_stored_references_for_every_quality_level():
     """Reject images have no QT pair; with a stored clean reference they still count in L_QE."""
     cfg = tiny.tiny_config()
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage1")
+    nets = stages.stage_nets(cfg, "stage1")
     state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
         jax.random.key(0))
     batch = tiny.random_batch(4, cfg.data.image_size)
@@ -92,9 +95,9 @@ def test_l_qe_uses_stored_references_for_every_quality_level():
 
 def test_stages_draw_their_own_seeds():
     cfg = tiny.tiny_config()
-    seeds = {stage: factory.stage_seed(cfg, stage) for stage in factory.STAGES}
+    seeds = {stage: stages.stage_seed(cfg, stage) for stage in config_checks.TRAINING_STAGES}
     assert len(set(seeds.values())) == len(seeds)
-    assert factory.stage_seed(cfg, "stage1") == factory.stage_seed(tiny.tiny_config(), "stage1")
+    assert stages.stage_seed(cfg, "stage1") == stages.stage_seed(tiny.tiny_config(), "stage1")
     assert all(0 <= s < 2 ** 31 for s in seeds.values())
 
 
@@ -106,7 +109,7 @@ def test_two_stages_with_the_same_seed_draw_different_first_batches(tmp_path):
     cfg = tiny.tiny_config()
 
     def first_ids(stage):
-        loader = pipeline.train_loader(data, "train", global_batch_size=8, seed=factory.stage_seed(cfg, stage),
+        loader = pipeline.train_loader(data, "train", global_batch_size=8, seed=stages.stage_seed(cfg, stage),
                                        class_balance=0.0, augment=False, worker_count=0, image_size=32)
         return next(iter(loader))["id_hash"].tolist()
 
@@ -124,7 +127,7 @@ def _stage3_inputs(fraction, n=64):
     mask = jnp.ones((n, size, size), jnp.float32)
     batch = {"quality": jnp.arange(n) % 3, "has_reference": jnp.arange(n) % 2 == 0}
     s = steps.LossSettings.from_config(cfg)
-    out = steps._stage3_input(x, mask, batch, jax.random.key(3), factory.qt_params(cfg), s)
+    out = steps._stage3_input(x, mask, batch, jax.random.key(3), stages.qt_params(cfg), s)
     changed = np.asarray(jnp.any(jnp.abs(out - x) > 1e-6, axis=(1, 2, 3)))
     return changed, np.asarray(batch["quality"]), np.asarray(batch["has_reference"])
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from cleaq_jax import html_report
+from cleaq_jax.evaluation import html_report
 from tests import _browser
 
 NASTY = '<img src=x onerror="alert(1)">&"q\'.jpg'

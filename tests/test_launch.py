@@ -27,8 +27,11 @@ import numpy as np
 import portpicker
 import pytest
 
-from cleaq_jax import checkpoint, factory, optim, parallel, train_state
 from cleaq_jax.data import pipeline, records
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import checkpoint, parallel
+from cleaq_jax.training import optim, stages
+from cleaq_jax.training import state as train_state
 from tests import tiny
 
 DOC = os.path.join(tiny.REPO, "docs", "launch.md")
@@ -150,7 +153,7 @@ def _stage1_init():
     """init(key) -> the train state TINY's stage 1 starts from (DR alone), as programs/train.py builds it."""
     cfg = tiny.tiny_config(stage="stage1", **{"tasks.iqe": False})
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage1")
+    nets = stages.stage_nets(cfg, "stage1")
     return lambda key: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), key)
 
 
@@ -180,7 +183,7 @@ def states(launched):
 @pytest.mark.slow
 def test_two_processes_started_with_coordinator_flags_train_what_one_process_trains(states):
     single, explicit = states["single"], states["explicit"]
-    initial = _stage1_init()(jax.random.key(factory.stage_seed(tiny.tiny_config(), "stage1")))
+    initial = _stage1_init()(jax.random.key(stages.stage_seed(tiny.tiny_config(), "stage1")))
     assert _by_path(single[2].params).keys() == _by_path(explicit[2].params).keys() == _by_path(initial.params).keys()
     assert np.abs(_flat(single[2].params) - _flat(initial.params)).mean() > 1e-4, "no step was trained"
     # The first step, from the same initial state on the same 8 images (4 devices in one process vs 2 x 2):

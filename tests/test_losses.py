@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import losses as L
+from cleaq_jax.training import losses as L
 
 
 def _logit(p):

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from sklearn.metrics import cohen_kappa_score, confusion_matrix as sk_confusion_matrix
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    cohen_kappa_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from cleaq_jax import metrics
+from cleaq_jax.evaluation import metrics
 
 TOL = 1e-3
 

@@ -4,7 +4,6 @@ Parameters come from ``fixed_variables`` (NumPy draws with LeCun scale shaped by
 of each module's init) so that no test pays for compiling the initialisers.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

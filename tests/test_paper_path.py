@@ -32,7 +32,7 @@ TINY = ("--config.model.width=0.0625", "--config.model.encoder_stages=(1,1,1,1)"
         "--config.data.synthetic.num=0", "--config.batch_size=4", "--config.eval_batch_size=4",
         "--config.num_epochs=1", "--config.log_every_steps=1", "--config.image_every_steps=0",
         "--config.checkpoint_every_steps=1000", "--config.eval.num_examples_grid=0")
-# Losses each stage trains, as its step logs them (cleaq_jax/steps.py, cleaq_jax/losses.py).
+# Losses each stage trains, as its step logs them (cleaq_jax/training/steps.py, cleaq_jax/training/losses.py).
 STAGE_LOSSES = {"stage1": ("loss_iqe", "loss_qe", "loss_seg", "loss_dr"),
                 "stage2": ("loss_iqa", "loss_qa", "loss_lqi"),
                 "stage3": ("loss_iqe", "loss_qe", "loss_seg", "loss_iqa", "loss_qa", "loss_lqi", "loss_dr"),
@@ -64,7 +64,9 @@ def _eyeq(root: str) -> tuple[str, str, str]:
 
 def _scalars(stage_dir: str) -> dict[str, list[float]]:
     """{tag: values in step order} of a stage's train scalars from its TensorBoard event files."""
-    from tensorboard.backend.event_processing import event_accumulator  # heavy: TensorFlow's reader
+    from tensorboard.backend.event_processing import (
+        event_accumulator,  # heavy: TensorFlow's reader
+    )
     from tensorboard.util import tensor_util
 
     events = glob.glob(os.path.join(stage_dir, "tensorboard", "events.out.tfevents.*"))

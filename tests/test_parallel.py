@@ -1,4 +1,4 @@
-"""Mesh, shardings, global batches, the jitted step and multi-process start-up (cleaq_jax.parallel).
+"""Mesh, shardings, global batches, the jitted step and multi-process start-up (cleaq_jax.runtime.parallel).
 
 Multi-device runs happen in subprocesses (tests/_dist_worker.py): the pytest process has one CPU
 device, and the device count is fixed when jax starts. They are launched together, once per module.
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import _toy
 import grain
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ import portpicker
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
-import _toy
-from cleaq_jax import checkpoint, parallel, train_state
+from cleaq_jax.runtime import checkpoint, parallel
+from cleaq_jax.training import state as train_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_dist_worker.py")

@@ -6,13 +6,15 @@ import os
 
 import numpy as np
 import pytest
+from test_evaluate import host_state, save_checkpoint, tiny_config
+
+from cleaq_jax.data import location, records, synthetic
+from cleaq_jax.evaluation import report
+from cleaq_jax.programs import evaluate, pictures
+from cleaq_jax.runtime import parallel
+from cleaq_jax.training import stages
 from configs import default as default_config
 from configs import eval as eval_config
-
-from cleaq_jax import factory, parallel, report
-from cleaq_jax.data import location, records, synthetic
-from cleaq_jax.programs import evaluate, pictures
-from test_evaluate import host_state, save_checkpoint, tiny_config
 
 SIZE = 64
 PER_LEVEL = 4
@@ -33,7 +35,7 @@ def synthetic_batch():
 def _qt():
     cfg = default_config.get_config()
     cfg.data.image_size = SIZE
-    return factory.qt_params(cfg)
+    return stages.qt_params(cfg)
 
 
 def _table(batch, enhanced=None):

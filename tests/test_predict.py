@@ -9,14 +9,15 @@ import io
 import os
 
 import cv2
+import fixtures_layouts
 import numpy as np
 import pytest
 import skimage.data
-
-from cleaq_jax import checkpoint, parallel
-from cleaq_jax.programs import predict
-import fixtures_layouts
 from test_evaluate import SIZE, host_state, save_checkpoint, tiny_config
+
+from cleaq_jax.evaluation import restore
+from cleaq_jax.programs import predict
+from cleaq_jax.runtime import parallel
 
 GOOD_BIAS = (50.0, 0.0, 0.0)  # C-IQA output bias that makes IQA rate every image good
 
@@ -144,7 +145,7 @@ def test_gate_quality_without_iqa_is_refused_naming_the_checkpoint(photos, tmp_p
 
 
 def test_a_stage1_checkpoint_is_noted_to_lack_quality_assessment(tmp_path):
-    restored = checkpoint.load_checkpoint(_checkpoint(tmp_path, nets=("iqe", "dr"), stage="stage1"))
+    restored = restore.load_checkpoint(_checkpoint(tmp_path, nets=("iqe", "dr"), stage="stage1"))
     notes = predict.check_checkpoint(restored, gate_quality=False)
     assert restored.stage == "stage1" and len(notes) == 1 and "no IQA network" in notes[0]
 

@@ -10,12 +10,12 @@ import cv2
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cleaq_jax import checkpoint, gradcam
-from cleaq_jax.programs import explain
-from tests import _browser
 from test_evaluate import SIZE
 from test_predict import _checkpoint, _main, photos  # noqa: F401  (photos is a fixture)
+
+from cleaq_jax.evaluation import gradcam, restore
+from cleaq_jax.programs import explain
+from tests import _browser
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_explain_writes_a_heatmap_over_the_photograph_and_its_enhancement(report
 
 
 def test_the_heatmaps_explain_the_reported_grade(photos, tmp_path):  # noqa: F811
-    restored = checkpoint.load_checkpoint(_checkpoint(tmp_path))
+    restored = restore.load_checkpoint(_checkpoint(tmp_path))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(3)]
     masks = [np.ones((SIZE, SIZE), np.uint8)] * 3

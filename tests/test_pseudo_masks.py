@@ -254,7 +254,7 @@ def test_writing_over_the_input_directory_is_refused(tmp_path, capsys):
 
 
 def test_a_checkpoint_of_another_stage_is_refused_by_name(tmp_path, capsys):
-    from cleaq_jax import checkpoint
+    from cleaq_jax.runtime import checkpoint
 
     batch = tiny.random_batch(1, 32)
     with records.ShardWriter(str(tmp_path / "shards"), "tiny", "train", num_shards=1) as w:

@@ -6,7 +6,7 @@ import json
 import cv2
 import numpy as np
 
-from cleaq_jax import report
+from cleaq_jax.evaluation import report
 
 
 def _vessels_block():

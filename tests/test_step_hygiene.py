@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from cleaq_jax import factory, optim, parallel, steps, train_state
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import parallel
+from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import state as train_state
 from tests import tiny
 
 NUM_STEPS = 4
@@ -40,7 +43,7 @@ def joint():
     cfg = tiny.tiny_config()
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage3")
+    nets = stages.stage_nets(cfg, "stage3")
     tx = optim.make_optimizer(cfg, NUM_STEPS)
     init = lambda k: train_state.init_state(cfg, models, nets, tx, k)  # noqa: E731
     state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import checkpoint
+from cleaq_jax.evaluation import restore
 from cleaq_jax.programs import pictures, teacher
 from tests import fixtures_layouts, tiny
 
@@ -73,7 +73,7 @@ def test_both_stages_run_from_drive_fixtures_and_leave_a_teacher_b_checkpoint(dr
     for stage in ("teacher_a", "teacher_b"):
         assert os.listdir(os.path.join(workdir, stage, "checkpoints")), f"{stage} saved no checkpoint"
     assert "teacher_b: cenet initialised from" in log and os.path.join(workdir, "teacher_a") in log
-    restored = checkpoint.restore_teacher(os.path.join(workdir, "teacher_b"))
+    restored = restore.restore_teacher(os.path.join(workdir, "teacher_b"))
     assert restored.config.stage == "teacher_b" and restored.step == 2 and restored.image_size == 32
 
 

@@ -16,8 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleaq_jax import checkpoint, factory, optim, parallel, stage_init, steps, train_state
+from cleaq_jax.models import factory
 from cleaq_jax.programs import pipeline, train
+from cleaq_jax.runtime import checkpoint, parallel
+from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import start as stage_init
+from cleaq_jax.training import state as train_state
 from tests import tiny
 
 
@@ -59,17 +63,17 @@ def test_a_subnetwork_with_its_own_stage_3_rate_moves_by_it_and_the_others_by_th
     assert not isinstance(optim.make_optimizer(tiny.tiny_config(**{**rates, "stage": "stage1"}), 1), dict)
 
 
-@pytest.mark.parametrize("name, stages", [
+@pytest.mark.parametrize("name, expected", [
     ("dr_only", ("stage1",)), ("iqe_only", ("stage1",)), ("iqe_no_seg", ("stage1",)),
     ("iqa_only", ("stage2",)), ("iqa_no_lqi", ("stage2",)), ("cleaq", ("stage1", "stage2", "stage3")),
     ("cleq_dr", ("stage1", "stage3")), ("cleaq_dr", ("stage1", "stage2", "stage3"))])
-def test_each_ablation_config_runs_the_stages_its_variant_needs(name, stages):
+def test_each_ablation_config_runs_the_stages_its_variant_needs(name, expected):
     import importlib
 
     cfg = importlib.import_module(f"configs.ablations.{name}").get_config()
-    assert factory.pipeline_stages(cfg) == stages
-    if "stage3" in stages:
-        nets = factory.stage_nets(cfg, "stage3")
+    assert stages.pipeline_stages(cfg) == expected
+    if "stage3" in expected:
+        nets = stages.stage_nets(cfg, "stage3")
         assert ("iqa" in nets) == cfg.tasks.iqa and ("dr" in nets) == cfg.tasks.dr
 
 
@@ -117,7 +121,7 @@ def _stage1_qe_loss(usable_self_reference: bool, batch) -> float:
     cfg = tiny.tiny_config(**{"tasks.dr": False, "model.use_seg": False,
                               "loss.usable_self_reference": usable_self_reference})
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage1")
+    nets = stages.stage_nets(cfg, "stage1")
     state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
         jax.random.key(0))
     loss_fn = jax.jit(steps.stage_loss(cfg, models, "stage1", steps_per_epoch=1))
@@ -147,11 +151,14 @@ def test_stage1_enhancement_loss_covers_usable_images_only_with_usable_self_refe
 # lr x sign(gradient): round-off picks that sign wherever a gradient is zero up to round-off.
 _DEVICES_SCRIPT = r"""
 import os, jax, numpy as np
-from cleaq_jax import factory, optim, parallel, steps, train_state
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import parallel
+from cleaq_jax.training import optim, steps, state as train_state
+from cleaq_jax.training import stages
 from tests import tiny
 cfg = tiny.tiny_config(**{"batch_size": 8})
 models = factory.build_models(cfg)
-nets = factory.stage_nets(cfg, "stage3")
+nets = stages.stage_nets(cfg, "stage3")
 tx = optim.make_optimizer(cfg, 3)
 init = lambda k: train_state.init_state(cfg, models, nets, tx, k)
 flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
@@ -228,12 +235,12 @@ def _main_cmd(workdir: str, *overrides: str) -> list[str]:
 
 
 def _final_params(workdir: str, stage: str) -> dict[str, np.ndarray]:
-    from cleaq_jax import checkpoint
+    from cleaq_jax.runtime import checkpoint
 
     cfg = tiny.tiny_config()
     cfg.stage = stage
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, stage)
+    nets = stages.stage_nets(cfg, stage)
     abstract = jax.eval_shape(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k),
                               jax.random.key(0))
     mesh = parallel.make_mesh()
@@ -292,7 +299,7 @@ def test_a_non_finite_loss_stops_naming_step_and_loss_and_keeps_the_last_good_ch
                            **{"optim.learning_rate": 1e30, "checkpoint_every_steps": 1, "log_every_steps": 1})
     with pytest.raises(train.NonFiniteLossError, match=r"step \d+.*loss"):
         pipeline.run(cfg, str(tmp_path))
-    from cleaq_jax import checkpoint
+    from cleaq_jax.runtime import checkpoint
 
     with checkpoint.Checkpointer(os.path.join(tmp_path, "stage2", "checkpoints")) as ckpt:
         saved = ckpt.all_steps()
@@ -339,14 +346,14 @@ def test_stage3_starts_from_the_last_stage1_and_stage2_networks(pipeline_run, tm
     workdir, _ = pipeline_run
     cfg = tiny.tiny_config()
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage3")
+    nets = stages.stage_nets(cfg, "stage3")
     mesh = parallel.make_mesh()
     with checkpoint.Checkpointer(tmp_path / "stage3") as ckpt:
         state, _ = stage_init.initial_state(cfg, workdir, "stage3", models, nets, optim.make_optimizer(cfg, 1), mesh,
                                             ckpt, loader=None)
     assert int(state.step) == 0
     for source, trained in (("stage1", ("iqe", "dr")), ("stage2", ("iqa",))):
-        target = train_state.abstract_variables(models, trained, cfg.data.image_size, mesh)
+        target = factory.abstract_variables(models, trained, cfg.data.image_size, mesh)
         saved = checkpoint.restore_variables(os.path.join(workdir, source, "checkpoints"), target)
         for n in trained:
             jax.tree.map(np.testing.assert_array_equal, state.params[n], saved.params[n])
@@ -372,8 +379,8 @@ def test_pipeline_writes_tensorboard_scalars_and_images(pipeline_run):
 
 @pytest.mark.slow
 def test_each_stage_validates_on_the_val_split_and_ranks_its_checkpoints_by_it(pipeline_run):
-    from cleaq_jax import checkpoint
     from cleaq_jax.programs import curves
+    from cleaq_jax.runtime import checkpoint
 
     workdir, _ = pipeline_run
     for stage, metric, logged in (("stage1", "val_dr_kappa", "val/dr_accuracy"),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from cleaq_jax import metrics
 from cleaq_jax.data import vesselness
+from cleaq_jax.evaluation import metrics
 
 # Dice against drawn vessels at 256 px; measured 0.82-0.86 (frangi) and 0.79-0.84 (matched) over seeds 0-3.
 MIN_DICE = 0.75

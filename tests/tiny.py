@@ -57,11 +57,13 @@ def joint_setup(batch_size: int = 4, **overrides):
     import jax
     import jax.numpy as jnp
 
-    from cleaq_jax import factory, optim, train_state
+    from cleaq_jax.models import factory
+    from cleaq_jax.training import optim, stages
+    from cleaq_jax.training import state as train_state
 
     cfg = tiny_config(**{"loss.weighting": "fixed", **overrides})
     models = factory.build_models(cfg)
-    nets = factory.stage_nets(cfg, "stage3")
+    nets = stages.stage_nets(cfg, "stage3")
     tx = optim.make_optimizer(cfg, 1)
     state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, random_batch(batch_size, cfg.data.image_size))

@@ -1,6 +1,6 @@
 """CE-Net's training augmentation (Gu et al. 2019, their data loader) as jittable, vmapped JAX.
 
-Used inside the vessel teacher's train step (`cleaq_jax.steps`), so the loader only decodes, flips and
+Used inside the vessel teacher's train step (`cleaq_jax.training.steps`), so the loader only decodes, flips and
 rotates. Each image gets, with probability 1/2 each, a shift of hue (up to 60 degrees), saturation
 (5/255) and value (15/255), and a random scale (0.9-1.1), aspect ratio (0.9-1.1) and shift (10% of the
 side), applied to image, field of view and vessels alike.

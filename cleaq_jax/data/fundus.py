@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from etils import epath
 
-from cleaq_jax import storage
+from cleaq_jax.runtime import storage
 
 # Long side of the downscaled copy the disc is searched on: keeps detection to a few ms per image.
 WORK_SIZE = 384

@@ -18,18 +18,15 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 
-from cleaq_jax import console, parallel, storage
 from cleaq_jax.data import records, synthetic
+from cleaq_jax.runtime import console, parallel, storage
 
 NAME = "synthetic"
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}

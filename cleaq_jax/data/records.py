@@ -43,8 +43,8 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from cleaq_jax import storage
 from cleaq_jax.data import tfds_metadata
+from cleaq_jax.runtime import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -40,9 +40,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from cleaq_jax import checkpoint, factory, inference, metrics, report
 from cleaq_jax.data import location, pipeline, records
-from cleaq_jax.report import atomic_file
+from cleaq_jax.evaluation import inference, metrics, report, restore
+from cleaq_jax.evaluation.report import atomic_file
+from cleaq_jax.training import stages
 from configs.ablations import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,7 +124,7 @@ def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.Confi
 
 def final_stage(cfg: ml_collections.ConfigDict) -> str:
     """The last stage a variant's pipeline trains; its eval/eval.json holds the variant's results."""
-    return factory.pipeline_stages(cfg)[-1]
+    return stages.pipeline_stages(cfg)[-1]
 
 
 # --------------------------------------------------------------------------- plan and run
@@ -527,9 +528,9 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
     first test images of each quality level. Good and usable inputs are QT-degraded (op2 / op1, the
     evaluation's fixed keys); reject images pass unchanged, scored against the record's clean image when it
     stores one, else shown without a reference."""
-    restored = checkpoint.load_checkpoint(stage_dir)
+    restored = restore.load_checkpoint(stage_dir)
     batch = _examples_by_quality(restored.config, per_quality)
-    panels = inference.enhancement_panels(restored.config, restored.state, restored.models, batch)
+    panels = inference.enhancement_panels(stages.qt_params(restored.config), restored.state, restored.models, batch)
     size = panels.shape[1]
     plt = report.pyplot()
     fig, axes = plt.subplots(len(panels), 3, figsize=(6.3, 2.2 * len(panels)), squeeze=False)

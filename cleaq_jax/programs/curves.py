@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from cleaq_jax import report
+from cleaq_jax.evaluation import report
 
 STAGES = ("stage1", "stage2", "stage3")
 COLOURS = {"stage1": "tab:blue", "stage2": "tab:green", "stage3": "tab:orange"}  # the same in every panel
@@ -29,7 +29,9 @@ PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation
 def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """tag -> (steps, values) of every scalar in the event files of ``logdir`` (clu writes them as
     tensor summaries, older writers as scalars)."""
-    from tensorboard.backend.event_processing import event_accumulator  # heavy: only when reading
+    from tensorboard.backend.event_processing import (
+        event_accumulator,  # heavy: only when reading
+    )
     from tensorboard.util import tensor_util
 
     acc = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0, "scalars": 0})
@@ -49,7 +51,9 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _steps_per_epoch(stage_dir: str) -> float | None:
     """The stage's last checkpoint step over its epochs (from its saved config): the steps per epoch of a
     finished stage (a stage stopped early gets a stretched epoch axis); None if unknown."""
-    from cleaq_jax import checkpoint  # heavy (orbax, jax): only for a stage that has checkpoints
+    from cleaq_jax.runtime import (
+        checkpoint,  # heavy (orbax, jax): only for a stage that has checkpoints
+    )
 
     directory = os.path.join(stage_dir, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []

@@ -12,7 +12,7 @@ the paper's tables for this run, overall and per quality level (good / usable / 
 - Quality assessment (Table VI): accuracy, kappa, macro precision and F1 of IQA on the raw images and,
   for a joint model, on IQE's enhancement of them (the joint pipeline's view, Table VI's CLEAQ-DR row).
 
-The checkpoint is restored by `checkpoint.load_checkpoint`; the forward passes are `inference`'s.
+The checkpoint is restored by `restore.load_checkpoint`; the forward passes are `inference`'s.
 - Downstream vessel segmentation (Fig. 8) and Grad-CAM of DR grading (Fig. 9): `programs.pictures`.
 
 Writes ``eval.json``, ``eval.md``, ``confusion_matrix.png``, ``per_quality.png``, ``enhancement_grid.png``,
@@ -32,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from cleaq_jax import checkpoint, console, factory, inference, metrics, parallel, report, storage
 from cleaq_jax.data import degrade, location, pipeline, records
+from cleaq_jax.evaluation import inference, metrics, report, restore
 from cleaq_jax.programs import pictures
+from cleaq_jax.runtime import console, parallel, storage
+from cleaq_jax.training import stages
 
 QUALITY = records.QUALITY_NAMES
 
@@ -87,7 +88,7 @@ def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, 
     images; NaN where there is none), and clean_reference (B,) bool, the rows scored against a clean image.
     """
     return _jit_eval(tuple(sorted(models.items())), tuple(nets), inference.enhance_before_grading(stage),
-                     bool(cfg.eval.gate_quality), factory.qt_params(cfg))
+                     bool(cfg.eval.gate_quality), stages.qt_params(cfg))
 
 
 # --------------------------------------------------------------------------- host side
@@ -212,7 +213,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     if "iqe" in nets and int(cfg.eval.num_examples_grid) > 0:
         # Every process runs it: the state may span devices of all of them.
         examples = _first_examples(data, cfg, int(cfg.eval.num_examples_grid))
-        panels = inference.enhancement_panels(cfg, state, models, examples)
+        panels = inference.enhancement_panels(stages.qt_params(cfg), state, models, examples)
     extra = pictures.evaluation_pictures(cfg, state, models, nets, data)
     result.update({k: extra[k] for k in ("vessels", "vessels_skipped") if k in extra})
     if jax.process_index() == 0:
@@ -237,7 +238,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
                          "(a stage directory or its checkpoints/ folder)")
     mesh = parallel.make_mesh(-1, 1)
-    restored = checkpoint.load_checkpoint(cfg.checkpoint_dir, mesh, cfg.checkpoint_step)
+    restored = restore.load_checkpoint(cfg.checkpoint_dir, mesh, cfg.checkpoint_step)
     merged = merge_for_eval(restored.config, cfg, restored.directory)
     console.say("evaluating %s step %d (%s; %s: %s) on split %r", restored.directory, restored.step,
                 restored.chosen, restored.stage, "+".join(restored.nets), merged.data.eval_split)

@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from cleaq_jax import gradcam, html_report, report, storage
-from cleaq_jax import train_state as ts
+from cleaq_jax.evaluation import gradcam, html_report, report
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import storage
 
 EXPLAIN_DIR = "explain"
 CROPS_DIR = "crops"
@@ -34,7 +35,7 @@ def explain_batch(restored, x: np.ndarray, mask: np.ndarray, grade: np.ndarray,
     Returns {'photo': (B, S, S) heat in [0, 1]} and 'enhanced' likewise when given. B is fixed by the caller
     (predict pads every batch to one size), so this compiles once.
     """
-    fn = functools.partial(gradcam.compiled(restored.models["dr"]), ts.variables(restored.state, "dr"))
+    fn = functools.partial(gradcam.compiled(restored.models["dr"]), factory.variables(restored.state, "dr"))
     out = {"photo": np.asarray(jax.device_get(fn(x, grade)["heatmap"]))}
     if enhanced is not None:
         out["enhanced"] = np.asarray(jax.device_get(fn(np.asarray(enhanced, np.float32), grade)["heatmap"]))

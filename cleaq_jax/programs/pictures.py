@@ -26,11 +26,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from cleaq_jax import checkpoint, factory, gradcam, inference, metrics, report
-from cleaq_jax import train_state as ts
 from cleaq_jax.data import pipeline, records, vesselness
 from cleaq_jax.data.records import QUALITY_NAMES
+from cleaq_jax.evaluation import gradcam, inference, metrics, report, restore
+from cleaq_jax.models import factory
 from cleaq_jax.programs import teacher as teacher_program
+from cleaq_jax.training import stages
 
 VESSEL_KINDS = ("input", "enhanced", "reference")
 SCORES = ("dice", "auc", "accuracy")
@@ -62,7 +63,7 @@ def classical_segmenter(method: str = "frangi") -> Segmenter:
 def teacher_segmenter(path: str) -> Segmenter:
     """The CE-Net vessel teacher restored from ``path`` (a teacher_b stage directory); images are resized
     to the teacher's size and its probabilities back, thresholded at its 0.5."""
-    teacher = checkpoint.restore_teacher(path)
+    teacher = restore.restore_teacher(path)
     size = teacher.image_size
 
     def segment(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +255,7 @@ def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examp
         return None, why
     rows = np.asarray(examples["has_vessel"], bool)
     examples = {k: v[rows] for k, v in examples.items()}
-    images, has_reference = vessel_inputs(factory.qt_params(cfg), examples, batch_size)
+    images, has_reference = vessel_inputs(stages.qt_params(cfg), examples, batch_size)
     images["enhanced"] = _uint8(enhance_examples(models, state, {"image": images["input"], "mask": examples["mask"]},
                                                  batch_size))
     segmenter = segmenter_for(cfg) if segmenter is None else segmenter
@@ -292,7 +293,7 @@ def gradcam_grid(models: dict, state, examples: dict[str, np.ndarray], enhanced:
     x = examples["image"][picks].astype(np.float32) / 255.0 * mask[..., None]
     grid = {"input": x, "enhanced": enhanced[picks], "grade": examples["dr_grade"][picks],
             "quality": examples["quality"][picks]}
-    explain = functools.partial(gradcam.compiled(models["dr"]), ts.variables(state, "dr"))
+    explain = functools.partial(gradcam.compiled(models["dr"]), factory.variables(state, "dr"))
     for kind in ("input", "enhanced"):
         out = _in_chunks(explain, len(picks), batch_size, grid[kind])
         grid[f"heat_{kind}"] = np.asarray(gradcam.overlay(grid[kind], out["heatmap"], mask))

@@ -11,11 +11,12 @@ from typing import Any
 
 import ml_collections
 
-from cleaq_jax import factory
+from cleaq_jax import config_checks
 from cleaq_jax.data import location
 from cleaq_jax.programs import evaluate, train
+from cleaq_jax.training import stages
 
-PROGRAMS = factory.STAGES + ("eval", "pipeline", "teacher")
+PROGRAMS = config_checks.TRAINING_STAGES + ("eval", "pipeline", "teacher")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -25,9 +26,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if cfg.stage not in PROGRAMS:
         raise ValueError(f"config.stage={cfg.stage!r} is not one of {PROGRAMS}")
     location.ensure_data(cfg, workdir)
-    if cfg.stage in factory.STAGES:
+    if cfg.stage in config_checks.TRAINING_STAGES:
         return train.train_stage(cfg, workdir, cfg.stage)
     result: dict[str, Any] = {}
-    for stage in factory.pipeline_stages(cfg) if cfg.stage == "pipeline" else factory.TEACHER_STAGES:
+    for stage in stages.pipeline_stages(cfg) if cfg.stage == "pipeline" else config_checks.TEACHER_STAGES:
         result = train.train_stage(cfg, workdir, stage)
     return result

@@ -38,9 +38,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from cleaq_jax import checkpoint, inference, parallel, report, storage
 from cleaq_jax.data import fundus, records
+from cleaq_jax.evaluation import inference, report, restore
 from cleaq_jax.programs import explain as explain_lib
+from cleaq_jax.runtime import parallel, storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
 NET_ROLES = {"dr": "grade", "iqa": "quality", "iqe": "enhanced image"}
@@ -157,7 +158,7 @@ def csv_row(path: str, out: dict[str, np.ndarray], i: int, num_grades: int, enha
 
 
 # --------------------------------------------------------------------------- the model
-def check_checkpoint(restored: checkpoint.Restored, gate_quality: bool) -> list[str]:
+def check_checkpoint(restored: restore.Restored, gate_quality: bool) -> list[str]:
     """Notes on what a checkpoint cannot answer; raises ValueError when --gate-quality cannot work."""
     where = f"{restored.directory} ({restored.stage}: {'+'.join(restored.nets)})"
     if gate_quality and "iqa" not in restored.nets:
@@ -167,7 +168,7 @@ def check_checkpoint(restored: checkpoint.Restored, gate_quality: bool) -> list[
             f"configs/stage3.py, has all three)" for net, role in NET_ROLES.items() if net not in restored.nets]
 
 
-def _run_batch(fn, restored: checkpoint.Restored, mesh, images: list[np.ndarray], masks: list[np.ndarray],
+def _run_batch(fn, restored: restore.Restored, mesh, images: list[np.ndarray], masks: list[np.ndarray],
                batch_size: int) -> dict[str, np.ndarray]:
     """The model on up to batch_size images, padded to batch_size (one compilation for every batch)."""
     n = len(images)
@@ -199,12 +200,12 @@ class _Progress:
               file=self.stream, flush=True)
 
 
-def predict(restored: checkpoint.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
+def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
             batch_size: int = 8, mesh=None, log=None, explain: bool = False, report_html: bool = False
             ) -> dict[str, Any]:
     """Run the checkpoint over photographs and write predictions.csv, enhanced/*.png and skipped.txt.
 
-    restored: from `checkpoint.load_checkpoint`; paths: photograph files; batch_size: images per step (a
+    restored: from `restore.load_checkpoint`; paths: photograph files; batch_size: images per step (a
     multiple of the device count); log: where notes, skips and progress go (default stderr);
     explain: Grad-CAM overlays into explain/; report_html: report.html (and crops/, explain/) too.
     Returns {'rows': CSV rows (lists of str), 'skipped': [(path, reason)], 'report': its path or None}.
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        restored = checkpoint.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
+        restored = restore.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
         print(f"predict: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
         storage.makedirs(args.out)
         result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,

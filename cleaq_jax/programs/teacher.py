@@ -4,8 +4,8 @@
 field-of-view mask on ``config.data.eval_split`` (DRIVE test), on the images as they are and on
 QT-degraded copies of them (op1 or op2 by example id, fixed keys), written as eval.json and eval.md.
 
-Its training steps are in `cleaq_jax.steps` (on-device augmentation: `cleaq_jax.data.augment`);
-restoring it is `checkpoint.restore_teacher`, its vessel probabilities `inference.predict_vessels`
+Its training steps are in `cleaq_jax.training.steps` (on-device augmentation: `cleaq_jax.data.augment`);
+restoring it is `restore.restore_teacher`, its vessel probabilities `inference.predict_vessels`
 (used by ``python -m data_prep.pseudo_masks``).
 """
 
@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from cleaq_jax import console, factory, inference, parallel, report, storage
-from cleaq_jax import train_state as ts
 from cleaq_jax.data import degrade, location, pipeline
+from cleaq_jax.evaluation import inference, report
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import console, parallel, storage
+from cleaq_jax.training import stages
 
 THRESHOLD = 0.5  # vessel probability above which a pixel is a vessel (CE-Net's)
 # AUC from histograms of the logits: bins of 1/128 logit over [-32, 32] (exact to ~1e-4 in tests).
@@ -109,7 +110,7 @@ def collect_counts(cfg: ml_collections.ConfigDict, variables: dict, model: nn.Mo
     variables: CE-Net's {"params", "batch_stats"} on ``mesh``. Every process gets the same sums.
     """
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
-    fn = _jit_eval_counts(model, factory.qt_params(cfg))
+    fn = _jit_eval_counts(model, stages.qt_params(cfg))
     loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
                                   image_size=int(cfg.data.image_size))
     total: dict[str, dict[str, np.ndarray]] = {}
@@ -144,7 +145,7 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
     last two from `summarise_counts`.
     """
     data = location.ensure_data(cfg, workdir)
-    counts = collect_counts(cfg, ts.variables(state, "cenet"), models["cenet"], mesh, data)
+    counts = collect_counts(cfg, factory.variables(state, "cenet"), models["cenet"], mesh, data)
     result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "threshold": THRESHOLD,
               **{name: summarise_counts(c) for name, c in counts.items()}}
     if jax.process_index() == 0:

@@ -19,9 +19,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax import checkpoint, console, factory, inference, optim, parallel, stage_init, steps, storage
+from cleaq_jax import config_checks
 from cleaq_jax.data import location, pipeline, records
+from cleaq_jax.evaluation import inference
+from cleaq_jax.models import factory
 from cleaq_jax.programs import evaluate, teacher
+from cleaq_jax.runtime import checkpoint, console, parallel, preemption, storage
+from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import start as stage_init
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,7 +41,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     cfg = _for_stage(cfg, stage)
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_divisible(cfg.batch_size, mesh)
-    seed = factory.stage_seed(cfg, stage)
+    seed = stages.stage_seed(cfg, stage)
     loader = pipeline.train_loader(
         data, cfg.data.train_split, global_batch_size=cfg.batch_size, seed=seed,
         class_balance=cfg.data.class_balance, balance_by=cfg.data.balance_by, augment=cfg.data.augment,
@@ -47,7 +52,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     total_steps = int(cfg.num_epochs) * steps_per_epoch
     models = factory.build_models(cfg)
     tx = optim.make_optimizer(cfg, steps_per_epoch)
-    nets = factory.stage_nets(cfg, stage)
+    nets = stages.stage_nets(cfg, stage)
     val_split = _validation_split(cfg, data, stage)
     # The saved config names the metric that ranked its checkpoints (evaluation restores the best by it).
     cfg.checkpoint_metric, cfg.checkpoint_mode = checkpoint.best_metric(cfg, nets, val_split is not None)
@@ -68,7 +73,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
                       validate)
     if not cfg.eval_at_end:
         return {}
-    evaluate_state = teacher.evaluate_state if stage in factory.TEACHER_STAGES else evaluate.evaluate_state
+    evaluate_state = teacher.evaluate_state if stage in config_checks.TEACHER_STAGES else evaluate.evaluate_state
     return evaluate_state(cfg, workdir, stage, state, models, mesh, out_dir=os.path.join(out, "eval"))
 
 
@@ -82,7 +87,7 @@ def _for_stage(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
 # --------------------------------------------------------------------------- validation
 def _validation_split(cfg: ml_collections.ConfigDict, data: str, stage: str) -> str | None:
     """config.data.val_split when this stage validates during training, else None (said once)."""
-    if not int(cfg.eval_every_epochs) or stage in factory.TEACHER_STAGES:
+    if not int(cfg.eval_every_epochs) or stage in config_checks.TEACHER_STAGES:
         return None
     split = str(cfg.data.val_split)
     if split not in records.read_manifest(data).get("splits", {}):
@@ -131,7 +136,9 @@ def _loop(cfg, out, stage, state, step_fn, loader, mesh, ckpt, start, total_step
 
 def _train(cfg, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, models, progress, validate, writer,
            logdir):
-    from clu import periodic_actions  # heavy: pulls TensorFlow, which only the writers need
+    from clu import (
+        periodic_actions,  # heavy: pulls TensorFlow, which only the writers need
+    )
 
     hooks = []  # the per-interval console line replaces clu's ReportProgress (a log line per note)
     if cfg.profile_steps and jax.process_index() == 0:
@@ -150,7 +157,7 @@ def _train(cfg, stage, state, step_fn, loader, mesh, ckpt, start, total_steps, m
     last_metrics: dict[str, float] = {}
     # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
     # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
-    with checkpoint.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
+    with preemption.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
         for step in range(start + 1, total_steps + 1):
             batch = next(stream)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -212,5 +219,5 @@ def _write_images(cfg, writer, step, state, batch, models, stage) -> None:
         return
     n = min(4, batch["image"].shape[0])
     small = jax.tree.map(lambda a: a[:n], batch)
-    grid = inference.enhancement_panels(cfg, state, models, small)
+    grid = inference.enhancement_panels(stages.qt_params(cfg), state, models, small)
     writer.write_images(step, {f"{stage}/low_enhanced_reference_vessel": grid})

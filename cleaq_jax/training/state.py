@@ -9,9 +9,8 @@ config and closed over by the step.
 
 This module is also the one builder of states and their layouts: `init_state` (a stage's fresh state),
 `abstract_state` (shapes, dtypes and shardings without computing anything: restore targets and jit
-layouts), `sharded_state` (a state materialised directly in its sharded layout) and
-`abstract_variables` (the inference part of a state, the target of a partial restore). Training,
-evaluation, the vessel teacher, the checkpoint restores, the bench scripts and the tests all use them.
+layouts) and `sharded_state` (a state materialised directly in its sharded layout). The inference part
+of a state and its restore target are `models.factory.InferenceState` / `abstract_variables`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cleaq_jax import factory, losses, optim, parallel
+from cleaq_jax.runtime import parallel
+from cleaq_jax.training import losses, optim, stages
 
 Variables = dict[str, Any]
 PyTree = Any
@@ -76,26 +76,13 @@ def apply_gradients(state: TrainState, grads: dict[str, Any], batch_stats: dict[
                          batch_stats={**state.batch_stats, **batch_stats})
 
 
-class InferenceState(flax.struct.PyTreeNode):
-    """What inference needs of a train state: {subnetwork: params} and {subnetwork: batch_stats}."""
-
-    params: dict[str, Any]
-    batch_stats: dict[str, Any]
-
-
-def variables(state: Any, name: str) -> Variables:
-    """The linen variables {"params", "batch_stats"} of one subnetwork of a TrainState or
-    InferenceState, for ``module.apply``."""
-    return {"params": state.params[name], "batch_stats": state.batch_stats[name]}
-
-
 # --------------------------------------------------------------------------- the builder
 def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
                tx: optim.Optimizer, key: jax.Array,
                given: dict[str, Variables] | None = None) -> TrainState:
     """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit).
 
-    models: `factory.build_models` output; nets: the subnetworks to hold (`factory.stage_nets`);
+    models: `factory.build_models` output; nets: the subnetworks to hold (`stages.stage_nets`);
     key: a PRNG key (split into the parameters' and the state's RNG); given: variables of subnetworks
     that come from elsewhere (an earlier stage's checkpoint): taken as they are, not initialised, so a
     stage that starts from trained networks compiles no initialiser for them. The others get the same
@@ -110,7 +97,7 @@ def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], net
         v = given[name] if name in given else models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
     # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
-    return create(variables, tx, num_tasks=max(1, len(factory.stage_tasks(nets))), rng=state_key)
+    return create(variables, tx, num_tasks=max(1, len(stages.stage_tasks(nets))), rng=state_key)
 
 
 def abstract_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: Any,
@@ -134,15 +121,3 @@ def sharded_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: A
     """
     _, shardings = abstract_state(init, mesh, *args, fsdp_min_size=fsdp_min_size)
     return parallel.run_once(init, *args, out_shardings=shardings), shardings
-
-
-def abstract_variables(models: dict[str, nn.Module], nets: tuple[str, ...], image_size: int,
-                       mesh: jax.sharding.Mesh) -> InferenceState:
-    """Restore target of the inference part of a state: the parameters and BatchNorm statistics of
-    ``nets`` at ``image_size`` px, as ShapeDtypeStructs laid out on ``mesh`` like a train state's."""
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = {n: jax.eval_shape(lambda k, x, m=models[n]: m.init(k, x, train=False), jax.random.key(0), x)
-              for n in nets}
-    abstract = InferenceState(params={n: v["params"] for n, v in shapes.items()},
-                              batch_stats={n: v.get("batch_stats", {}) for n, v in shapes.items()})
-    return parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))

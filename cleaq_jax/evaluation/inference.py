@@ -16,12 +16,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from cleaq_jax import factory, parallel
-from cleaq_jax import train_state as ts
 from cleaq_jax.data import degrade
+from cleaq_jax.models import factory
+from cleaq_jax.runtime import parallel
 
 GOOD = 0  # quality level of a good image
 EVAL_KEY_SEED = 20_220_901  # fixed: the degraded evaluation images never change between runs
@@ -42,14 +41,14 @@ def enhance_before_grading(stage: str) -> bool:
 # --------------------------------------------------------------------------- the subnetworks
 def quality_probs(models: dict, state, x: jax.Array) -> jax.Array:
     """(B, 3) float32 IQA probabilities of good / usable / reject for x (B, H, W, 3) in [0, 1]."""
-    logits = models["iqa"].apply(ts.variables(state, "iqa"), x, train=False)["quality_logits"]
+    logits = models["iqa"].apply(factory.variables(state, "iqa"), x, train=False)["quality_logits"]
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
 def enhance(models: dict, state, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """IQE's outputs for x (B, H, W, 3): "enhanced" (B, H, W, 3) and, with Seg-IQE, "vessel_logits"
     (B, H, W, 1), float32, zeroed outside mask (B, H, W)."""
-    out = models["iqe"].apply(ts.variables(state, "iqe"), x, train=False)
+    out = models["iqe"].apply(factory.variables(state, "iqe"), x, train=False)
     return {k: v.astype(jnp.float32) * mask[..., None] for k, v in out.items()}
 
 
@@ -58,7 +57,7 @@ def grade(models: dict, state, x, enhanced, enhance_rows, enhance_first: bool) -
     (B,) bool, else of the raw x."""
     dr_input = x if enhanced is None or not enhance_first else jnp.where(enhance_rows[:, None, None, None],
                                                                         enhanced, x)
-    logits = models["dr"].apply(ts.variables(state, "dr"), dr_input, train=False)
+    logits = models["dr"].apply(factory.variables(state, "dr"), dr_input, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
@@ -158,16 +157,16 @@ def _panels(iqe, qt: degrade.QTParams, state, batch) -> jax.Array:
 _jit_panels = jax.jit(_panels, static_argnums=(0, 1))
 
 
-def enhancement_panels(cfg: ml_collections.ConfigDict, state, models: dict, batch) -> np.ndarray:
+def enhancement_panels(qt: degrade.QTParams, state, models: dict, batch) -> np.ndarray:
     """(n, H, 4W, 3) float32 images in [0,1]: input | enhanced | reference | predicted vessels, the
     input and reference of `enhancement_pair` (the record's clean image where it has one).
 
-    state: a TrainState or InferenceState holding "iqe"; batch: loader arrays (uint8 image, mask,
+    qt: the quality transform of the run; state: a TrainState or InferenceState holding "iqe"; batch: loader arrays (uint8 image, mask,
     vessel, quality, id_hash, optionally reference and has_reference) with n rows, host or device.
     """
     keys = [k for k in ("image", "mask", "vessel", "quality", "id_hash", "reference", "has_reference")
             if k in batch]
-    return np.asarray(jax.device_get(_jit_panels(models["iqe"], factory.qt_params(cfg), state,
+    return np.asarray(jax.device_get(_jit_panels(models["iqe"], qt, state,
                                                  {k: batch[k] for k in keys})))
 
 
@@ -187,7 +186,7 @@ def predict_vessels(teacher: Any, images: np.ndarray, masks: np.ndarray, batch_s
                     ) -> np.ndarray:
     """Vessel probabilities of a batch at the teacher's image size, batch split over its mesh.
 
-    teacher: a `checkpoint.Teacher` (model, variables, mesh); images: (B, S, S, 3) uint8 RGB;
+    teacher: a `restore.Teacher` (model, variables, mesh); images: (B, S, S, 3) uint8 RGB;
     masks: (B, S, S) uint8 {0, 1}; S = teacher.image_size. The batch is padded to ``batch_size`` rows
     (default B), rounded up to a multiple of the device count, so that batches of any B up to it share
     one compiled program. Returns (B, S, S) float32 in [0, 1], 0 outside the mask.

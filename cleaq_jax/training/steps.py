@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cleaq_jax import factory, inference, losses, optim
-from cleaq_jax import metrics as metrics_lib
-from cleaq_jax import train_state as ts
 from cleaq_jax.data import augment, degrade
-from cleaq_jax.models import layers
+from cleaq_jax.evaluation import inference
+from cleaq_jax.evaluation import metrics as metrics_lib
+from cleaq_jax.models import factory, layers
+from cleaq_jax.training import losses, optim, stages
+from cleaq_jax.training import state as ts
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -68,17 +69,9 @@ class LossSettings:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossSettings":
         lc = cfg.loss
-        factory.check_choice(lc.qe, ("l2", "l1"), "loss.qe")
-        factory.check_choice(lc.seg, ("dice", "bce"), "loss.seg")
-        factory.check_choice(lc.lqi, ("l2", "l1"), "loss.lqi")
-        factory.check_choice(lc.weighting, ("lbtw", "fixed"), "loss.weighting")
-        factory.check_choice(lc.lbtw_reset, ("epoch", "once"), "loss.lbtw_reset")
-        factory.check_choice(lc.grl_schedule, GRL_SCHEDULES, "loss.grl_schedule")
-        factory.check_choice(lc.iqe_guidance, GUIDANCES, "loss.iqe_guidance")
-        factory.check_choice(lc.weighted_tasks, WEIGHTED_TASKS, "loss.weighted_tasks")
         return cls(qe=lc.qe, seg=lc.seg, lqi=lc.lqi, lambda_seg=float(lc.lambda_seg),
                    lambda_lqi=float(lc.lambda_lqi), weighting=lc.weighting, alpha=float(lc.alpha),
-                   lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in factory.TASK_ORDER),
+                   lbtw_reset=lc.lbtw_reset, fixed=tuple((k, float(lc.fixed[k])) for k in stages.TASK_ORDER),
                    grl_scale=float(lc.grl_scale), grl_schedule=lc.grl_schedule,
                    usable_self_reference=bool(lc.usable_self_reference), iqe_guidance=lc.iqe_guidance,
                    guidance_weight=float(lc.guidance_weight), weighted_tasks=lc.weighted_tasks,
@@ -265,7 +258,7 @@ def _stage3_loss(params, state, batch, key, models, nets, qt, s, *, steps_per_ep
         task_losses["dr"], terms, new_bs["dr"] = _dr_terms(models["dr"], state, params, enhanced,
                                                            batch["dr_grade"])
         metrics.update(terms)
-    names = factory.stage_tasks(nets)
+    names = stages.stage_tasks(nets)
     vector = jnp.stack([task_losses[t] for t in names])
     weights, lbtw = _task_weights(vector, names, state, steps_per_epoch, s)
     total = losses.combine(vector, weights) + s.guidance_weight * guidance
@@ -301,8 +294,8 @@ def stage_loss(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], sta
     """The stage's loss ``fn(params, state, batch, key, progress=None) -> (loss, (metrics, new_batch_stats,
     lbtw_state))``, differentiable w.r.t. ``params`` ({subnetwork: params}). ``progress`` (stage 3), the
     fraction of the stage done, may be traced; it drives config.loss.grl_schedule (None: the end, 1)."""
-    nets = factory.stage_nets(cfg, stage)
-    qt = factory.qt_params(cfg)
+    nets = stages.stage_nets(cfg, stage)
+    qt = stages.qt_params(cfg)
     s = LossSettings.from_config(cfg)
     fn = {"stage1": _stage1_loss, "stage2": _stage2_loss,
           "stage3": functools.partial(_stage3_loss, steps_per_epoch=steps_per_epoch),

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from cleaq_jax import storage
 from cleaq_jax.data.records import QUALITY_NAMES as QUALITY
+from cleaq_jax.runtime import storage
 
 TASK_TITLES = {"dr": "DR grading", "iqa": "Quality assessment (raw image)",
                "iqa_enhanced": "Quality assessment (enhanced image)"}

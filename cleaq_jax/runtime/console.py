@@ -16,7 +16,7 @@ import time
 from absl import logging as absl_logging
 from tqdm import tqdm
 
-LOGGER_NAME = "cleaq_jax.console"
+LOGGER_NAME = "cleaq_jax.runtime.console"
 # Python loggers of the libraries that log at INFO through Python logging directly.
 LIBRARY_LOGGERS = ("jax", "orbax", "grain", "tensorflow", "clu", "etils", "absl", "fsspec", "gcsfs")
 

@@ -21,17 +21,13 @@ for the mask pass). Restore targets come from the state builder in `train_state`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as pylogging
 import math
 import os
-import signal
-import threading
 from collections.abc import Iterable
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import ml_collections
@@ -39,10 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from cleaq_jax import factory, parallel, storage
-from cleaq_jax import train_state as ts
+from cleaq_jax.runtime import parallel, storage
 
 PyTree = Any
 _policies = ocp.checkpoint_managers
@@ -386,10 +380,9 @@ def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
 
-def restore_variables(directory: str | os.PathLike, target: ts.InferenceState, step: int | None = None
-                      ) -> ts.InferenceState:
+def restore_variables(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
     """Restores the parameters and BatchNorm statistics of the subnetworks in ``target`` (from
-    `train_state.abstract_variables`) out of a saved train state, leaving the rest unread (optimizer
+    `factory.abstract_variables`) out of a saved train state, leaving the rest unread (optimizer
     state, other subnetworks). step: default the latest."""
     directory = _as_path(directory)
     with _read_only(directory, partial=True) as manager:
@@ -399,7 +392,7 @@ def restore_variables(directory: str | os.PathLike, target: ts.InferenceState, s
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
         restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
-    return ts.InferenceState(params=restored["params"], batch_stats=restored["batch_stats"])
+    return target.replace(params=restored["params"], batch_stats=restored["batch_stats"])
 
 
 def saved_nets(directory: str | os.PathLike, step: int) -> tuple[str, ...]:
@@ -437,32 +430,6 @@ def read_trained_config(directory: str, step: int | None = None) -> ml_collectio
     return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
 
 
-@dataclasses.dataclass
-class Restored:
-    """A checkpoint ready for inference: the trained config, the stage that trained it, its subnetworks
-    (a tuple of "iqe", "iqa", "dr"), the linen modules, and their variables on the given mesh."""
-
-    config: ml_collections.ConfigDict
-    stage: str
-    nets: tuple[str, ...]
-    models: dict
-    state: ts.InferenceState
-    directory: str
-    step: int
-    chosen: str = ""  # why this step: "best by val_dr_kappa = 0.41", "latest", ...
-
-
-def _stage_of(cfg: ml_collections.ConfigDict, directory: str, nets: tuple[str, ...]) -> str:
-    """The stage that wrote the checkpoint: its config's stage, else its stage directory's name."""
-    if cfg.get("stage") in factory.STAGES:
-        return cfg.stage
-    name = os.path.basename(os.path.dirname(directory.rstrip(os.sep)))
-    if name in factory.STAGES:
-        return name
-    # Neither names it: IQA alone is stage 2, DR without IQE stage 1, IQE with others the joint stage.
-    return "stage2" if nets == ("iqa",) else "stage1" if "iqe" not in nets else "stage3"
-
-
 def select_step(directory: str, which: int | str = "best") -> tuple[int, str]:
     """The step of a checkpoints/ folder to restore, and why, in words.
 
@@ -491,140 +458,3 @@ def select_step(directory: str, which: int | str = "best") -> tuple[int, str]:
         return steps[-1], f"latest: no checkpoint carries {metric}"
     value, step = max(ranked)
     return step, f"best by {metric} = {value if mode == 'max' else -value:.4g}"
-
-
-def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, step: int | str = "best") -> Restored:
-    """Restore the parameters and BatchNorm statistics of a stage checkpoint for inference.
-
-    path: a stage directory (<workdir>/stage3) or its checkpoints/ folder, saved on any number of
-        devices; mesh: where to put the variables (default: every present device, replicated);
-    step: "best" (default; see `select_step`), "latest" or a step number. Optimizer state is not read.
-    Raises FileNotFoundError / ValueError naming the directory when it holds no cleaq_jax checkpoint.
-    """
-    directory = checkpoint_directory(path)
-    step, chosen = select_step(directory, step)
-    cfg = read_trained_config(directory, step)
-    mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
-    models = factory.build_models(cfg)
-    nets = tuple(n for n in saved_nets(directory, step) if n != "cenet")
-    if not nets:
-        raise ValueError(f"checkpoint {directory}/{step} holds none of the subnetworks iqe, iqa, dr")
-    target = ts.abstract_variables(models, nets, int(cfg.data.image_size), mesh)
-    state = restore_variables(directory, target, step)
-    return Restored(cfg, _stage_of(cfg, directory, nets), nets, models, state, directory, int(step), chosen)
-
-
-@dataclasses.dataclass
-class Teacher:
-    """A restored vessel teacher: its training config, CE-Net module and variables (on ``mesh``)."""
-
-    config: ml_collections.ConfigDict
-    model: nn.Module
-    variables: dict
-    mesh: jax.sharding.Mesh
-    directory: str
-    step: int
-
-    @property
-    def image_size(self) -> int:
-        """The side the teacher was trained at (inputs are resized to it)."""
-        return int(self.config.data.image_size)
-
-
-def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> Teacher:
-    """Restore a teacher_a / teacher_b checkpoint (saved on any device count) onto ``mesh``.
-
-    path: the stage directory (<workdir>/teacher_b) or its checkpoints/ folder; mesh: default every
-    local device on the data axis; step: default the latest. Raises FileNotFoundError / ValueError
-    naming the directory when it holds no vessel teacher.
-    """
-    directory = checkpoint_directory(path)
-    cfg = read_trained_config(directory, step)
-    if cfg.get("stage") not in factory.TEACHER_STAGES:
-        raise ValueError(f"{directory} holds a {cfg.get('stage')!r} checkpoint, not a vessel teacher's: pass "
-                         "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
-    mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
-    models = factory.build_models(cfg)
-    with _read_only(directory) as manager:
-        step = _saved_step(manager, directory, step)
-    target = ts.abstract_variables(models, ("cenet",), int(cfg.data.image_size), mesh)
-    restored = restore_variables(directory, target, step)
-    return Teacher(cfg, models["cenet"], ts.variables(restored, "cenet"), mesh, directory, step)
-
-
-class PreemptionGuard:
-    """Turns SIGTERM (a preemption notice) into a stop every process agrees on, polled by the loop.
-
-    Use as a context manager around the loop; the previous handlers are restored on exit::
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...
-                if guard.should_stop(step):
-                    checkpointer.save(step, state, force=True); break
-
-    One process: a Python handler sets a flag, and `should_stop` returns it at every step.
-
-    Several processes (jax.distributed started, with its preemption service, the default): JAX's
-    preemption sync point. The runtime's own SIGTERM handler, installed by jax.distributed.initialize,
-    takes the notice on whichever process gets it and tells the others through the coordination
-    service, which picks the first step every process can still reach (the largest step any reports,
-    plus one); `should_stop(step)` is True on every process at exactly that step. It must be called at
-    every step, from the same first step on every process; it waits for no device and costs nothing
-    until a notice comes. No Python handler is installed then for SIGTERM (it would replace the
-    runtime's). Without the preemption service (``JAX_ENABLE_PREEMPTION_SERVICE=false``) the local
-    flags are all-gathered at steps divisible by ``sync_every_steps`` instead.
-    """
-
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), sync_every_steps: int = 1):
-        if sync_every_steps < 1:
-            raise ValueError(f"sync_every_steps={sync_every_steps} must be at least 1")
-        self._signals = tuple(signals)
-        self._sync_every = int(sync_every_steps)
-        self._received = threading.Event()
-        self._previous: dict[int, Any] = {}
-        self._sync_point = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        logging.warning("received signal %d: will save a checkpoint and stop at the next check", signum)
-        self._received.set()
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be entered in the main thread (Python delivers signals there)")
-        self._sync_point = jax.process_count() > 1 and parallel.preemption_service_running()
-        for sig in self._signals:
-            if self._sync_point and sig == signal.SIGTERM:
-                continue  # the runtime's preemption notifier handles it
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            # None means a handler installed outside Python; the default action is the closest restore.
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
-
-    @property
-    def received(self) -> bool:
-        """True once this process got a handled signal, or (several processes) once the processes
-        reached the preemption sync point."""
-        return self._received.is_set()
-
-    def should_stop(self, step: int | None = None) -> bool:
-        """True once a signal arrived (one process) or at the step all processes agreed to stop at.
-
-        step: the training step (needed with several processes; None agrees now by all-gather).
-        """
-        if jax.process_count() == 1:
-            return self._received.is_set()
-        if self._sync_point and step is not None and multihost_utils.reached_preemption_sync_point(int(step)):
-            self._received.set()
-            return True
-        if self._sync_point and not self._previous:
-            return False  # SIGTERM was the only signal, and the sync point handles it
-        if step is not None and int(step) % self._sync_every:
-            return False
-        flags = multihost_utils.process_allgather(np.asarray(self._received.is_set(), np.int32))
-        return bool(np.any(flags))

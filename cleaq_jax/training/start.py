@@ -11,9 +11,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from cleaq_jax import checkpoint, console, factory, optim
-from cleaq_jax import train_state as ts
-from cleaq_jax.models import pretrained
+from cleaq_jax.models import factory, pretrained
+from cleaq_jax.runtime import checkpoint, console
+from cleaq_jax.training import optim, stages
+from cleaq_jax.training import state as ts
 
 # config.pretrained key -> the ResNet trunks it initialises: (subnetwork, module path inside it).
 IMAGENET_TARGETS = {
@@ -40,10 +41,10 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
 
     Resumes from ``ckpt``'s latest step when there is one (moving ``loader``, a grain iterator, to its
     saved position); otherwise takes the subnetworks the earlier stages trained (config.init) as they
-    are, initialises the others from the stage's seed (`factory.stage_seed`) and grafts the ImageNet
+    are, initialises the others from the stage's seed (`stages.stage_seed`) and grafts the ImageNet
     trunks into those.
     """
-    key = jax.random.key(factory.stage_seed(cfg, stage))
+    key = jax.random.key(stages.stage_seed(cfg, stage))
     if ckpt.latest_step() is not None:
         target, shardings = ts.abstract_state(lambda k: ts.init_state(cfg, models, nets, tx, k), mesh, key)
         state, step = ckpt.restore_intact(target, data_iter=loader)
@@ -85,7 +86,7 @@ def earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mod
         if not wanted:
             continue
         directory = os.path.join(cfg.init.get(source, "") or stage_dir(workdir, source), "checkpoints")
-        target = ts.abstract_variables(models, wanted, int(cfg.data.image_size), mesh)
+        target = factory.abstract_variables(models, wanted, int(cfg.data.image_size), mesh)
         try:
             restored = checkpoint.restore_variables(directory, target)
         except FileNotFoundError as e:
@@ -101,6 +102,6 @@ def earlier_stages(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mod
 
 def _trained_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
     try:
-        return factory.stage_nets(cfg, stage)
+        return stages.stage_nets(cfg, stage)
     except ValueError:
         return ()

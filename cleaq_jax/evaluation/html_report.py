@@ -24,8 +24,8 @@ from typing import Union
 import cv2
 import numpy as np
 
-from cleaq_jax import report
 from cleaq_jax.data.records import QUALITY_NAMES
+from cleaq_jax.evaluation import report
 
 ImageSource = Union[bytes, str, np.ndarray]
 GRADE_NAMES_5 = ("no DR", "mild", "moderate", "severe", "proliferative")  # EyeQ / EyePACS levels

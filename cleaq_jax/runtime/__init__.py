@@ -1,0 +1,2 @@
+"""Runtime: the device mesh and multi-process start-up, checkpoints and preemption, local and gs://
+storage, and the console."""
