@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cleaq_jax.evaluation import restore  # noqa: E402
 from cleaq_jax.programs import ablations, evaluate  # noqa: E402
 from cleaq_jax.runtime import parallel  # noqa: E402
+from cleaq_jax.training import stages  # noqa: E402
 
 LEVELS = ("all", "good", "usable", "reject")
 
@@ -38,9 +39,8 @@ def scores(path: str, data: str, split: str, mesh) -> dict[str, float]:
     r = restore.load_checkpoint(path, mesh, "latest")
     cfg = r.config
     cfg.data.dir = data
-    nets = tuple(n for n in ("iqe", "iqa", "dr") if n in r.nets)
-    s = evaluate.summarise(evaluate.collect(cfg, r.state, r.models, nets, mesh, data, r.stage, split=split,
-                                            show_progress=False))
+    stage = stages.Stage.from_config(cfg, r.stage, steps_per_epoch=0, data_dir=data)
+    s = evaluate.summarise(evaluate.collect(cfg, stage, r.state, r.models, mesh, split, show_progress=False))
     row: dict[str, float] = {}
     for task, keys in (("dr", (("kappa", "kappa"),)), ("enhancement", (("psnr", "psnr_enhanced"),
                                                                         ("ssim", "ssim_enhanced")))):

@@ -38,7 +38,10 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-STAGES = ("stage1", "stage2", "stage3", "teacher_a")
+from cleaq_jax import config_checks  # noqa: E402  (no JAX: the flags parse before it loads)
+
+STAGES = config_checks.TRAINING_STAGES
+DEFAULT_STAGES = ("stage1", "stage2", "stage3", "teacher_a")  # teacher_b's step is teacher_a's with QT first
 
 # Dense peak TFLOP/s per chip, (bfloat16, float32): NVIDIA float32 is TF32 tensor-core math (XLA's
 # default precision for float32 convolutions on those GPUs); TPUs run float32 through bf16 passes,
@@ -58,7 +61,7 @@ PEAK_TFLOPS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma list of {STAGES}")
     p.add_argument("--size", type=int, default=128, help="image size (multiple of 32)")
     p.add_argument("--batch", type=int, default=4, help="per-device batch")
     p.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16 (compute dtype)")
@@ -171,17 +174,16 @@ def build_step(cfg, stage: str, steps_per_epoch: int = 1000):
 
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, stage)
-    tx = optim.make_optimizer(cfg, steps_per_epoch)
+    described = stages.Stage.from_config(cfg, stage, steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(described.optim, steps_per_epoch)
     init_cfg = ml_collections.ConfigDict(cfg.to_dict())
     init_cfg.model.dtype, init_cfg.model.remat = "float32", False
     init_models = factory.build_models(init_cfg)
-    init = lambda k: train_state.init_state(init_cfg, init_models, nets, tx, k)  # noqa: E731
+    init = lambda k: train_state.init_state(described, init_models, tx, k)  # noqa: E731
     state, shardings = train_state.sharded_state(init, mesh, jax.random.key(int(cfg.seed)))
     jax.block_until_ready(state)
     progress("initialised")
-    step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, stage, steps_per_epoch),
-                                   shardings, mesh)
+    step = parallel.jit_train_step(steps.make_train_step(described, models, tx), shardings, mesh)
     local = cfg.batch_size // jax.process_count()
     batch = parallel.global_batch(random_batch(local, int(cfg.data.image_size), int(cfg.data.num_grades)),
                                   mesh)

@@ -22,8 +22,9 @@ from ml_collections.config_flags import config_flags
 
 # The programs `cleaq_jax.main` dispatches on (`config.stage`); a test pins them to the programs'.
 # The training stages (paper III-A, IV-B) and the vessel teacher's two (paper III-C); the one stage list.
-TRAINING_STAGES = ("stage1", "stage2", "stage3", "teacher_a", "teacher_b")
+PAPER_STAGES = ("stage1", "stage2", "stage3")
 TEACHER_STAGES = ("teacher_a", "teacher_b")
+TRAINING_STAGES = PAPER_STAGES + TEACHER_STAGES
 PROGRAMS = TRAINING_STAGES + ("eval", "pipeline", "teacher")
 
 
@@ -149,7 +150,6 @@ RULES: dict[str, Rule] = {
     "loss.iqe_guidance": choice("reverse", "to_good"),
     "loss.grl_schedule": choice("constant", "ganin"),
     "loss.guidance_weight": _WEIGHT,
-    "loss.weighted_tasks": choice("eq11", "all"),
     "loss.usable_self_reference": boolean(),
     "loss.qt_good_fraction": number(0.0, 1.0),
     "optim.learning_rate": number(0.0, low_open=True),

@@ -82,8 +82,6 @@ def get_config() -> ml_collections.ConfigDict:
     # "constant", or "ganin": grl_scale * (2 / (1 + exp(-10 p)) - 1) over the stage's progress p.
     c.loss.grl_schedule = "constant"
     c.loss.guidance_weight = 0.01  # Weight of the "to_good" term, outside the dynamic task weighting.
-    # Which task losses the dynamic weights scale: "eq11" (paper eq. 11: L_IQE and L_IQA, L_DR at 1) or "all".
-    c.loss.weighted_tasks = "eq11"
     # Stages 1 and 3: L_QE also on usable images (op1-degraded) against themselves.
     c.loss.usable_self_reference = False
     # Stage 3: the fraction of good images QT degrades (op2) before IQE; the rest enter as they are, so

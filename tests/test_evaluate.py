@@ -7,6 +7,7 @@ by a subprocess that sees 8 fake CPU devices with parameters sharded over them; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -71,8 +72,9 @@ def host_state(cfg: ml_collections.ConfigDict, nets=NETS, seed: int = 0, quality
     seed gives the same state in any process. quality_bias: (3,) added to C-IQA's output bias.
     """
     models = factory.build_models(cfg)
-    tx = optim.make_optimizer(cfg, 1)
-    abstract = jax.eval_shape(lambda k: train_state.init_state(cfg, models, nets, tx, k), jax.random.key(0))
+    stage = dataclasses.replace(stages.Stage.from_config(cfg, "stage3", steps_per_epoch=1), nets=tuple(nets))
+    tx = optim.make_optimizer(stage.optim, 1)
+    abstract = jax.eval_shape(lambda k: train_state.init_state(stage, models, tx, k), jax.random.key(0))
     rng = np.random.default_rng(seed)
     state = jax.tree_util.tree_map_with_path(lambda p, leaf: _fill(p, leaf, rng), abstract)
     if quality_bias is not None:
@@ -340,7 +342,7 @@ def test_evaluation_writes_json_markdown_and_figures(evaluated):
 def test_grid_shows_input_enhanced_reference_and_vessels(stage3_dir, data_dir):
     restored = restore.load_checkpoint(stage3_dir)
     cfg = evaluate.merge_for_eval(restored.config, restored.config)
-    batch = evaluate._first_examples(data_dir, cfg, 3)  # the report's grid size: its compilation is reused
+    batch = evaluate.first_examples(cfg, data_dir, 3)  # the report's grid size: its compilation is reused
     panels = inference.enhancement_panels(stages.qt_params(cfg), restored.state, restored.models, batch)
     assert panels.shape == (3, SIZE, 4 * SIZE, 3)
     reference = batch["image"].astype(np.float32) / 255 * batch["mask"][..., None]

@@ -6,10 +6,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tiny
 from tiny import REPO, random_batch, run_python
 
 from cleaq_jax.models import factory, layers
-from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import optim, steps
 from cleaq_jax.training import state as train_state
 from configs import default
 
@@ -53,11 +54,11 @@ def test_gpu_step_imports_nothing_the_gpu_machine_lacks():
 def test_gpu_step_state_has_the_training_state_s_leaves():
     g, cfg = _gpu_step(), _config()
     models = factory.build_models(cfg)
-    tx = optim.make_optimizer(cfg, 10)
+    joint = tiny.stage(cfg, "stage3", steps_per_epoch=10)
+    tx = optim.make_optimizer(joint.optim, 10)
     # gpu_step initialises every configuration at INIT_SIZE: no parameter depends on the image size.
     ours = jax.eval_shape(lambda k: g.init_state(models, tx, g.INIT_SIZE, k), jax.random.key(0))
-    theirs = jax.eval_shape(lambda k: train_state.init_state(cfg, models, stages.stage_nets(cfg, "stage3"), tx, k),
-                            jax.random.key(0))
+    theirs = jax.eval_shape(lambda k: train_state.init_state(joint, models, tx, k), jax.random.key(0))
     for field in ("step", "params", "batch_stats", "opt_state", "lbtw", "rng"):
         shapes = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]  # noqa: E731
         assert shapes(ours[field]) == shapes(getattr(theirs, field)), field
@@ -66,13 +67,13 @@ def test_gpu_step_state_has_the_training_state_s_leaves():
 def test_gpu_step_joint_loss_and_gradients_equal_the_training_step_s():
     g, cfg = _gpu_step(), _config()
     models = factory.build_models(cfg)
-    tx = optim.make_optimizer(cfg, 10)
-    nets = stages.stage_nets(cfg, "stage3")
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    joint = tiny.stage(cfg, "stage3", steps_per_epoch=10)
+    tx = optim.make_optimizer(joint.optim, 10)
+    state = jax.jit(lambda k: train_state.init_state(joint, models, tx, k))(jax.random.key(0))
     batch = jax.device_put(random_batch(6, SIZE))
     key = jax.random.key(1)
-    qt = stages.qt_params(cfg)
-    theirs_fn = steps.stage_loss(cfg, models, "stage3", 10)
+    qt = joint.qt
+    theirs_fn = steps.stage_loss(joint, models)
     ours_fn = lambda p: g.joint_loss(models, qt, p, state.batch_stats, state.step, state.lbtw, batch, key, 10)  # noqa: E731
     (l_theirs, (_, bs_theirs, lbtw_theirs)), g_theirs = jax.jit(jax.value_and_grad(
         lambda p: theirs_fn(p, state, batch, key), has_aux=True))(state.params)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax import config_checks
+from cleaq_jax.evaluation import inference
 from cleaq_jax.models import factory
 from cleaq_jax.training import optim, stages, steps
 from cleaq_jax.training import state as train_state
@@ -19,7 +20,7 @@ def _setup(**overrides):
 
 def _grads(stage="stage3", **overrides):
     cfg, models, state, batch = _setup(**overrides)
-    loss_fn = steps.stage_loss(cfg, models, stage, steps_per_epoch=1)
+    loss_fn = steps.stage_loss(tiny.stage(cfg, stage), models)
     fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, state, batch, jax.random.key(1)), has_aux=True))
     (_, (metrics, _, _)), g = fn(state.params)
     return jax.tree.map(np.asarray, g), jax.tree.map(np.asarray, metrics)
@@ -55,19 +56,19 @@ def test_to_good_iqa_learns_from_the_detached_enhancement_only():
 
 def test_grl_schedule_values():
     cfg = tiny.tiny_config(**{"loss.grl_scale": 0.5, "loss.grl_schedule": "ganin"})
-    s = steps.LossSettings.from_config(cfg)
+    s = tiny.stage(cfg).loss
     for p in (0.0, 0.1, 0.5, 1.0):
         expected = 0.5 * (2.0 / (1.0 + np.exp(-10.0 * p)) - 1.0)
         assert float(steps.grl_scale_at(s, jnp.float32(p))) == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert float(steps.grl_scale_at(s, jnp.float32(0.0))) == 0.0
-    constant = steps.LossSettings.from_config(tiny.tiny_config(**{"loss.grl_scale": 0.5}))
+    constant = tiny.stage(tiny.tiny_config(**{"loss.grl_scale": 0.5})).loss
     assert float(steps.grl_scale_at(constant, jnp.float32(0.0))) == 0.5
 
 
 def test_eq11_weights_leave_dr_at_one_and_balance_the_others():
-    cfg, models, state, batch = _setup(**{"loss.weighting": "lbtw", "tasks.dr": True,
-                                          "loss.weighted_tasks": "eq11"})
-    step = jax.jit(steps.make_train_step(cfg, models, optim.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
+    cfg, models, state, batch = _setup(**{"loss.weighting": "lbtw", "tasks.dr": True})
+    joint = tiny.stage(cfg, "stage3", steps_per_epoch=2)
+    step = jax.jit(steps.make_train_step(joint, models, optim.make_optimizer(joint.optim, 2)))
     for _ in range(2):
         state, metrics = step(state, batch)
     assert float(metrics["weight_dr"]) == 1.0
@@ -79,13 +80,12 @@ def test_l_qe_uses_stored_references_for_every_quality_level():
     """Reject images have no QT pair; with a stored clean reference they still count in L_QE."""
     cfg = tiny.tiny_config()
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage1")
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
+    stage1 = tiny.stage(cfg, "stage1")
+    state = jax.jit(lambda k: train_state.init_state(stage1, models, optim.make_optimizer(stage1.optim, 1), k))(
         jax.random.key(0))
     batch = tiny.random_batch(4, cfg.data.image_size)
     batch["quality"] = np.full(4, 2, np.int32)  # all reject
-    loss_fn = jax.jit(lambda b: steps.stage_loss(cfg, models, "stage1", 1)(state.params, state, b,
-                                                                           jax.random.key(1))[1][0])
+    loss_fn = jax.jit(lambda b: steps.stage_loss(stage1, models)(state.params, state, b, jax.random.key(1))[1][0])
     assert float(loss_fn(jax.tree.map(jnp.asarray, batch))["loss_qe"]) == 0.0
     batch["reference"] = np.flip(batch["image"], axis=1).copy()
     batch["has_reference"] = np.ones(4, bool)
@@ -123,11 +123,11 @@ def _stage3_inputs(fraction, n=64):
     cfg = tiny.tiny_config(**{"loss.qt_good_fraction": fraction})
     rng = np.random.default_rng(0)
     size = 16
-    x = jnp.asarray(rng.uniform(0.2, 0.8, (n, size, size, 3)), jnp.float32)
-    mask = jnp.ones((n, size, size), jnp.float32)
-    batch = {"quality": jnp.arange(n) % 3, "has_reference": jnp.arange(n) % 2 == 0}
-    s = steps.LossSettings.from_config(cfg)
-    out = steps._stage3_input(x, mask, batch, jax.random.key(3), stages.qt_params(cfg), s)
+    batch = {"image": jnp.asarray(rng.integers(50, 200, (n, size, size, 3)), jnp.uint8),
+             "mask": jnp.ones((n, size, size), jnp.uint8),
+             "quality": jnp.arange(n) % 3, "has_reference": jnp.arange(n) % 2 == 0}
+    x, _ = inference.inputs(batch)
+    out = steps._stage3_input(tiny.stage(cfg), batch, jax.random.key(3))
     changed = np.asarray(jnp.any(jnp.abs(out - x) > 1e-6, axis=(1, 2, 3)))
     return changed, np.asarray(batch["quality"]), np.asarray(batch["has_reference"])
 

@@ -153,8 +153,8 @@ def _stage1_init():
     """init(key) -> the train state TINY's stage 1 starts from (DR alone), as programs/train.py builds it."""
     cfg = tiny.tiny_config(stage="stage1", **{"tasks.iqe": False})
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage1")
-    return lambda key: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), key)
+    stage1 = tiny.stage(cfg, "stage1")
+    return lambda key: train_state.init_state(stage1, models, optim.make_optimizer(stage1.optim, 1), key)
 
 
 def _by_path(params) -> dict[str, np.ndarray]:

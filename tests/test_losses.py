@@ -221,11 +221,6 @@ def test_iqe_loss_without_vessel_logits_has_no_seg_term():
     assert float(total) == pytest.approx(4.0)
 
 
-def test_iqe_loss_rejects_an_unknown_loss_name():
-    with pytest.raises(ValueError, match="qe"):
-        L.iqe_loss(*_iqe_inputs(), lambda_seg=0.5, qe="l3")
-
-
 def _iqa_inputs():
     logits = _ce_batch()
     quality = np.array([2, -1], np.int32)

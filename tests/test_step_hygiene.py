@@ -15,7 +15,7 @@ import pytest
 
 from cleaq_jax.models import factory
 from cleaq_jax.runtime import parallel
-from cleaq_jax.training import optim, stages, steps
+from cleaq_jax.training import optim, steps
 from cleaq_jax.training import state as train_state
 from tests import tiny
 
@@ -43,11 +43,11 @@ def joint():
     cfg = tiny.tiny_config()
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage3")
-    tx = optim.make_optimizer(cfg, NUM_STEPS)
-    init = lambda k: train_state.init_state(cfg, models, nets, tx, k)  # noqa: E731
+    stage = tiny.stage(cfg, "stage3", steps_per_epoch=NUM_STEPS)
+    tx = optim.make_optimizer(stage.optim, NUM_STEPS)
+    init = lambda k: train_state.init_state(stage, models, tx, k)  # noqa: E731
     state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))
-    step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", NUM_STEPS), shardings, mesh)
+    step = parallel.jit_train_step(steps.make_train_step(stage, models, tx), shardings, mesh)
     size = cfg.data.image_size
     host_batches = [tiny.random_batch(cfg.batch_size, size, seed=i) for i in range(NUM_STEPS)]
     counter, logger = _CompileCounter(), logging.getLogger(COMPILE_LOGGER)

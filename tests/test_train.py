@@ -28,7 +28,7 @@ from tests import tiny
 # --------------------------------------------------------------------------- pure pieces
 def test_lr_schedule_is_constant_then_polynomial_in_the_epoch():
     cfg = tiny.tiny_config(**{"optim.learning_rate": 1e-3, "optim.constant_epochs": 60, "num_epochs": 150})
-    sched = optim.lr_schedule(cfg, steps_per_epoch=10)
+    sched = optim.lr_schedule(tiny.stage(cfg, "stage1").optim, 10, "dr")
     assert float(sched(jnp.int32(0))) == pytest.approx(1e-3)
     assert float(sched(jnp.int32(599))) == pytest.approx(1e-3)  # epoch 59
     assert float(sched(jnp.int32(600))) == pytest.approx(1e-3 * (1 - 60 / 150) ** 0.9, rel=1e-5)
@@ -39,28 +39,32 @@ def test_joint_learning_rate_is_stage_3s_base_rate_only():
     """optim.joint_learning_rate replaces learning_rate in stage 3 when above 0; other stages, and 0,
     keep learning_rate (the paper's single rate)."""
     kw = {"optim.learning_rate": 1e-3, "optim.joint_learning_rate": 1e-4, "optim.constant_epochs": 2, "num_epochs": 4}
-    at = lambda cfg, count: float(optim.lr_schedule(cfg, steps_per_epoch=10)(jnp.int32(count)))  # noqa: E731
-    assert at(tiny.tiny_config(**kw, stage="stage3"), 0) == pytest.approx(1e-4)
-    assert at(tiny.tiny_config(**kw, stage="stage3"), 30) == pytest.approx(1e-4 * (1 - 3 / 4) ** 0.9, rel=1e-5)
-    assert at(tiny.tiny_config(**kw, stage="stage1"), 0) == pytest.approx(1e-3)
-    assert at(tiny.tiny_config(**{**kw, "optim.joint_learning_rate": 0.0}, stage="stage3"), 0) == pytest.approx(1e-3)
+    def at(stage, count, **overrides):
+        settings = tiny.stage(tiny.tiny_config(**{**kw, **overrides}), stage).optim
+        return float(optim.lr_schedule(settings, 10, "dr")(jnp.int32(count)))
+
+    assert at("stage3", 0) == pytest.approx(1e-4)
+    assert at("stage3", 30) == pytest.approx(1e-4 * (1 - 3 / 4) ** 0.9, rel=1e-5)
+    assert at("stage1", 0) == pytest.approx(1e-3)
+    assert at("stage3", 0, **{"optim.joint_learning_rate": 0.0}) == pytest.approx(1e-3)
 
 
 def test_a_subnetwork_with_its_own_stage_3_rate_moves_by_it_and_the_others_by_the_joint_rate():
     """optim.joint_net_learning_rate.dr = 1e-3 beside joint_learning_rate = 1e-4: Adam's first update is
     lr * g / (|g| + eps) per element, so the largest |change| of each subnetwork's parameters is its own rate
     (to eps / |g| and float32's rounding of parameters of size ~1, 1e-7, a thousandth of 1e-4)."""
-    rates = {"optim.joint_learning_rate": 1e-4, "optim.joint_net_learning_rate.dr": 1e-3, "stage": "stage3"}
+    rates = {"optim.joint_learning_rate": 1e-4, "optim.joint_net_learning_rate.dr": 1e-3}
     cfg, models, state, batch = _joint_setup(**rates)
-    tx = optim.make_optimizer(cfg, 1)
-    assert {n: optim.base_learning_rate(cfg, n) for n in optim.JOINT_NETS} == {"iqe": 1e-4, "iqa": 1e-4, "dr": 1e-3}
-    new = jax.jit(steps.make_train_step(cfg, models, tx, "stage3", steps_per_epoch=1))(state, batch)[0]
+    joint = tiny.stage(cfg, "stage3")
+    tx = optim.make_optimizer(joint.optim, 1)
+    assert {n: joint.optim.rate(n) for n in stages.JOINT_NETS} == {"iqe": 1e-4, "iqa": 1e-4, "dr": 1e-3}
+    new = jax.jit(steps.make_train_step(joint, models, tx))(state, batch)[0]
     for net, rate in (("iqe", 1e-4), ("iqa", 1e-4), ("dr", 1e-3)):
         moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new.params[net]),
                                                                    jax.tree.leaves(state.params[net])))
         assert moved == pytest.approx(rate, rel=1e-2), net
     # Without a per-network rate every subnetwork shares one transformation, and other stages ignore them.
-    assert not isinstance(optim.make_optimizer(tiny.tiny_config(**{**rates, "stage": "stage1"}), 1), dict)
+    assert not isinstance(optim.make_optimizer(tiny.stage(cfg, "stage1").optim, 1), dict)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -85,7 +89,7 @@ def test_joint_step_reverses_the_iqa_gradient_into_iqe():
     while IQA descends its own loss whatever the scale."""
     def grads(scale):
         cfg, models, state, batch = _joint_setup(**{"tasks.dr": False, "loss.grl_scale": scale})
-        loss_fn = steps.stage_loss(cfg, models, "stage3", steps_per_epoch=1)
+        loss_fn = steps.stage_loss(tiny.stage(cfg), models)
         g = jax.jit(jax.grad(lambda p: loss_fn(p, state, batch, jax.random.key(1))[0]))(state.params)
         return jax.tree.map(np.asarray, g)
 
@@ -103,7 +107,8 @@ def test_joint_step_reverses_the_iqa_gradient_into_iqe():
 
 def test_joint_step_updates_every_subnetwork_and_the_task_weights():
     cfg, models, state, batch = _joint_setup(**{"loss.weighting": "lbtw"})
-    step = jax.jit(steps.make_train_step(cfg, models, optim.make_optimizer(cfg, 2), "stage3", steps_per_epoch=2))
+    joint = tiny.stage(cfg, "stage3", steps_per_epoch=2)
+    step = jax.jit(steps.make_train_step(joint, models, optim.make_optimizer(joint.optim, 2)))
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = step(state, batch)
     state, metrics = step(state, batch)
@@ -121,10 +126,10 @@ def _stage1_qe_loss(usable_self_reference: bool, batch) -> float:
     cfg = tiny.tiny_config(**{"tasks.dr": False, "model.use_seg": False,
                               "loss.usable_self_reference": usable_self_reference})
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage1")
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k))(
+    stage1 = tiny.stage(cfg, "stage1")
+    state = jax.jit(lambda k: train_state.init_state(stage1, models, optim.make_optimizer(stage1.optim, 1), k))(
         jax.random.key(0))
-    loss_fn = jax.jit(steps.stage_loss(cfg, models, "stage1", steps_per_epoch=1))
+    loss_fn = jax.jit(steps.stage_loss(stage1, models))
     _, (metrics, _, _) = loss_fn(state.params, state, jax.tree.map(jnp.asarray, batch), jax.random.key(1))
     return float(metrics["loss_qe"])
 
@@ -154,13 +159,13 @@ import os, jax, numpy as np
 from cleaq_jax.models import factory
 from cleaq_jax.runtime import parallel
 from cleaq_jax.training import optim, steps, state as train_state
-from cleaq_jax.training import stages
 from tests import tiny
 cfg = tiny.tiny_config(**{"batch_size": 8})
 models = factory.build_models(cfg)
-nets = stages.stage_nets(cfg, "stage3")
-tx = optim.make_optimizer(cfg, 3)
-init = lambda k: train_state.init_state(cfg, models, nets, tx, k)
+joint = tiny.stage(cfg, "stage3", steps_per_epoch=3)
+nets = joint.nets
+tx = optim.make_optimizer(joint.optim, 3)
+init = lambda k: train_state.init_state(joint, models, tx, k)
 flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 def perturbed(state, rel):
@@ -177,7 +182,7 @@ for name, devices, rel in (("one", jax.devices()[:1], 0.0), ("nudged", jax.devic
     state, shardings = train_state.sharded_state(init, mesh, jax.random.key(0))
     if rel:
         state = jax.jit(lambda s: perturbed(s, rel), out_shardings=shardings)(state)
-    step = parallel.jit_train_step(steps.make_train_step(cfg, models, tx, "stage3", 3), shardings, mesh)
+    step = parallel.jit_train_step(steps.make_train_step(joint, models, tx), shardings, mesh)
     state, metrics = step(state, parallel.global_batch(tiny.random_batch(8, 32), mesh))
     out.update({f"{name}/{k}": np.asarray(v) for k, v in metrics.items() if k.startswith("loss")})
     for net in nets:
@@ -238,11 +243,11 @@ def _final_params(workdir: str, stage: str) -> dict[str, np.ndarray]:
     from cleaq_jax.runtime import checkpoint
 
     cfg = tiny.tiny_config()
-    cfg.stage = stage
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, stage)
-    abstract = jax.eval_shape(lambda k: train_state.init_state(cfg, models, nets, optim.make_optimizer(cfg, 1), k),
-                              jax.random.key(0))
+    described = tiny.stage(cfg, stage)
+    abstract = jax.eval_shape(
+        lambda k: train_state.init_state(described, models, optim.make_optimizer(described.optim, 1), k),
+        jax.random.key(0))
     mesh = parallel.make_mesh()
     target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
     state = checkpoint.restore_state(os.path.join(workdir, stage, "checkpoints"), target)
@@ -330,11 +335,12 @@ def test_pipeline_leaves_a_checkpoint_per_stage_and_an_evaluation(pipeline_run):
 def test_given_subnetworks_are_taken_as_they_are_and_the_others_initialised_as_without_them():
     cfg = tiny.tiny_config()
     models = factory.build_models(cfg)
-    nets = ("iqe", "dr")
-    tx = optim.make_optimizer(cfg, 1)
-    plain = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    stage1 = tiny.stage(cfg, "stage1")
+    assert stage1.nets == ("iqe", "dr")
+    tx = optim.make_optimizer(stage1.optim, 1)
+    plain = jax.jit(lambda k: train_state.init_state(stage1, models, tx, k))(jax.random.key(0))
     given = {"dr": jax.tree.map(lambda a: a + 1.0, {"params": plain.params["dr"], "batch_stats": plain.batch_stats["dr"]})}
-    state = jax.jit(lambda k, g: train_state.init_state(cfg, models, nets, tx, k, given=g))(jax.random.key(0), given)
+    state = jax.jit(lambda k, g: train_state.init_state(stage1, models, tx, k, given=g))(jax.random.key(0), given)
     for got, want in ((state.params["iqe"], plain.params["iqe"]), (state.params["dr"], given["dr"]["params"]),
                       (state.batch_stats["dr"], given["dr"]["batch_stats"])):
         jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -346,11 +352,11 @@ def test_stage3_starts_from_the_last_stage1_and_stage2_networks(pipeline_run, tm
     workdir, _ = pipeline_run
     cfg = tiny.tiny_config()
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage3")
+    joint, _ = train.describe(cfg, workdir, "stage3")
     mesh = parallel.make_mesh()
     with checkpoint.Checkpointer(tmp_path / "stage3") as ckpt:
-        state, _ = stage_init.initial_state(cfg, workdir, "stage3", models, nets, optim.make_optimizer(cfg, 1), mesh,
-                                            ckpt, loader=None)
+        state, _ = stage_init.initial_state(joint, models, optim.make_optimizer(joint.optim, 1), mesh, ckpt,
+                                            loader=None)
     assert int(state.step) == 0
     for source, trained in (("stage1", ("iqe", "dr")), ("stage2", ("iqa",))):
         target = factory.abstract_variables(models, trained, cfg.data.image_size, mesh)

@@ -51,6 +51,13 @@ def tiny_config(**overrides):
     return c
 
 
+def stage(cfg, name: str = "stage3", steps_per_epoch: int = 1):
+    """The `stages.Stage` of a tiny config without data on disk: its networks, losses, optimiser and step."""
+    from cleaq_jax.training import stages
+
+    return stages.Stage.from_config(cfg, name, steps_per_epoch=steps_per_epoch)
+
+
 def joint_setup(batch_size: int = 4, **overrides):
     """(cfg, models, stage-3 state, random batch on device) of a tiny joint stage, fixed task weights
     unless overridden: the starting point of the stage-3 step tests."""
@@ -58,14 +65,14 @@ def joint_setup(batch_size: int = 4, **overrides):
     import jax.numpy as jnp
 
     from cleaq_jax.models import factory
-    from cleaq_jax.training import optim, stages
+    from cleaq_jax.training import optim
     from cleaq_jax.training import state as train_state
 
     cfg = tiny_config(**{"loss.weighting": "fixed", **overrides})
     models = factory.build_models(cfg)
-    nets = stages.stage_nets(cfg, "stage3")
-    tx = optim.make_optimizer(cfg, 1)
-    state = jax.jit(lambda k: train_state.init_state(cfg, models, nets, tx, k))(jax.random.key(0))
+    joint = stage(cfg)
+    tx = optim.make_optimizer(joint.optim, 1)
+    state = jax.jit(lambda k: train_state.init_state(joint, models, tx, k))(jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, random_batch(batch_size, cfg.data.image_size))
     return cfg, models, state, batch
 

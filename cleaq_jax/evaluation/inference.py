@@ -52,16 +52,16 @@ def enhance(models: dict, state, x: jax.Array, mask: jax.Array) -> dict[str, jax
     return {k: v.astype(jnp.float32) * mask[..., None] for k, v in out.items()}
 
 
-def grade(models: dict, state, x, enhanced, enhance_rows, enhance_first: bool) -> jax.Array:
-    """(B, K) float32 DR probabilities: of ``enhanced`` where ``enhance_first`` and ``enhance_rows``
+def grade(models: dict, state, x, enhanced, rows, enhance_first: bool) -> jax.Array:
+    """(B, K) float32 DR probabilities: of ``enhanced`` where ``enhance_first`` and ``rows``
     (B,) bool, else of the raw x."""
-    dr_input = x if enhanced is None or not enhance_first else jnp.where(enhance_rows[:, None, None, None],
+    dr_input = x if enhanced is None or not enhance_first else jnp.where(rows[:, None, None, None],
                                                                         enhanced, x)
     logits = models["dr"].apply(factory.variables(state, "dr"), dr_input, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
-def enhance_mask(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gate: bool) -> jax.Array:
+def rows_to_enhance(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gate: bool) -> jax.Array:
     """(B,) bool: images IQE enhances; with gating only those IQA does not rate good."""
     if not gate:
         return jnp.full((batch,), "iqe" in nets)
@@ -70,7 +70,7 @@ def enhance_mask(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gat
     return (jnp.argmax(probs, -1) != GOOD) & ("iqe" in nets)
 
 
-def clean_reference(batch: Batch) -> jax.Array:
+def has_reference(batch: Batch) -> jax.Array:
     """(B,) bool: rows whose record carries a clean ``reference`` (False for loaders' batches without one)."""
     if "has_reference" not in batch:
         return jnp.zeros(batch["quality"].shape, bool)
@@ -79,8 +79,8 @@ def clean_reference(batch: Batch) -> jax.Array:
 
 def reference_or_original(batch: Batch, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B,H,W,3) float32: each row's stored clean ``reference`` (zero outside the mask) where its record
-    has one, else the original ``x``; and the (B,) bool `clean_reference` saying which."""
-    clean = clean_reference(batch)
+    has one, else the original ``x``; and the (B,) bool `has_reference` saying which."""
+    clean = has_reference(batch)
     if "reference" not in batch:
         return x, clean
     stored = batch["reference"].astype(jnp.float32) / 255.0 * mask[..., None]
@@ -121,7 +121,7 @@ def inference_outputs(models: dict, state, x: jax.Array, mask: jax.Array, *, net
     out: dict[str, jax.Array] = {}
     if "iqa" in nets:
         out["quality_probs"] = quality_probs(models, state, x)
-    out["enhance"] = enhance_mask(out.get("quality_probs"), x.shape[0], nets, gate_quality)
+    out["enhance"] = rows_to_enhance(out.get("quality_probs"), x.shape[0], nets, gate_quality)
     if "iqe" in nets:
         out["enhanced"] = enhance(models, state, x, mask)["enhanced"]
     if "dr" in nets:

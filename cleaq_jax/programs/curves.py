@@ -17,9 +17,10 @@ import sys
 
 import numpy as np
 
+from cleaq_jax import config_checks
 from cleaq_jax.evaluation import report
 
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = config_checks.PAPER_STAGES
 COLOURS = {"stage1": "tab:blue", "stage2": "tab:green", "stage3": "tab:orange"}  # the same in every panel
 PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation IQA kappa"),
           ("val/psnr_enhanced", "validation PSNR of IQE (dB)"), ("val/ssim_enhanced", "validation SSIM of IQE"),

@@ -60,14 +60,14 @@ def _eval_step(models: dict, nets: tuple[str, ...], enhance_first: bool, gate: b
         for tag, img in (("input", degraded), ("enhanced", restored)):
             out[f"psnr_{tag}"] = jnp.where(scored, metrics.psnr(img, reference, mask), jnp.nan)
             out[f"ssim_{tag}"] = jnp.where(scored, metrics.ssim(img, reference, mask), jnp.nan)
-        out["clean_reference"] = inference.clean_reference(batch) & scored
+        out["clean_reference"] = inference.has_reference(batch) & scored
         if quality is not None and enhance_first:
             quality, out["quality_probs_enhanced"] = jnp.split(
                 inference.quality_probs(models, state, jnp.concatenate([x, enhanced])), 2)
     if quality is not None:
         out["quality_probs"] = quality
     if "dr" in nets:
-        rows = inference.enhance_mask(quality, n, nets, gate)
+        rows = inference.rows_to_enhance(quality, n, nets, gate)
         out["dr_probs"] = inference.grade(models, state, x, enhanced, rows, enhance_first)
     return out
 
@@ -77,7 +77,7 @@ def _jit_eval(model_items: tuple, nets: tuple[str, ...], enhance_first: bool, ga
     return jax.jit(functools.partial(_eval_step, dict(model_items), nets, enhance_first, gate, qt))
 
 
-def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, ...], stage: str):
+def make_eval_fn(cfg: ml_collections.ConfigDict, stage: stages.Stage, models: dict, nets: tuple[str, ...]):
     """``fn(state, batch) -> per-example outputs`` (jitted; all (B, ...) arrays; NaN where not applicable).
 
     batch: loader arrays (uint8 image (B,S,S,3), mask, dr_grade, quality, id_hash, valid, reference,
@@ -87,28 +87,30 @@ def make_eval_fn(cfg: ml_collections.ConfigDict, models: dict, nets: tuple[str, 
     enhancement against its reference (the record's clean image, else the original of good and usable
     images; NaN where there is none), and clean_reference (B,) bool, the rows scored against a clean image.
     """
-    return _jit_eval(tuple(sorted(models.items())), tuple(nets), inference.enhance_before_grading(stage),
-                     bool(cfg.eval.gate_quality), stages.qt_params(cfg))
+    return _jit_eval(tuple(sorted(models.items())), tuple(nets), inference.enhance_before_grading(stage.name),
+                     bool(cfg.eval.gate_quality), stage.qt)
 
 
 # --------------------------------------------------------------------------- host side
-def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3", split: str | None = None,
-            show_progress: bool = True) -> dict[str, np.ndarray]:
-    """Run the eval function over the whole of ``split`` (default config.data.eval_split); per-example
-    outputs (numpy) of valid rows. show_progress: a progress bar (off for validation during training)."""
+def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh, split: str | None = None,
+            *, show_progress: bool = True) -> dict[str, np.ndarray]:
+    """Run the eval function of ``state``'s subnetworks over the whole of ``split`` (default
+    config.data.eval_split) of ``stage.data_dir``; per-example outputs (numpy) of valid rows.
+    show_progress: a progress bar (off for validation during training)."""
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
     split, key = (cfg.data.eval_split, "eval_split") if split is None else (split, "val_split")
-    fn = make_eval_fn(cfg, models, nets, stage)
-    loader = pipeline.eval_loader(data_dir, split, global_batch_size=int(cfg.eval_batch_size),
-                                  image_size=int(cfg.data.image_size))
+    nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
+    fn = make_eval_fn(cfg, stage, models, nets)
+    loader = pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
+                                  image_size=stage.image_size)
     parts: list[dict[str, np.ndarray]] = []
-    with console.bar(None, f"{stage} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
+    with console.bar(None, f"{stage.name} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
         for local in loader:
             out = fn(state, parallel.global_batch(local, mesh))
             parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
             progress.update(1)
     if not parts:
-        raise ValueError(f"split {split!r} of {data_dir} is empty (config.data.{key})")
+        raise ValueError(f"split {split!r} of {stage.data_dir} is empty (config.data.{key})")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     valid = merged.pop("valid").astype(bool)
     return {k: v[valid] for k, v in merged.items()}
@@ -195,35 +197,35 @@ def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, state, models: dict, mesh,
-                   out_dir: str) -> dict[str, Any]:
-    """Evaluate a train state of any stage on config.data.eval_split and write the report into out_dir.
+def evaluate_state(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh) -> dict[str, Any]:
+    """Evaluate a state of any stage on config.data.eval_split and write the report into
+    ``<stage.directory>/eval``.
 
     state: a TrainState or InferenceState on ``mesh``; its subnetworks decide what is evaluated.
     Returns the `summarise` dict with stage, split, data_dir and the inference settings added.
     """
-    data = location.ensure_data(cfg, workdir)
     nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
-    out = collect(cfg, state, models, nets, mesh, data, stage)
-    dr_input = ("raw" if not (inference.enhance_before_grading(stage) and "iqe" in nets) else
+    out = collect(cfg, stage, state, models, mesh)
+    dr_input = ("raw" if not (inference.enhance_before_grading(stage.name) and "iqe" in nets) else
                 "gated" if cfg.eval.gate_quality else "enhanced")
-    result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "nets": list(nets),
+    result = {"stage": stage.name, "split": cfg.data.eval_split, "data_dir": stage.data_dir, "nets": list(nets),
               "dr_input": dr_input if "dr" in nets else None, **summarise(out)}
     panels = None
     if "iqe" in nets and int(cfg.eval.num_examples_grid) > 0:
         # Every process runs it: the state may span devices of all of them.
-        examples = _first_examples(data, cfg, int(cfg.eval.num_examples_grid))
-        panels = inference.enhancement_panels(stages.qt_params(cfg), state, models, examples)
-    extra = pictures.evaluation_pictures(cfg, state, models, nets, data)
+        examples = first_examples(cfg, stage.data_dir, int(cfg.eval.num_examples_grid))
+        panels = inference.enhancement_panels(stage.qt, state, models, examples)
+    extra = pictures.evaluation_pictures(cfg, stage, state, models, nets)
     result.update({k: extra[k] for k in ("vessels", "vessels_skipped") if k in extra})
+    out_dir = os.path.join(stage.directory, "eval")
     if jax.process_index() == 0:
         report.write(result, out_dir, panels=panels, vessel_panels=extra.get("vessel_panels"),
                      gradcam=extra.get("gradcam"))
-        console.say("%s evaluation (%s):\n%s", stage, result["split"], report.console_summary(result, out_dir))
+        console.say("%s evaluation (%s):\n%s", stage.name, result["split"], report.console_summary(result, out_dir))
     return result
 
 
-def _first_examples(data_dir: str, cfg: ml_collections.ConfigDict, n: int) -> dict[str, np.ndarray]:
+def first_examples(cfg: ml_collections.ConfigDict, data_dir: str, n: int) -> dict[str, np.ndarray]:
     """The first n valid examples of the eval split, for the figure (host arrays, this process)."""
     loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1), process_index=0,
                                   process_count=1, image_size=int(cfg.data.image_size))
@@ -242,8 +244,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     merged = merge_for_eval(restored.config, cfg, restored.directory)
     console.say("evaluating %s step %d (%s; %s: %s) on split %r", restored.directory, restored.step,
                 restored.chosen, restored.stage, "+".join(restored.nets), merged.data.eval_split)
-    return evaluate_state(merged, workdir, restored.stage, restored.state, restored.models, mesh,
-                          out_dir=os.path.join(workdir, "eval"))
+    # The restored stage as trained, reading this run's data and writing into <workdir>/eval.
+    stage = stages.Stage.from_config(merged, restored.stage, steps_per_epoch=0, directory=workdir,
+                                     data_dir=location.ensure_data(merged, workdir))
+    return evaluate_state(merged, stage, restored.state, restored.models, mesh)
 
 
 def merge_for_eval(trained: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,

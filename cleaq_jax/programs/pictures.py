@@ -81,8 +81,8 @@ def teacher_segmenter(path: str) -> Segmenter:
 
 def segmenter_for(cfg: ml_collections.ConfigDict) -> Segmenter:
     """config.eval.vessel_teacher when set, else the classical config.eval.vessel_method."""
-    path = cfg.eval.get("vessel_teacher", "")
-    return teacher_segmenter(path) if path else classical_segmenter(cfg.eval.get("vessel_method", "frangi"))
+    path = cfg.eval.vessel_teacher
+    return teacher_segmenter(path) if path else classical_segmenter(cfg.eval.vessel_method)
 
 
 def true_vessels(data_dir: str, split: str) -> str:
@@ -241,8 +241,8 @@ def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> tuple[np.n
     return report.vessel_rows(images, segmented, examples["vessel"][picks]), levels
 
 
-def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examples: dict[str, np.ndarray],
-                      data_dir: str, batch_size: int, segmenter: Segmenter | None = None
+def vessel_evaluation(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict,
+                      examples: dict[str, np.ndarray], batch_size: int, segmenter: Segmenter | None = None
                       ) -> tuple[dict[str, Any] | None, Any]:
     """The downstream vessel block for eval.json / eval.md and the figure's example rows.
 
@@ -250,12 +250,12 @@ def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examp
     enhancement is IQE's of that input. Returns (None, reason) when the split has no true vessels, else
     ({'segmenter', 'note', 'overall', 'per_quality'}, rows).
     """
-    why = true_vessels(data_dir, cfg.data.eval_split)
+    why = true_vessels(stage.data_dir, cfg.data.eval_split)
     if why:
         return None, why
     rows = np.asarray(examples["has_vessel"], bool)
     examples = {k: v[rows] for k, v in examples.items()}
-    images, has_reference = vessel_inputs(stages.qt_params(cfg), examples, batch_size)
+    images, has_reference = vessel_inputs(stage.qt, examples, batch_size)
     images["enhanced"] = _uint8(enhance_examples(models, state, {"image": images["input"], "mask": examples["mask"]},
                                                  batch_size))
     segmenter = segmenter_for(cfg) if segmenter is None else segmenter
@@ -263,7 +263,7 @@ def vessel_evaluation(cfg: ml_collections.ConfigDict, state, models: dict, examp
     note = (f"{int(rows.sum())} examples with vessels among the first {len(rows)} of split "
             f"{cfg.data.eval_split!r} (config.eval.vessel_max_images), degraded and referenced as in the "
             "enhancement table.")
-    if not cfg.eval.get("vessel_teacher"):
+    if not cfg.eval.vessel_teacher:
         note += " No vessel teacher configured (config.eval.vessel_teacher): the classical filter segments."
     rows, levels = _example_rows(examples, per_kind)
     block = {"segmenter": segmenter.name, **vessel_table(per_kind, examples["quality"]), "note": note,
@@ -302,25 +302,25 @@ def gradcam_grid(models: dict, state, examples: dict[str, np.ndarray], enhanced:
 
 
 # --------------------------------------------------------------------------- what evaluation calls
-def evaluation_pictures(cfg: ml_collections.ConfigDict, state, models: dict, nets: tuple[str, ...],
-                        data_dir: str) -> dict[str, Any]:
+def evaluation_pictures(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict,
+                        nets: tuple[str, ...]) -> dict[str, Any]:
     """The downstream vessel block and the Grad-CAM grid of a state with IQE (and DR for the grid).
 
     Returns {'vessels': block or absent, 'vessels_skipped': reason or absent, 'vessel_panels',
     'gradcam'} for `report.write`; empty when the state has no IQE or config.eval.vessel_max_images is 0.
     """
-    limit = int(cfg.eval.get("vessel_max_images", 0))
+    limit = int(cfg.eval.vessel_max_images)
     if "iqe" not in nets or limit <= 0:
         return {}
-    examples = load_examples(data_dir, cfg, limit)
+    examples = load_examples(stage.data_dir, cfg, limit)
     batch_size = max(1, min(len(examples["image"]), int(cfg.eval_batch_size)))
     out: dict[str, Any] = {}
-    block, rows = vessel_evaluation(cfg, state, models, examples, data_dir, batch_size)
+    block, rows = vessel_evaluation(cfg, stage, state, models, examples, batch_size)
     if block is None:
         out["vessels_skipped"] = rows
     else:
         out["vessels"], out["vessel_panels"] = block, rows
-    per_grade = int(cfg.eval.get("gradcam_per_grade", 0))
+    per_grade = int(cfg.eval.gradcam_per_grade)
     if "dr" in nets and per_grade > 0:
         enhanced = enhance_examples(models, state, examples, batch_size)
         out["gradcam"] = gradcam_grid(models, state, examples, enhanced, per_grade, batch_size)

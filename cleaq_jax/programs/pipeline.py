@@ -12,20 +12,14 @@ from typing import Any
 import ml_collections
 
 from cleaq_jax import config_checks
-from cleaq_jax.data import location
 from cleaq_jax.programs import evaluate, train
 from cleaq_jax.training import stages
-
-PROGRAMS = config_checks.TRAINING_STAGES + ("eval", "pipeline", "teacher")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run what ``cfg.stage`` names; returns the evaluation results of the last stage that ran."""
     if cfg.stage == "eval":  # the data settings come from the checkpoint's config (evaluate.merge_for_eval)
         return evaluate.run(cfg, workdir)
-    if cfg.stage not in PROGRAMS:
-        raise ValueError(f"config.stage={cfg.stage!r} is not one of {PROGRAMS}")
-    location.ensure_data(cfg, workdir)
     if cfg.stage in config_checks.TRAINING_STAGES:
         return train.train_stage(cfg, workdir, cfg.stage)
     result: dict[str, Any] = {}

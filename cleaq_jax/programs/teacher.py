@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleaq_jax.data import degrade, location, pipeline
+from cleaq_jax.data import degrade, pipeline
 from cleaq_jax.evaluation import inference, report
 from cleaq_jax.models import factory
 from cleaq_jax.runtime import console, parallel, storage
@@ -103,22 +103,22 @@ def _jit_eval_counts(model: nn.Module, qt: degrade.QTParams):
     return jax.jit(functools.partial(_eval_counts, model, qt))
 
 
-def collect_counts(cfg: ml_collections.ConfigDict, variables: dict, model: nn.Module, mesh, data_dir: str
+def collect_counts(cfg: ml_collections.ConfigDict, stage: stages.Stage, variables: dict, model: nn.Module, mesh
                    ) -> dict[str, dict[str, np.ndarray]]:
-    """`segmentation_counts` of the teacher over config.data.eval_split, summed: {"raw", "degraded"}.
-
-    variables: CE-Net's {"params", "batch_stats"} on ``mesh``. Every process gets the same sums.
+    """`segmentation_counts` of the teacher over config.data.eval_split of ``stage.data_dir``, summed:
+    {"raw", "degraded"}. variables: CE-Net's {"params", "batch_stats"} on ``mesh``. Every process gets
+    the same sums.
     """
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
-    fn = _jit_eval_counts(model, stages.qt_params(cfg))
-    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
-                                  image_size=int(cfg.data.image_size))
+    fn = _jit_eval_counts(model, stage.qt)
+    loader = pipeline.eval_loader(stage.data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
+                                  image_size=stage.image_size)
     total: dict[str, dict[str, np.ndarray]] = {}
     for local in loader:
         out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))
         total = out if not total else jax.tree.map(np.add, total, out)
     if not total:
-        raise ValueError(f"split {cfg.data.eval_split!r} of {data_dir} is empty (config.data.eval_split)")
+        raise ValueError(f"split {cfg.data.eval_split!r} of {stage.data_dir} is empty (config.data.eval_split)")
     return total
 
 
@@ -136,23 +136,23 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, state, models: dict, mesh,
-                   out_dir: str) -> dict[str, Any]:
-    """Evaluate the teacher in a train state on config.data.eval_split; write eval.json and eval.md.
+def evaluate_state(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh) -> dict[str, Any]:
+    """Evaluate the teacher in a train state on config.data.eval_split; write eval.json and eval.md into
+    ``<stage.directory>/eval``.
 
     state: a TrainState (or any object with .params / .batch_stats dicts) holding "cenet", on ``mesh``;
     models: `factory.build_models` output. Returns {stage, split, data_dir, threshold, raw, degraded}, the
     last two from `summarise_counts`.
     """
-    data = location.ensure_data(cfg, workdir)
-    counts = collect_counts(cfg, factory.variables(state, "cenet"), models["cenet"], mesh, data)
-    result = {"stage": stage, "split": cfg.data.eval_split, "data_dir": data, "threshold": THRESHOLD,
+    counts = collect_counts(cfg, stage, factory.variables(state, "cenet"), models["cenet"], mesh)
+    result = {"stage": stage.name, "split": cfg.data.eval_split, "data_dir": stage.data_dir, "threshold": THRESHOLD,
               **{name: summarise_counts(c) for name, c in counts.items()}}
+    out_dir = os.path.join(stage.directory, "eval")
     if jax.process_index() == 0:
         storage.makedirs(out_dir)
         report.atomic_file(os.path.join(out_dir, "eval.json"), lambda tmp: _dump(tmp, json.dumps(result, indent=2)))
         report.atomic_file(os.path.join(out_dir, "eval.md"), lambda tmp: _dump(tmp, markdown(result)))
-        console.say("%s evaluation written to %s:\n%s", stage, out_dir, markdown(result))
+        console.say("%s evaluation written to %s:\n%s", stage.name, out_dir, markdown(result))
     return result
 
 

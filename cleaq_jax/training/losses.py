@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-RESET_POLICIES = ("epoch", "once")
-
 
 # --------------------------------------------------------------------------- helpers
 def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
@@ -175,12 +173,6 @@ def cross_entropy(logits, labels, valid=None) -> jnp.ndarray:
 
 
 # --------------------------------------------------------------------------- subnetwork losses
-def _choose(kind: str, options: dict, what: str):
-    if kind not in options:
-        raise ValueError(f"unknown {what} {kind!r}; choose one of {sorted(options)}")
-    return options[kind]
-
-
 def iqe_loss(enhanced, clean, clean_weight, vessel_logits, vessel, vessel_weight, mask, *,
              lambda_seg: float, qe: str = "l2", seg: str = "dice") -> tuple[jnp.ndarray, dict]:
     """L_IQE = L_QE + lambda_seg * L_Seg, eq. (11) first line.
@@ -199,8 +191,8 @@ def iqe_loss(enhanced, clean, clean_weight, vessel_logits, vessel, vessel_weight
     Returns:
       (total float32 scalar, {'loss_qe', 'loss_seg'}); 'loss_seg' is absent without vessel_logits.
     """
-    qe_fn = _choose(qe, {"l2": masked_l2, "l1": masked_l1}, "IQE reconstruction loss (qe)")
-    seg_fn = _choose(seg, {"dice": dice_loss, "bce": bce_loss}, "segmentation loss (seg)")
+    qe_fn = {"l2": masked_l2, "l1": masked_l1}[qe]
+    seg_fn = {"dice": dice_loss, "bce": bce_loss}[seg]
     terms = {"loss_qe": qe_fn(enhanced, clean, mask, clean_weight)}
     total = terms["loss_qe"]
     if vessel_logits is not None:
@@ -224,7 +216,7 @@ def iqa_loss(quality_logits, quality, lqi_out, degraded, mask, *,
     Returns:
       (total float32 scalar, {'loss_qa', 'loss_lqi'}); 'loss_lqi' is absent when lqi_out is None.
     """
-    lqi_fn = _choose(lqi, {"l2": masked_l2, "l1": masked_l1}, "LQI reconstruction loss (lqi)")
+    lqi_fn = {"l2": masked_l2, "l1": masked_l1}[lqi]
     terms = {"loss_qa": cross_entropy(quality_logits, quality)}
     total = terms["loss_qa"]
     if lqi_out is not None:
@@ -276,8 +268,6 @@ def lbtw_weights(losses, state: LBTWState, *, epoch, alpha=0.5,
     Returns:
       (weights (T,) float32, new LBTWState).
     """
-    if reset not in RESET_POLICIES:
-        raise ValueError(f"unknown LBTW reset policy {reset!r}; choose one of {list(RESET_POLICIES)}")
     losses = jax.lax.stop_gradient(jnp.asarray(losses, jnp.float32))
     if losses.shape != state.initial.shape:
         raise ValueError(f"lbtw_weights: {losses.shape[0] if losses.ndim else 'scalar'} task losses given, "

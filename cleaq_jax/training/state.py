@@ -22,7 +22,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from cleaq_jax.runtime import parallel
@@ -77,34 +76,31 @@ def apply_gradients(state: TrainState, grads: dict[str, Any], batch_stats: dict[
 
 
 # --------------------------------------------------------------------------- the builder
-def init_state(cfg: ml_collections.ConfigDict, models: dict[str, nn.Module], nets: tuple[str, ...],
-               tx: optim.Optimizer, key: jax.Array,
+def init_state(stage: stages.Stage, models: dict[str, nn.Module], tx: optim.Optimizer, key: jax.Array,
                given: dict[str, Variables] | None = None) -> TrainState:
-    """Initialise the named subnetworks at config.data.image_size (use under jax.eval_shape / jit).
+    """A fresh state of ``stage.nets`` at ``stage.image_size`` (use under jax.eval_shape / jit).
 
-    models: `factory.build_models` output; nets: the subnetworks to hold (`stages.stage_nets`);
-    key: a PRNG key (split into the parameters' and the state's RNG); given: variables of subnetworks
-    that come from elsewhere (an earlier stage's checkpoint): taken as they are, not initialised, so a
-    stage that starts from trained networks compiles no initialiser for them. The others get the same
-    values with or without ``given``.
+    models: `factory.build_models` output; key: a PRNG key (split into the parameters' and the state's
+    RNG); given: variables of subnetworks that come from elsewhere (an earlier stage's checkpoint): taken
+    as they are, not initialised, so a stage that starts from trained networks compiles no initialiser
+    for them. The others get the same values with or without ``given``.
     """
-    size = int(cfg.data.image_size)
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    x = jnp.zeros((1, stage.image_size, stage.image_size, 3), jnp.float32)
     init_key, state_key = jax.random.split(key)
     given = given or {}
     variables = {}
-    for i, name in enumerate(nets):
+    for i, name in enumerate(stage.nets):
         v = given[name] if name in given else models[name].init(jax.random.fold_in(init_key, i), x, train=False)
         variables[name] = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
     # Single-loss stages (the vessel teacher) keep a one-task weighting state so every state has one shape.
-    return create(variables, tx, num_tasks=max(1, len(stages.stage_tasks(nets))), rng=state_key)
+    return create(variables, tx, num_tasks=max(1, len(stage.tasks)), rng=state_key)
 
 
 def abstract_state(init: Callable[..., PyTree], mesh: jax.sharding.Mesh, *args: Any,
                    fsdp_min_size: int = 2**18) -> tuple[PyTree, PyTree]:
     """The layout of ``init(*args)`` on ``mesh`` without computing it.
 
-    init: pure function returning a state pytree (e.g. ``lambda k: init_state(cfg, models, nets, tx, k)``).
+    init: pure function returning a state pytree (e.g. ``lambda k: init_state(stage, models, tx, k)``).
     Returns (target, shardings): ShapeDtypeStructs carrying their shardings (a restore target for
     `checkpoint`) and the pytree of `parallel.state_shardings` (for `parallel.jit_train_step`).
     """
