@@ -204,8 +204,7 @@ class _Validation:
 
     def __call__(self, writer, state, step: int) -> dict[str, float]:
         s = self.stage
-        out = evaluate.collect(self.cfg, state, self.models, s.nets, self.mesh, s.data_dir, s.name,
-                               split=s.val_split, show_progress=False)
+        out = evaluate.collect(self.cfg, s, state, self.models, self.mesh, s.val_split, show_progress=False)
         values = evaluate.validation_metrics(evaluate.summarise(out))
         writer.write_scalars(step, {f"val/{k.removeprefix('val_')}": v for k, v in values.items()})
         console.say("%s validation (%s, %d images) at epoch %.3g: %s", s.name, s.val_split, len(out["quality"]),
