@@ -8,9 +8,9 @@ docs/pretrained.md):
                       raw little-endian buffers), no extra dependency
   * ``.pth`` / ``.pt`` only when PyTorch happens to be importable
 
-and converts it once::
+and converts it once (`export`, the library side of ``python -m cleaq_jax.programs.import_weights``)::
 
-    python -m cleaq_jax.models.pretrained --torchvision-file resnet50.npz --arch resnet50 --out DIR
+    python -m cleaq_jax.programs.import_weights --torchvision-file resnet50.npz --arch resnet50 --out DIR
 
 DIR holds ``variables.msgpack`` (flax.serialization, {'params', 'batch_stats'}) and ``meta.json``
 (arch, width, stage sizes, classes, source file name, its sha256, parameter count). Training
@@ -24,12 +24,10 @@ bias, running_mean, running_var -> params scale, bias and batch_stats mean, var;
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -279,8 +277,8 @@ def load_meta(directory: str) -> dict:
     """The meta.json of a pretrained directory written by ``export``."""
     path = os.path.join(directory, META_FILE)
     if not os.path.isfile(path):
-        raise PretrainedError(f"{path}: missing; create the directory with "
-                              "`python -m cleaq_jax.models.pretrained --torchvision-file F --arch A --out DIR`")
+        raise PretrainedError(f"{path}: missing; create the directory with `python -m "
+                              "cleaq_jax.programs.import_weights --torchvision-file F --arch A --out DIR`")
     with open(path) as f:
         return json.load(f)
 
@@ -380,33 +378,3 @@ def _replace(tree: Mapping, into: Sequence[str], value: Any) -> dict:
     if not into:
         return value
     return {**tree, into[0]: _replace(tree[into[0]], into[1:], value)}
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: convert a torchvision weight file into a pretrained directory."""
-    ap = argparse.ArgumentParser(prog="python -m cleaq_jax.models.pretrained", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--torchvision-file", required=True,
-                    help="torchvision state_dict as .npz, .safetensors or .pth (needs PyTorch)")
-    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--out", required=True, help="directory to create (must not exist)")
-    ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 for torchvision)")
-    ap.add_argument("--stage-sizes", default="",
-                    help="blocks per stage, e.g. 1,1,1,1 (default: the arch's 3,4,6,3)")
-    args = ap.parse_args(argv)
-    try:
-        stages = [int(s) for s in args.stage_sizes.split(",")] if args.stage_sizes else None
-    except ValueError:
-        ap.error(f"--stage-sizes {args.stage_sizes!r}: expected comma-separated integers")
-    try:
-        meta = export(args.torchvision_file, args.out, args.arch, args.width, stages)
-    except PretrainedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

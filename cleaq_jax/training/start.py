@@ -57,7 +57,7 @@ def initial_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, mode
 
 
 def graft_imagenet(cfg: ml_collections.ConfigDict, state: ts.TrainState, skip: tuple[str, ...] = ()) -> ts.TrainState:
-    """Put torchvision ImageNet weights (converted by `python -m cleaq_jax.models.pretrained`) into the
+    """Put torchvision ImageNet weights (converted by `python -m cleaq_jax.programs.import_weights`) into the
     ResNet trunks that config.pretrained names, before any training; ``skip``: subnetworks that came
     trained from an earlier stage and keep their weights."""
     params, batch_stats = dict(state.params), dict(state.batch_stats)
