@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cleaq_jax.models.resnet import ResNet, resnet34, resnet50
+from cleaq_jax.runtime.storage import atomic_file
 
 ARCHS = {"resnet34": resnet34, "resnet50": resnet50}
 VARIABLES_FILE = "variables.msgpack"
@@ -243,9 +243,11 @@ def _sha256(path: str) -> str:
 
 def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
            stage_sizes: Sequence[int] | None = None) -> dict:
-    """Convert a torchvision weight file into a pretrained directory (written atomically).
+    """Convert a torchvision weight file into a pretrained directory.
 
-    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head).
+    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head). Each file is put
+    whole (`storage.atomic_file`), ``meta.json`` last: `load` reads that first, so a directory is used only
+    when complete, and a failed export removes the directory it made.
     Returns the meta dict also written to ``out_dir/meta.json``.
     """
     if os.path.exists(out_dir):
@@ -257,20 +259,21 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
     meta = {"arch": arch, "width": width, "stage_sizes": list(model.stage_sizes),
             "num_classes": num_classes, "source": os.path.basename(weights_file),
             "sha256": _sha256(weights_file), "num_params": num_params(variables)}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-pretrained-", dir=parent)
+    os.makedirs(out_dir)
     try:
-        with open(os.path.join(tmp, VARIABLES_FILE), "wb") as f:
-            f.write(flax.serialization.msgpack_serialize(variables))
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
-        os.rename(tmp, out_dir)  # the directory appears only when complete
+        atomic_file(os.path.join(out_dir, VARIABLES_FILE),
+                    lambda tmp: _write(tmp, flax.serialization.msgpack_serialize(variables)))
+        atomic_file(os.path.join(out_dir, META_FILE),
+                    lambda tmp: _write(tmp, json.dumps(meta, indent=2).encode()))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return meta
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_meta(directory: str) -> dict:
