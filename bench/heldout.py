@@ -27,7 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cleaq_jax.evaluation import restore  # noqa: E402
-from cleaq_jax.programs import ablations, evaluate  # noqa: E402
+from cleaq_jax.programs import evaluate  # noqa: E402
+from cleaq_jax.programs.ablations import statistics  # noqa: E402
+from cleaq_jax.programs.ablations.tables import format_mean_sd  # noqa: E402
 from cleaq_jax.runtime import parallel  # noqa: E402
 from cleaq_jax.training import stages  # noqa: E402
 
@@ -54,8 +56,8 @@ def scores(path: str, data: str, split: str, mesh) -> dict[str, float]:
 
 
 def mean_sd(values: list[float | None]) -> str:
-    """The study's "mean ± sample std" over the defined values (`ablations.stat`, `ablations.fmt`)."""
-    return ablations.fmt(ablations.stat(values))
+    """The study's "mean ± sample std" over the defined values (`statistics.mean_sd`, `format_mean_sd`)."""
+    return format_mean_sd(statistics.mean_sd(values))
 
 
 def main() -> None:

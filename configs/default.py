@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Stage 3 starts from the checkpoints of these stage directories (teacher_b from teacher_a); ""
     # means <workdir>/<stage> (every stage writes to <workdir>/<stage>).
     c.init = ml_collections.ConfigDict(dict(stage1="", stage2="", teacher_a=""))
-    # Optional torchvision ImageNet weights, converted with `python -m cleaq_jax.models.pretrained`
+    # Optional torchvision ImageNet weights, converted with `python -m cleaq_jax.programs.import_weights`
     # (docs/pretrained.md): a ResNet-50 directory for the DR grader and for C-IQA, a ResNet-34 directory
     # for the Seg-IQE, LQI-IQA and CE-Net encoders. Used when a stage starts from scratch.
     c.pretrained = ml_collections.ConfigDict(dict(dr="", c_iqa="", resnet34=""))

@@ -370,7 +370,7 @@ def _export_npz(torch_ref, tmp_path, tag="bottleneck"):
 
 def test_cli_writes_a_loadable_directory(torch_ref, tmp_path):
     src, out = _export_npz(torch_ref, tmp_path), tmp_path / "r50"
-    cmd = [sys.executable, "-m", "cleaq_jax.models.pretrained", "--torchvision-file", str(src),
+    cmd = [sys.executable, "-m", "cleaq_jax.programs.import_weights", "--torchvision-file", str(src),
            "--arch", "resnet50", "--out", str(out), "--width", "0.125", "--stage-sizes", "1,1,1,1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

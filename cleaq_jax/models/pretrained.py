@@ -8,9 +8,9 @@ docs/pretrained.md):
                       raw little-endian buffers), no extra dependency
   * ``.pth`` / ``.pt`` only when PyTorch happens to be importable
 
-and converts it once::
+and converts it once (`export`, the library side of ``python -m cleaq_jax.programs.import_weights``)::
 
-    python -m cleaq_jax.models.pretrained --torchvision-file resnet50.npz --arch resnet50 --out DIR
+    python -m cleaq_jax.programs.import_weights --torchvision-file resnet50.npz --arch resnet50 --out DIR
 
 DIR holds ``variables.msgpack`` (flax.serialization, {'params', 'batch_stats'}) and ``meta.json``
 (arch, width, stage sizes, classes, source file name, its sha256, parameter count). Training
@@ -24,13 +24,10 @@ bias, running_mean, running_var -> params scale, bias and batch_stats mean, var;
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +39,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cleaq_jax.models.resnet import ResNet, resnet34, resnet50
+from cleaq_jax.runtime.storage import atomic_file
 
 ARCHS = {"resnet34": resnet34, "resnet50": resnet50}
 VARIABLES_FILE = "variables.msgpack"
@@ -245,9 +243,11 @@ def _sha256(path: str) -> str:
 
 def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
            stage_sizes: Sequence[int] | None = None) -> dict:
-    """Convert a torchvision weight file into a pretrained directory (written atomically).
+    """Convert a torchvision weight file into a pretrained directory.
 
-    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head).
+    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head). Each file is put
+    whole (`storage.atomic_file`), ``meta.json`` last: `load` reads that first, so a directory is used only
+    when complete, and a failed export removes the directory it made.
     Returns the meta dict also written to ``out_dir/meta.json``.
     """
     if os.path.exists(out_dir):
@@ -259,28 +259,29 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
     meta = {"arch": arch, "width": width, "stage_sizes": list(model.stage_sizes),
             "num_classes": num_classes, "source": os.path.basename(weights_file),
             "sha256": _sha256(weights_file), "num_params": num_params(variables)}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-pretrained-", dir=parent)
+    os.makedirs(out_dir)
     try:
-        with open(os.path.join(tmp, VARIABLES_FILE), "wb") as f:
-            f.write(flax.serialization.msgpack_serialize(variables))
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
-        os.rename(tmp, out_dir)  # the directory appears only when complete
+        atomic_file(os.path.join(out_dir, VARIABLES_FILE),
+                    lambda tmp: _write(tmp, flax.serialization.msgpack_serialize(variables)))
+        atomic_file(os.path.join(out_dir, META_FILE),
+                    lambda tmp: _write(tmp, json.dumps(meta, indent=2).encode()))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return meta
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_meta(directory: str) -> dict:
     """The meta.json of a pretrained directory written by ``export``."""
     path = os.path.join(directory, META_FILE)
     if not os.path.isfile(path):
-        raise PretrainedError(f"{path}: missing; create the directory with "
-                              "`python -m cleaq_jax.models.pretrained --torchvision-file F --arch A --out DIR`")
+        raise PretrainedError(f"{path}: missing; create the directory with `python -m "
+                              "cleaq_jax.programs.import_weights --torchvision-file F --arch A --out DIR`")
     with open(path) as f:
         return json.load(f)
 
@@ -380,33 +381,3 @@ def _replace(tree: Mapping, into: Sequence[str], value: Any) -> dict:
     if not into:
         return value
     return {**tree, into[0]: _replace(tree[into[0]], into[1:], value)}
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: convert a torchvision weight file into a pretrained directory."""
-    ap = argparse.ArgumentParser(prog="python -m cleaq_jax.models.pretrained", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--torchvision-file", required=True,
-                    help="torchvision state_dict as .npz, .safetensors or .pth (needs PyTorch)")
-    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--out", required=True, help="directory to create (must not exist)")
-    ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 for torchvision)")
-    ap.add_argument("--stage-sizes", default="",
-                    help="blocks per stage, e.g. 1,1,1,1 (default: the arch's 3,4,6,3)")
-    args = ap.parse_args(argv)
-    try:
-        stages = [int(s) for s in args.stage_sizes.split(",")] if args.stage_sizes else None
-    except ValueError:
-        ap.error(f"--stage-sizes {args.stage_sizes!r}: expected comma-separated integers")
-    try:
-        meta = export(args.torchvision_file, args.out, args.arch, args.width, stages)
-    except PretrainedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

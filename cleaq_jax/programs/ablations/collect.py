@@ -1,0 +1,61 @@
+"""Collecting the study's results: every table's numbers, from the trained runs' eval.json and run.json.
+
+Rows are named by variant; rows named "<variant>@stageN" hold a joint variant's own pre-trained
+subnetworks, read from its earlier stages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cleaq_jax.programs.ablations.plan import BASELINES, PAIRS, typed_command
+from cleaq_jax.programs.ablations.run_files import eval_json_path, read_json, read_run_record
+from cleaq_jax.programs.ablations.statistics import mean_sd_per_subset, paired_difference
+
+CLASSIFICATION = ("accuracy", "kappa", "precision", "f1")
+ENHANCEMENT = ("psnr_input", "psnr_enhanced", "ssim_input", "ssim_enhanced")
+
+
+def _pretraining_stages(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(row name, eval.json) of a joint run's pre-training stages: stage 1 trains IQE and DR alone and
+    stage 2 IQA alone, the models stage 3 starts from (the cleanest baseline for what joint training adds).
+    A run that shares its base's pre-training reads (and names) the base's rows."""
+    if run["stage"] != "stage3":
+        return []
+    source = run.get("after", run["dir"])
+    return [(f"{run.get('pretrained', run['variant'])}@{s}", os.path.join(source, s, "eval", "eval.json"))
+            for s in ("stage1", "stage2")]
+
+
+def collect_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every table of the study from the finished runs' eval.json files (and their run.json): "runs" (one
+    line per run), per task {row: {subset: {metric: mean_sd}}} under "dr", "iqa", "iqa_enhanced" and
+    "enhancement", and the paired differences "dr_kappa_differences" and "enhancement_differences"."""
+    evals: dict[str, dict[int, dict[str, Any] | None]] = {}
+    listed = []
+    for run in runs:
+        record = read_run_record(run) or {}
+        done = os.path.exists(eval_json_path(run))
+        for name, path in [(run["variant"], eval_json_path(run))] + _pretraining_stages(run):
+            if done or run["seed"] not in evals.get(name, {}):
+                evals.setdefault(name, {})[run["seed"]] = read_json(path) if done else None
+        listed.append({k: run[k] for k in ("variant", "seed", "dir", "stage")} | {
+            "eval_json": eval_json_path(run), "status": "finished" if done else record.get("status", "not run"),
+            "wall_s": record.get("wall_s"), "command": typed_command(record.get("command", run["command"]))})
+    tables: dict[str, Any] = {"runs": listed}
+    for task, metrics in (("dr", CLASSIFICATION), ("iqa", CLASSIFICATION), ("iqa_enhanced", CLASSIFICATION),
+                          ("enhancement", ENHANCEMENT)):
+        per_variant = {v: mean_sd_per_subset(list(by_seed.values()), task, metrics) for v, by_seed in evals.items()}
+        tables[task] = {v: t for v, t in per_variant.items() if t is not None}
+    pretrained = {r["variant"]: r.get("pretrained", r["variant"]) for r in runs}
+    pairs = [(v, base) for v in tables["dr"] if "@" not in v for base in (*BASELINES, f"{pretrained[v]}@stage1")]
+    pairs += [p for p in PAIRS if p[0] in tables["dr"]]
+    tables["dr_kappa_differences"] = {f"{v} - {base}": paired_difference(evals, v, base) for v, base in pairs
+                                      if base != v and base in tables["dr"]}
+    tables["enhancement_differences"] = {
+        f"{v} - {pretrained[v]}@stage1": {m: paired_difference(evals, v, f"{pretrained[v]}@stage1", m, "enhancement")
+                                          for m in ("psnr_enhanced", "ssim_enhanced")}
+        for v in tables["enhancement"] if "@" not in v and f"{pretrained[v]}@stage1" in tables["enhancement"]}
+    return tables
