@@ -331,7 +331,8 @@ class ResidualStack(nn.Module):
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-    """BatchNorm with resnet.py's (torchvision's) settings: momentum 0.1, epsilon 1e-5, float32 stats."""
+    """BatchNorm as torchvision's: momentum 0.1 (flax's 0.9), epsilon 1e-5; scale, bias and running
+    statistics in float32 whatever the compute ``dtype``. Every network's BatchNorm is this one."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
 
