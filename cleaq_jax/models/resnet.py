@@ -137,11 +137,9 @@ def stem_pool(x, form: str = "masked"):
     ``form`` (LayerForms.stem_pool): "masked" computes the same gradient as nn.max_pool's
     ("reduce_window") without XLA's select-and-scatter, which is slow on CPU.
     """
-    if form == "masked":
-        return max_pool_3x3_2x(x)
-    if form == "reduce_window":
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    raise ValueError(f"stem_pool form must be 'masked' or 'reduce_window', got {form!r}")
+    pools = {"masked": max_pool_3x3_2x,
+             "reduce_window": lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))}
+    return pools[form](x)
 
 
 class _ScanBody(nn.Module):
