@@ -148,7 +148,7 @@ def _multi_checkpoint(directory, state, shardings, pid, gather):
         ckpt.wait_until_finished()
         fresh = iter(dataset)
         abstract = jax.eval_shape(_toy.init_state, jax.random.key(0))
-        restored = ckpt.restore(parallel.abstract_with_shardings(abstract, shardings), data_iter=fresh)
+        restored, _ = ckpt.restore_intact(parallel.abstract_with_shardings(abstract, shardings), data_iter=fresh)
     numeric = lambda s: (s.step, s.params, s.batch_stats, s.opt_state, jax.random.key_data(s.rng))
     same = all(np.array_equal(a, b) for a, b in zip(gather(numeric(restored)), gather(numeric(state)), strict=True))
     return {"restored_equal": same, "next_after_restore": int(next(fresh))}
@@ -156,7 +156,7 @@ def _multi_checkpoint(directory, state, shardings, pid, gather):
 
 def _multi_preemption(pid, count):
     """A SIGTERM to the last process only, at its step 3; every process runs until the guard stops it."""
-    from cleaq_jax.runtime.checkpoint import PreemptionGuard
+    from cleaq_jax.runtime.preemption import PreemptionGuard
 
     with PreemptionGuard() as guard:
         step = 0
@@ -197,7 +197,7 @@ def run_loop(args):
     status = {"resumed_from": 0, "stopped_at": None}
     with checkpoint.Checkpointer(args.ckpt, async_save=True) as ckpt, preemption.PreemptionGuard() as guard:
         if ckpt.latest_step() is not None:  # resuming: no fresh init needed
-            state = ckpt.restore(parallel.abstract_with_shardings(abstract, shardings))
+            state, _ = ckpt.restore_intact(parallel.abstract_with_shardings(abstract, shardings))
             status["resumed_from"] = int(state.step)
         else:
             state, _ = train_state.sharded_state(_toy.init_state, mesh, jax.random.key(0))

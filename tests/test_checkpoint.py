@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tiny
 
 from cleaq_jax.runtime import checkpoint, parallel, preemption
 
@@ -34,9 +35,12 @@ def _tiny_target() -> dict[str, jax.ShapeDtypeStruct]:
     return parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, mesh))
 
 
-def _save_all(ckpt: checkpoint.Checkpointer, metric_values: list[float], name: str = "kappa") -> None:
+def _save_all(ckpt: checkpoint.Checkpointer, metric_values: list[float], name: str = "kappa",
+              mode: str = "max") -> None:
+    """Checkpoints 1..N with ``name`` = each value, and a config that ranks them by it."""
+    cfg = ml_collections.ConfigDict({"checkpoint_metric": name, "checkpoint_mode": mode})
     for step, value in enumerate(metric_values, start=1):
-        ckpt.save(step, _tiny(step), metrics={name: value})
+        ckpt.save(step, _tiny(step), config=cfg, metrics={name: value})
     ckpt.wait_until_finished()
 
 
@@ -76,25 +80,24 @@ def _finish(proc: subprocess.Popen) -> str:
 def test_keeps_latest_n_and_the_best_by_max(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, best_metric="kappa", best_mode="max", async_save=False)
     _save_all(ckpt, [0.1, 0.9, 0.2, 0.3, 0.4, 0.5])
-    assert ckpt.all_steps() == [2, 5, 6]
-    assert ckpt.best_step() == 2
     ckpt.close()
+    assert list(tiny.saved_metrics(tmp_path)) == [2, 5, 6]
+    assert checkpoint.select_step(str(tmp_path), "best") == (2, "best by kappa = 0.9")
 
 
 def test_keeps_the_best_by_min(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=1, best_metric="loss", best_mode="min", async_save=False)
-    _save_all(ckpt, [0.5, 0.4, 0.1, 0.3, 0.2], name="loss")
-    assert ckpt.all_steps() == [3, 5]
-    assert ckpt.best_step() == 3
+    _save_all(ckpt, [0.5, 0.4, 0.1, 0.3, 0.2], name="loss", mode="min")
     ckpt.close()
+    assert list(tiny.saved_metrics(tmp_path)) == [3, 5]
+    assert checkpoint.select_step(str(tmp_path), "best") == (3, "best by loss = 0.1")
 
 
 def test_keeps_only_latest_n_without_a_best_metric(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, async_save=True)
     _save_all(ckpt, [0.9, 0.1, 0.1, 0.1])
-    assert ckpt.all_steps() == [3, 4]
-    assert ckpt.metrics(4) == {"kappa": pytest.approx(0.1)}
     ckpt.close()
+    assert tiny.saved_metrics(tmp_path) == {3: {"kappa": pytest.approx(0.1)}, 4: {"kappa": pytest.approx(0.1)}}
 
 
 def test_metrics_without_the_best_metric_are_rejected(tmp_path):
@@ -117,9 +120,9 @@ def _validated_run(directory, saves: list[dict[str, float]]) -> checkpoint.Check
 def test_checkpoints_between_validations_rank_last_and_the_best_validated_one_is_kept(tmp_path):
     saves = [{"loss": 1.0}, {"loss": 0.5, "val_dr_kappa": 0.3}, {"loss": 0.4},
              {"loss": 0.3, "val_dr_kappa": 0.2}, {"loss": 0.2}]
-    with _validated_run(tmp_path, saves) as ckpt:
-        assert ckpt.all_steps() == [2, 5]
-        assert ckpt.best_step() == 2
+    _validated_run(tmp_path, saves).close()
+    assert list(tiny.saved_metrics(tmp_path)) == [2, 5]
+    assert checkpoint.select_step(str(tmp_path), "best") == (2, "best by val_dr_kappa = 0.3")
 
 
 def test_evaluation_picks_the_best_latest_or_a_named_step(tmp_path):
@@ -160,26 +163,25 @@ def test_saving_an_existing_step_again_returns_false(tmp_path):
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.save(3, _tiny(3)) is True
         assert ckpt.save(3, _tiny(4), force=True) is False
-        np.testing.assert_array_equal(ckpt.restore(_tiny_target())["w"], np.full(3, 3.0))
-
-
-def test_bad_best_mode_names_the_key(tmp_path):
-    with pytest.raises(ValueError, match="best_mode='best' must be 'max' or 'min'"):
-        checkpoint.Checkpointer(tmp_path, best_metric="kappa", best_mode="best")
+        state, step = ckpt.restore_intact(_tiny_target())
+    assert step == 3
+    np.testing.assert_array_equal(state["w"], np.full(3, 3.0))
 
 
 # --------------------------------------------------------------------------- restore
 def test_restore_without_checkpoint_names_the_directory(tmp_path):
-    with checkpoint.Checkpointer(tmp_path / "stage1" / "checkpoints") as ckpt:
-        with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*stage1/checkpoints"):
-            ckpt.restore(_tiny_target())
+    directory = tmp_path / "stage1" / "checkpoints"
+    directory.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*stage1/checkpoints"):
+        checkpoint.restore_state(directory, _tiny_target())
 
 
-def test_restore_target_without_shardings_is_rejected(tmp_path):
+def test_restore_target_without_shardings_is_rejected_and_the_checkpoint_kept(tmp_path):
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, _tiny(1))
         with pytest.raises(ValueError, match="abstract_with_shardings"):
-            ckpt.restore(jax.eval_shape(lambda: _tiny(0.0)))
+            ckpt.restore_intact(jax.eval_shape(lambda: _tiny(0.0)))
+    assert (tmp_path / "1").is_dir()
 
 
 def test_train_state_round_trips_with_rng_and_optimizer_state(tmp_path):
@@ -196,7 +198,7 @@ def test_train_state_round_trips_with_rng_and_optimizer_state(tmp_path):
         ckpt.save(1, state)
         ckpt.wait_until_finished()
         target = parallel.abstract_with_shardings(abstract, shardings)
-        restored = ckpt.restore(target)
+        restored, _ = ckpt.restore_intact(target)
     assert isinstance(restored, _toy.ToyState)
     for got, want in zip(_toy.to_numpy(restored), _toy.to_numpy(state), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -225,7 +227,7 @@ def test_data_iterator_position_round_trips(tmp_path):
         ckpt.wait_until_finished()
         next(iterator)  # moving on after the save must not change what was saved
         fresh = iter(_numbers())
-        ckpt.restore(_tiny_target(), data_iter=fresh)
+        ckpt.restore_intact(_tiny_target(), data_iter=fresh)
     assert int(next(fresh)["x"][0]) == 5
 
 
@@ -240,7 +242,7 @@ def test_data_position_saved_by_two_processes_restores_in_one(tmp_path):
     (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         fresh = iter(_numbers())
-        ckpt.restore(_tiny_target(), data_iter=fresh)
+        ckpt.restore_intact(_tiny_target(), data_iter=fresh)
     assert int(next(fresh)["x"][0]) == 7
 
 
@@ -253,16 +255,17 @@ def test_prefetched_position_round_trips_without_losing_queued_batches(tmp_path)
         ckpt.wait_until_finished()
         prefetcher.close()
         resumed = parallel.prefetch_to_device(iter(_numbers()), 2, mesh)
-        ckpt.restore(_tiny_target(), data_iter=resumed)
+        ckpt.restore_intact(_tiny_target(), data_iter=resumed)
     assert consumed == [0, 1, 2]
     assert [int(next(resumed)["x"][0]) for _ in range(3)] == [3, 4, 5]
 
 
-def test_restoring_an_iterator_from_a_checkpoint_without_one_is_an_error(tmp_path):
+def test_restoring_an_iterator_from_a_checkpoint_without_one_is_an_error_not_damage(tmp_path):
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, _tiny(1))
         with pytest.raises(ValueError, match="holds no data-iterator state"):
-            ckpt.restore(_tiny_target(), data_iter=iter(_numbers()))
+            ckpt.restore_intact(_tiny_target(), data_iter=iter(_numbers()))
+    assert (tmp_path / "1").is_dir()
 
 
 def test_config_round_trips(tmp_path):
@@ -272,9 +275,7 @@ def test_config_round_trips(tmp_path):
     config.model = ml_collections.ConfigDict({"widths": (32, 64), "remat": True})
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, _tiny(1), config=config)
-        ckpt.wait_until_finished()
-        restored = ckpt.restore_config()
-    assert restored.to_dict() == config.to_dict()
+    assert checkpoint.read_trained_config(tmp_path).to_dict() == config.to_dict()
 
 
 # --------------------------------------------------------------------------- preemption
@@ -359,7 +360,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
     with checkpoint.Checkpointer(directory, max_to_keep=5) as ckpt:
         state, step = ckpt.restore_intact(_tiny_target())
         assert step == 2 and float(state["w"][0]) == 2.0
-        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.latest_step() == 2
         assert ckpt.save(3, _tiny(3.0))  # the step can be saved again
     assert (directory / "corrupt-3").is_dir()
     assert any("corrupt-3" in r.getMessage() for r in caplog.records)

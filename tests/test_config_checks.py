@@ -35,6 +35,7 @@ def _main(tmp_path, *args, config="configs/stage1.py"):
     (["--config.data.augment=maybe"], "config.data.augment='maybe': must be True or False"),
     (["--config.model.encoder_stages=(1,2)"], "config.model.encoder_stages=(1, 2): must be 4 integers >= 1"),
     (["--config.stage=stage4"], "config.stage='stage4': must be one of 'stage1'"),
+    (["--config.model.stem_pool=fast"], "config.model.stem_pool='fast': must be one of 'masked', 'reduce_window'"),
     (["--config.nonexistent=1"], "--config.nonexistent=1: config has no key 'nonexistent' (it has: batch_size,"),
     (["--config.loss.nope=1"], "--config.loss.nope=1: config.loss has no key 'nope' (it has: alpha,"),
     (["--config.lossx.qe=l1"], "config has no key 'lossx'"),

@@ -83,13 +83,16 @@ def host_state(cfg: ml_collections.ConfigDict, nets=NETS, seed: int = 0, quality
 
 
 def save_checkpoint(cfg, directory: str, state, mesh) -> None:
-    """Save `state` laid out on `mesh` (small leaves sharded too) as training does."""
+    """Save `state` laid out on `mesh` (small leaves sharded too) as training does, with a config that
+    names the metric ranking its checkpoints (the training loss, as for a stage without validation)."""
     from cleaq_jax.runtime import checkpoint
 
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size=64)
     placed = jax.tree.map(lambda a, s: jax.device_put(a, s), state, shardings)
+    saved = cfg.copy_and_resolve_references()
+    saved.checkpoint_metric, saved.checkpoint_mode = checkpoint.best_metric(cfg, (), validating=False)
     with checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False) as ckpt:
-        ckpt.save(2, placed, config=cfg)
+        ckpt.save(2, placed, config=saved)
 
 
 def write_split(data_dir: str, split: str = "test", with_reference: bool = False) -> list[str]:

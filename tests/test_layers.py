@@ -143,16 +143,6 @@ def test_conv_transpose_2x_module_takes_the_same_kernel_in_every_form():
         np.testing.assert_allclose(np.asarray(y), np.asarray(outs[0]), atol=1e-5)
 
 
-def test_conv_transpose_2x_rejects_an_unknown_form():
-    with pytest.raises(ValueError, match="form must be one of"):
-        conv_transpose_2x(jnp.ones((1, 2, 2, 1)), jnp.ones((4, 4, 1, 1)), "nearest")
-
-
-def test_layer_forms_name_the_config_key_of_a_bad_value():
-    with pytest.raises(ValueError, match=r"config.model.stem_pool='fast' is not one of"):
-        LayerForms(stem_pool="fast")
-
-
 def test_icnr_kernel_gives_every_output_phase_the_same_taps():
     # Output row 2m + r reads inputs m - 1 + r + t through tap 3 - r - 2t: equal phases mean
     # output rows 2m - 1 and 2m (and columns) are the same function of the same inputs.

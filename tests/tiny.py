@@ -134,3 +134,13 @@ def run_python(code: str, devices: int = 1, timeout: int = 900, **env) -> subpro
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def saved_metrics(directory) -> dict[int, dict | None]:
+    """{step: the metrics saved with it} of every checkpoint in a checkpoints/ folder, read with orbax itself."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(epath.Path(directory).absolute(), options=options) as manager:
+        return {step: manager.metrics(step) for step in sorted(manager.all_steps())}

@@ -35,7 +35,7 @@ class Restored:
 
 def _stage_of(cfg: ml_collections.ConfigDict, directory: str, nets: tuple[str, ...]) -> str:
     """The stage that wrote the checkpoint: its config's stage, else its stage directory's name."""
-    if cfg.get("stage") in config_checks.TRAINING_STAGES:
+    if cfg.stage in config_checks.TRAINING_STAGES:
         return cfg.stage
     name = os.path.basename(os.path.dirname(directory.rstrip(os.sep)))
     if name in config_checks.TRAINING_STAGES:
@@ -91,8 +91,8 @@ def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int 
     """
     directory = checkpoint.checkpoint_directory(path)
     cfg = checkpoint.read_trained_config(directory, step)
-    if cfg.get("stage") not in config_checks.TEACHER_STAGES:
-        raise ValueError(f"{directory} holds a {cfg.get('stage')!r} checkpoint, not a vessel teacher's: pass "
+    if cfg.stage not in config_checks.TEACHER_STAGES:
+        raise ValueError(f"{directory} holds a {cfg.stage!r} checkpoint, not a vessel teacher's: pass "
                          "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
     mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
     models = factory.build_models(cfg)

@@ -17,10 +17,6 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-UPSAMPLE_FORMS = ("subpixel4", "subpixel", "transpose")
-UPSAMPLE_INITS = ("icnr", "lecun")
-POOL_FORMS = ("masked", "reduce_window")
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerForms:
@@ -44,12 +40,6 @@ class LayerForms:
     upsample_init: str = "icnr"
     stem_pool: str = "masked"
     scan_blocks: bool = False
-
-    def __post_init__(self):
-        for field, allowed in (("upsample", UPSAMPLE_FORMS), ("upsample_init", UPSAMPLE_INITS),
-                               ("stem_pool", POOL_FORMS)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"config.model.{field}={getattr(self, field)!r} is not one of {allowed}")
 
 
 # ----------------------------------------------------------------------------- gradient reversal
@@ -150,6 +140,11 @@ def _transpose_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# The forms of LayerForms.upsample, by name; config_checks admits no other.
+_UPSAMPLE = {"subpixel4": _subpixel_phases, "subpixel": _subpixel_fused, "transpose": _transpose_plain}
+UPSAMPLE_FORMS = tuple(_UPSAMPLE)
+
+
 def conv_transpose_2x(x: jax.Array, kernel: jax.Array, form: str = "subpixel4") -> jax.Array:
     """Stride-2 transposed convolution (doubles H and W), in one of three equivalent forms.
 
@@ -161,13 +156,7 @@ def conv_transpose_2x(x: jax.Array, kernel: jax.Array, form: str = "subpixel4") 
     Returns:
       (B, 2H, 2W, Cout) in the promoted dtype of ``x`` and ``kernel``.
     """
-    if form == "transpose":
-        return _transpose_plain(x, kernel)
-    if form == "subpixel":
-        return _subpixel_fused(x, kernel)
-    if form == "subpixel4":
-        return _subpixel_phases(x, kernel)
-    raise ValueError(f"conv_transpose_2x form must be one of {UPSAMPLE_FORMS}, got {form!r}")
+    return _UPSAMPLE[form](x, kernel)
 
 
 def icnr_init(base_init: Any = nn.initializers.lecun_normal()):
@@ -331,7 +320,8 @@ class ResidualStack(nn.Module):
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-    """BatchNorm with resnet.py's (torchvision's) settings: momentum 0.1, epsilon 1e-5, float32 stats."""
+    """BatchNorm as torchvision's: momentum 0.1 (flax's 0.9), epsilon 1e-5; scale, bias and running
+    statistics in float32 whatever the compute ``dtype``. Every network's BatchNorm is this one."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cleaq_jax.models.layers import LayerForms, max_pool_3x3_2x
+from cleaq_jax.models.layers import LayerForms, batch_norm, max_pool_3x3_2x
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,11 +61,6 @@ def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn
                    param_dtype=jnp.float32, kernel_init=_conv_init, name=name)
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
 class _Block(nn.Module):
     """Fields shared by the residual blocks: output/inner width, stride of the first conv, compute dtype."""
 
@@ -87,9 +82,9 @@ class BasicBlock(_Block):
     def __call__(self, x, train: bool):
         """x: (N, H, W, C) -> (N, H/strides, W/strides, features)."""
         y = _conv(self.features, 3, self.strides, self.dtype, "conv1")(x)
-        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
-        y = _bn(train, self.dtype, "bn2")(y)
+        y = batch_norm(train, self.dtype, "bn2")(y)
         return nn.relu(y + _shortcut(x, self.features, self.strides, train, self.dtype))
 
 
@@ -106,12 +101,12 @@ class Bottleneck(_Block):
         """x: (N, H, W, C) -> (N, H/strides, W/strides, 4 * features)."""
         out = self.features * self.expansion
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
         # v1.5 puts the stride on the 3x3 conv, not the first 1x1.
         y = _conv(self.features, 3, self.strides, self.dtype, "conv2")(y)
-        y = nn.relu(_bn(train, self.dtype, "bn2")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "bn2")(y))
         y = _conv(out, 1, 1, self.dtype, "conv3")(y)
-        y = _bn(train, self.dtype, "bn3")(y)
+        y = batch_norm(train, self.dtype, "bn3")(y)
         return nn.relu(y + _shortcut(x, out, self.strides, train, self.dtype))
 
 
@@ -120,7 +115,7 @@ def _shortcut(x, out: int, strides: int, train: bool, dtype: Any):
     if strides == 1 and x.shape[-1] == out:
         return x
     y = _conv(out, 1, strides, dtype, "downsample_conv")(x)
-    return _bn(train, dtype, "downsample_bn")(y)
+    return batch_norm(train, dtype, "downsample_bn")(y)
 
 
 class Stem(nn.Module):
@@ -133,7 +128,7 @@ class Stem(nn.Module):
     def __call__(self, x, train: bool):
         """x: (N, H, W, 3) -> (N, ceil(H/2), ceil(W/2), features)."""
         x = _conv(self.features, 7, 2, self.dtype, "conv")(x.astype(self.dtype))
-        return nn.relu(_bn(train, self.dtype, "bn")(x))
+        return nn.relu(batch_norm(train, self.dtype, "bn")(x))
 
 
 def stem_pool(x, form: str = "masked"):
@@ -142,11 +137,9 @@ def stem_pool(x, form: str = "masked"):
     ``form`` (LayerForms.stem_pool): "masked" computes the same gradient as nn.max_pool's
     ("reduce_window") without XLA's select-and-scatter, which is slow on CPU.
     """
-    if form == "masked":
-        return max_pool_3x3_2x(x)
-    if form == "reduce_window":
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    raise ValueError(f"stem_pool form must be 'masked' or 'reduce_window', got {form!r}")
+    pools = {"masked": max_pool_3x3_2x,
+             "reduce_window": lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))}
+    return pools[form](x)
 
 
 class _ScanBody(nn.Module):

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training stage: train state, data-iterator position, config, metrics.
+"""Orbax checkpoints, and the only module that talks to orbax: a training stage's `Checkpointer`, and
+read-only reads of the checkpoints a trained run left.
 
 A stage writes to ``<workdir>/<stage>/checkpoints/<step>/`` with the items
 
@@ -9,14 +10,12 @@ A stage writes to ``<workdir>/<stage>/checkpoints/<step>/`` with the items
 
 Retention keeps the latest ``max_to_keep`` checkpoints and, when ``best_metric`` is set, the best
 one by that metric as well, however old it is. Every process calls save and restore; orbax
-coordinates the writes. `PreemptionGuard` turns SIGTERM into a flag the loop polls to save and
-exit cleanly.
+coordinates the writes.
 
-This is the only module that talks to orbax. Besides a stage's own `Checkpointer` it reads trained
-runs read-only: `restore_state` (a whole train state), `restore_variables` (only the parameters and
-BatchNorm statistics of some subnetworks), `read_trained_config`, and on top of them
-`load_checkpoint` (any stage, for evaluation and predict) and `restore_teacher` (the vessel teacher,
-for the mask pass). Restore targets come from the state builder in `train_state`.
+The read-only side, for evaluation, predict and a stage that starts from an earlier one:
+`checkpoint_directory` and `select_step` find what to read, `read_trained_config` and `saved_nets`
+say what a checkpoint holds, and `restore_state` (a whole train state) and `restore_variables` (only
+the parameters and BatchNorm statistics of some subnetworks) read it onto a mesh.
 """
 
 from __future__ import annotations
@@ -41,11 +40,10 @@ from cleaq_jax.runtime import parallel, storage
 PyTree = Any
 _policies = ocp.checkpoint_managers
 
-
-def _as_path(directory: str | os.PathLike) -> epath.Path:
-    path = epath.Path(directory)
-    # Local paths are made absolute (orbax requires it); URIs such as gs:// are kept as they are.
-    return path if "://" in os.fspath(directory) else path.absolute()
+# The validation metrics a stage writes (programs/train.py); checkpoints saved between validations
+# carry none of them, so a checkpoint without one ranks last rather than failing.
+VALIDATION_METRICS = ("val_dr_kappa", "val_dr_accuracy", "val_iqa_kappa", "val_iqa_accuracy",
+                      "val_psnr_enhanced", "val_ssim_enhanced")
 
 
 class _ExpectedWarningsFilter:
@@ -63,26 +61,34 @@ class _ExpectedWarningsFilter:
 _EXPECTED_WARNINGS = _ExpectedWarningsFilter()
 
 
-# The validation metrics a stage writes (programs/train.py); checkpoints saved between validations
-# carry none of them, so a checkpoint without one ranks last rather than failing.
-VALIDATION_METRICS = ("val_dr_kappa", "val_dr_accuracy", "val_iqa_kappa", "val_iqa_accuracy",
-                      "val_psnr_enhanced", "val_ssim_enhanced")
+def _manager(directory: str | os.PathLike, options: ocp.CheckpointManagerOptions,
+             partial: bool = False) -> ocp.CheckpointManager:
+    """A manager of a checkpoint directory with this module's items; ``partial`` reads the state with
+    a PyTree handler (not Standard), so only some of its leaves need a target."""
+    pylogging.getLogger("absl").addFilter(_EXPECTED_WARNINGS)  # adding it twice is a no-op
+    path = epath.Path(directory)
+    # Local paths are made absolute (orbax requires it); URIs such as gs:// are kept as they are.
+    path = path if storage.is_remote(directory) else path.absolute()
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
-def _metric_fn(best_metric: str | None, best_mode: str = "max"):
-    worst = -math.inf if best_mode == "max" else math.inf
+def _metric_fn(metric: str | None, mode: str):
+    """orbax's ``best_fn``: the value of ``metric`` in a checkpoint's metrics; one without it, or with a
+    non-finite value, ranks last. With no metric every checkpoint ranks the same."""
+    worst = -math.inf if mode == "max" else math.inf
 
-    def metric(metrics: dict[str, Any]) -> float:
-        if best_metric is None:
+    def value(metrics: dict[str, Any]) -> float:
+        if metric is None:
             return 0.0
-        if best_metric not in metrics:
-            if best_metric in VALIDATION_METRICS:
-                return worst
-            raise KeyError(f"best_metric={best_metric!r} is not among the saved metrics {sorted(metrics)}")
-        value = float(metrics[best_metric])
-        return value if math.isfinite(value) else worst
+        number = float(metrics.get(metric, worst))
+        return number if math.isfinite(number) else worst
 
-    return metric
+    return value
 
 
 def best_metric(cfg: ml_collections.ConfigDict, nets: Iterable[str], validating: bool) -> tuple[str, str]:
@@ -102,40 +108,6 @@ def best_metric(cfg: ml_collections.ConfigDict, nets: Iterable[str], validating:
     return metric, mode
 
 
-def _manager_options(max_to_keep: int | None, best_metric: str | None, best_mode: str, async_save: bool):
-    if best_mode not in ("max", "min"):
-        raise ValueError(f"checkpoint best_mode={best_mode!r} must be 'max' or 'min'")
-    if max_to_keep is not None and max_to_keep < 1:
-        raise ValueError(f"checkpoint max_to_keep={max_to_keep} must be at least 1 (or None to keep all)")
-    keep: list[Any] = [_policies.LatestN(n=max_to_keep)]
-    if best_metric is not None:
-        # BestN keeps the top n by the metric; checkpoints saved without metrics fall to LatestN alone.
-        keep.append(
-            _policies.BestN(
-                get_metric_fn=_metric_fn(best_metric, best_mode),
-                reverse=best_mode == "min",
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            )
-        )
-    return ocp.CheckpointManagerOptions(
-        # best_fn makes orbax write the "metrics" item; retention itself is the preservation policy.
-        best_fn=_metric_fn(best_metric, best_mode),
-        best_mode=best_mode,
-        preservation_policy=_policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=async_save,
-        create=True,
-    )
-
-
-def _handlers() -> dict[str, Any]:
-    return {
-        "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
-        "config": ocp.JsonCheckpointHandler(),
-    }
-
-
 def _config_json(config: ml_collections.ConfigDict | dict) -> dict:
     if isinstance(config, ml_collections.ConfigDict):
         return json.loads(config.to_json_best_effort())
@@ -150,16 +122,20 @@ def _lists_to_tuples(tree: Any) -> Any:
     return tree
 
 
+def _has_item(directory: str | os.PathLike, step: int, item: str) -> bool:
+    return storage.isdir(storage.join(directory, str(step), item))
+
+
 class CorruptCheckpointError(RuntimeError):
     """No checkpoint of a stage's directory reads back whole."""
 
 
 class Checkpointer:
-    """Saves and restores one stage's checkpoints (see the module docstring for the items).
+    """Saves one stage's checkpoints (see the module docstring for the items) and resumes from them.
 
     directory: the stage's checkpoint directory (``<workdir>/<stage>/checkpoints``), created on first use.
     max_to_keep: keep the latest N checkpoints (None: all).
-    best_metric, best_mode: also keep the checkpoint with the max/min value of this metric.
+    best_metric, best_mode ("max" or "min"): also keep the checkpoint with the best value of this metric.
     async_save: write in a background thread; call `wait_until_finished` before reading them.
     """
 
@@ -172,11 +148,22 @@ class Checkpointer:
         best_mode: str = "max",
         async_save: bool = True,
     ):
-        self.directory = _as_path(directory)
-        self.best_metric, self.best_mode = best_metric, best_mode
-        pylogging.getLogger("absl").addFilter(_EXPECTED_WARNINGS)  # adding it twice is a no-op
-        self._options = _manager_options(max_to_keep, best_metric, best_mode, async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
+        keep: list[Any] = [_policies.LatestN(n=max_to_keep)]
+        if best_metric is not None:
+            # BestN keeps the top n by the metric; checkpoints saved without metrics fall to LatestN alone.
+            keep.append(_policies.BestN(get_metric_fn=_metric_fn(best_metric, best_mode),
+                                        reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+        self._options = ocp.CheckpointManagerOptions(
+            # best_fn makes orbax write the "metrics" item; retention itself is the preservation policy.
+            best_fn=_metric_fn(best_metric, best_mode),
+            best_mode=best_mode,
+            preservation_policy=_policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.best_metric = best_metric
+        self._manager = _manager(directory, self._options)
+        self.directory = self._manager.directory
 
     def save(
         self,
@@ -192,7 +179,8 @@ class Checkpointer:
 
         state: the train-state pytree (jax arrays, any sharding). data_iter: a grain iterator
         (or `parallel.DevicePrefetcher`) whose position to keep. config: the stage config.
-        metrics: name -> scalar; needs ``best_metric`` among them when one was set.
+        metrics: name -> scalar; needs ``best_metric`` among them when one was set, unless it is a
+        validation metric (checkpoints between validations lack those).
         """
         step = int(step)
         if step in self._manager.all_steps():
@@ -200,7 +188,9 @@ class Checkpointer:
             return False
         if metrics:  # an empty dict ranks nothing: saved as "no metrics"
             metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
-            _metric_fn(self.best_metric, self.best_mode)(metrics)  # fail now, not in orbax's background thread
+            missing = self.best_metric is not None and self.best_metric not in metrics
+            if missing and self.best_metric not in VALIDATION_METRICS:  # a name never logged ranks nothing
+                raise KeyError(f"best_metric={self.best_metric!r} is not among the saved metrics {sorted(metrics)}")
         else:
             metrics = None
         items = {"state": ocp.args.StandardSave(state)}
@@ -214,65 +204,35 @@ class Checkpointer:
         """The newest saved step, or None when the directory holds no checkpoint."""
         return self._manager.latest_step()
 
-    def best_step(self) -> int | None:
-        """The step with the best ``best_metric`` (the latest step when none is set)."""
-        return self._manager.best_step() if self.best_metric else self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """Every step still on disk, ascending."""
-        return sorted(self._manager.all_steps())
-
-    def metrics(self, step: int) -> dict[str, float] | None:
-        """The metrics saved with ``step`` (None if it was saved without)."""
-        return self._manager.metrics(step)
-
-    def _resolve(self, step: int | None) -> int:
-        steps = self._manager.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(
-                    f"no checkpoint in {self.directory}; train this stage first or check --workdir"
-                )
-            return self._manager.latest_step()
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}")
-        return step
-
-    def restore(self, target_abstract_state: PyTree, *, step: int | None = None, data_iter: Any = None) -> PyTree:
-        """Restores the train state of ``step`` (default: latest) and, given one, the data position.
-
-        target_abstract_state: pytree of jax.ShapeDtypeStruct WITH shardings (from
-            `train_state.abstract_state`): the layout to restore onto, any mesh or device count.
-        data_iter: a grain iterator (or `parallel.DevicePrefetcher`) moved in place to the saved
-            position of this process.
-        """
-        step = self._resolve(step)
-        _check_target(target_abstract_state)
-        if data_iter is not None:
-            if "data" not in self._item_names(step):
-                raise ValueError(
-                    f"checkpoint {self.directory}/{step} holds no data-iterator state; restore without data_iter"
-                )
-            _restore_position(storage.join(self.directory, str(step), "data"), data_iter)
-        items = {"state": ocp.args.StandardRestore(target_abstract_state)}
-        return self._manager.restore(step, args=ocp.args.Composite(**items)).state
-
     def restore_intact(self, target_abstract_state: PyTree, *, data_iter: Any = None) -> tuple[PyTree, int]:
         """Restores the newest checkpoint that reads back whole; returns (state, its step).
+
+        target_abstract_state: pytree of jax.ShapeDtypeStruct WITH shardings (from
+            `training.state.abstract_state`): the layout to restore onto, any mesh or device count.
+        data_iter: a grain iterator (or `parallel.DevicePrefetcher`) moved in place to the saved
+            position of this process.
 
         A checkpoint that fails to read (a truncated file, a crash mid-write outside orbax's atomic
         rename) is named in a warning and moved aside to ``corrupt-<step>`` (nothing is deleted), so the
         run resumes from the previous one and later saves of that step are not refused. Raises
         `CorruptCheckpointError` naming the directory when no checkpoint is intact.
         """
+        _check_target(target_abstract_state)
         failures = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            step_dir = storage.join(self.directory, str(step))
+            # A wrong request, not damage: raised before the try, so no intact checkpoint is set aside.
+            if data_iter is not None and not _has_item(self.directory, step, "data"):
+                raise ValueError(f"checkpoint {step_dir} holds no data-iterator state; restore without data_iter")
             try:
-                return self.restore(target_abstract_state, step=step, data_iter=data_iter), step
+                if data_iter is not None:
+                    _restore_position(storage.join(step_dir, "data"), data_iter)
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(target_abstract_state))
+                return self._manager.restore(step, args=args).state, step
             except Exception as e:  # orbax and tensorstore raise many types for unreadable bytes
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                logging.warning("checkpoint %s/%d cannot be read (%s); moving it to corrupt-%d and trying the "
-                                "previous one", self.directory, step, reason, step)
+                logging.warning("checkpoint %s cannot be read (%s); moving it to corrupt-%d and trying the "
+                                "previous one", step_dir, reason, step)
                 failures.append(f"{step} ({reason})")
                 self._set_aside(step)
         raise CorruptCheckpointError(
@@ -285,21 +245,7 @@ class Checkpointer:
             (self.directory / str(step)).rename(self.directory / f"corrupt-{step}")
         parallel.barrier(f"checkpoint-set-aside-{step}")
         self._manager.close()
-        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_handlers())
-
-    def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
-        """The config saved with ``step`` (default: latest) as a ConfigDict.
-
-        JSON has no tuples: sequences come back as tuples, the way config files write them.
-        """
-        step = self._resolve(step)
-        if "config" not in self._item_names(step):
-            raise ValueError(f"checkpoint {self.directory}/{step} was saved without a config")
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
-
-    def _item_names(self, step: int) -> set[str]:
-        return set(self._manager.item_metadata(step).keys())
+        self._manager = _manager(self.directory, self._options)
 
     def wait_until_finished(self) -> None:
         """Blocks until every asynchronous save is on disk."""
@@ -340,43 +286,38 @@ def _check_target(target: PyTree) -> None:
     if bad:
         raise ValueError(
             f"restore target has {len(bad)} leaves without a sharding (e.g. {bad[0]}); build it with "
-            "train_state.abstract_state(init_fn, mesh, ...) or parallel.abstract_with_shardings"
+            "training.state.abstract_state(init_fn, mesh, ...) or parallel.abstract_with_shardings"
         )
 
 
 # --------------------------------------------------------------------------- trained runs, read-only
-def _read_only(directory: str | os.PathLike, partial: bool = False) -> ocp.CheckpointManager:
-    """A read-only manager of a checkpoint directory; ``partial`` reads the state with a PyTree handler
-    (not Standard), so only some of its leaves need a target."""
-    handlers = _handlers()
-    if partial:
-        handlers["state"] = ocp.PyTreeCheckpointHandler()
-    pylogging.getLogger("absl").addFilter(_EXPECTED_WARNINGS)  # adding it twice is a no-op
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
+def _read_only(directory: str | os.PathLike, partial: bool = False, best_fn: Any = None,
+               best_mode: str = "max") -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, best_fn=best_fn, best_mode=best_mode)
+    return _manager(directory, options, partial)
 
 
-def _saved_step(manager: ocp.CheckpointManager, directory: Any, step: int | None) -> int:
+def _saved_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+    """``step`` (default: the latest) when ``manager`` holds it; FileNotFoundError naming the directory if not."""
     steps = manager.all_steps()
     if step is None:
         step = manager.latest_step()
     if step is None or step not in steps:
         raise FileNotFoundError(
-            f"no checkpoint {'' if step is None else f'for step {step} '}in {directory} "
+            f"no checkpoint {'' if step is None else f'for step {step} '}in {manager.directory} "
             f"(saved steps: {sorted(steps)}); check the checkpoint path in the config"
         )
     return int(step)
 
 
 def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
-    """Restores only the train state from a checkpoint directory with a fresh, read-only manager.
+    """Restores the train state of ``step`` (default: the latest) from a checkpoint directory.
 
-    For evaluation and prediction. target: as in `Checkpointer.restore`; step: default latest.
+    target: pytree of jax.ShapeDtypeStruct with shardings, as for `Checkpointer.restore_intact`.
     """
-    directory = _as_path(directory)
+    _check_target(target)
     with _read_only(directory) as manager:
-        step = _saved_step(manager, directory, step)
-        _check_target(target)
+        step = _saved_step(manager, step)
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
 
@@ -384,10 +325,9 @@ def restore_variables(directory: str | os.PathLike, target: PyTree, step: int | 
     """Restores the parameters and BatchNorm statistics of the subnetworks in ``target`` (from
     `factory.abstract_variables`) out of a saved train state, leaving the rest unread (optimizer
     state, other subnetworks). step: default the latest."""
-    directory = _as_path(directory)
+    _check_target(target)
     with _read_only(directory, partial=True) as manager:
-        step = _saved_step(manager, directory, step)
-        _check_target(target)
+        step = _saved_step(manager, step)
         item = {"params": target.params, "batch_stats": target.batch_stats}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
@@ -416,15 +356,15 @@ def checkpoint_directory(path: str) -> str:
         "or its checkpoints/ folder")
 
 
-def read_trained_config(directory: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a checkpoint was saved with (read-only; JSON lists back to tuples).
+def read_trained_config(directory: str | os.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a checkpoint was saved with (JSON lists back to tuples, as config files write them).
 
     directory: a checkpoints/ folder (see `checkpoint_directory`); step: default the latest.
     """
     with _read_only(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None or not storage.isdir(storage.join(directory, str(step), "config")):
-            raise FileNotFoundError(f"checkpoint {directory} (step {step}) holds no config item; it was not "
+        step = _saved_step(manager, step)
+        if not _has_item(manager.directory, step, "config"):
+            raise FileNotFoundError(f"checkpoint {manager.directory}/{step} holds no config item; it was not "
                                     "written by cleaq_jax training")
         restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
@@ -437,24 +377,19 @@ def select_step(directory: str, which: int | str = "best") -> tuple[int, str]:
     checkpoint_metric, e.g. validation DR kappa; the latest when no checkpoint carries that metric),
     "latest", or a step number (an int or its digits).
     """
+    if which == "best":
+        cfg = read_trained_config(directory)
+        metric, mode = str(cfg.checkpoint_metric), str(cfg.checkpoint_mode)
+        rank = _metric_fn(metric, mode)
+        with _read_only(directory, best_fn=rank, best_mode=mode) as manager:
+            best, latest = manager.best_step(), _saved_step(manager, None)
+            value = rank(manager.metrics(best)) if best is not None else math.nan
+        if not math.isfinite(value):  # the best ranks last: none of them carries the metric
+            return latest, f"latest: no checkpoint carries {metric}"
+        return best, f"best by {metric} = {value:.4g}"
     with _read_only(directory) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {directory}; check the checkpoint path in the config")
-        if isinstance(which, int) or str(which).isdigit():
-            return _saved_step(manager, directory, int(which)), f"step {int(which)}, as asked"
         if which == "latest":
-            return steps[-1], "latest"
-        if which != "best":
-            raise ValueError(f"checkpoint step {which!r}: use 'best', 'latest' or a step number")
-        cfg = read_trained_config(directory, steps[-1])
-        metric, mode = str(cfg.get("checkpoint_metric", "loss")), str(cfg.get("checkpoint_mode", "min"))
-        ranked = []
-        for step in steps:
-            value = (manager.metrics(step) or {}).get(metric)
-            if value is not None and math.isfinite(float(value)):
-                ranked.append((float(value) if mode == "max" else -float(value), step))
-    if not ranked:
-        return steps[-1], f"latest: no checkpoint carries {metric}"
-    value, step = max(ranked)
-    return step, f"best by {metric} = {value if mode == 'max' else -value:.4g}"
+            return _saved_step(manager, None), "latest"
+        if isinstance(which, int) or str(which).isdigit():
+            return _saved_step(manager, int(which)), f"step {int(which)}, as asked"
+    raise ValueError(f"checkpoint step {which!r}: use 'best', 'latest' or a step number")
