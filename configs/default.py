@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     # ("subpixel") or XLA's transposed conv ("transpose", slow backward on CPU).
     c.model.upsample = "subpixel4"
     # Transposed-conv kernel init: "icnr" starts the four output phases equal (no checkerboard in
-    # an untrained U-IQE); "lecun" draws every tap independently (the earlier default).
+    # an untrained U-IQE); "lecun" draws every tap independently (docs/performance.md, "U-IQE without
+    # checkerboard").
     c.model.upsample_init = "icnr"
     # ResNet stem max-pool gradient: "masked" (custom_vjp, elementwise) or "reduce_window"
     # (nn.max_pool's select-and-scatter, slow on CPU). Same values and gradients.
@@ -86,17 +87,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.usable_self_reference = False
     # Stage 3: the fraction of good images QT degrades (op2) before IQE; the rest enter as they are, so
     # DR and IQE also train on the path they are evaluated and used on, DR(IQE(X)). 1.0 is eq. (3)'s
-    # literal DR(QE(QT(X))) for every image (docs/training.md, "Stage 3's input").
+    # literal DR(QE(QT(X))) for every image (docs/training.md, "Stage 3").
     c.loss.qt_good_fraction = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
     # Stage 3's starting learning rate when above 0, else learning_rate (the paper: 1e-3 for every stage).
-    # Stage 3 starts Adam afresh on pre-trained networks; at 1e-3 a residual U-IQE lost its stage-1
-    # enhancement within an epoch in the demo (docs/training.md, "Stage 3's learning rate").
+    # Stage 3 starts Adam afresh on pre-trained networks, which a lower rate fine-tunes (docs/training.md,
+    # "Learning rates").
     c.optim.joint_learning_rate = 0.0
     # Stage 3's starting rate of one subnetwork when above 0 (before joint_learning_rate): e.g. DR at the
-    # paper's 1e-3 while IQE and IQA fine-tune at joint_learning_rate (docs/training.md).
+    # paper's 1e-3 while IQE and IQA fine-tune at joint_learning_rate (docs/training.md, "Learning rates").
     c.optim.joint_net_learning_rate = ml_collections.ConfigDict(dict(iqe=0.0, iqa=0.0, dr=0.0))
     c.optim.constant_epochs = 60  # lr constant, then times (1 - epoch/total_epochs)^power
     c.optim.power = 0.9

@@ -11,10 +11,9 @@ def get_config():
     c = default.get_config()
     c.stage = "pipeline"
     c.data.dir = ""  # -> <workdir>/data, built on first use
-    # 336 training, 24 validation and 440 test images. On 168 training images (and 288 test images) DR
-    # stayed near chance through stage 1 (kappa 0.04 and 0.07 in two runs), so stage 3 could not show what
-    # joint training does for DR; on 336 its stage-1 kappa is 0.43-0.60 (seeds 0-2), and 440 test images
-    # leave 110-120 per lower quality level (docs/training.md, "The steps": the demo's per-seed table).
+    # 336 training, 24 validation and 440 test images: enough training images for stage 1's DR to grade
+    # above chance, and 110-120 test images per lower quality level (docs/training.md, "The demo" and
+    # "Measurements behind the settings").
     c.data.synthetic.num = 800
     c.data.synthetic.splits.train = 0.42
     c.data.synthetic.splits.val = 0.03
@@ -28,14 +27,14 @@ def get_config():
     # Short runs: a U-IQE that starts as the identity. The synthetic records carry clean references at
     # every quality level, so usable images are not their own references (loss.usable_self_reference).
     c.model.uiqe_residual = True
-    # Stage 3 in the form that kept its networks working here (docs/training.md, "Stage 3's learning
-    # rate"): a fine-tuning rate, half the good images as they are (the path DR(IQE(X)) it is used on), and
-    # IQA guiding IQE towards "good" through a frozen IQA instead of the paper's gradient reversal.
+    # Stage 3 fine-tunes (docs/training.md, "Learning rates"), takes half the good images as they are (the
+    # path DR(IQE(X)) it is used on), and IQA guides IQE towards "good" through a frozen IQA instead of the
+    # paper's gradient reversal.
     c.optim.joint_learning_rate = 1e-4
     c.loss.qt_good_fraction = 0.5
     c.loss.iqe_guidance = "to_good"
     # DR at the paper's rate in stage 3 (it must adapt to IQE's enhancements), and L_IQE weighted so that
-    # DR's gradient through IQE does not erode the enhancement (docs/training.md, "Per subnetwork").
+    # DR's gradient through IQE does not erode the enhancement (docs/training.md, "Settings").
     c.optim.joint_net_learning_rate.dr = 1e-3
     c.loss.weighting = "fixed"
     c.loss.fixed.iqe = 100.0

@@ -13,7 +13,7 @@ study after the preset win over it.
 - study: the study of docs/results.md, sized from measured step times to finish in about 2 hours on a
   2-core x86-64 CPU for the 8 variants plus CLEAQ-DR to_good and DR alone at 2x epochs x 3 seeds: bench's
   networks on 560 training images, 10 epochs per stage, scored on 1360 test images, and stage 3 in the
-  form the held-out runs chose (docs/training.md, "Per subnetwork"): DR at 1e-3 while IQE and IQA
+  form the held-out runs chose (docs/training.md, "Settings"): DR at 1e-3 while IQE and IQA
   fine-tune at 1e-4, L_IQE weighted 100, half the good images as they are, clean references for every
   quality level.
 - full: the paper's networks and schedule (IV-B) at 512 px, for a GPU or TPU host.
@@ -80,7 +80,7 @@ PRESETS = {
             "loss.usable_self_reference": False,
             "optim.joint_learning_rate": 1e-4,
             # Stage 3: DR at the paper's rate while IQE and IQA fine-tune, and L_IQE weighted so DR's
-            # gradient through IQE does not erode the enhancement (docs/training.md, "Per subnetwork").
+            # gradient through IQE does not erode the enhancement (docs/training.md, "Settings").
             "optim.joint_net_learning_rate.dr": 1e-3,
             "loss.weighting": "fixed",
             "loss.fixed.iqe": 100.0,
