@@ -149,14 +149,12 @@ def test_best_falls_back_to_the_latest_when_no_checkpoint_carries_the_metric(tmp
     (("iqe", "iqa", "dr"), False, ("loss", "min")),
 ])
 def test_auto_ranks_by_the_stage_s_validation_metric_or_the_training_loss(nets, validating, expected):
-    cfg = ml_collections.ConfigDict({"checkpoint_metric": "auto", "checkpoint_mode": "auto"})
-    assert checkpoint.best_metric(cfg, nets, validating) == expected
+    assert checkpoint.best_metric("auto", "auto", nets, validating) == expected
 
 
 def test_a_validation_metric_without_validation_names_the_keys():
-    cfg = ml_collections.ConfigDict({"checkpoint_metric": "val_iqa_kappa", "checkpoint_mode": "auto"})
     with pytest.raises(ValueError, match=r"checkpoint_metric='val_iqa_kappa'.*eval_every_epochs.*val_split"):
-        checkpoint.best_metric(cfg, ("iqa",), validating=False)
+        checkpoint.best_metric("val_iqa_kappa", "auto", ("iqa",), validating=False)
 
 
 def test_saving_an_existing_step_again_returns_false(tmp_path):

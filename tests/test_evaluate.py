@@ -90,7 +90,8 @@ def save_checkpoint(cfg, directory: str, state, mesh) -> None:
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size=64)
     placed = jax.tree.map(lambda a, s: jax.device_put(a, s), state, shardings)
     saved = cfg.copy_and_resolve_references()
-    saved.checkpoint_metric, saved.checkpoint_mode = checkpoint.best_metric(cfg, (), validating=False)
+    saved.checkpoint_metric, saved.checkpoint_mode = checkpoint.best_metric(cfg.checkpoint_metric, cfg.checkpoint_mode, (),
+                                                                              validating=False)
     with checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False) as ckpt:
         ckpt.save(2, placed, config=saved)
 

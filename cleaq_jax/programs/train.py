@@ -44,7 +44,8 @@ def describe(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> tuple[s
         balance_by=cfg.data.balance_by)
     nets = stages.stage_nets(cfg, name)
     val_split = _validation_split(cfg, data_dir, name)
-    metric, mode = checkpoint.best_metric(cfg, nets, val_split is not None)
+    metric, mode = checkpoint.best_metric(cfg.checkpoint_metric, cfg.checkpoint_mode, nets,
+                                           val_split is not None)
     init_from = tuple((source, _trained_nets(cfg, source), cfg.init[source] or os.path.join(workdir, source))
                       for source, _ in stages.INIT_FROM.get(name, ()))
     stage = stages.Stage.from_config(

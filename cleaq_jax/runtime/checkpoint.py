@@ -91,11 +91,10 @@ def _metric_fn(metric: str | None, mode: str):
     return value
 
 
-def best_metric(cfg: ml_collections.ConfigDict, nets: Iterable[str], validating: bool) -> tuple[str, str]:
-    """(metric, mode) that ranks a stage's checkpoints: config.checkpoint_metric / checkpoint_mode, where
+def best_metric(metric: str, mode: str, nets: Iterable[str], validating: bool) -> tuple[str, str]:
+    """(metric, mode) that ranks a stage's checkpoints, from config.checkpoint_metric / checkpoint_mode:
     "auto" means the validation DR kappa for a stage that trains DR, else IQA kappa, else IQE's PSNR
     ("max"), or the training loss ("min") when the stage is not validated."""
-    metric, mode = str(cfg.checkpoint_metric), str(cfg.checkpoint_mode)
     if metric == "auto":
         nets = tuple(nets)
         metric = ("loss" if not validating else "val_dr_kappa" if "dr" in nets else
