@@ -352,13 +352,6 @@ def test_global_batch_larger_than_an_epoch_is_an_error(data_dir):
         pipeline.train_loader(data_dir, global_batch_size=32, seed=0, process_index=0, process_count=1)
 
 
-@pytest.mark.parametrize("bad", [dict(class_balance=1.5), dict(balance_by="source")])
-def test_bad_balance_settings_are_rejected_by_name(data_dir, bad):
-    key = next(iter(bad))
-    with pytest.raises(ValueError, match=key):
-        pipeline.train_loader(data_dir, global_batch_size=8, seed=0, process_index=0, process_count=1, **bad)
-
-
 def test_unknown_split_lists_the_available_ones(data_dir):
     with pytest.raises(KeyError, match="'valid' is not in .*manifest.json.*'test', 'train'"):
         pipeline.eval_loader(data_dir, "valid", global_batch_size=8, process_index=0, process_count=1)

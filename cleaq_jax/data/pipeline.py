@@ -43,7 +43,6 @@ import numpy as np
 
 from cleaq_jax.data import records
 
-BALANCE_KEYS = ("dr_grade", "quality")
 # Separate random streams for the epoch plan and the augmentation drawn from the same seed.
 _PLAN_STREAM, _AUGMENT_STREAM = 0, 1
 _PLAN_CACHE_EPOCHS = 2
@@ -55,7 +54,6 @@ def class_totals(counts: Mapping[int, int], class_balance: float) -> dict[int, i
 
     counts: {class: n_c} over known classes (n_c > 0). class_balance 0 keeps n_c, 1 gives n_max.
     """
-    _check_class_balance(class_balance)
     if not counts:
         return {}
     n_max = max(counts.values())
@@ -97,24 +95,11 @@ def _class_counts(labels: np.ndarray) -> dict[int, int]:
     return dict(zip(classes.tolist(), counts.tolist()))
 
 
-def _check_class_balance(class_balance: float) -> None:
-    if not 0.0 <= class_balance <= 1.0:
-        raise ValueError(
-            f"class_balance must be in [0, 1] (0 natural class frequencies, 1 equal classes), "
-            f"got {class_balance}")
-
-
-def _check_balance_by(balance_by: str) -> None:
-    if balance_by not in BALANCE_KEYS:
-        raise ValueError(f"balance_by must be one of {BALANCE_KEYS}, got {balance_by!r}")
-
-
 def manifest_class_counts(data_dir: str, split: str, balance_by: str) -> tuple[dict[int, int], int]:
     """({class: count} of known labels, number of unknown labels) of a split, from manifest.json.
 
     Reads the manifest's quality x grade table (`records.count_table`), so no record is opened.
     """
-    _check_balance_by(balance_by)
     counts: dict[int, int] = {}
     for quality_name, row in _split_entry(data_dir, split)["counts"].items():
         for grade_key, n in row.items():
@@ -135,7 +120,6 @@ def split_labels(data_dir: str, split: str, balance_by: str) -> np.ndarray:
     sets written before that file existed fall back to one pass over the records without decoding
     images, cached while the shards are unchanged.
     """
-    _check_balance_by(balance_by)
     listed = records.split_labels(data_dir, split)
     if listed is not None:
         labels = np.asarray(listed[balance_by], np.int32)
@@ -368,7 +352,6 @@ def num_batches_per_epoch(data_dir: str, split: str = "train", *, global_batch_s
     """
     del seed
     counts, unknown = manifest_class_counts(data_dir, split, balance_by)
-    _check_class_balance(class_balance)
     length = sum(class_totals(counts, class_balance).values()) + unknown
     return length // global_batch_size
 
@@ -408,10 +391,6 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
     """
     process_index, process_count = _process(process_index, process_count)
     batch = per_process_batch_size(global_batch_size, process_count)
-    _check_class_balance(class_balance)
-    _check_balance_by(balance_by)
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (endless) or >= 1, got {num_epochs}")
     size = _image_size(data_dir, split, image_size)
@@ -463,8 +442,8 @@ class LoaderIterator(grain.DatasetIterator):
     def __init__(self, batches: grain.MapDataset, settings: Mapping[str, Any], worker_count: int,
                  read_threads: int):
         super().__init__()
-        if worker_count < 0 or read_threads < 0:
-            raise ValueError(f"worker_count and read_threads must be >= 0, got {worker_count}, {read_threads}")
+        if read_threads < 0:
+            raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._batches, self._settings = batches, dict(settings)
         self._worker_count, self._read_threads = worker_count, read_threads
         self._next = 0
@@ -589,8 +568,6 @@ def _num_records(path: str) -> int:
 
 def _image_size(data_dir: str, split: str, image_size: int | None) -> int:
     if image_size is not None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         return int(image_size)
     shape = _split_entry(data_dir, split).get("image_size") or []
     if len(shape) != 2 or shape[0] != shape[1]:
