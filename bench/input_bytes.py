@@ -18,7 +18,7 @@ The model: a process reads its own records (``floor(E / G) * G / P`` of an epoch
 batch G) once each, plus a fixed amount per shard when it opens the shard set (ArrayRecord reads up to
 1 MiB of a shard's end to find its index, and grain opens every shard twice: to count its records and
 to read them). With class_balance > 0 the loader also reads every record of the split once, on every
-process, to learn the labels (`pipeline.split_labels`). The EyeQ table applies the model to 12,543
+process, to learn the labels (`balance.split_labels`). The EyeQ table applies the model to 12,543
 training images with the measured record sizes, the global batch raised to the device count where the
 paper's 32 is too small. Prints JSON lines, then the table in Markdown.
 """
@@ -36,7 +36,7 @@ import cv2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cleaq_jax.data import fundus, pipeline, records, vesselness  # noqa: E402
+from cleaq_jax.data import balance, fundus, pipeline, records, vesselness  # noqa: E402
 
 EYEQ_TRAIN = 12_543  # EyeQ training images (Label_EyeQ_train.csv)
 FOOTER_PREFETCH = 2**20  # ArrayRecord's default footer_prefetch_bytes
@@ -95,7 +95,7 @@ def shard_open_bytes(data_dir: str) -> int:
 
 def measure_process(data_dir: str, hosts: int, batch: int, class_balance: float) -> dict:
     """Bytes process 0 of ``hosts`` reads to build its loader and run one epoch, beside the model."""
-    pipeline._labels_of.cache_clear()  # a fresh process has no labels cached
+    balance._labels_of.cache_clear()  # a fresh process has no labels cached
     before = bytes_read()
     loader = pipeline.train_loader(data_dir, "train", global_batch_size=batch, seed=0, augment=False,
                                    class_balance=class_balance, process_index=0, process_count=hosts,

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cleaq_jax.data import pipeline, records
+from cleaq_jax.data import balance, decode, pipeline, records
 
 SIZE = 32
 # 24 examples, imbalanced DR grades: 12 x grade 0, 6 x grade 1, 3 x grade 2, 3 x grade 3.
@@ -153,8 +153,8 @@ def test_class_frequencies_follow_the_balance_exponent(data_dir, beta):
 
 def test_fractional_repeats_average_to_the_class_rate_over_epochs():
     labels = np.array(GRADES)
-    totals = pipeline.class_totals(collections.Counter(GRADES), 0.5)
-    copies = np.stack([np.bincount(pipeline.epoch_plan(labels, seed=1, epoch=e, class_balance=0.5), minlength=N)
+    totals = balance.class_totals(collections.Counter(GRADES), 0.5)
+    copies = np.stack([np.bincount(balance.epoch_plan(labels, seed=1, epoch=e, class_balance=0.5), minlength=N)
                        for e in range(400)])
     for c, total in totals.items():
         rate = total / GRADES.count(c)
@@ -179,9 +179,9 @@ def test_copies_of_one_example_are_augmented_independently(data_dir):
 
 def test_unknown_labels_appear_once_and_do_not_count_as_a_class():
     labels = np.array([0, 0, 0, 0, 1, -1, -1])
-    plan = pipeline.epoch_plan(labels, seed=0, epoch=0, class_balance=1.0)
+    plan = balance.epoch_plan(labels, seed=0, epoch=0, class_balance=1.0)
     np.testing.assert_array_equal(np.bincount(plan, minlength=7), [1, 1, 1, 1, 4, 1, 1])
-    assert pipeline.epoch_length(labels, 1.0) == 10
+    assert balance.epoch_length(labels, 1.0) == 10
 
 
 def test_num_batches_per_epoch_from_the_manifest_matches_the_loader(data_dir):
@@ -212,7 +212,7 @@ def test_augmentation_keeps_image_mask_and_vessel_aligned(data_dir):
 
 def test_augment_matrix_is_a_rotation_with_flips_about_the_centre():
     rng = np.random.default_rng(0)
-    mats = [pipeline.augment_matrix(rng, 64) for _ in range(400)]
+    mats = [decode.augment_matrix(rng, 64) for _ in range(400)]
     centre = np.array([31.5, 31.5, 1.0])
     for m in mats:
         np.testing.assert_allclose(m[:, :2] @ m[:, :2].T, np.eye(2), atol=1e-12)  # rigid
@@ -365,7 +365,7 @@ def test_process_defaults_come_from_jax(data_dir):
 def test_plan_cache_is_bounded_and_survives_pickling():
     import pickle
 
-    cache = pipeline._PlanCache(np.array(GRADES), 0, 0.5)
+    cache = balance.PlanCache(np.array(GRADES), 0, 0.5)
     plans = [cache(e) for e in itertools.chain(range(10), [9])]
     assert len(cache._plans) == 2
     np.testing.assert_array_equal(plans[-1], plans[9])

@@ -248,14 +248,18 @@ def format_counts(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def split_entry(data_dir: str, split: str) -> dict[str, Any]:
+    """A split's entry of manifest.json (`MANIFEST_KEYS` and provenance); KeyError naming the splits
+    the manifest has when ``split`` is not one of them."""
+    splits = read_manifest(data_dir).get("splits", {})
+    if split not in splits:
+        raise KeyError(f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} (it has: {sorted(splits)})")
+    return splits[split]
+
+
 def split_shards(data_dir: str, split: str) -> list[str]:
     """Absolute paths of a split's shards, in order, as listed by the manifest."""
-    manifest = read_manifest(data_dir)
-    if split not in manifest.get("splits", {}):
-        raise KeyError(
-            f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} "
-            f"(it has: {sorted(manifest.get('splits', {}))})")
-    paths = [os.path.join(data_dir, s) for s in manifest["splits"][split]["shards"]]
+    paths = [os.path.join(data_dir, s) for s in split_entry(data_dir, split)["shards"]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {data_dir}")
