@@ -191,7 +191,7 @@ def _drop_partial(tmp: str, writer) -> None:
 
 def sidecar_files(shards: str, manifest: dict[str, Any]) -> list[str]:
     """Files beside the shards that belong to the set: each split's labels file and skip report."""
-    names = [entry["labels"] for entry in manifest["splits"].values() if "labels" in entry]
+    names = [entry["labels"] for entry in manifest["splits"].values()]
     names += [f"skipped-{split}.txt" for split in manifest["splits"]]
     return sorted(n for n in set(names) if os.path.isfile(os.path.join(shards, n)))
 

@@ -9,8 +9,6 @@ record is opened to plan an epoch.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 from collections.abc import Mapping
 
@@ -90,25 +88,10 @@ def manifest_class_counts(data_dir: str, split: str, balance_by: str) -> tuple[d
 def split_labels(data_dir: str, split: str, balance_by: str) -> np.ndarray:
     """(N,) int32 labels (``dr_grade`` or ``quality``) of a split's records, in source order.
 
-    From the split's labels file (no record is opened, so a host reads only its own records); shard
-    sets written before that file existed fall back to one pass over the records without decoding
-    images, cached while the shards are unchanged.
+    From the split's labels file (`records.split_labels`): no record is opened, so a host reads only
+    its own records. Read-only, as the plan cache shares it between threads.
     """
-    listed = records.split_labels(data_dir, split)
-    if listed is not None:
-        labels = np.asarray(listed[balance_by], np.int32)
-        labels.setflags(write=False)
-        return labels
-    paths = tuple(records.split_shards(data_dir, split))
-    stamp = tuple((os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths)
-    return _labels_of(paths, stamp, balance_by)
-
-
-@functools.lru_cache(maxsize=8)
-def _labels_of(paths: tuple[str, ...], stamp: tuple, balance_by: str) -> np.ndarray:
-    del stamp  # part of the cache key only: a rewritten shard set is read again
-    values = [r[balance_by] for p in paths for r in records.iter_records(p, decode_images=False)]
-    labels = np.asarray(values, np.int32)
+    labels = np.asarray(records.split_labels(data_dir, split)[balance_by], np.int32)
     labels.setflags(write=False)
     return labels
 

@@ -312,20 +312,12 @@ def _source(data_dir: str, split: str, records_in: Sequence[Any] | None = None) 
         return source
     paths = records.check_shards(data_dir, split)
     entry = records.split_entry(data_dir, split)
-    counts = entry.get("records_per_shard")
-    if counts is None or len(counts) != len(paths):  # shard sets written before the per-shard counts
-        counts = [_num_records(p) for p in paths]
-    source = _CheckedShards(paths, list(counts))
+    source = _CheckedShards(paths, list(entry["records_per_shard"]))
     if len(source) != entry["num_records"]:
         raise records.RecordError(
             f"{os.path.join(data_dir, records.MANIFEST)} lists {entry['num_records']} records for split "
             f"{split!r} but its shards hold {len(source)}: {records.rebuild_hint(data_dir, split)}")
     return source
-
-
-def _num_records(path: str) -> int:
-    with records.open_shard(path) as reader:
-        return reader.num_records()
 
 
 def _image_size(data_dir: str, split: str, image_size: int | None) -> int:

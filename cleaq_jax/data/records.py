@@ -74,16 +74,10 @@ def labels_name(name: str, split: str) -> str:
     return f"{name}-{split}.labels.json"
 
 
-def split_labels(data_dir: str, split: str) -> dict[str, list[int]] | None:
+def split_labels(data_dir: str, split: str) -> dict[str, list[int]]:
     """{'dr_grade': [...], 'quality': [...]} of a split's records in reading order (shard by shard),
-    or None for shard sets written before the labels file existed."""
-    entry = read_manifest(data_dir)["splits"].get(split)
-    if entry is None or "labels" not in entry:
-        return None
-    # Older EyeQ preps stored the label CSV's name under this key: such sets have no labels file.
-    if entry["labels"] != labels_name(entry.get("name", ""), split):
-        return None
-    path = os.path.join(data_dir, entry["labels"])
+    from the labels file its manifest entry names."""
+    path = os.path.join(data_dir, split_entry(data_dir, split)["labels"])
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} is missing: {os.path.join(data_dir, MANIFEST)} lists it beside the shards of split "
@@ -111,7 +105,7 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
 
     image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None; reference:
     HxWx3 uint8 RGB (the clean image ``image`` was made from) or None/absent. A record without a
-    reference has no ``reference`` key at all, so records written before the field existed are unchanged.
+    reference has no ``reference`` key at all (`decode_record` gives it reference None).
     """
     image = _rgb(example["image"], "image")
     mask = _binary(example["mask"], image.shape[:2], "mask")
@@ -506,10 +500,9 @@ def check_shards(data_dir: str, split: str) -> list[str]:
     Opening reads each shard's footer and index only, so this costs milliseconds per shard.
     """
     paths = split_shards(data_dir, split)
-    expected = read_manifest(data_dir)["splits"][split].get("records_per_shard")
-    for j, path in enumerate(paths):
+    for path, expected in zip(paths, split_entry(data_dir, split)["records_per_shard"], strict=True):
         with open_shard(path) as reader:
             n = reader.num_records()
-        if expected is not None and j < len(expected) and n != expected[j]:
-            raise shard_error(path, f"it holds {n} records, the manifest lists {expected[j]}")
+        if n != expected:
+            raise shard_error(path, f"it holds {n} records, the manifest lists {expected}")
     return paths
