@@ -24,6 +24,7 @@ from typing import Any
 
 from cleaq_jax.data import fundus
 from cleaq_jax.data.records import MANIFEST, ShardWriter, encode_record, format_counts, read_manifest
+from cleaq_jax.runtime import storage
 
 
 class PrepError(Exception):
@@ -130,14 +131,6 @@ def _progress(total: int, source: str):
                 bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
 
-def _write_text(path: str, text: str) -> None:
-    # A hidden temporary name, renamed when complete; open() keeps the user's umask (mkstemp would not).
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _report(skips: Sequence[Skip]) -> None:
     if skips:
         print(f"skipped {len(skips)} item(s):", file=sys.stderr)
@@ -150,7 +143,7 @@ def _write_skip_files(out: str, source: str, counts: Mapping[str, int], skips: S
         lines = [s.line() for s in skips if s.split == split]
         header = (f"# {source}/{split}: {len(lines)} skipped, {written} written. "
                   "Columns: id, file, reason (tab-separated).\n")
-        _write_text(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
+        storage.atomic_file(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
 
 
 # A finisher rewrites a batch of encoded records in the main process (e.g. one batched JAX program over

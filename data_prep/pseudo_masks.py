@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ import numpy as np
 
 from cleaq_jax.data import records, vesselness
 from cleaq_jax.evaluation import restore
+from cleaq_jax.runtime import storage
 from data_prep.common import _positive
 
 METHODS = ("teacher",) + vesselness.METHODS
@@ -164,29 +166,27 @@ def write_shard(src: str, out: str, masker: Masker, settings: dict[str, Any], ba
     from array_record.python import array_record_module
 
     shard = os.path.basename(src)
-    tmp = os.path.join(out, f".{shard}.tmp-{os.getpid()}")
-    count = kept = 0
-    with records.open_shard(src) as reader:
+    counted = {"records": 0, "kept": 0}
+
+    def write(tmp: str) -> None:
         writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
         try:
             for data, own in _masked_records(reader, src, masker, batch_size, keep_existing, progress):
                 writer.write(data)
-                count, kept = count + 1, kept + own
-            writer.close()
-            os.replace(tmp, os.path.join(out, shard))
-        finally:
-            _drop_partial(tmp, writer)
-    done = {"settings": settings, "source": _source_stamp(src), "records": count, "with_vessel": count,
-            "kept": kept}
-    records._atomic_write_json(_marker(out, shard), done)
+                counted["records"] += 1
+                counted["kept"] += own
+        except BaseException:
+            with contextlib.suppress(Exception):  # interrupted: atomic_file drops the partial file
+                writer.close()
+            raise
+        writer.close()
+
+    with records.open_shard(src) as reader:
+        storage.atomic_file(os.path.join(out, shard), write)
+    done = {"settings": settings, "source": _source_stamp(src), "records": counted["records"],
+            "with_vessel": counted["records"], "kept": counted["kept"]}
+    records.write_json(_marker(out, shard), done)
     return done
-
-
-def _drop_partial(tmp: str, writer) -> None:
-    if os.path.exists(tmp):  # interrupted: drop the partial shard
-        with contextlib.suppress(Exception):
-            writer.close()
-        os.remove(tmp)
 
 
 def sidecar_files(shards: str, manifest: dict[str, Any]) -> list[str]:
@@ -201,9 +201,7 @@ def copy_sidecars(shards: str, out: str, manifest: dict[str, Any]) -> list[str]:
     each through a hidden temporary name; returns the names copied."""
     names = sidecar_files(shards, manifest)
     for name in names:
-        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
-        shutil.copyfile(os.path.join(shards, name), tmp)
-        os.replace(tmp, os.path.join(out, name))
+        storage.atomic_file(os.path.join(out, name), functools.partial(shutil.copyfile, os.path.join(shards, name)))
     return names
 
 

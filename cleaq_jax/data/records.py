@@ -193,13 +193,9 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".manifest-", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; shard sets are often shared between accounts
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as JSON (sorted keys, indent 2, a final newline) at ``path``, put there whole (`storage.atomic_file`)."""
+    storage.atomic_file(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(data_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -208,9 +204,9 @@ def write_manifest(data_dir: str, manifest: Mapping[str, Any]) -> None:
     complete. Every shard the manifest lists must be in ``data_dir``."""
     sizes = {s: os.path.getsize(os.path.join(data_dir, s))
              for entry in manifest["splits"].values() for s in entry["shards"]}
-    _atomic_write_json(os.path.join(data_dir, tfds_metadata.FEATURES), tfds_metadata.features_json())
-    _atomic_write_json(os.path.join(data_dir, tfds_metadata.DATASET_INFO), tfds_metadata.dataset_info(manifest, sizes))
-    _atomic_write_json(os.path.join(data_dir, MANIFEST), manifest)
+    write_json(os.path.join(data_dir, tfds_metadata.FEATURES), tfds_metadata.features_json())
+    write_json(os.path.join(data_dir, tfds_metadata.DATASET_INFO), tfds_metadata.dataset_info(manifest, sizes))
+    write_json(os.path.join(data_dir, MANIFEST), manifest)
 
 
 def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, dict[str, int]]:
@@ -348,11 +344,11 @@ class ShardWriter:
         names = []
         for j, i in enumerate(used):
             final = shard_name(self.name, self.split, j, len(used))
-            os.replace(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
+            storage.move_into_place(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
             names.append(final)
         ordered = [lab for i in used for lab in self._shard_labels[i]]
         labels = {"dr_grade": [g for g, _ in ordered], "quality": [q for _, q in ordered]}
-        _atomic_write_json(os.path.join(self.out_dir, labels_name(self.name, self.split)), labels)
+        write_json(os.path.join(self.out_dir, labels_name(self.name, self.split)), labels)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._update_manifest(names)
         return [os.path.join(self.out_dir, n) for n in names]
