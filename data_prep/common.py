@@ -64,10 +64,10 @@ Encoder = Callable[[Job, int], Mapping[str, Any]]
 def add_arguments(parser: argparse.ArgumentParser, *, num_shards: int) -> None:
     """The options every prep CLI shares: --out, --size, --workers, --num-shards, --strict."""
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and skip reports")
-    parser.add_argument("--size", type=_positive, default=512, help="side of the square output images (px)")
-    parser.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    parser.add_argument("--size", type=positive_int, default=512, help="side of the square output images (px)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes for decoding and cropping (default: all cores)")
-    parser.add_argument("--num-shards", type=_positive, default=num_shards, help="ArrayRecord shards per split")
+    parser.add_argument("--num-shards", type=positive_int, default=num_shards, help="ArrayRecord shards per split")
     parser.add_argument("--strict", action="store_true",
                         help="stop with exit code 1, writing nothing, at the first item that would be skipped")
 
@@ -77,7 +77,8 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, or an error naming the value."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")

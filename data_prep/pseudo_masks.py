@@ -44,7 +44,7 @@ import numpy as np
 from cleaq_jax.data import records, vesselness
 from cleaq_jax.evaluation import restore
 from cleaq_jax.runtime import storage
-from data_prep.common import _positive
+from data_prep.common import positive_int
 
 METHODS = ("teacher",) + vesselness.METHODS
 # A masker maps record payloads (decode_record(..., decode_images=False)) to HxW uint8 {0, 1} masks.
@@ -120,7 +120,7 @@ class FilterMasker:
 # --------------------------------------------------------------------------- one shard
 def _with_vessel(payload: dict[str, Any], vessel: np.ndarray) -> bytes:
     """The record re-packed with a new vessel PNG; every other value is the very same bytes object."""
-    return msgpack.packb({**payload, "vessel": records._png(vessel * 255, "vessel")}, use_bin_type=True)
+    return msgpack.packb({**payload, "vessel": records.encode_png(vessel * 255, "vessel")}, use_bin_type=True)
 
 
 def _marker(out: str, shard: str) -> str:
@@ -262,9 +262,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, default="teacher", help="where the masks come from")
     parser.add_argument("--teacher", help="teacher checkpoint: <workdir>/teacher_b (or teacher_a) or its checkpoints/")
     parser.add_argument("--step", type=int, help="teacher checkpoint step (default: the latest)")
-    parser.add_argument("--batch-size", type=_positive, default=16, help="records per teacher batch")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="records per teacher batch")
     parser.add_argument("--threshold", type=_probability, default=0.5, help="teacher vessel probability cut")
-    parser.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for the frangi/matched filters (default: all cores)")
     parser.add_argument("--keep-existing", action="store_true",
                         help="keep the vessel masks records already carry (e.g. DRIVE's manual ones)")

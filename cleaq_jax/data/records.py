@@ -92,7 +92,13 @@ def id_hash(example_id: str) -> int:
 
 
 # --------------------------------------------------------------------------- encode / decode
-def _png(array: np.ndarray, what: str) -> bytes:
+def encode_png(array: np.ndarray, what: str) -> bytes:
+    """HxW uint8 (a mask, 0/255) or HxWx3 uint8 RGB -> the PNG bytes a record holds; `decode_png` reverses it.
+
+    what: the field's name, for the error when OpenCV cannot encode the array.
+    """
+    if array.ndim == 3:
+        array = array[..., ::-1]  # OpenCV writes BGR
     # Stored (level 0) PNG: ArrayRecord's zstd compresses it as well, and it decodes ~4x faster (loader).
     ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 0])
     if not ok:
@@ -110,7 +116,7 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
     image = _rgb(example["image"], "image")
     mask = _binary(example["mask"], image.shape[:2], "mask")
     vessel = example.get("vessel")
-    vessel_bytes = b"" if vessel is None else _png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
+    vessel_bytes = b"" if vessel is None else encode_png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
     reference = example.get("reference")
     if reference is not None:
         reference = _rgb(reference, "reference")
@@ -118,8 +124,8 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
             raise RecordError(f"reference must have the image's shape {image.shape}, got {reference.shape}")
     payload = {
         "schema": SCHEMA_VERSION,
-        "image": _png(image[..., ::-1], "image"),  # OpenCV writes BGR
-        "mask": _png(mask * 255, "mask"),
+        "image": encode_png(image, "image"),
+        "mask": encode_png(mask * 255, "mask"),
         "vessel": vessel_bytes,
         "dr_grade": int(example.get("dr_grade", -1)),
         "quality": int(example.get("quality", -1)),
@@ -127,7 +133,7 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
         "source": str(example.get("source", "")),
     }
     if reference is not None:
-        payload["reference"] = _png(reference[..., ::-1], "reference")
+        payload["reference"] = encode_png(reference, "reference")
     return msgpack.packb(payload, use_bin_type=True)
 
 
