@@ -96,10 +96,10 @@ def shard_open_bytes(data_dir: str) -> int:
 def measure_process(data_dir: str, hosts: int, batch: int, class_balance: float) -> dict:
     """Bytes process 0 of ``hosts`` reads to build its loader and run one epoch, beside the model."""
     before = bytes_read()
-    loader = pipeline.train_loader(data_dir, "train", global_batch_size=batch, seed=0, augment=False,
-                                   class_balance=class_balance, process_index=0, process_count=hosts,
-                                   read_threads=0)
-    steps = pipeline.num_batches_per_epoch(data_dir, "train", global_batch_size=batch, class_balance=class_balance)
+    sampling = pipeline.EpochSampling(seed=0, class_balance=class_balance, augment=False)
+    loader = pipeline.train_loader(data_dir, "train", global_batch_size=batch, sampling=sampling,
+                                   reading=pipeline.RecordReading(process_index=0, process_count=hosts, read_threads=0))
+    steps = pipeline.num_batches_per_epoch(data_dir, "train", global_batch_size=batch, sampling=sampling)
     for _ in range(steps):
         next(loader)
     read = bytes_read() - before

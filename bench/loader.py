@@ -178,8 +178,9 @@ def time_loader(data_dir: str, split: str, batch: int, workers: int, threads: in
                 ) -> tuple[int, float, float]:
     """Images, wall seconds and CPU seconds of the train loader after its first batches (start-up
     and the workers' first fill excluded)."""
-    loader = pipeline.train_loader(data_dir, split, global_batch_size=batch, seed=0, process_index=0,
-                                   process_count=1, worker_count=workers, read_threads=threads)
+    loader = pipeline.train_loader(data_dir, split, global_batch_size=batch, sampling=pipeline.EpochSampling(seed=0),
+                                   reading=pipeline.RecordReading(process_index=0, process_count=1,
+                                                                  worker_count=workers, read_threads=threads))
     try:
         for _ in range(max(1, workers) * 2):
             next(loader)

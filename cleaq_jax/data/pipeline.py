@@ -29,6 +29,7 @@ with byte-identical batches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -43,6 +44,45 @@ from cleaq_jax.data import balance, decode, records
 
 # Each copy's augmentation draws from a random stream of the seed apart from the epoch plan's.
 _AUGMENT_STREAM = balance.PLAN_STREAM + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochSampling:
+    """How a training epoch samples the split: its seed, class balance and augmentation.
+
+    seed: int in [0, 2**32), the same on every process; it draws each epoch's copies and order and
+    each copy's augmentation. class_balance: beta in [0, 1], the exponent of the per-class repeat
+    factor r_c = (n_max / n_c) ** beta over ``balance_by`` ("dr_grade" or "quality"); examples with
+    an unknown (-1) label appear once per epoch. augment: a random rotation about the centre and
+    horizontal/vertical flips of every copy (`decode.augment_matrix`).
+    """
+
+    seed: int
+    class_balance: float = 0.0
+    balance_by: str = "dr_grade"
+    augment: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordReading:
+    """How this process reads and decodes a split's records.
+
+    image_size: output side S (None: the records' size). process_index/process_count: which rows of
+    each global batch this process reads (None: jax.process_index() / jax.process_count()).
+    worker_count: grain worker processes (0 = decode in this process). read_threads: threads per
+    process that prepare whole batches ahead (0 = prepare on demand). source: the split's records to
+    read instead of its shard files, in the shards' order: a TFDS data source of the shard set,
+    ``tfds.builder_from_directory(data_dir).as_data_source(split)`` (decoded records, or record bytes
+    with ``deserialize_method=RAW_BYTES``); the batches are the same either way, and the manifest of
+    ``data_dir`` still gives labels and sizes. Keep worker_count 0 with it.
+    """
+
+    image_size: int | None = None
+    process_index: int | None = None
+    process_count: int | None = None
+    worker_count: int = 0
+    read_threads: int = 1
+    source: Sequence[Any] | None = None
 
 
 # --------------------------------------------------------------------------- grain datasets
@@ -113,16 +153,16 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def num_batches_per_epoch(data_dir: str, split: str = "train", *, global_batch_size: int,
-                          class_balance: float = 0.0, balance_by: str = "dr_grade", seed: int | None = None) -> int:
+                          sampling: EpochSampling | None = None) -> int:
     """Training steps per epoch: floor(epoch_length / global_batch_size), from manifest.json alone.
 
-    Matches the number of batches `train_loader` yields per epoch with the same arguments. Every
-    epoch has the same length for every seed (class totals are fixed, only which members get the
-    extra copy is drawn), so ``seed`` is accepted for symmetry with `train_loader` and not needed.
+    Matches the number of batches `train_loader` yields per epoch with the same arguments (sampling
+    None: natural class frequencies). Every epoch has the same length for every seed (class totals
+    are fixed, only which members get the extra copy is drawn), so the count does not use the seed.
     """
-    del seed
-    counts, unknown = balance.manifest_class_counts(data_dir, split, balance_by)
-    length = sum(balance.class_totals(counts, class_balance).values()) + unknown
+    sampling = sampling or EpochSampling(seed=0)
+    counts, unknown = balance.manifest_class_counts(data_dir, split, sampling.balance_by)
+    length = sum(balance.class_totals(counts, sampling.class_balance).values()) + unknown
     return length // global_batch_size
 
 
@@ -131,26 +171,14 @@ def num_eval_batches(data_dir: str, split: str, *, global_batch_size: int) -> in
     return -(-records.split_entry(data_dir, split)["num_records"] // global_batch_size)
 
 
-def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int, seed: int,
-                 num_epochs: int | None = None, class_balance: float = 0.0, balance_by: str = "dr_grade",
-                 augment: bool = True, process_index: int | None = None, process_count: int | None = None,
-                 worker_count: int = 0, image_size: int | None = None, read_threads: int = 1,
-                 source: Sequence[Any] | None = None) -> LoaderIterator:
+def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int, sampling: EpochSampling,
+                 num_epochs: int | None = None, reading: RecordReading = RecordReading()) -> LoaderIterator:
     """Shuffled, class-balanced, augmented training batches of this process (see module docstring).
 
     data_dir/split: a shard set written by `records.ShardWriter`. global_batch_size: G, a multiple
-    of process_count (b = G // P rows per batch here). seed: int in [0, 2**32); the same on every
-    process. num_epochs: None for endless. class_balance: beta in [0, 1], the exponent of the
-    per-class repeat factor r_c = (n_max / n_c) ** beta over ``balance_by`` ("dr_grade" or
-    "quality"); examples with an unknown (-1) label appear once per epoch. augment: random rotation
-    about the centre and horizontal/vertical flips. process_index/process_count: default
-    jax.process_index() / jax.process_count(). worker_count: grain worker processes (0 = decode in
-    this process). image_size: output side S (default: the records' size). read_threads: threads
-    per process that prepare whole batches ahead (0 = prepare on demand). source: the split's
-    records to read instead of its shard files, in the shards' order: a TFDS data source of the
-    shard set, ``tfds.builder_from_directory(data_dir).as_data_source(split)`` (decoded records, or
-    record bytes with ``deserialize_method=RAW_BYTES``); the batches are the same either way, and
-    the manifest of ``data_dir`` still gives labels and sizes. Keep worker_count 0 with it.
+    of the process count P (b = G // P rows per batch here). sampling: seed, class balance and
+    augmentation (`EpochSampling`). num_epochs: None for endless. reading: image size, this
+    process's place, workers, threads and an optional TFDS source (`RecordReading`).
 
     Each epoch yields floor(epoch_length / G) batches (`num_batches_per_epoch`): the last
     epoch_length mod G copies of each epoch's permutation are dropped, a different set every epoch;
@@ -159,45 +187,45 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
     ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` in an orbax checkpoint; the state
     restores into a loader with another worker_count or process count.
     """
-    process_index, process_count = _process(process_index, process_count)
+    process_index, process_count = _process(reading)
     batch = per_process_batch_size(global_batch_size, process_count)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (endless) or >= 1, got {num_epochs}")
-    size = _image_size(data_dir, split, image_size)
-    source = _source(data_dir, split, source)
-    labels = balance.split_labels(data_dir, split, balance_by) if class_balance > 0 else np.zeros(len(source), np.int32)
-    steps = balance.epoch_length(labels, class_balance) // global_batch_size
+    size = _image_size(data_dir, split, reading.image_size)
+    source = _source(data_dir, split, reading.source)
+    beta = sampling.class_balance
+    labels = balance.split_labels(data_dir, split, sampling.balance_by) if beta > 0 else np.zeros(len(source), np.int32)
+    steps = balance.epoch_length(labels, beta) // global_batch_size
     if steps == 0:
         raise ValueError(
-            f"global_batch_size={global_batch_size} exceeds the {balance.epoch_length(labels, class_balance)} "
+            f"global_batch_size={global_batch_size} exceeds the {balance.epoch_length(labels, beta)} "
             f"examples per epoch of split {split!r} in {data_dir}: lower config.batch_size")
-    ds = _TrainEpochs(source, plans=balance.PlanCache(labels, seed, class_balance),
+    ds = _TrainEpochs(source, plans=balance.PlanCache(labels, sampling.seed, beta),
                       per_epoch=steps * global_batch_size, num_epochs=num_epochs)
     ds = ds[process_index::process_count]
-    ds = ds.map(functools.partial(_train_element, image_size=size, seed=seed, augment=augment))
-    settings = dict(split=split, num_records=len(source), global_batch_size=global_batch_size, seed=seed,
-                    class_balance=class_balance, balance_by=balance_by, augment=augment, image_size=size)
-    return LoaderIterator(ds.batch(batch, drop_remainder=True), settings, worker_count, read_threads)
+    ds = ds.map(functools.partial(_train_element, image_size=size, seed=sampling.seed, augment=sampling.augment))
+    settings = dict(split=split, num_records=len(source), global_batch_size=global_batch_size, seed=sampling.seed,
+                    class_balance=beta, balance_by=sampling.balance_by, augment=sampling.augment, image_size=size)
+    return LoaderIterator(ds.batch(batch, drop_remainder=True), settings, reading)
 
 
-def eval_loader(data_dir: str, split: str, *, global_batch_size: int, process_index: int | None = None,
-                process_count: int | None = None, image_size: int | None = None, worker_count: int = 0,
-                read_threads: int = 1, source: Sequence[Any] | None = None) -> LoaderIterator:
+def eval_loader(data_dir: str, split: str, *, global_batch_size: int,
+                reading: RecordReading = RecordReading()) -> LoaderIterator:
     """Every example of a split exactly once across processes, in record order, not augmented.
 
     Global batch k holds records [k G, (k + 1) G); process p gets rows p, p + P, ... of it. The
-    final batch is filled with `padding_example` rows (valid=False), so all `num_eval_batches`
-    batches have b = G // P rows on every process. Other arguments as in `train_loader`.
+    final batch is filled with `decode.padding_example` rows (valid=False), so all `num_eval_batches`
+    batches have b = G // P rows on every process. Arguments as in `train_loader`.
     """
-    process_index, process_count = _process(process_index, process_count)
+    process_index, process_count = _process(reading)
     batch = per_process_batch_size(global_batch_size, process_count)
-    size = _image_size(data_dir, split, image_size)
-    source = _source(data_dir, split, source)
+    size = _image_size(data_dir, split, reading.image_size)
+    source = _source(data_dir, split, reading.source)
     padded = -(-len(source) // global_batch_size) * global_batch_size
     ds = _EvalPositions(source, padded)[process_index::process_count]
     ds = ds.map(functools.partial(_eval_element, image_size=size))
     settings = dict(split=split, num_records=len(source), global_batch_size=global_batch_size, image_size=size)
-    return LoaderIterator(ds.batch(batch, drop_remainder=True), settings, worker_count, read_threads)
+    return LoaderIterator(ds.batch(batch, drop_remainder=True), settings, reading)
 
 
 class LoaderIterator(grain.DatasetIterator):
@@ -209,13 +237,12 @@ class LoaderIterator(grain.DatasetIterator):
     a state from a loader whose batches differ (another seed, split, batch size or balance).
     """
 
-    def __init__(self, batches: grain.MapDataset, settings: Mapping[str, Any], worker_count: int,
-                 read_threads: int):
+    def __init__(self, batches: grain.MapDataset, settings: Mapping[str, Any], reading: RecordReading):
         super().__init__()
-        if read_threads < 0:
-            raise ValueError(f"read_threads must be >= 0, got {read_threads}")
+        if reading.read_threads < 0:
+            raise ValueError(f"read_threads must be >= 0, got {reading.read_threads}")
         self._batches, self._settings = batches, dict(settings)
-        self._worker_count, self._read_threads = worker_count, read_threads
+        self._worker_count, self._read_threads = reading.worker_count, reading.read_threads
         self._next = 0
         self._inner: grain.DatasetIterator | None = None
 
@@ -264,10 +291,9 @@ class LoaderIterator(grain.DatasetIterator):
         super().close()
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+def _process(reading: RecordReading) -> tuple[int, int]:
+    process_index = jax.process_index() if reading.process_index is None else reading.process_index
+    process_count = jax.process_count() if reading.process_count is None else reading.process_count
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     return process_index, process_count

@@ -100,7 +100,7 @@ def collect(cfg, state, models, nets, mesh, data_dir: str, stage: str = "stage3"
     split, key = (cfg.data.eval_split, "eval_split") if split is None else (split, "val_split")
     fn = make_eval_fn(cfg, models, nets, stage)
     loader = pipeline.eval_loader(data_dir, split, global_batch_size=int(cfg.eval_batch_size),
-                                  image_size=int(cfg.data.image_size))
+                                  reading=pipeline.RecordReading(image_size=int(cfg.data.image_size)))
     parts: list[dict[str, np.ndarray]] = []
     with console.bar(None, f"{stage} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
         for local in loader:
@@ -225,8 +225,9 @@ def evaluate_state(cfg: ml_collections.ConfigDict, workdir: str, stage: str, sta
 
 def _first_examples(data_dir: str, cfg: ml_collections.ConfigDict, n: int) -> dict[str, np.ndarray]:
     """The first n valid examples of the eval split, for the figure (host arrays, this process)."""
-    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1), process_index=0,
-                                  process_count=1, image_size=int(cfg.data.image_size))
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1),
+                                  reading=pipeline.RecordReading(image_size=int(cfg.data.image_size),
+                                                                 process_index=0, process_count=1))
     batch = next(iter(loader))
     return {k: v[batch["valid"]] for k, v in batch.items()}
 

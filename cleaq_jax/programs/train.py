@@ -43,12 +43,12 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
     parallel.check_batch_divisible(cfg.batch_size, mesh)
     seed = stages.stage_seed(cfg, stage)
     loader = pipeline.train_loader(
-        data, cfg.data.train_split, global_batch_size=cfg.batch_size, seed=seed,
-        class_balance=cfg.data.class_balance, balance_by=cfg.data.balance_by, augment=cfg.data.augment,
-        worker_count=cfg.data.worker_count, image_size=cfg.data.image_size)
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size,
+        sampling=pipeline.EpochSampling(seed, cfg.data.class_balance, cfg.data.balance_by, cfg.data.augment),
+        reading=pipeline.RecordReading(image_size=cfg.data.image_size, worker_count=cfg.data.worker_count))
     steps_per_epoch = pipeline.num_batches_per_epoch(
-        data, cfg.data.train_split, global_batch_size=cfg.batch_size, class_balance=cfg.data.class_balance,
-        balance_by=cfg.data.balance_by, seed=seed)
+        data, cfg.data.train_split, global_batch_size=cfg.batch_size,
+        sampling=pipeline.EpochSampling(seed, cfg.data.class_balance, cfg.data.balance_by, cfg.data.augment))
     total_steps = int(cfg.num_epochs) * steps_per_epoch
     models = factory.build_models(cfg)
     tx = optim.make_optimizer(cfg, steps_per_epoch)
