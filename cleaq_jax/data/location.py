@@ -113,7 +113,7 @@ def _use_cpu() -> None:
 
 def _encode(job: tuple[int, int, int, float]) -> bytes:
     seed, index, size, lesion_scale = job
-    example = synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale)
+    example = synthetic.generate_example(seed, index, size, population=synthetic.Population(lesion_scale=lesion_scale))
     # Every quality level keeps the image before QT, so enhancement is scored against the clean eye.
     return records.encode_record({**example, "reference": example["clean"]})
 
@@ -155,7 +155,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
       workers: processes generating in parallel (default: one per 256 examples, at most one per core).
       num_shards: shards per split (default: one per 1024 records, at least 2 when there are 2 records).
       overwrite: rebuild even when ``out`` already holds this exact set (otherwise it is kept).
-      lesion_scale: multiplier on every lesion's size (``synthetic.generate_example``): 1 keeps a 512 px
+      lesion_scale: multiplier on every lesion's size (``synthetic.Population``): 1 keeps a 512 px
         photograph's lesion sizes, which are sub-pixel below 128 px; 4 makes them visible at 64 px.
     Returns: the manifest dict.
     """
