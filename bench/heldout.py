@@ -30,7 +30,7 @@ from cleaq_jax.evaluation import restore  # noqa: E402
 from cleaq_jax.programs import evaluate  # noqa: E402
 from cleaq_jax.programs.ablations import statistics  # noqa: E402
 from cleaq_jax.programs.ablations.tables import format_mean_sd  # noqa: E402
-from cleaq_jax.runtime import parallel  # noqa: E402
+from cleaq_jax.runtime import parallel, storage  # noqa: E402
 from cleaq_jax.training import stages  # noqa: E402
 
 LEVELS = ("all", "good", "usable", "reject")
@@ -94,10 +94,8 @@ def main() -> None:
             print(f"{name} - {first} (paired by seed) | " + " | ".join(
                 mean_sd([None if None in (r[k], b[k]) else r[k] - b[k] for r, b in zip(runs, base)]) for k in keys))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"data": args.data, "split": args.split, "seeds": seeds, "methods": dict(methods),
-                       "values": values}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        storage.atomic_file(args.json, json.dumps({"data": args.data, "split": args.split, "seeds": seeds,
+                                                   "methods": dict(methods), "values": values}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Measured on this machine:
 The model: a process reads its own records (``floor(E / G) * G / P`` of an epoch of E copies, global
 batch G) once each, plus a fixed amount per shard when it opens the shard set (ArrayRecord reads up to
 1 MiB of a shard's end to find its index, and grain opens every shard twice: to count its records and
-to read them). With class_balance > 0 the loader also reads every record of the split once, on every
-process, to learn the labels (`pipeline.split_labels`). The EyeQ table applies the model to 12,543
+to read them). With class_balance > 0 every process also reads the split's labels file
+(`balance.split_labels`). The EyeQ table applies the model to 12,543
 training images with the measured record sizes, the global batch raised to the device count where the
 paper's 32 is too small. Prints JSON lines, then the table in Markdown.
 """
@@ -95,22 +95,21 @@ def shard_open_bytes(data_dir: str) -> int:
 
 def measure_process(data_dir: str, hosts: int, batch: int, class_balance: float) -> dict:
     """Bytes process 0 of ``hosts`` reads to build its loader and run one epoch, beside the model."""
-    pipeline._labels_of.cache_clear()  # a fresh process has no labels cached
     before = bytes_read()
-    loader = pipeline.train_loader(data_dir, "train", global_batch_size=batch, seed=0, augment=False,
-                                   class_balance=class_balance, process_index=0, process_count=hosts,
-                                   read_threads=0)
-    steps = pipeline.num_batches_per_epoch(data_dir, "train", global_batch_size=batch, class_balance=class_balance)
+    sampling = pipeline.EpochSampling(seed=0, class_balance=class_balance, augment=False)
+    loader = pipeline.train_loader(data_dir, "train", global_batch_size=batch, sampling=sampling,
+                                   reading=pipeline.RecordReading(process_index=0, process_count=hosts, read_threads=0))
+    steps = pipeline.num_batches_per_epoch(data_dir, "train", global_batch_size=batch, sampling=sampling)
     for _ in range(steps):
         next(loader)
     read = bytes_read() - before
     loader.close()
     own = steps * batch // hosts * bytes_per_record(data_dir)
-    # The label scan reads every shard through a reader of its own: the whole file plus one more open.
-    scan = sum(shard_sizes(data_dir)) + shard_open_bytes(data_dir) // OPENS_PER_SHARD if class_balance > 0 else 0
+    labels = os.path.getsize(os.path.join(data_dir, records.split_entry(data_dir, "train")["labels"])) \
+        if class_balance > 0 else 0
     return {"hosts": hosts, "global_batch": batch, "class_balance": class_balance, "bytes_read": read,
-            "model_bytes": int(own + shard_open_bytes(data_dir) + scan), "own_records_bytes": int(own),
-            "shard_open_bytes": shard_open_bytes(data_dir), "label_scan_bytes": int(scan)}
+            "model_bytes": int(own + shard_open_bytes(data_dir) + labels), "own_records_bytes": int(own),
+            "shard_open_bytes": shard_open_bytes(data_dir), "labels_file_bytes": labels}
 
 
 # --------------------------------------------------------------------------- EyeQ
@@ -131,7 +130,6 @@ def eyeq_rows(record_bytes: dict[str, float], hosts: list[int], devices_per_host
                "shard_open_mib": OPENS_PER_SHARD * shards * FOOTER_PREFETCH / 2**20}
         for name, size in record_bytes.items():
             row[f"gb_per_epoch[{name}]"] = round(per_host * size / 1e9, 3)
-            row[f"label_scan_gb[{name}]"] = round(EYEQ_TRAIN * size / 1e9, 3)
         rows.append(row)
     return rows
 

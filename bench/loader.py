@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cleaq_jax.data import pipeline, records  # noqa: E402
+from cleaq_jax.data import decode, pipeline, records  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data
@@ -137,7 +137,7 @@ def _descendants(root: int) -> list[int]:
 
 
 def profile(blobs: list[bytes], size: int) -> dict:
-    """CPU milliseconds per example of each stage of `pipeline.decode_example` (with augmentation)."""
+    """CPU milliseconds per example of each stage of `decode.decode_example` (with augmentation)."""
     # decode_masks: the retinal and vessel masks and the clean reference, where the record has them.
     stages = {"unpack": 0.0, "decode_image": 0.0, "decode_masks": 0.0, "augment": 0.0, "total": 0.0}
     rng = np.random.default_rng(0)
@@ -154,9 +154,9 @@ def profile(blobs: list[bytes], size: int) -> dict:
         reference = cv2.imdecode(np.frombuffer(payload["reference"], np.uint8), cv2.IMREAD_COLOR) \
             if payload.get("reference") else None
         t3 = clock()
-        pipeline._augment(bgr, mask, vessel, reference, pipeline.augment_matrix(rng, size))
+        decode.warp_fields(bgr, mask, vessel, reference, decode.augment_matrix(rng, size))
         t4 = clock()
-        pipeline.decode_example(blob, image_size=size, rng=rng)
+        decode.decode_example(blob, image_size=size, rng=rng)
         t5 = clock()
         for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             stages[key] += dt
@@ -169,7 +169,7 @@ def time_function(blobs: list[bytes], size: int, seconds: float) -> tuple[int, f
     done, start, cpu = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - start < seconds:
         for blob in blobs:
-            pipeline.decode_example(blob, image_size=size, rng=rng)
+            decode.decode_example(blob, image_size=size, rng=rng)
         done += len(blobs)
     return done, time.perf_counter() - start, cpu_seconds() - cpu
 
@@ -178,8 +178,9 @@ def time_loader(data_dir: str, split: str, batch: int, workers: int, threads: in
                 ) -> tuple[int, float, float]:
     """Images, wall seconds and CPU seconds of the train loader after its first batches (start-up
     and the workers' first fill excluded)."""
-    loader = pipeline.train_loader(data_dir, split, global_batch_size=batch, seed=0, process_index=0,
-                                   process_count=1, worker_count=workers, read_threads=threads)
+    loader = pipeline.train_loader(data_dir, split, global_batch_size=batch, sampling=pipeline.EpochSampling(seed=0),
+                                   reading=pipeline.RecordReading(process_index=0, process_count=1,
+                                                                  worker_count=workers, read_threads=threads))
     try:
         for _ in range(max(1, workers) * 2):
             next(loader)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -33,6 +32,7 @@ from cleaq_jax.models.dr import DRGrader  # noqa: E402
 from cleaq_jax.models.iqa import CIQA, IQA, LQIIQA  # noqa: E402
 from cleaq_jax.models.iqe import IQE, UIQE  # noqa: E402
 from cleaq_jax.models.layers import grad_reverse  # noqa: E402
+from cleaq_jax.runtime import storage  # noqa: E402
 
 KEY = jax.random.key(0)
 
@@ -169,14 +169,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".model_cost.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
@@ -197,7 +189,7 @@ def main(argv=None) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     print(lines, end="")
     if args.json:
-        write_atomic(args.json, lines)
+        storage.atomic_file(args.json, lines)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     report = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "settings": vars(args),
               "train_seconds": train_seconds, "results": results,
               f"fallback_seconds_per_image_at_{args.time_size}px": time_fallbacks(args.time_size)}
-    records._atomic_write_json(os.path.join(args.workdir, "vessel_masks.json"), report)
+    records.write_json(os.path.join(args.workdir, "vessel_masks.json"), report)
     print(markdown(results))
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2, default=str))
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from cleaq_jax.data import fundus
 from cleaq_jax.data.records import MANIFEST, ShardWriter, encode_record, format_counts, read_manifest
+from cleaq_jax.runtime import storage
 
 
 class PrepError(Exception):
@@ -58,15 +59,18 @@ class Skip:
 # An encoder turns a job into a record dict (see cleaq_jax.data.records); it runs in worker processes,
 # so it must be a module-level function, and raises ValueError/OSError for an item to be skipped.
 Encoder = Callable[[Job, int], Mapping[str, Any]]
+# A finisher rewrites a batch of encoded records in the main process (e.g. one batched JAX program over
+# them), given their jobs; it returns as many records, in order.
+Finisher = Callable[[Sequence[Job], Sequence[bytes]], Sequence[bytes]]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, num_shards: int) -> None:
     """The options every prep CLI shares: --out, --size, --workers, --num-shards, --strict."""
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and skip reports")
-    parser.add_argument("--size", type=_positive, default=512, help="side of the square output images (px)")
-    parser.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    parser.add_argument("--size", type=positive_int, default=512, help="side of the square output images (px)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes for decoding and cropping (default: all cores)")
-    parser.add_argument("--num-shards", type=_positive, default=num_shards, help="ArrayRecord shards per split")
+    parser.add_argument("--num-shards", type=positive_int, default=num_shards, help="ArrayRecord shards per split")
     parser.add_argument("--strict", action="store_true",
                         help="stop with exit code 1, writing nothing, at the first item that would be skipped")
 
@@ -76,7 +80,8 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, or an error naming the value."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -130,14 +135,6 @@ def _progress(total: int, source: str):
                 bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
 
-def _write_text(path: str, text: str) -> None:
-    # A hidden temporary name, renamed when complete; open() keeps the user's umask (mkstemp would not).
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _report(skips: Sequence[Skip]) -> None:
     if skips:
         print(f"skipped {len(skips)} item(s):", file=sys.stderr)
@@ -150,27 +147,39 @@ def _write_skip_files(out: str, source: str, counts: Mapping[str, int], skips: S
         lines = [s.line() for s in skips if s.split == split]
         header = (f"# {source}/{split}: {len(lines)} skipped, {written} written. "
                   "Columns: id, file, reason (tab-separated).\n")
-        _write_text(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
+        storage.atomic_file(os.path.join(out, f"skipped-{split}.txt"), header + "".join(f"{x}\n" for x in lines))
 
 
-# A finisher rewrites a batch of encoded records in the main process (e.g. one batched JAX program over
-# them), given their jobs; it returns as many records, in order.
-Finisher = Callable[[Sequence[Job], Sequence[bytes]], Sequence[bytes]]
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How a job becomes record bytes: ``encode`` in the worker processes, then, when ``finish`` is given,
+    ``finish`` in this process over ``finish_batch`` records at a time."""
+
+    encode: Encoder = encode_fundus
+    finish: Finisher | None = None
+    finish_batch: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What the manifest records about where a split came from: ``command``, the command line that
+    rebuilds it (as ``prep_command``), ``extra`` keys on every split and ``per_split[split]`` on one."""
+
+    command: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    per_split: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Sequence[Skip],
-        encode: Encoder = encode_fundus, extra_manifest: Mapping[str, Any] | None = None,
-        command: str = "", split_manifest: Mapping[str, Mapping[str, Any]] | None = None,
-        finish: Finisher | None = None, finish_batch: int = 16) -> int:
+        encoding: Encoding = Encoding(), provenance: Provenance = Provenance()) -> int:
     """Prepare ``jobs`` into ArrayRecord shards under ``args.out``; returns the process exit code.
 
-    jobs: images with split and labels (their order within a split is fixed by sorting on id);
-    skips: items the CLI already rejected while reading labels. Writes one shard set per split,
-    ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json (with
-    ``extra_manifest``, ``split_manifest[split]`` and, as ``prep_command``, ``command``: what
-    rebuilds the split). ``finish``, when given, rewrites the encoded records ``finish_batch`` at a
-    time before they are written. Prints the manifest's counts table. Returns 1, writing nothing,
-    when --strict meets a skip or a split ends up with no records.
+    args: the options of `add_arguments` (out, size, workers, num_shards, strict). source: the
+    dataset's name. jobs: images with split and labels (their order within a split is fixed by
+    sorting on id); skips: items the CLI already rejected while reading labels. Writes one shard set
+    per split, ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json with the
+    ``provenance``; records are made as ``encoding`` says. Prints the manifest's counts table.
+    Returns 1, writing nothing, when --strict meets a skip or a split ends up with no records.
     """
     skips = list(skips)
     splits = list(dict.fromkeys([j.split for j in jobs] + [s.split for s in skips]))
@@ -180,13 +189,14 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         return _fail(f"{source}: no usable items to prepare", skips)
     order = {s: i for i, s in enumerate(splits)}
     jobs = sorted(jobs, key=lambda j: (order[j.split], j.id))
-    extra = {"source": source, **(extra_manifest or {}), **({"prep_command": command} if command else {})}
-    writers = {s: ShardWriter(args.out, source, s, args.num_shards, {**extra, **(split_manifest or {}).get(s, {})})
+    command = {"prep_command": provenance.command} if provenance.command else {}
+    extra = {"source": source, **provenance.extra, **command}
+    writers = {s: ShardWriter(args.out, source, s, args.num_shards, {**extra, **provenance.per_split.get(s, {})})
                for s in dict.fromkeys(j.split for j in jobs)}
-    results = _results(jobs, encode, source, args.size, args.workers)
+    results = _results(jobs, encoding.encode, source, args.size, args.workers)
     try:
         with _progress(len(jobs), source) as bar, contextlib.closing(results):
-            for job, data, reason in _finished(jobs, results, finish, finish_batch):
+            for job, data, reason in _finished(jobs, results, encoding.finish, encoding.finish_batch):
                 bar.update(1)
                 if data is None:
                     skips.append(Skip(job.split, job.id, job.image, reason))

@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except common.PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return common.run(args, SOURCE, jobs, skips, encode=encode_drive,
-                      command=common.command_line("data_prep.drive", argv))
+    return common.run(args, SOURCE, jobs, skips, encoding=common.Encoding(encode=encode_drive),
+                      provenance=common.Provenance(command=common.command_line("data_prep.drive", argv)))
 
 
 if __name__ == "__main__":

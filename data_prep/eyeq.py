@@ -110,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--labels {args.labels}: no such file (EyeQ publishes Label_EyeQ_train.csv and "
                      "Label_EyeQ_test.csv)")
     jobs, skips = read_labels(args.labels, args.images, args.split)
-    return common.run(args, SOURCE, jobs, skips, extra_manifest={"source_labels": os.path.basename(args.labels)},
-                      command=common.command_line("data_prep.eyeq", argv))
+    return common.run(args, SOURCE, jobs, skips, provenance=common.Provenance(
+        command=common.command_line("data_prep.eyeq", argv), extra={"source_labels": os.path.basename(args.labels)}))
 
 
 if __name__ == "__main__":

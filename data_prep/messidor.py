@@ -316,9 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"--test {args.test})", file=sys.stderr)
     protocol = _protocol(args, plan)
     per_split = {s: {"quality_of": plan.quality_of[s]} for s in ("train", "test")}
-    return common.run(args, SOURCE, jobs, skips, extra_manifest={"protocol": protocol}, split_manifest=per_split,
-                      command=common.command_line("data_prep.messidor", argv),
-                      finish=_finisher(args.seed, args.qt_batch), finish_batch=args.qt_batch)
+    return common.run(args, SOURCE, jobs, skips,
+                      encoding=common.Encoding(finish=_finisher(args.seed, args.qt_batch), finish_batch=args.qt_batch),
+                      provenance=common.Provenance(command=common.command_line("data_prep.messidor", argv),
+                                                   extra={"protocol": protocol}, per_split=per_split))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -42,7 +43,8 @@ import numpy as np
 
 from cleaq_jax.data import records, vesselness
 from cleaq_jax.evaluation import restore
-from data_prep.common import _positive
+from cleaq_jax.runtime import storage
+from data_prep.common import positive_int
 
 METHODS = ("teacher",) + vesselness.METHODS
 # A masker maps record payloads (decode_record(..., decode_images=False)) to HxW uint8 {0, 1} masks.
@@ -118,7 +120,7 @@ class FilterMasker:
 # --------------------------------------------------------------------------- one shard
 def _with_vessel(payload: dict[str, Any], vessel: np.ndarray) -> bytes:
     """The record re-packed with a new vessel PNG; every other value is the very same bytes object."""
-    return msgpack.packb({**payload, "vessel": records._png(vessel * 255, "vessel")}, use_bin_type=True)
+    return msgpack.packb({**payload, "vessel": records.encode_png(vessel * 255, "vessel")}, use_bin_type=True)
 
 
 def _marker(out: str, shard: str) -> str:
@@ -164,34 +166,32 @@ def write_shard(src: str, out: str, masker: Masker, settings: dict[str, Any], ba
     from array_record.python import array_record_module
 
     shard = os.path.basename(src)
-    tmp = os.path.join(out, f".{shard}.tmp-{os.getpid()}")
-    count = kept = 0
-    with records.open_shard(src) as reader:
+    counted = {"records": 0, "kept": 0}
+
+    def write(tmp: str) -> None:
         writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
         try:
             for data, own in _masked_records(reader, src, masker, batch_size, keep_existing, progress):
                 writer.write(data)
-                count, kept = count + 1, kept + own
-            writer.close()
-            os.replace(tmp, os.path.join(out, shard))
-        finally:
-            _drop_partial(tmp, writer)
-    done = {"settings": settings, "source": _source_stamp(src), "records": count, "with_vessel": count,
-            "kept": kept}
-    records._atomic_write_json(_marker(out, shard), done)
+                counted["records"] += 1
+                counted["kept"] += own
+        except BaseException:
+            with contextlib.suppress(Exception):  # interrupted: atomic_file drops the partial file
+                writer.close()
+            raise
+        writer.close()
+
+    with records.open_shard(src) as reader:
+        storage.atomic_file(os.path.join(out, shard), write)
+    done = {"settings": settings, "source": _source_stamp(src), "records": counted["records"],
+            "with_vessel": counted["records"], "kept": counted["kept"]}
+    records.write_json(_marker(out, shard), done)
     return done
-
-
-def _drop_partial(tmp: str, writer) -> None:
-    if os.path.exists(tmp):  # interrupted: drop the partial shard
-        with contextlib.suppress(Exception):
-            writer.close()
-        os.remove(tmp)
 
 
 def sidecar_files(shards: str, manifest: dict[str, Any]) -> list[str]:
     """Files beside the shards that belong to the set: each split's labels file and skip report."""
-    names = [entry["labels"] for entry in manifest["splits"].values() if "labels" in entry]
+    names = [entry["labels"] for entry in manifest["splits"].values()]
     names += [f"skipped-{split}.txt" for split in manifest["splits"]]
     return sorted(n for n in set(names) if os.path.isfile(os.path.join(shards, n)))
 
@@ -201,9 +201,7 @@ def copy_sidecars(shards: str, out: str, manifest: dict[str, Any]) -> list[str]:
     each through a hidden temporary name; returns the names copied."""
     names = sidecar_files(shards, manifest)
     for name in names:
-        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
-        shutil.copyfile(os.path.join(shards, name), tmp)
-        os.replace(tmp, os.path.join(out, name))
+        storage.atomic_file(os.path.join(out, name), functools.partial(shutil.copyfile, os.path.join(shards, name)))
     return names
 
 
@@ -264,9 +262,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, default="teacher", help="where the masks come from")
     parser.add_argument("--teacher", help="teacher checkpoint: <workdir>/teacher_b (or teacher_a) or its checkpoints/")
     parser.add_argument("--step", type=int, help="teacher checkpoint step (default: the latest)")
-    parser.add_argument("--batch-size", type=_positive, default=16, help="records per teacher batch")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="records per teacher batch")
     parser.add_argument("--threshold", type=_probability, default=0.5, help="teacher vessel probability cut")
-    parser.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for the frangi/matched filters (default: all cores)")
     parser.add_argument("--keep-existing", action="store_true",
                         help="keep the vessel masks records already carry (e.g. DRIVE's manual ones)")

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cleaq_jax.data import location, synthetic
+from cleaq_jax.runtime import storage
 
 
 # --------------------------------------------------------------------------- pictures
@@ -42,7 +43,7 @@ def _label(image: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.
 
 
 def _write_png(path: str, image: np.ndarray, bits: int = 6) -> None:
-    """RGB uint8 -> PNG at ``path``, written to a temporary name and renamed when complete.
+    """RGB uint8 -> PNG at ``path``, put there whole (`storage.atomic_file`).
 
     Pictures keep ``bits`` per channel (rounded): at 6 the documentation figures shrink by a third,
     and the 4-level steps do not show in photographs.
@@ -55,10 +56,7 @@ def _write_png(path: str, image: np.ndarray, bits: int = 6) -> None:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    storage.atomic_file(path, buf.tobytes())
 
 
 def _grade_row(size: int, seed: int, grade: int) -> np.ndarray:

@@ -309,7 +309,8 @@ def test_evaluation_scores_every_quality_level_against_the_records_clean_referen
     assert {q: m["n"] for q, m in e["per_quality"].items()} == {"good": 2, "usable": 2, "reject": 2}
     assert all(m["n_clean_reference"] == m["n"] for m in [e["overall"], *e["per_quality"].values()])
     # Usable and reject images enter as they are: the input's scores are those of image vs reference.
-    batch = next(iter(pipeline.eval_loader(referenced_dir, "test", global_batch_size=len(GRADES), image_size=SIZE)))
+    batch = next(iter(pipeline.eval_loader(referenced_dir, "test", global_batch_size=len(GRADES),
+                                           reading=pipeline.RecordReading(image_size=SIZE))))
     x, mask = inference.inputs(batch)
     ref = jnp.asarray(batch["reference"], jnp.float32) / 255.0 * mask[..., None]
     psnr, ssim = np.asarray(metrics.psnr(x, ref, mask)), np.asarray(metrics.ssim(x, ref, mask))

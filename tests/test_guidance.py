@@ -109,8 +109,10 @@ def test_two_stages_with_the_same_seed_draw_different_first_batches(tmp_path):
     cfg = tiny.tiny_config()
 
     def first_ids(stage):
-        loader = pipeline.train_loader(data, "train", global_batch_size=8, seed=stages.stage_seed(cfg, stage),
-                                       class_balance=0.0, augment=False, worker_count=0, image_size=32)
+        loader = pipeline.train_loader(
+            data, "train", global_batch_size=8,
+            sampling=pipeline.EpochSampling(seed=stages.stage_seed(cfg, stage), class_balance=0.0, augment=False),
+            reading=pipeline.RecordReading(image_size=32, worker_count=0))
         return next(iter(loader))["id_hash"].tolist()
 
     assert first_ids("stage1") == first_ids("stage1")

@@ -307,10 +307,11 @@ def input_data(tmp_path_factory):
 
 
 def _one_epoch(data: str, process_index: int, process_count: int, class_balance: float = 0.0) -> None:
-    loader = pipeline.train_loader(data, "train", global_batch_size=16, seed=0, augment=False,
-                                   class_balance=class_balance, process_index=process_index,
-                                   process_count=process_count, read_threads=0)
-    batches = pipeline.num_batches_per_epoch(data, "train", global_batch_size=16, class_balance=class_balance)
+    sampling = pipeline.EpochSampling(seed=0, class_balance=class_balance, augment=False)
+    loader = pipeline.train_loader(data, "train", global_batch_size=16, sampling=sampling,
+                                   reading=pipeline.RecordReading(process_index=process_index,
+                                                                  process_count=process_count, read_threads=0))
+    batches = pipeline.num_batches_per_epoch(data, "train", global_batch_size=16, sampling=sampling)
     for _ in range(batches):
         next(loader)
     loader.close()
@@ -351,7 +352,8 @@ def _bytes_for_one_epoch(tmp: str, class_balance: float) -> tuple[int, int, int]
     before = _bytes_read()
     _one_epoch(data, 0, 4, class_balance)
     read = _bytes_read() - before
-    copies = pipeline.num_batches_per_epoch(data, "train", global_batch_size=16, class_balance=class_balance) * 4
+    copies = pipeline.num_batches_per_epoch(data, "train", global_batch_size=16,
+                                            sampling=pipeline.EpochSampling(seed=0, class_balance=class_balance)) * 4
     total = shard_bytes(data, "train")
     return read, total, total * copies // 128
 

@@ -23,7 +23,9 @@ PER_LEVEL = 4
 @pytest.fixture(scope="module")
 def synthetic_batch():
     """PER_LEVEL synthetic photographs per quality level at 64 px, each with its clean image as reference."""
-    examples = [synthetic.generate_example(0, i, SIZE, quality=i % 3, lesion_scale=4.0) for i in range(3 * PER_LEVEL)]
+    population = synthetic.Population(lesion_scale=4.0)
+    examples = [synthetic.generate_example(0, i, SIZE, quality=i % 3, population=population)
+                for i in range(3 * PER_LEVEL)]
     return {"image": np.stack([e["image"] for e in examples]), "reference": np.stack([e["clean"] for e in examples]),
             "has_reference": np.ones(len(examples), bool), "mask": np.stack([e["mask"] for e in examples]),
             "vessel": np.stack([e["vessel"] for e in examples]), "has_vessel": np.ones(len(examples), bool),

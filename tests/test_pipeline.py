@@ -9,7 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cleaq_jax.data import pipeline, records
+from cleaq_jax.data import balance, decode, pipeline, records
+from cleaq_jax.data.pipeline import EpochSampling, RecordReading
 
 SIZE = 32
 # 24 examples, imbalanced DR grades: 12 x grade 0, 6 x grade 1, 3 x grade 2, 3 x grade 3.
@@ -43,13 +44,13 @@ def _ids(batches) -> list[int]:
     return [int(h) for b in batches for h in b["id_hash"]]
 
 
-def _epoch_ids(data_dir, *, global_batch_size=8, num_epochs=1, **kwargs) -> list[list[int]]:
+def _epoch_ids(data_dir, *, global_batch_size=8, num_epochs=1, **sampling) -> list[list[int]]:
     """Per epoch, the id hashes seen by all of 2 simulated processes (process 0's rows first)."""
-    steps = pipeline.num_batches_per_epoch(data_dir, global_batch_size=global_batch_size,
-                                           class_balance=kwargs.get("class_balance", 0.0))
+    sampling = EpochSampling(seed=3, **sampling)
+    steps = pipeline.num_batches_per_epoch(data_dir, global_batch_size=global_batch_size, sampling=sampling)
     per_process = [list(pipeline.train_loader(
-        data_dir, global_batch_size=global_batch_size, seed=3, num_epochs=num_epochs, process_index=p,
-        process_count=2, read_threads=0, **kwargs)) for p in range(2)]
+        data_dir, global_batch_size=global_batch_size, sampling=sampling, num_epochs=num_epochs,
+        reading=RecordReading(process_index=p, process_count=2, read_threads=0))) for p in range(2)]
     assert all(len(batches) == steps * num_epochs for batches in per_process)
     return [_ids(per_process[0][e * steps:(e + 1) * steps]) + _ids(per_process[1][e * steps:(e + 1) * steps])
             for e in range(num_epochs)]
@@ -72,10 +73,11 @@ def test_each_epoch_has_a_different_order(data_dir):
 
 
 def test_global_batch_does_not_depend_on_process_count(data_dir):
-    single = list(pipeline.train_loader(data_dir, global_batch_size=8, seed=5, num_epochs=1,
-                                        process_index=0, process_count=1, read_threads=0))
-    split = [list(pipeline.train_loader(data_dir, global_batch_size=8, seed=5, num_epochs=1,
-                                        process_index=p, process_count=2, read_threads=0)) for p in range(2)]
+    single = list(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=5), num_epochs=1,
+                                        reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
+    split = [list(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=5), num_epochs=1,
+                                        reading=RecordReading(process_index=p, process_count=2, read_threads=0)))
+             for p in range(2)]
     for k, batch in enumerate(single):
         # Process p holds rows p, p + 2, ... of each global batch.
         for p in range(2):
@@ -84,8 +86,8 @@ def test_global_batch_does_not_depend_on_process_count(data_dir):
 
 
 def test_batch_layout_matches_the_documented_dtypes_and_shapes(data_dir):
-    batch = next(pipeline.train_loader(data_dir, global_batch_size=8, seed=0, process_index=1,
-                                       process_count=2, read_threads=0))
+    batch = next(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=0),
+                                       reading=RecordReading(process_index=1, process_count=2, read_threads=0)))
     layout = {k: (v.dtype, v.shape) for k, v in batch.items()}
     assert layout == {
         "image": (np.uint8, (4, SIZE, SIZE, 3)), "mask": (np.uint8, (4, SIZE, SIZE)),
@@ -97,8 +99,8 @@ def test_batch_layout_matches_the_documented_dtypes_and_shapes(data_dir):
 
 
 def test_examples_without_vessel_mask_get_zeros_and_has_vessel_false(data_dir):
-    batches = list(pipeline.eval_loader(data_dir, "test", global_batch_size=8, process_index=0, process_count=1,
-                                        read_threads=0))
+    batches = list(pipeline.eval_loader(data_dir, "test", global_batch_size=8,
+                                        reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     has = np.concatenate([b["has_vessel"] for b in batches])
     vessel_sums = np.concatenate([b["vessel"].sum((1, 2)) for b in batches])
     without = {records.id_hash(f"ex{i:02d}") for i in range(0, N, 4)}  # the fixture drops every 4th mask
@@ -109,8 +111,8 @@ def test_examples_without_vessel_mask_get_zeros_and_has_vessel_false(data_dir):
 def test_references_are_decoded_and_augmented_with_the_image(data_dir):
     # The fixture's reference is its image with the channels reversed: one warp must move both alike.
     with_reference = {records.id_hash(f"ex{i:02d}") for i in range(N) if i % 3}
-    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, seed=4, num_epochs=1, process_index=0,
-                                         process_count=1, read_threads=0))
+    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=4), num_epochs=1,
+                                         reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     for batch in batches:
         has = batch["has_reference"]
         np.testing.assert_array_equal(has, [int(h) in with_reference for h in batch["id_hash"]])
@@ -120,8 +122,8 @@ def test_references_are_decoded_and_augmented_with_the_image(data_dir):
 
 
 def test_eval_padding_rows_have_no_reference(data_dir):
-    batches = list(pipeline.eval_loader(data_dir, "test", global_batch_size=10, process_index=0, process_count=1,
-                                        read_threads=0))
+    batches = list(pipeline.eval_loader(data_dir, "test", global_batch_size=10,
+                                        reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     pad = ~batches[-1]["valid"]
     assert pad.any() and not batches[-1]["has_reference"][pad].any() and not batches[-1]["reference"][pad].any()
     by_hash = {records.id_hash(r["id"]): r for r in records.iter_records(data_dir, "test")}
@@ -153,8 +155,8 @@ def test_class_frequencies_follow_the_balance_exponent(data_dir, beta):
 
 def test_fractional_repeats_average_to_the_class_rate_over_epochs():
     labels = np.array(GRADES)
-    totals = pipeline.class_totals(collections.Counter(GRADES), 0.5)
-    copies = np.stack([np.bincount(pipeline.epoch_plan(labels, seed=1, epoch=e, class_balance=0.5), minlength=N)
+    totals = balance.class_totals(collections.Counter(GRADES), 0.5)
+    copies = np.stack([np.bincount(balance.epoch_plan(labels, seed=1, epoch=e, class_balance=0.5), minlength=N)
                        for e in range(400)])
     for c, total in totals.items():
         rate = total / GRADES.count(c)
@@ -166,8 +168,9 @@ def test_fractional_repeats_average_to_the_class_rate_over_epochs():
 
 
 def test_copies_of_one_example_are_augmented_independently(data_dir):
-    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, seed=0, num_epochs=1, class_balance=1.0,
-                                         process_index=0, process_count=1, read_threads=0))
+    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, num_epochs=1,
+                                         sampling=EpochSampling(seed=0, class_balance=1.0),
+                                         reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     images = collections.defaultdict(list)
     for batch in batches:
         for h, image in zip(batch["id_hash"], batch["image"]):
@@ -179,24 +182,24 @@ def test_copies_of_one_example_are_augmented_independently(data_dir):
 
 def test_unknown_labels_appear_once_and_do_not_count_as_a_class():
     labels = np.array([0, 0, 0, 0, 1, -1, -1])
-    plan = pipeline.epoch_plan(labels, seed=0, epoch=0, class_balance=1.0)
+    plan = balance.epoch_plan(labels, seed=0, epoch=0, class_balance=1.0)
     np.testing.assert_array_equal(np.bincount(plan, minlength=7), [1, 1, 1, 1, 4, 1, 1])
-    assert pipeline.epoch_length(labels, 1.0) == 10
+    assert balance.epoch_length(labels, 1.0) == 10
 
 
 def test_num_batches_per_epoch_from_the_manifest_matches_the_loader(data_dir):
     for beta, by in [(0.5, "dr_grade"), (1.0, "quality"), (0.3, "dr_grade")]:
-        expected = pipeline.num_batches_per_epoch(data_dir, global_batch_size=6, class_balance=beta, balance_by=by)
-        loader = pipeline.train_loader(data_dir, global_batch_size=6, seed=0, num_epochs=1, class_balance=beta,
-                                       balance_by=by, augment=False, process_index=0, process_count=1,
-                                       read_threads=0)
+        sampling = EpochSampling(seed=0, class_balance=beta, balance_by=by, augment=False)
+        expected = pipeline.num_batches_per_epoch(data_dir, global_batch_size=6, sampling=sampling)
+        loader = pipeline.train_loader(data_dir, global_batch_size=6, sampling=sampling, num_epochs=1,
+                                       reading=RecordReading(process_index=0, process_count=1, read_threads=0))
         assert sum(1 for _ in loader) == expected
 
 
 # --------------------------------------------------------------------------- augmentation
 def test_augmentation_keeps_image_mask_and_vessel_aligned(data_dir):
-    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, seed=7, num_epochs=1,
-                                         process_index=0, process_count=1, read_threads=0))
+    batches = list(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=7), num_epochs=1,
+                                         reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     image = np.concatenate([b["image"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
     vessel = np.concatenate([b["vessel"] for b in batches])
@@ -212,7 +215,7 @@ def test_augmentation_keeps_image_mask_and_vessel_aligned(data_dir):
 
 def test_augment_matrix_is_a_rotation_with_flips_about_the_centre():
     rng = np.random.default_rng(0)
-    mats = [pipeline.augment_matrix(rng, 64) for _ in range(400)]
+    mats = [decode.augment_matrix(rng, 64) for _ in range(400)]
     centre = np.array([31.5, 31.5, 1.0])
     for m in mats:
         np.testing.assert_allclose(m[:, :2] @ m[:, :2].T, np.eye(2), atol=1e-12)  # rigid
@@ -224,8 +227,8 @@ def test_augment_matrix_is_a_rotation_with_flips_about_the_centre():
 
 
 def test_without_augmentation_train_images_are_the_record_images(data_dir):
-    batch = next(pipeline.train_loader(data_dir, global_batch_size=8, seed=0, augment=False,
-                                       process_index=0, process_count=1, read_threads=0))
+    batch = next(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=0, augment=False),
+                                       reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     by_hash = {records.id_hash(r["id"]): r for r in records.iter_records(data_dir, "train")}
     for h, image, mask in zip(batch["id_hash"], batch["image"], batch["mask"]):
         np.testing.assert_array_equal(image, by_hash[int(h)]["image"])
@@ -233,8 +236,9 @@ def test_without_augmentation_train_images_are_the_record_images(data_dir):
 
 
 def test_image_size_resizes_every_field(data_dir):
-    batch = next(pipeline.eval_loader(data_dir, "test", global_batch_size=4, process_index=0, process_count=1,
-                                      image_size=16, read_threads=0))
+    batch = next(pipeline.eval_loader(data_dir, "test", global_batch_size=4,
+                                      reading=RecordReading(image_size=16, process_index=0, process_count=1,
+                                                            read_threads=0)))
     assert batch["image"].shape == (4, 16, 16, 3)
     assert batch["mask"].shape == batch["vessel"].shape == (4, 16, 16)
     first = records.decode_record(next(iter(grain.sources.ArrayRecordDataSource(
@@ -245,7 +249,8 @@ def test_image_size_resizes_every_field(data_dir):
 
 # --------------------------------------------------------------------------- state
 def test_restored_iterator_continues_with_identical_batches(data_dir):
-    kwargs = dict(global_batch_size=8, seed=11, class_balance=0.5, process_index=1, process_count=2, read_threads=2)
+    kwargs = dict(global_batch_size=8, sampling=EpochSampling(seed=11, class_balance=0.5),
+                  reading=RecordReading(process_index=1, process_count=2, read_threads=2))
     reference = pipeline.train_loader(data_dir, **kwargs)
     for _ in range(5):  # past the first epoch boundary (4 batches per epoch here)
         next(reference)
@@ -260,7 +265,8 @@ def test_restored_iterator_continues_with_identical_batches(data_dir):
 
 
 def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, tmp_path):
-    kwargs = dict(global_batch_size=8, seed=2, process_index=0, process_count=1, read_threads=0)
+    kwargs = dict(global_batch_size=8, sampling=EpochSampling(seed=2),
+                  reading=RecordReading(process_index=0, process_count=1, read_threads=0))
     loader = pipeline.train_loader(data_dir, **kwargs)
     for _ in range(3):
         next(loader)
@@ -277,9 +283,11 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, tmp_pa
 
 
 def test_worker_processes_yield_the_same_batches_and_states_as_in_process_loading(data_dir):
-    kwargs = dict(global_batch_size=4, seed=4, num_epochs=1, process_index=0, process_count=1)
-    in_process = list(pipeline.train_loader(data_dir, read_threads=0, **kwargs))
-    workers = pipeline.train_loader(data_dir, worker_count=2, **kwargs)
+    kwargs = dict(global_batch_size=4, sampling=EpochSampling(seed=4), num_epochs=1)
+    in_process = list(pipeline.train_loader(
+        data_dir, reading=RecordReading(process_index=0, process_count=1, read_threads=0), **kwargs))
+    workers = pipeline.train_loader(
+        data_dir, reading=RecordReading(process_index=0, process_count=1, worker_count=2), **kwargs)
     try:
         head = [next(workers) for _ in range(2)]
         state = workers.get_state()
@@ -289,37 +297,41 @@ def test_worker_processes_yield_the_same_batches_and_states_as_in_process_loadin
     assert len(with_workers) == len(in_process) == N // 4
     for want, got in zip(in_process, with_workers):
         assert want["image"].tobytes() == got["image"].tobytes()
-    resumed = pipeline.train_loader(data_dir, read_threads=0, **kwargs)
+    resumed = pipeline.train_loader(
+        data_dir, reading=RecordReading(process_index=0, process_count=1, read_threads=0), **kwargs)
     resumed.set_state(state)  # saved with 2 workers, restored without any
     assert next(resumed)["image"].tobytes() == in_process[2]["image"].tobytes()
 
 
 def test_state_restores_into_another_process_count(data_dir):
-    kwargs = dict(global_batch_size=8, seed=6, read_threads=0)
-    single = pipeline.train_loader(data_dir, process_index=0, process_count=1, **kwargs)
+    kwargs = dict(global_batch_size=8, sampling=EpochSampling(seed=6))
+    single = pipeline.train_loader(data_dir, reading=RecordReading(process_index=0, process_count=1, read_threads=0),
+                                   **kwargs)
     for _ in range(3):
         next(single)
     state = single.get_state()
     expected = next(single)
     for p in range(2):
-        part = pipeline.train_loader(data_dir, process_index=p, process_count=2, **kwargs)
+        part = pipeline.train_loader(data_dir, reading=RecordReading(process_index=p, process_count=2, read_threads=0),
+                                     **kwargs)
         part.set_state(state)
         np.testing.assert_array_equal(next(part)["image"], expected["image"][p::2])
 
 
 def test_state_of_a_loader_with_other_settings_is_rejected(data_dir):
-    kwargs = dict(global_batch_size=8, process_index=0, process_count=1, read_threads=0)
-    state = pipeline.train_loader(data_dir, seed=1, **kwargs).get_state()
+    kwargs = dict(global_batch_size=8, reading=RecordReading(process_index=0, process_count=1, read_threads=0))
+    state = pipeline.train_loader(data_dir, sampling=EpochSampling(seed=1), **kwargs).get_state()
     with pytest.raises(ValueError, match="does not fit this loader.*'seed': \\(1, 2\\)"):
-        pipeline.train_loader(data_dir, seed=2, **kwargs).set_state(state)
+        pipeline.train_loader(data_dir, sampling=EpochSampling(seed=2), **kwargs).set_state(state)
 
 
 # --------------------------------------------------------------------------- eval
 def test_eval_loader_pads_the_final_batch_with_invalid_rows(data_dir):
     # 24 records, global batch 10 over 2 processes: 3 batches of 5 rows each, 6 padding rows.
     assert pipeline.num_eval_batches(data_dir, "test", global_batch_size=10) == 3
-    per_process = [list(pipeline.eval_loader(data_dir, "test", global_batch_size=10, process_index=p,
-                                             process_count=2, read_threads=0)) for p in range(2)]
+    per_process = [list(pipeline.eval_loader(data_dir, "test", global_batch_size=10,
+                                             reading=RecordReading(process_index=p, process_count=2, read_threads=0)))
+                   for p in range(2)]
     assert [len(b) for b in per_process] == [3, 3]
     rows = [b for batches in per_process for b in batches]
     assert all(b["image"].shape[0] == 5 for b in rows)
@@ -334,8 +346,9 @@ def test_eval_loader_pads_the_final_batch_with_invalid_rows(data_dir):
 
 def test_eval_loader_reads_records_in_order_interleaved_over_processes(data_dir):
     order = [records.id_hash(r["id"]) for r in records.iter_records(data_dir, "test", decode_images=False)]
-    per_process = [list(pipeline.eval_loader(data_dir, "test", global_batch_size=8, process_index=p,
-                                             process_count=2, read_threads=0)) for p in range(2)]
+    per_process = [list(pipeline.eval_loader(data_dir, "test", global_batch_size=8,
+                                             reading=RecordReading(process_index=p, process_count=2, read_threads=0)))
+                   for p in range(2)]
     global_rows = [h for k in range(3) for pair in zip(per_process[0][k]["id_hash"], per_process[1][k]["id_hash"])
                    for h in pair]
     assert global_rows == order
@@ -344,24 +357,20 @@ def test_eval_loader_reads_records_in_order_interleaved_over_processes(data_dir)
 # --------------------------------------------------------------------------- errors
 def test_indivisible_global_batch_names_the_config_key(data_dir):
     with pytest.raises(ValueError, match="global_batch_size=9 .* process count \\(2\\)"):
-        pipeline.train_loader(data_dir, global_batch_size=9, seed=0, process_index=0, process_count=2)
+        pipeline.train_loader(data_dir, global_batch_size=9, sampling=EpochSampling(seed=0),
+                              reading=RecordReading(process_index=0, process_count=2))
 
 
 def test_global_batch_larger_than_an_epoch_is_an_error(data_dir):
     with pytest.raises(ValueError, match="exceeds the 24 examples per epoch"):
-        pipeline.train_loader(data_dir, global_batch_size=32, seed=0, process_index=0, process_count=1)
-
-
-@pytest.mark.parametrize("bad", [dict(class_balance=1.5), dict(balance_by="source")])
-def test_bad_balance_settings_are_rejected_by_name(data_dir, bad):
-    key = next(iter(bad))
-    with pytest.raises(ValueError, match=key):
-        pipeline.train_loader(data_dir, global_batch_size=8, seed=0, process_index=0, process_count=1, **bad)
+        pipeline.train_loader(data_dir, global_batch_size=32, sampling=EpochSampling(seed=0),
+                              reading=RecordReading(process_index=0, process_count=1))
 
 
 def test_unknown_split_lists_the_available_ones(data_dir):
     with pytest.raises(KeyError, match="'valid' is not in .*manifest.json.*'test', 'train'"):
-        pipeline.eval_loader(data_dir, "valid", global_batch_size=8, process_index=0, process_count=1)
+        pipeline.eval_loader(data_dir, "valid", global_batch_size=8,
+                             reading=RecordReading(process_index=0, process_count=1))
 
 
 def test_process_defaults_come_from_jax(data_dir):
@@ -372,7 +381,7 @@ def test_process_defaults_come_from_jax(data_dir):
 def test_plan_cache_is_bounded_and_survives_pickling():
     import pickle
 
-    cache = pipeline._PlanCache(np.array(GRADES), 0, 0.5)
+    cache = balance.PlanCache(np.array(GRADES), 0, 0.5)
     plans = [cache(e) for e in itertools.chain(range(10), [9])]
     assert len(cache._plans) == 2
     np.testing.assert_array_equal(plans[-1], plans[9])
@@ -406,7 +415,8 @@ def _scrambled(data: bytearray) -> bytes:
 
 def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tmp_path):
     out, shard = _damaged_copy(tmp_path, _truncated)
-    for make in (lambda: pipeline.train_loader(out, global_batch_size=4, seed=0, class_balance=0.5),
+    balanced = EpochSampling(seed=0, class_balance=0.5)
+    for make in (lambda: pipeline.train_loader(out, global_batch_size=4, sampling=balanced),
                  lambda: pipeline.eval_loader(out, "train", global_batch_size=4)):
         with pytest.raises(records.ShardError) as error:
             make()
@@ -416,7 +426,7 @@ def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tm
 @pytest.mark.parametrize("read_threads", [0, 2])
 def test_a_corrupt_record_is_named_with_its_shard_and_rebuild_command(tmp_path, read_threads):
     out, shard = _damaged_copy(tmp_path, _scrambled)
-    loader = pipeline.eval_loader(out, "train", global_batch_size=4, read_threads=read_threads)
+    loader = pipeline.eval_loader(out, "train", global_batch_size=4, reading=RecordReading(read_threads=read_threads))
     with pytest.raises(records.ShardError, match="reading its record 0 failed") as error:
         list(loader)
     assert shard in str(error.value) and "rebuild it with `python -m data_prep.eyeq" in str(error.value)

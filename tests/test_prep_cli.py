@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from cleaq_jax.data import pipeline
+from cleaq_jax.data import balance, pipeline
 from cleaq_jax.data import records as records_lib
 from cleaq_jax.data.records import iter_records
 from data_prep import drive, eyeq, messidor
@@ -104,10 +104,12 @@ def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
     split = records_lib.read_manifest(out)["splits"]["train"]
     # The label CSV is provenance under its own key; "labels" stays the class-label file of the shards.
     assert split["labels"] == "eyeq-train.labels.json" and split["source_labels"] == "Label_EyeQ_train.csv"
-    grades = pipeline.split_labels(out, "train", "dr_grade")
+    grades = balance.split_labels(out, "train", "dr_grade")
     assert sorted(grades.tolist()) == sorted(g for g, _ in eyeq_data["good"].values())
-    batch = next(pipeline.train_loader(out, "train", global_batch_size=2, seed=0, class_balance=0.5,
-                                       process_index=0, process_count=1, read_threads=0))
+    batch = next(pipeline.train_loader(out, "train", global_batch_size=2,
+                                       sampling=pipeline.EpochSampling(seed=0, class_balance=0.5),
+                                       reading=pipeline.RecordReading(process_index=0, process_count=1,
+                                                                      read_threads=0)))
     assert batch["image"].shape == (2, 64, 64, 3)
 
 

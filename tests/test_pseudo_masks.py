@@ -152,8 +152,10 @@ def test_a_masked_set_carries_every_sidecar_and_feeds_a_class_balanced_loader(sy
         with open(os.path.join(synthetic[1], entry["labels"])) as a, open(os.path.join(out, entry["labels"])) as b:
             assert a.read() == b.read(), split
         assert entry["vessel_masks"]["input"] == os.path.abspath(synthetic[1])
-    batch = next(pipeline.train_loader(out, "train", global_batch_size=4, seed=0, class_balance=0.5,
-                                       process_index=0, process_count=1, read_threads=0))
+    batch = next(pipeline.train_loader(out, "train", global_batch_size=4,
+                                       sampling=pipeline.EpochSampling(seed=0, class_balance=0.5),
+                                       reading=pipeline.RecordReading(process_index=0, process_count=1,
+                                                                      read_threads=0)))
     assert batch["has_vessel"].all() and batch["has_reference"].all()
 
 

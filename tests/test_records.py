@@ -116,7 +116,7 @@ def test_a_reference_round_trips_and_is_counted_in_the_manifest(tmp_path):
 
 
 def test_a_record_without_reference_has_no_reference_field():
-    # Records written before the field existed decode alike; new ones without a reference are unchanged.
+    # A record without a reference carries no reference key, and decodes with reference None.
     payload = msgpack.unpackb(records.encode_record(_example(0)), raw=False)
     assert "reference" not in payload
     assert records.decode_record(msgpack.packb(payload, use_bin_type=True))["reference"] is None

@@ -59,14 +59,14 @@ def test_lesion_pixel_count_grows_with_grade():
 
 def test_lesion_scale_enlarges_lesions_and_leaves_the_eye_alone():
     plain = synthetic.generate_example(1, 2, 64, grade=4, quality=0)
-    big = synthetic.generate_example(1, 2, 64, grade=4, quality=0, lesion_scale=4)
+    big = synthetic.generate_example(1, 2, 64, grade=4, quality=0, population=synthetic.Population(lesion_scale=4))
     np.testing.assert_array_equal(plain["mask"], big["mask"])
     np.testing.assert_array_equal(plain["vessel"], big["vessel"])
     assert big["lesion"].sum() > 4 * max(plain["lesion"].sum(), 1)
     # Same places: the enlarged lesions cover the small ones.
     assert (big["lesion"][plain["lesion"] > 0] > 0).mean() > 0.9
     with pytest.raises(ValueError, match="lesion_scale"):
-        synthetic.generate_example(1, 2, 64, lesion_scale=0)
+        synthetic.generate_example(1, 2, 64, population=synthetic.Population(lesion_scale=0))
 
 
 def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
@@ -76,7 +76,8 @@ def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
     scaled = location.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1, lesion_scale=4)
     assert scaled["splits"]["train"]["generator"]["lesion_scale"] == 4.0
     rec = next(records.iter_records(os.path.join(out, scaled["splits"]["train"]["shards"][0])))
-    np.testing.assert_array_equal(rec["image"], synthetic.generate_example(0, 0, 32, lesion_scale=4)["image"])
+    scaled_example = synthetic.generate_example(0, 0, 32, population=synthetic.Population(lesion_scale=4))
+    np.testing.assert_array_equal(rec["image"], scaled_example["image"])
 
 
 def test_a_run_builds_its_synthetic_set_with_the_configured_splits_and_names_a_bad_one(tmp_path):
@@ -182,8 +183,8 @@ def test_quality_levels_lower_psnr_against_the_clean_reference():
 
 
 def test_grade_and_quality_are_drawn_from_the_priors():
-    exs = [synthetic.generate_example(9, i, 16, grade_priors=(0, 0, 0, 1, 0), quality_priors=(1, 0, 0))
-           for i in range(5)]
+    population = synthetic.Population(grade_priors=(0, 0, 0, 1, 0), quality_priors=(1, 0, 0))
+    exs = [synthetic.generate_example(9, i, 16, population=population) for i in range(5)]
     assert {(ex["dr_grade"], ex["quality"]) for ex in exs} == {(3, 0)}
     labels = np.array([synthetic.draw_labels(9, i) for i in range(2000)])
     # Binomial standard deviation at n=2000 is at most 0.011: 0.035 is above 3 of them.
@@ -193,7 +194,7 @@ def test_grade_and_quality_are_drawn_from_the_priors():
 
 def test_bad_priors_are_rejected_by_name():
     with pytest.raises(ValueError, match="grade_priors"):
-        synthetic.generate_example(0, 0, 32, grade_priors=(1, 2, 3))
+        synthetic.generate_example(0, 0, 32, population=synthetic.Population(grade_priors=(1, 2, 3)))
 
 
 def test_cli_writes_the_splits_with_their_counts_and_decodable_records(tmp_path, capsys):

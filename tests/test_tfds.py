@@ -2,6 +2,7 @@
 `tfds.builder_from_directory(...).as_data_source()` returning the records, and the grain pipeline fed
 from that data source giving the batches it reads from the shard files."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -141,13 +142,15 @@ def test_reading_through_tfds_imports_no_tensorflow(prepared):
 def test_pipeline_batches_from_the_tfds_source_equal_those_from_the_shards(prepared, raw):
     method = tfds.decode.DeserializeMethod.RAW_BYTES if raw else tfds.decode.DeserializeMethod.DESERIALIZE_AND_DECODE
     sources = tfds.builder_from_directory(prepared).as_data_source(deserialize_method=method)
-    kw = dict(global_batch_size=2, seed=5, num_epochs=1, class_balance=0.5, process_index=0, process_count=1,
-              image_size=24)
-    want = list(pipeline.train_loader(prepared, "train", **kw))
-    got = list(pipeline.train_loader(prepared, "train", **kw, source=sources["train"]))
-    ev_want = list(pipeline.eval_loader(prepared, "test", global_batch_size=4, process_index=0, process_count=1))
-    ev_got = list(pipeline.eval_loader(prepared, "test", global_batch_size=4, process_index=0, process_count=1,
-                                       source=sources["test"]))
+    kw = dict(global_batch_size=2, sampling=pipeline.EpochSampling(seed=5, class_balance=0.5), num_epochs=1)
+    reading = pipeline.RecordReading(image_size=24, process_index=0, process_count=1)
+    want = list(pipeline.train_loader(prepared, "train", **kw, reading=reading))
+    got = list(pipeline.train_loader(prepared, "train", **kw,
+                                     reading=dataclasses.replace(reading, source=sources["train"])))
+    one = pipeline.RecordReading(process_index=0, process_count=1)
+    ev_want = list(pipeline.eval_loader(prepared, "test", global_batch_size=4, reading=one))
+    ev_got = list(pipeline.eval_loader(prepared, "test", global_batch_size=4,
+                                       reading=dataclasses.replace(one, source=sources["test"])))
     assert len(got) == len(want) > 0 and len(ev_got) == len(ev_want) > 0
     for a, b in zip(want + ev_want, got + ev_got):
         assert set(a) == set(b)
@@ -158,7 +161,8 @@ def test_pipeline_batches_from_the_tfds_source_equal_those_from_the_shards(prepa
 def test_pipeline_rejects_a_sliced_tfds_source_naming_the_split(prepared):
     part = tfds.builder_from_directory(prepared).as_data_source("train[:50%]")
     with pytest.raises(records.RecordError, match="'train'.*given source"):
-        pipeline.eval_loader(prepared, "train", global_batch_size=2, process_index=0, process_count=1, source=part)
+        pipeline.eval_loader(prepared, "train", global_batch_size=2,
+                             reading=pipeline.RecordReading(process_index=0, process_count=1, source=part))
 
 
 def test_derived_shard_sets_carry_metadata_of_their_own_shards(prepared, tmp_path):

@@ -113,7 +113,7 @@ def _use_cpu() -> None:
 
 def _encode(job: tuple[int, int, int, float]) -> bytes:
     seed, index, size, lesion_scale = job
-    example = synthetic.generate_example(seed, index, size, lesion_scale=lesion_scale)
+    example = synthetic.generate_example(seed, index, size, population=synthetic.Population(lesion_scale=lesion_scale))
     # Every quality level keeps the image before QT, so enhancement is scored against the clean eye.
     return records.encode_record({**example, "reference": example["clean"]})
 
@@ -155,7 +155,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
       workers: processes generating in parallel (default: one per 256 examples, at most one per core).
       num_shards: shards per split (default: one per 1024 records, at least 2 when there are 2 records).
       overwrite: rebuild even when ``out`` already holds this exact set (otherwise it is kept).
-      lesion_scale: multiplier on every lesion's size (``synthetic.generate_example``): 1 keeps a 512 px
+      lesion_scale: multiplier on every lesion's size (``synthetic.Population``): 1 keeps a 512 px
         photograph's lesion sizes, which are sub-pixel below 128 px; 4 makes them visible at 64 px.
     Returns: the manifest dict.
     """
@@ -173,7 +173,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
     tmp = tempfile.mkdtemp(dir=out, prefix=".build-")
     try:
         _write_splits(tmp, num, size, seed, splits, workers or _default_workers(num), num_shards, info, lesion_scale)
-        _move_into_place(tmp, out)
+        _replace_set(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records.read_manifest(out)
@@ -202,7 +202,7 @@ def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str,
             pool.terminate()
 
 
-def _move_into_place(tmp: str, out: str) -> None:
+def _replace_set(tmp: str, out: str) -> None:
     """Shards first, manifest last; shards of an older set in ``out`` are removed first."""
     old = os.path.join(out, records.MANIFEST)
     if os.path.exists(old):
@@ -213,5 +213,5 @@ def _move_into_place(tmp: str, out: str) -> None:
         os.remove(old)
     for name in sorted(os.listdir(tmp)):
         if name != records.MANIFEST and not name.startswith("."):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.replace(os.path.join(tmp, records.MANIFEST), old)
+            storage.move_into_place(os.path.join(tmp, name), os.path.join(out, name))
+    storage.move_into_place(os.path.join(tmp, records.MANIFEST), old)

@@ -74,16 +74,10 @@ def labels_name(name: str, split: str) -> str:
     return f"{name}-{split}.labels.json"
 
 
-def split_labels(data_dir: str, split: str) -> dict[str, list[int]] | None:
+def split_labels(data_dir: str, split: str) -> dict[str, list[int]]:
     """{'dr_grade': [...], 'quality': [...]} of a split's records in reading order (shard by shard),
-    or None for shard sets written before the labels file existed."""
-    entry = read_manifest(data_dir)["splits"].get(split)
-    if entry is None or "labels" not in entry:
-        return None
-    # Older EyeQ preps stored the label CSV's name under this key: such sets have no labels file.
-    if entry["labels"] != labels_name(entry.get("name", ""), split):
-        return None
-    path = os.path.join(data_dir, entry["labels"])
+    from the labels file its manifest entry names."""
+    path = os.path.join(data_dir, split_entry(data_dir, split)["labels"])
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} is missing: {os.path.join(data_dir, MANIFEST)} lists it beside the shards of split "
@@ -98,7 +92,13 @@ def id_hash(example_id: str) -> int:
 
 
 # --------------------------------------------------------------------------- encode / decode
-def _png(array: np.ndarray, what: str) -> bytes:
+def encode_png(array: np.ndarray, what: str) -> bytes:
+    """HxW uint8 (a mask, 0/255) or HxWx3 uint8 RGB -> the PNG bytes a record holds; `decode_png` reverses it.
+
+    what: the field's name, for the error when OpenCV cannot encode the array.
+    """
+    if array.ndim == 3:
+        array = array[..., ::-1]  # OpenCV writes BGR
     # Stored (level 0) PNG: ArrayRecord's zstd compresses it as well, and it decodes ~4x faster (loader).
     ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 0])
     if not ok:
@@ -111,12 +111,12 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
 
     image: HxWx3 uint8 RGB; mask: HxW (bool or 0/1 or 0/255); vessel: HxW or None; reference:
     HxWx3 uint8 RGB (the clean image ``image`` was made from) or None/absent. A record without a
-    reference has no ``reference`` key at all, so records written before the field existed are unchanged.
+    reference has no ``reference`` key at all (`decode_record` gives it reference None).
     """
     image = _rgb(example["image"], "image")
     mask = _binary(example["mask"], image.shape[:2], "mask")
     vessel = example.get("vessel")
-    vessel_bytes = b"" if vessel is None else _png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
+    vessel_bytes = b"" if vessel is None else encode_png(_binary(vessel, image.shape[:2], "vessel") * 255, "vessel")
     reference = example.get("reference")
     if reference is not None:
         reference = _rgb(reference, "reference")
@@ -124,8 +124,8 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
             raise RecordError(f"reference must have the image's shape {image.shape}, got {reference.shape}")
     payload = {
         "schema": SCHEMA_VERSION,
-        "image": _png(image[..., ::-1], "image"),  # OpenCV writes BGR
-        "mask": _png(mask * 255, "mask"),
+        "image": encode_png(image, "image"),
+        "mask": encode_png(mask * 255, "mask"),
         "vessel": vessel_bytes,
         "dr_grade": int(example.get("dr_grade", -1)),
         "quality": int(example.get("quality", -1)),
@@ -133,7 +133,7 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
         "source": str(example.get("source", "")),
     }
     if reference is not None:
-        payload["reference"] = _png(reference[..., ::-1], "reference")
+        payload["reference"] = encode_png(reference, "reference")
     return msgpack.packb(payload, use_bin_type=True)
 
 
@@ -199,13 +199,9 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".manifest-", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; shard sets are often shared between accounts
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as JSON (sorted keys, indent 2, a final newline) at ``path``, put there whole (`storage.atomic_file`)."""
+    storage.atomic_file(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(data_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -214,9 +210,9 @@ def write_manifest(data_dir: str, manifest: Mapping[str, Any]) -> None:
     complete. Every shard the manifest lists must be in ``data_dir``."""
     sizes = {s: os.path.getsize(os.path.join(data_dir, s))
              for entry in manifest["splits"].values() for s in entry["shards"]}
-    _atomic_write_json(os.path.join(data_dir, tfds_metadata.FEATURES), tfds_metadata.features_json())
-    _atomic_write_json(os.path.join(data_dir, tfds_metadata.DATASET_INFO), tfds_metadata.dataset_info(manifest, sizes))
-    _atomic_write_json(os.path.join(data_dir, MANIFEST), manifest)
+    write_json(os.path.join(data_dir, tfds_metadata.FEATURES), tfds_metadata.features_json())
+    write_json(os.path.join(data_dir, tfds_metadata.DATASET_INFO), tfds_metadata.dataset_info(manifest, sizes))
+    write_json(os.path.join(data_dir, MANIFEST), manifest)
 
 
 def count_table(grades: Iterable[int], qualities: Iterable[int]) -> dict[str, dict[str, int]]:
@@ -248,14 +244,18 @@ def format_counts(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def split_entry(data_dir: str, split: str) -> dict[str, Any]:
+    """A split's entry of manifest.json (`MANIFEST_KEYS` and provenance); KeyError naming the splits
+    the manifest has when ``split`` is not one of them."""
+    splits = read_manifest(data_dir).get("splits", {})
+    if split not in splits:
+        raise KeyError(f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} (it has: {sorted(splits)})")
+    return splits[split]
+
+
 def split_shards(data_dir: str, split: str) -> list[str]:
     """Absolute paths of a split's shards, in order, as listed by the manifest."""
-    manifest = read_manifest(data_dir)
-    if split not in manifest.get("splits", {}):
-        raise KeyError(
-            f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} "
-            f"(it has: {sorted(manifest.get('splits', {}))})")
-    paths = [os.path.join(data_dir, s) for s in manifest["splits"][split]["shards"]]
+    paths = [os.path.join(data_dir, s) for s in split_entry(data_dir, split)["shards"]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {data_dir}")
@@ -350,11 +350,11 @@ class ShardWriter:
         names = []
         for j, i in enumerate(used):
             final = shard_name(self.name, self.split, j, len(used))
-            os.replace(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
+            storage.move_into_place(os.path.join(self._tmp, f"part-{i:05d}"), os.path.join(self.out_dir, final))
             names.append(final)
         ordered = [lab for i in used for lab in self._shard_labels[i]]
         labels = {"dr_grade": [g for g, _ in ordered], "quality": [q for _, q in ordered]}
-        _atomic_write_json(os.path.join(self.out_dir, labels_name(self.name, self.split)), labels)
+        write_json(os.path.join(self.out_dir, labels_name(self.name, self.split)), labels)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._update_manifest(names)
         return [os.path.join(self.out_dir, n) for n in names]
@@ -502,10 +502,9 @@ def check_shards(data_dir: str, split: str) -> list[str]:
     Opening reads each shard's footer and index only, so this costs milliseconds per shard.
     """
     paths = split_shards(data_dir, split)
-    expected = read_manifest(data_dir)["splits"][split].get("records_per_shard")
-    for j, path in enumerate(paths):
+    for path, expected in zip(paths, split_entry(data_dir, split)["records_per_shard"], strict=True):
         with open_shard(path) as reader:
             n = reader.num_records()
-        if expected is not None and j < len(expected) and n != expected[j]:
-            raise shard_error(path, f"it holds {n} records, the manifest lists {expected[j]}")
+        if n != expected:
+            raise shard_error(path, f"it holds {n} records, the manifest lists {expected}")
     return paths

@@ -431,25 +431,41 @@ def draw_labels(seed: int, index: int, grade_priors: Any = GRADE_PRIORS,
     return grade, int(labels.choice(3, p=_priors(quality_priors, 3, "quality_priors")))
 
 
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """What the generated eyes share beyond their own (seed, index): the label priors, the quality
+    transforms and the lesion size.
+
+    grade_priors: 5 non-negative weights of DR grades 0-4, quality_priors: 3 of good, usable, reject
+    (drawn from when an example's grade or quality is not given); usable_qt, reject_qt: QT
+    parameters of op1 (usable) and op2 (reject); lesion_scale: multiplier on every lesion's size
+    (> 0; 1 = the sizes of a 512 px photograph).
+    """
+
+    grade_priors: Any = GRADE_PRIORS
+    quality_priors: Any = QUALITY_PRIORS
+    usable_qt: degrade.QTParams = USABLE_QT
+    reject_qt: degrade.QTParams = REJECT_QT
+    lesion_scale: float = 1.0
+
+
 def generate_example(seed: int, index: int, size: int, *, grade: int | None = None, quality: int | None = None,
-                     grade_priors: Any = GRADE_PRIORS, quality_priors: Any = QUALITY_PRIORS,
-                     usable_qt: degrade.QTParams = USABLE_QT, reject_qt: degrade.QTParams = REJECT_QT,
-                     lesion_scale: float = 1.0) -> dict:
+                     population: Population = Population()) -> dict:
     """One synthetic example in the record schema, deterministic in (seed, index, size).
 
     Args:
       seed, index: identify the example (ids are unique per (seed, index)).
       size: image side in px (>= 16).
-      grade: DR grade 0-4, or None to draw it from ``grade_priors`` (5 weights).
-      quality: 0 good, 1 usable, 2 reject, or None to draw it from ``quality_priors`` (3 weights).
-      usable_qt, reject_qt: QT parameters of op1 (usable) and op2 (reject).
-      lesion_scale: multiplier on every lesion's size (> 0; 1 = the sizes of a 512 px photograph).
+      grade: DR grade 0-4, or None to draw it from ``population.grade_priors``.
+      quality: 0 good, 1 usable, 2 reject, or None to draw it from ``population.quality_priors``.
+      population: priors, quality transforms and lesion size (`Population`).
     Returns: dict with image (HxWx3 uint8), clean (HxWx3 uint8, the undegraded image), mask, vessel and
       lesion (HxW uint8 {0, 1}), dr_grade, quality (int), id (str), source "synthetic".
     """
     if int(size) < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
-    drawn_grade, drawn_quality = draw_labels(seed, index, grade_priors, quality_priors)
+    lesion_scale = population.lesion_scale
+    drawn_grade, drawn_quality = draw_labels(seed, index, population.grade_priors, population.quality_priors)
     grade = drawn_grade if grade is None else int(grade)
     quality = drawn_quality if quality is None else int(quality)
     if not 0 <= grade <= 4 or not 0 <= quality <= 2:
@@ -461,7 +477,7 @@ def generate_example(seed: int, index: int, size: int, *, grade: int | None = No
     image = clean
     if quality > 0:
         key = jax.random.key(int(_rng(seed, index, "quality").integers(0, 2**31 - 1)))
-        fn = _degrader(quality, usable_qt if quality == 1 else reject_qt)
+        fn = _degrader(quality, population.usable_qt if quality == 1 else population.reject_qt)
         degraded = np.asarray(fn(clean.astype(np.float32) / 255, out["mask"], key))
         image = np.round(np.clip(degraded, 0, 1) * 255).astype(np.uint8)
     return {"image": image, "clean": clean, "mask": out["mask"], "vessel": out["vessel"], "lesion": out["lesion"],

@@ -102,7 +102,7 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
     nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
     fn = make_eval_fn(cfg, stage, models, nets)
     loader = pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
-                                  image_size=stage.image_size)
+                                  reading=pipeline.RecordReading(image_size=stage.image_size))
     parts: list[dict[str, np.ndarray]] = []
     with console.bar(None, f"{stage.name} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
         for local in loader:
@@ -227,8 +227,9 @@ def evaluate_state(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, m
 
 def first_examples(cfg: ml_collections.ConfigDict, data_dir: str, n: int) -> dict[str, np.ndarray]:
     """The first n valid examples of the eval split, for the figure (host arrays, this process)."""
-    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1), process_index=0,
-                                  process_count=1, image_size=int(cfg.data.image_size))
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=max(n, 1),
+                                  reading=pipeline.RecordReading(image_size=int(cfg.data.image_size),
+                                                                 process_index=0, process_count=1))
     batch = next(iter(loader))
     return {k: v[batch["valid"]] for k, v in batch.items()}
 

@@ -192,8 +192,9 @@ def _jit_enhance(model_items: tuple):
 def load_examples(data_dir: str, cfg: ml_collections.ConfigDict, limit: int) -> dict[str, np.ndarray]:
     """The first ``limit`` valid examples of config.data.eval_split as host arrays (every process alike)."""
     batch_size = max(1, min(limit, int(cfg.eval_batch_size)))
-    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=batch_size, process_index=0,
-                                  process_count=1, image_size=int(cfg.data.image_size))
+    loader = pipeline.eval_loader(data_dir, cfg.data.eval_split, global_batch_size=batch_size,
+                                  reading=pipeline.RecordReading(image_size=int(cfg.data.image_size),
+                                                                 process_index=0, process_count=1))
     parts, count = [], 0
     for batch in loader:
         batch = {k: v[batch["valid"]] for k, v in batch.items()}

@@ -39,7 +39,7 @@ import numpy as np
 from etils import epath
 
 from cleaq_jax.data import fundus, records
-from cleaq_jax.evaluation import inference, report, restore
+from cleaq_jax.evaluation import inference, restore
 from cleaq_jax.programs import explain as explain_lib
 from cleaq_jax.runtime import parallel, storage
 
@@ -109,14 +109,6 @@ def _prepared(paths: list[str], size: int, ahead: int) -> Iterator[tuple[str, An
 
 
 # --------------------------------------------------------------------------- outputs
-def _atomic_write(path: str, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    report.atomic_file(path, write)
-
-
 def _png(image_rgb_uint8: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image_rgb_uint8[..., ::-1]))
     if not ok:
@@ -243,8 +235,8 @@ def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_
             if "enhanced" in out and out["enhance"][i]:
                 enhanced = out["enhanced"][i]
                 name = os.path.join("enhanced", f"{stem}.png")
-                _atomic_write(os.path.join(out_dir, name), _png(np.clip(np.rint(enhanced * 255.0), 0, 255)
-                                                                .astype(np.uint8)))
+                storage.atomic_file(os.path.join(out_dir, name),
+                                    _png(np.clip(np.rint(enhanced * 255.0), 0, 255).astype(np.uint8)))
             rows.append(csv_row(path, out, i, grades, name))
             extras.add(path, stem, image.astype(np.float32) / 255.0 * mask[..., None], mask, enhanced, name,
                        heat[i], row("dr_probs", i), row("quality_probs", i))
@@ -273,10 +265,10 @@ def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, 
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(csv_header(grades))
     writer.writerows(rows)
-    _atomic_write(os.path.join(out_dir, "predictions.csv"), text.getvalue().encode())
+    storage.atomic_file(os.path.join(out_dir, "predictions.csv"), text.getvalue().encode())
     # Always written, so an old list from an earlier run in the same folder cannot mislead.
     lines = "".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in skipped)
-    _atomic_write(os.path.join(out_dir, "skipped.txt"), lines.encode())
+    storage.atomic_file(os.path.join(out_dir, "skipped.txt"), lines.encode())
 
 
 # --------------------------------------------------------------------------- command line

@@ -112,7 +112,7 @@ def collect_counts(cfg: ml_collections.ConfigDict, stage: stages.Stage, variable
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
     fn = _jit_eval_counts(model, stage.qt)
     loader = pipeline.eval_loader(stage.data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
-                                  image_size=stage.image_size)
+                                  reading=pipeline.RecordReading(image_size=stage.image_size))
     total: dict[str, dict[str, np.ndarray]] = {}
     for local in loader:
         out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))

@@ -39,9 +39,6 @@ def describe(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> tuple[s
     config its checkpoints save (naming the stage and the metric that ranks them, which evaluation
     restores the best by)."""
     data_dir = location.ensure_data(cfg, workdir)
-    steps_per_epoch = pipeline.num_batches_per_epoch(
-        data_dir, cfg.data.train_split, global_batch_size=cfg.batch_size, class_balance=cfg.data.class_balance,
-        balance_by=cfg.data.balance_by)
     nets = stages.stage_nets(cfg, name)
     val_split = _validation_split(cfg, data_dir, name)
     metric, mode = checkpoint.best_metric(cfg.checkpoint_metric, cfg.checkpoint_mode, nets,
@@ -49,8 +46,10 @@ def describe(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> tuple[s
     init_from = tuple((source, _trained_nets(cfg, source), cfg.init[source] or os.path.join(workdir, source))
                       for source, _ in stages.INIT_FROM.get(name, ()))
     stage = stages.Stage.from_config(
-        cfg, name, steps_per_epoch=steps_per_epoch, directory=os.path.join(workdir, name), data_dir=data_dir,
-        val_split=val_split, init_from=init_from, checkpoint_metric=metric, checkpoint_mode=mode)
+        cfg, name, directory=os.path.join(workdir, name), data_dir=data_dir, val_split=val_split,
+        init_from=init_from, checkpoint_metric=metric, checkpoint_mode=mode)
+    stage = dataclasses.replace(stage, steps_per_epoch=pipeline.num_batches_per_epoch(
+        data_dir, stage.train_split, global_batch_size=stage.batch_size, sampling=stage.sampling))
     saved = ml_collections.ConfigDict(cfg.to_dict())
     saved.stage, saved.checkpoint_metric, saved.checkpoint_mode = name, metric, mode
     return stage, saved
@@ -82,10 +81,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
     stage, saved_config = describe(cfg, workdir, name)
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_divisible(stage.batch_size, mesh)
-    loader = pipeline.train_loader(
-        stage.data_dir, cfg.data.train_split, global_batch_size=stage.batch_size, seed=stage.seed,
-        class_balance=cfg.data.class_balance, balance_by=cfg.data.balance_by, augment=cfg.data.augment,
-        worker_count=cfg.data.worker_count, image_size=stage.image_size)
+    loader = pipeline.train_loader(stage.data_dir, stage.train_split, global_batch_size=stage.batch_size,
+                                   sampling=stage.sampling, reading=stage.reading)
     models = factory.build_models(cfg)
     tx = optim.make_optimizer(stage.optim, stage.steps_per_epoch)
     validate = _Validation(cfg, stage, models, mesh) if stage.val_split else None

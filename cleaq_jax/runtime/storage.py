@@ -6,7 +6,8 @@ through TensorFlow's tf.io.gfile when TensorFlow is installed and through gcsfs 
 (``EPATH_USE_TF=false`` chooses gcsfs; the tests do, against a local emulator). Local paths keep plain
 file operations, so local behaviour is that of the standard library.
 
-`atomic_file` puts a file at its path whole, locally or in a bucket. `summary_writer` is clu's TensorBoard
+`atomic_file` puts a file at its path whole, locally or in a bucket; `move_into_place` puts a finished local
+file or directory at its path in one rename. `summary_writer` is clu's TensorBoard
 writer; for a remote log directory it writes into a local temporary directory that `MirroredWriter`
 copies to the bucket at every flush and at close, because tf.summary reaches ``gs://`` only through
 TensorFlow's own Cloud Storage client.
@@ -17,6 +18,7 @@ with the two ways to reach it (`require_local`).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -57,16 +59,18 @@ def read_text(path: str | os.PathLike) -> str:
     return epath.Path(path).read_text()
 
 
-def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` with a temporary local file name, then rename the result to ``path``.
+def atomic_file(path: str | os.PathLike, content: bytes | str | Callable[[str], None]) -> None:
+    """Put a whole file at ``path``: ``content`` as bytes, as UTF-8 text, or written by ``content(tmp)``.
 
-    The result is first put at ``.tmp-<uuid>-<name>`` beside ``path`` and renamed over it, so a reader
-    never sees half a file, and the temporary name is removed if anything fails. Local ``path``: ``write``
-    writes that temporary file itself (created with open(), so it gets the usual umask permissions).
-    Remote ``path``: ``write`` fills a file in a local temporary directory (figures and tables are drawn
-    by libraries that open local files), which is uploaded to the temporary name through epath and
-    renamed there.
+    A callable ``content`` is called with a temporary local file name and writes that file itself (any
+    format: figures, tables, ArrayRecord shards). The result is first put at ``.tmp-<uuid>-<name>`` beside
+    ``path`` and renamed over it, so a reader never sees half a file, and the temporary name is removed
+    if anything fails. Local ``path``: the temporary file is written in place (created with open(), so it
+    gets the usual umask permissions). Remote ``path``: it is filled in a local temporary directory
+    (figures and tables are drawn by libraries that open local files), uploaded to the temporary name
+    through epath and renamed there.
     """
+    write = content if callable(content) else functools.partial(_write_content, content=content)
     path = os.fspath(path)
     tmp = join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     if is_remote(path):
@@ -88,6 +92,25 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_content(tmp: str, content: bytes | str) -> None:
+    if isinstance(content, bytes):
+        with open(tmp, "wb") as f:
+            f.write(content)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+
+
+def move_into_place(finished: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished local file or directory to ``path`` in one step, replacing a file there.
+
+    For what was written whole under a hidden name beside its destination (a shard, a shard set's files):
+    a reader sees the old ``path`` or the complete new one, never part of it. Both paths must be on one
+    local file system.
+    """
+    os.replace(finished, path)
 
 
 class MirroredWriter:

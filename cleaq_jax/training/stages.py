@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from cleaq_jax.config_checks import TEACHER_STAGES, TRAINING_STAGES
-from cleaq_jax.data import degrade
+from cleaq_jax.data import degrade, pipeline
 
 TASK_ORDER = ("dr", "iqe", "iqa")
 JOINT_NETS = ("iqe", "iqa", "dr")  # stage 3's subnetworks, each of which may get its own learning rate
@@ -155,10 +155,13 @@ class Stage:
     image_size: int
     batch_size: int
     num_epochs: int
-    steps_per_epoch: int
     qt: degrade.QTParams
     loss: LossSettings
     optim: OptimSettings
+    train_split: str
+    sampling: pipeline.EpochSampling  # the loader's epoch plan and augmentation, seeded by the stage
+    reading: pipeline.RecordReading
+    steps_per_epoch: int = 0
     directory: str = ""
     data_dir: str = ""
     val_split: str | None = None
@@ -182,13 +185,14 @@ class Stage:
         return self.name in TEACHER_STAGES
 
     @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict, name: str, *, steps_per_epoch: int, **where) -> Stage:
+    def from_config(cls, cfg: ml_collections.ConfigDict, name: str, **where) -> Stage:
         """The stage ``name`` of a checked config. ``where``: the fields that need the file system
-        (directory, data_dir, val_split, init_from, checkpoint_metric, checkpoint_mode), resolved by the
-        stage runner; without them the stage describes its networks, losses and step alone."""
-        nets = stage_nets(cfg, name)
-        return cls(name=name, nets=nets, seed=stage_seed(cfg, name), image_size=int(cfg.data.image_size),
-                   batch_size=int(cfg.batch_size), num_epochs=int(cfg.num_epochs), steps_per_epoch=steps_per_epoch,
-                   qt=qt_params(cfg), loss=LossSettings.from_config(cfg.loss),
-                   optim=OptimSettings.from_config(cfg, name, nets),
+        (steps_per_epoch, directory, data_dir, val_split, init_from, checkpoint_metric, checkpoint_mode),
+        resolved by the stage runner; without them the stage describes its networks, losses and step."""
+        nets, seed, d = stage_nets(cfg, name), stage_seed(cfg, name), cfg.data
+        return cls(name=name, nets=nets, seed=seed, image_size=int(d.image_size), batch_size=int(cfg.batch_size),
+                   num_epochs=int(cfg.num_epochs), qt=qt_params(cfg), loss=LossSettings.from_config(cfg.loss),
+                   optim=OptimSettings.from_config(cfg, name, nets), train_split=str(d.train_split),
+                   sampling=pipeline.EpochSampling(seed, float(d.class_balance), str(d.balance_by), bool(d.augment)),
+                   reading=pipeline.RecordReading(image_size=int(d.image_size), worker_count=int(d.worker_count)),
                    pretrained=tuple((k, str(v)) for k, v in cfg.pretrained.items() if v), **where)

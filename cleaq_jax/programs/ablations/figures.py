@@ -49,7 +49,8 @@ def per_quality_kappa_figure(results: Mapping[str, Any], path: str) -> None:
 def _examples_by_quality(cfg: ml_collections.ConfigDict, per_quality: int) -> dict[str, np.ndarray]:
     """The first ``per_quality`` test images of each quality level (host arrays)."""
     loader = pipeline.eval_loader(cfg.data.dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
-                                  process_index=0, process_count=1, image_size=int(cfg.data.image_size))
+                                  reading=pipeline.RecordReading(image_size=int(cfg.data.image_size),
+                                                                 process_index=0, process_count=1))
     picked: dict[int, list[dict[str, np.ndarray]]] = {q: [] for q in range(len(records.QUALITY_NAMES))}
     for batch in loader:
         for i in np.flatnonzero(batch["valid"]):
