@@ -30,7 +30,7 @@ def test_rate_is_over_the_interval_just_ended(monkeypatch):
 
 
 def _run(verbose_flag: list[str]) -> str:
-    code = ("import sys\nfrom absl import flags, logging\nfrom cleaq_jax import console\n"
+    code = ("import sys\nfrom absl import flags, logging\nfrom cleaq_jax.runtime import console\n"
             "flags.FLAGS(sys.argv)\nconsole.setup(verbose=flags.FLAGS['verbosity'].present)\n"
             "from absl import logging as absl_logging\n"
             "absl_logging.info('library-info-line')\n"

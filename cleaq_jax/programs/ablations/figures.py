@@ -75,7 +75,7 @@ def enhancement_examples_figure(stage_dir: str, path: str, per_quality: int = 2)
     plt = report.pyplot()
     fig, axes = plt.subplots(len(panels), 3, figsize=(6.3, 2.2 * len(panels)), squeeze=False)
     mask = batch["mask"].astype(np.float32)
-    clean = np.asarray(inference.clean_reference(batch))
+    clean = np.asarray(inference.has_reference(batch))
     for i, row in enumerate(panels):
         low, enhanced, ref = (row[:, j * size:(j + 1) * size] for j in range(3))
         quality = records.QUALITY_NAMES[int(batch["quality"][i])]
