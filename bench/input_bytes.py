@@ -36,7 +36,8 @@ import cv2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cleaq_jax.data import fundus, pipeline, records, vesselness  # noqa: E402
+from cleaq_jax.data import fundus, pipeline, vesselness  # noqa: E402
+from cleaq_jax.data import shards  # noqa: E402
 
 EYEQ_TRAIN = 12_543  # EyeQ training images (Label_EyeQ_train.csv)
 FOOTER_PREFETCH = 2**20  # ArrayRecord's default footer_prefetch_bytes
@@ -57,7 +58,7 @@ def photo_shards(out: str, variants: int, size: int, with_vessel: bool) -> str:
 
     base = skdata.retina()
     h, w = base.shape[:2]
-    with records.ShardWriter(out, "photo", "train", num_shards=1) as writer:
+    with shards.ShardWriter(out, "photo", "train", num_shards=1) as writer:
         for i in range(variants):
             matrix = cv2.getRotationMatrix2D((w / 2, h / 2), 360.0 * i / variants, 1.0)
             photo = cv2.warpAffine(base, matrix, (w, h))
@@ -79,12 +80,12 @@ def synthetic_shards(out: str, num: int, size: int, shards: int) -> str:
 
 
 def shard_sizes(data_dir: str) -> list[int]:
-    return [os.path.getsize(p) for p in records.split_shards(data_dir, "train")]
+    return [os.path.getsize(p) for p in shards.split_shards(data_dir, "train")]
 
 
 def bytes_per_record(data_dir: str) -> float:
     """Mean bytes a record takes on disk (ArrayRecord compresses each record with zstd)."""
-    return sum(shard_sizes(data_dir)) / records.read_manifest(data_dir)["splits"]["train"]["num_records"]
+    return sum(shard_sizes(data_dir)) / shards.read_manifest(data_dir)["splits"]["train"]["num_records"]
 
 
 # --------------------------------------------------------------------------- per-host reads
@@ -105,7 +106,7 @@ def measure_process(data_dir: str, hosts: int, batch: int, class_balance: float)
     read = bytes_read() - before
     loader.close()
     own = steps * batch // hosts * bytes_per_record(data_dir)
-    labels = os.path.getsize(os.path.join(data_dir, records.split_entry(data_dir, "train")["labels"])) \
+    labels = os.path.getsize(os.path.join(data_dir, shards.split_entry(data_dir, "train")["labels"])) \
         if class_balance > 0 else 0
     return {"hosts": hosts, "global_batch": batch, "class_balance": class_balance, "bytes_read": read,
             "model_bytes": int(own + shard_open_bytes(data_dir) + labels), "own_records_bytes": int(own),

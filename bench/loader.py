@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cleaq_jax.data import decode, pipeline, records  # noqa: E402
+from cleaq_jax.data import shards  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data
@@ -87,7 +88,7 @@ def build_shards(out_dir: str, num: int, size: int, *, source: str = "retina", i
         base = skdata.retina()
     else:
         from cleaq_jax.data import synthetic
-    with records.ShardWriter(out_dir, "bench", "train", num_shards=4) as writer:
+    with shards.ShardWriter(out_dir, "bench", "train", num_shards=4) as writer:
         for i in range(num):
             if source == "retina":
                 example = {**fundus_like(rng, base, size), "dr_grade": int(rng.integers(0, 5)),
@@ -100,7 +101,7 @@ def build_shards(out_dir: str, num: int, size: int, *, source: str = "retina", i
 
 # --------------------------------------------------------------------------- timing
 def _record_bytes(data_dir: str, split: str, limit: int) -> list[bytes]:
-    source = grain.sources.ArrayRecordDataSource(records.split_shards(data_dir, split))
+    source = grain.sources.ArrayRecordDataSource(shards.split_shards(data_dir, split))
     return [source[i] for i in range(min(limit, len(source)))]
 
 
@@ -226,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         tmp = tempfile.TemporaryDirectory(prefix="cleaq-bench-")
         args.data = build_shards(tmp.name, args.num, args.size, source=args.source,
                                  image_codec=args.image_codec, bilevel_masks=args.bilevel_masks)
-    size = records.read_manifest(args.data)["splits"][args.split]["image_size"][0]
+    size = shards.read_manifest(args.data)["splits"][args.split]["image_size"][0]
     blobs = _record_bytes(args.data, args.split, 64)
-    shards = records.split_shards(args.data, args.split)
-    disk_kib = sum(map(os.path.getsize, shards)) / len(grain.sources.ArrayRecordDataSource(shards)) / 1024
+    paths = shards.split_shards(args.data, args.split)
+    disk_kib = sum(map(os.path.getsize, paths)) / len(grain.sources.ArrayRecordDataSource(paths)) / 1024
     built = f"built {args.source}: image {args.image_codec}, bilevel masks {args.bilevel_masks}"
     print(json.dumps({"setting": "profile_cpu_ms_per_example", "image_size": size,
                       "data": args.data if tmp is None else built, "kib_per_record_on_disk": round(disk_kib, 1),

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cleaq_jax.data import records, synthetic, vesselness  # noqa: E402
+from cleaq_jax.data import shards  # noqa: E402
 from cleaq_jax.evaluation import restore  # noqa: E402
 from data_prep import pseudo_masks  # noqa: E402
 
@@ -49,9 +50,9 @@ def build_data(workdir: str, args: argparse.Namespace) -> tuple[str, str]:
     data, held_out = args.data or os.path.join(workdir, "data"), os.path.join(workdir, "held_out")
     if not args.data:
         build_synthetic(data, num=args.num, size=args.size, seed=args.seed, splits={"train": 0.8, "test": 0.2})
-    if not os.path.exists(os.path.join(held_out, records.MANIFEST)):
-        with records.ShardWriter(held_out, "synthetic", "test", num_shards=1) as w:
-            for payload in records.iter_records(data, "test", decode_images=False):
+    if not os.path.exists(os.path.join(held_out, shards.MANIFEST)):
+        with shards.ShardWriter(held_out, "synthetic", "test", num_shards=1) as w:
+            for payload in shards.iter_records(data, "test", decode_images=False):
                 w.write(msgpack.packb(payload, use_bin_type=True))
     return data, held_out
 
@@ -80,7 +81,7 @@ def train_teacher(workdir: str, data: str, args: argparse.Namespace) -> str:
 def score(out_dir: str, truth: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Dice (pooled), mean Dice per image, precision, recall of a masked shard set, overall and per quality."""
     sums: dict[str, list] = {}
-    for r in records.iter_records(out_dir, "test"):
+    for r in shards.iter_records(out_dir, "test"):
         fov = r["mask"] > 0
         pred, true = (r["vessel"] > 0) & fov, (truth[r["id"]] > 0) & fov
         tp, fp, fn = int((pred & true).sum()), int((pred & ~true).sum()), int((~pred & true).sum())
@@ -105,7 +106,7 @@ def run_methods(workdir: str, held_out: str, teacher_dir: str, workers: int) -> 
     from cleaq_jax.evaluation import inference
 
     restored = restore.restore_teacher(teacher_dir)
-    truth = {r["id"]: r["vessel"] for r in records.iter_records(held_out, "test")}
+    truth = {r["id"]: r["vessel"] for r in shards.iter_records(held_out, "test")}
     maskers = {"teacher": pseudo_masks.teacher_masker(restored, 0.5, BATCH),
                "frangi": pseudo_masks.FilterMasker("frangi", workers),
                "matched": pseudo_masks.FilterMasker("matched", workers), "all_fov": all_fov_masker}
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     report = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "settings": vars(args),
               "train_seconds": train_seconds, "results": results,
               f"fallback_seconds_per_image_at_{args.time_size}px": time_fallbacks(args.time_size)}
-    records.write_json(os.path.join(args.workdir, "vessel_masks.json"), report)
+    shards.write_json(os.path.join(args.workdir, "vessel_masks.json"), report)
     print(markdown(results))
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2, default=str))
     return 0

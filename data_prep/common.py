@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from cleaq_jax.data import fundus
-from cleaq_jax.data.records import MANIFEST, ShardWriter, encode_record, format_counts, read_manifest
+from cleaq_jax.data.records import encode_record
+from cleaq_jax.data.shards import MANIFEST, ShardWriter, format_counts, read_manifest
 from cleaq_jax.runtime import storage
 
 

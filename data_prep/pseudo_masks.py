@@ -42,6 +42,7 @@ import msgpack
 import numpy as np
 
 from cleaq_jax.data import records, vesselness
+from cleaq_jax.data import shards
 from cleaq_jax.evaluation import restore
 from cleaq_jax.runtime import storage
 from data_prep.common import positive_int
@@ -146,7 +147,7 @@ def _masked_records(reader, shard: str, masker: Masker, batch_size: int, keep_ex
     """(record bytes with a vessel mask, whether the record's own mask was kept), in shard order,
     reading and masking ``batch_size`` records at a time."""
     for start in range(0, reader.num_records(), batch_size):
-        raw = records.read_records(reader, shard, list(range(start, min(start + batch_size, reader.num_records()))))
+        raw = shards.read_records(reader, shard, list(range(start, min(start + batch_size, reader.num_records()))))
         payloads = [records.decode_record(d, decode_images=False) for d in raw]
         todo = [i for i, p in enumerate(payloads) if not (keep_existing and p["vessel"])]
         vessels = dict(zip(todo, masker([payloads[i] for i in todo]) if todo else []))
@@ -169,7 +170,7 @@ def write_shard(src: str, out: str, masker: Masker, settings: dict[str, Any], ba
     counted = {"records": 0, "kept": 0}
 
     def write(tmp: str) -> None:
-        writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
+        writer = array_record_module.ArrayRecordWriter(tmp, shards.WRITER_OPTIONS)
         try:
             for data, own in _masked_records(reader, src, masker, batch_size, keep_existing, progress):
                 writer.write(data)
@@ -181,27 +182,27 @@ def write_shard(src: str, out: str, masker: Masker, settings: dict[str, Any], ba
             raise
         writer.close()
 
-    with records.open_shard(src) as reader:
+    with shards.open_shard(src) as reader:
         storage.atomic_file(os.path.join(out, shard), write)
     done = {"settings": settings, "source": _source_stamp(src), "records": counted["records"],
             "with_vessel": counted["records"], "kept": counted["kept"]}
-    records.write_json(_marker(out, shard), done)
+    shards.write_json(_marker(out, shard), done)
     return done
 
 
-def sidecar_files(shards: str, manifest: dict[str, Any]) -> list[str]:
+def sidecar_files(shard_dir: str, manifest: dict[str, Any]) -> list[str]:
     """Files beside the shards that belong to the set: each split's labels file and skip report."""
     names = [entry["labels"] for entry in manifest["splits"].values()]
     names += [f"skipped-{split}.txt" for split in manifest["splits"]]
-    return sorted(n for n in set(names) if os.path.isfile(os.path.join(shards, n)))
+    return sorted(n for n in set(names) if os.path.isfile(os.path.join(shard_dir, n)))
 
 
-def copy_sidecars(shards: str, out: str, manifest: dict[str, Any]) -> list[str]:
+def copy_sidecars(shard_dir: str, out: str, manifest: dict[str, Any]) -> list[str]:
     """Copy `sidecar_files` from ``shards`` to ``out`` (records keep their order, so they stay true),
     each through a hidden temporary name; returns the names copied."""
-    names = sidecar_files(shards, manifest)
+    names = sidecar_files(shard_dir, manifest)
     for name in names:
-        storage.atomic_file(os.path.join(out, name), functools.partial(shutil.copyfile, os.path.join(shards, name)))
+        storage.atomic_file(os.path.join(out, name), functools.partial(shutil.copyfile, os.path.join(shard_dir, name)))
     return names
 
 
@@ -212,21 +213,21 @@ def _progress(total: int, method: str):
     return tqdm(total=total, desc=f"vessel masks ({method})", unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
-def run_pass(shards: str, out: str, masker: Masker, settings: dict[str, Any], *, batch_size: int = 16,
+def run_pass(shard_dir: str, out: str, masker: Masker, settings: dict[str, Any], *, batch_size: int = 16,
              keep_existing: bool = False) -> dict[str, Any]:
-    """Mask every shard of every split of ``shards`` into ``out``; returns the new manifest.
+    """Mask every shard of every split of ``shard_dir`` into ``out``; returns the new manifest.
 
     Finished shards (`finished`) are skipped and partial ones of an earlier, killed pass removed; the
     manifest is written when every shard is done.
     settings: what the masks are made with (method, teacher, step, threshold), kept in markers and manifest.
     """
-    manifest = records.read_manifest(shards)
+    manifest = shards.read_manifest(shard_dir)
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):  # partial shards of a killed pass (one pass per --out at a time)
         if name.startswith(".") and ".array_record-" in name and ".tmp-" in name:
             os.remove(os.path.join(out, name))
     # Every input shard opens before any is masked: a damaged one is named now, not after hours of masking.
-    jobs = [(split, path) for split in sorted(manifest["splits"]) for path in records.check_shards(shards, split)]
+    jobs = [(split, path) for split in sorted(manifest["splits"]) for path in shards.check_shards(shard_dir, split)]
     total = sum(manifest["splits"][s]["num_records"] for s in manifest["splits"])
     results: dict[str, list[dict[str, Any]]] = {split: [] for split in manifest["splits"]}
     with _progress(total, settings["method"]) as bar:
@@ -237,12 +238,12 @@ def run_pass(shards: str, out: str, masker: Masker, settings: dict[str, Any], *,
             else:
                 bar.update(done["records"])
             results[split].append(done)
-    copy_sidecars(shards, out, manifest)
+    copy_sidecars(shard_dir, out, manifest)
     for split, entry in manifest["splits"].items():
         entry["with_vessel_mask"] = sum(d["with_vessel"] for d in results[split])
         entry["vessel_masks"] = {**settings, "kept_existing": sum(d["kept"] for d in results[split]),
-                                 "input": os.path.abspath(shards)}
-    records.write_manifest(out, manifest)
+                                 "input": os.path.abspath(shard_dir)}
+    shards.write_manifest(out, manifest)
     return manifest
 
 
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), run the pass, return the exit code."""
     args = parse_args(argv)
     try:
-        records.read_manifest(args.shards)
+        shards.read_manifest(args.shards)
         masker, settings, close = _make_masker(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

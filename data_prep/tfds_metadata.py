@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cleaq_jax.data import records, tfds_metadata
+from cleaq_jax.data import tfds_metadata
+from cleaq_jax.data import shards
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,12 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="shard directory (holds manifest.json)")
     args = parser.parse_args(argv)
     try:
-        manifest = records.read_manifest(args.shards)
+        manifest = shards.read_manifest(args.shards)
         missing = [s for e in manifest.get("splits", {}).values() for s in e["shards"]
                    if not os.path.exists(os.path.join(args.shards, s))]
         if missing:
             raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {args.shards}")
-        records.write_manifest(args.shards, manifest)
+        shards.write_manifest(args.shards, manifest)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

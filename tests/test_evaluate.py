@@ -23,6 +23,7 @@ import skimage.data
 from sklearn.metrics import cohen_kappa_score
 
 from cleaq_jax.data import fundus, pipeline, records
+from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference, metrics, report, restore
 from cleaq_jax.models import factory
 from cleaq_jax.programs import evaluate
@@ -104,7 +105,7 @@ def write_split(data_dir: str, split: str = "test", with_reference: bool = False
     """
     image, mask = fundus.preprocess(skimage.data.retina(), SIZE, name="retina")
     ids = []
-    with records.ShardWriter(data_dir, "retina", split, num_shards=2) as writer:
+    with shards.ShardWriter(data_dir, "retina", split, num_shards=2) as writer:
         for i, (grade, quality) in enumerate(zip(GRADES, QUALITIES)):
             flip = (i % 2, i // 3)
             img = np.flip(image, [a for a, f in zip((0, 1), flip) if f]) if any(flip) else image

@@ -27,7 +27,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from cleaq_jax.data import pipeline, records
+from cleaq_jax.data import pipeline
+from cleaq_jax.data import shards
 from cleaq_jax.models import factory
 from cleaq_jax.runtime import checkpoint, parallel
 from cleaq_jax.training import optim, stages
@@ -55,7 +56,7 @@ TRAIN_RECORDS = 16  # two global batches of 8
 def write_split(out: str, split: str, num: int, size: int, seed: int = 0, num_shards: int = 4) -> None:
     """``num`` records of random images inside a disc (incompressible, so bytes track records)."""
     batch = tiny.random_batch(num, size, seed=seed)
-    with records.ShardWriter(out, "launch", split, num_shards=num_shards) as writer:
+    with shards.ShardWriter(out, "launch", split, num_shards=num_shards) as writer:
         for i in range(num):
             writer.write({"image": batch["image"][i], "mask": batch["mask"][i], "vessel": batch["vessel"][i],
                           "dr_grade": int(batch["dr_grade"][i]), "quality": int(batch["quality"][i]),
@@ -63,7 +64,7 @@ def write_split(out: str, split: str, num: int, size: int, seed: int = 0, num_sh
 
 
 def shard_bytes(data_dir: str, split: str) -> int:
-    return sum(os.path.getsize(p) for p in records.split_shards(data_dir, split))
+    return sum(os.path.getsize(p) for p in shards.split_shards(data_dir, split))
 
 
 # --------------------------------------------------------------------------- the three launches

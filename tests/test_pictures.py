@@ -9,6 +9,7 @@ import pytest
 from test_evaluate import host_state, save_checkpoint, tiny_config
 
 from cleaq_jax.data import location, records, synthetic
+from cleaq_jax.data import shards
 from cleaq_jax.evaluation import report
 from cleaq_jax.programs import evaluate, pictures
 from cleaq_jax.runtime import parallel
@@ -105,7 +106,7 @@ def test_vessel_table_means_over_the_images_that_define_each_score():
 
 def _manifest(directory, entry):
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, records.MANIFEST), "w") as f:
+    with open(os.path.join(directory, shards.MANIFEST), "w") as f:
         json.dump({"schema": 1, "splits": {"test": entry}}, f)
     return str(directory)
 

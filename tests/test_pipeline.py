@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cleaq_jax.data import balance, decode, pipeline, records
+from cleaq_jax.data import shards
 from cleaq_jax.data.pipeline import EpochSampling, RecordReading
 
 SIZE = 32
@@ -34,7 +35,7 @@ def _fixture_example(i: int, grade: int) -> dict:
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shards"))
     for split in ("train", "test"):
-        with records.ShardWriter(out, "fixture", split, num_shards=3) as writer:
+        with shards.ShardWriter(out, "fixture", split, num_shards=3) as writer:
             for i, grade in enumerate(GRADES):
                 writer.write(_fixture_example(i, grade))
     return out
@@ -126,7 +127,7 @@ def test_eval_padding_rows_have_no_reference(data_dir):
                                         reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
     pad = ~batches[-1]["valid"]
     assert pad.any() and not batches[-1]["has_reference"][pad].any() and not batches[-1]["reference"][pad].any()
-    by_hash = {records.id_hash(r["id"]): r for r in records.iter_records(data_dir, "test")}
+    by_hash = {records.id_hash(r["id"]): r for r in shards.iter_records(data_dir, "test")}
     for b in batches:
         for h, ok, has, reference in zip(b["id_hash"], b["valid"], b["has_reference"], b["reference"]):
             if ok and has:
@@ -229,7 +230,7 @@ def test_augment_matrix_is_a_rotation_with_flips_about_the_centre():
 def test_without_augmentation_train_images_are_the_record_images(data_dir):
     batch = next(pipeline.train_loader(data_dir, global_batch_size=8, sampling=EpochSampling(seed=0, augment=False),
                                        reading=RecordReading(process_index=0, process_count=1, read_threads=0)))
-    by_hash = {records.id_hash(r["id"]): r for r in records.iter_records(data_dir, "train")}
+    by_hash = {records.id_hash(r["id"]): r for r in shards.iter_records(data_dir, "train")}
     for h, image, mask in zip(batch["id_hash"], batch["image"], batch["mask"]):
         np.testing.assert_array_equal(image, by_hash[int(h)]["image"])
         np.testing.assert_array_equal(mask, by_hash[int(h)]["mask"])
@@ -242,7 +243,7 @@ def test_image_size_resizes_every_field(data_dir):
     assert batch["image"].shape == (4, 16, 16, 3)
     assert batch["mask"].shape == batch["vessel"].shape == (4, 16, 16)
     first = records.decode_record(next(iter(grain.sources.ArrayRecordDataSource(
-        records.split_shards(data_dir, "test")))))
+        shards.split_shards(data_dir, "test")))))
     np.testing.assert_array_equal(batch["image"][0], cv2.resize(first["image"], (16, 16),
                                                                  interpolation=cv2.INTER_AREA))
 
@@ -345,7 +346,7 @@ def test_eval_loader_pads_the_final_batch_with_invalid_rows(data_dir):
 
 
 def test_eval_loader_reads_records_in_order_interleaved_over_processes(data_dir):
-    order = [records.id_hash(r["id"]) for r in records.iter_records(data_dir, "test", decode_images=False)]
+    order = [records.id_hash(r["id"]) for r in shards.iter_records(data_dir, "test", decode_images=False)]
     per_process = [list(pipeline.eval_loader(data_dir, "test", global_batch_size=8,
                                              reading=RecordReading(process_index=p, process_count=2, read_threads=0)))
                    for p in range(2)]
@@ -392,11 +393,11 @@ def test_plan_cache_is_bounded_and_survives_pickling():
 def _damaged_copy(tmp_path, damage) -> tuple[str, str]:
     """A 2-shard set written with a recorded prep command, one shard damaged; (directory, that shard)."""
     out = str(tmp_path / "shards")
-    with records.ShardWriter(out, "fixture", "train", num_shards=2,
+    with shards.ShardWriter(out, "fixture", "train", num_shards=2,
                              extra_manifest={"prep_command": f"python -m data_prep.eyeq --out {out}"}) as writer:
         for i, grade in enumerate(GRADES):
             writer.write(_fixture_example(i, grade))
-    shard = records.split_shards(out, "train")[1]
+    shard = shards.split_shards(out, "train")[1]
     with open(shard, "rb") as f:
         data = bytearray(f.read())
     with open(shard, "wb") as f:
@@ -418,7 +419,7 @@ def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tm
     balanced = EpochSampling(seed=0, class_balance=0.5)
     for make in (lambda: pipeline.train_loader(out, global_batch_size=4, sampling=balanced),
                  lambda: pipeline.eval_loader(out, "train", global_batch_size=4)):
-        with pytest.raises(records.ShardError) as error:
+        with pytest.raises(shards.ShardError) as error:
             make()
         assert shard in str(error.value) and f"`python -m data_prep.eyeq --out {out}`" in str(error.value)
 
@@ -427,6 +428,6 @@ def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tm
 def test_a_corrupt_record_is_named_with_its_shard_and_rebuild_command(tmp_path, read_threads):
     out, shard = _damaged_copy(tmp_path, _scrambled)
     loader = pipeline.eval_loader(out, "train", global_batch_size=4, reading=RecordReading(read_threads=read_threads))
-    with pytest.raises(records.ShardError, match="reading its record 0 failed") as error:
+    with pytest.raises(shards.ShardError, match="reading its record 0 failed") as error:
         list(loader)
     assert shard in str(error.value) and "rebuild it with `python -m data_prep.eyeq" in str(error.value)

@@ -16,7 +16,7 @@ import pytest
 
 from cleaq_jax.data import balance, pipeline
 from cleaq_jax.data import records as records_lib
-from cleaq_jax.data.records import iter_records
+from cleaq_jax.data.shards import iter_records
 from data_prep import drive, eyeq, messidor
 from fixtures_layouts import EYEQ_HEADER, MESSIDOR_HEADER, drive_layout, eyeq_layout, messidor_layout, retina_disc
 from fixtures_layouts import small_fundus, write_csv, write_image, write_xls

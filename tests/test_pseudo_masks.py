@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax.data import pipeline, records
+from cleaq_jax.data import shards
 from data_prep import pseudo_masks
 from tests import tiny
 
@@ -37,7 +38,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> tuple[int, in
 
 def _pooled_dice(out_dir: str, truth: dict[str, np.ndarray], split: str = "test") -> float:
     num = den = 0
-    for r in records.iter_records(out_dir, split):
+    for r in shards.iter_records(out_dir, split):
         a, b = _dice(r["vessel"], truth[r["id"]], r["mask"])
         num, den = num + a, den + b
     return num / den
@@ -45,14 +46,14 @@ def _pooled_dice(out_dir: str, truth: dict[str, np.ndarray], split: str = "test"
 
 def _strip_vessels(src: str, dst: str, shards_per_split: int = 3) -> None:
     """A copy of a shard set whose records carry no vessel mask (as EyeQ's do), several shards per split."""
-    for split in records.read_manifest(src)["splits"]:
-        with records.ShardWriter(dst, "synthetic", split, num_shards=shards_per_split) as w:
-            for payload in records.iter_records(src, split, decode_images=False):
+    for split in shards.read_manifest(src)["splits"]:
+        with shards.ShardWriter(dst, "synthetic", split, num_shards=shards_per_split) as w:
+            for payload in shards.iter_records(src, split, decode_images=False):
                 w.write(msgpack.packb({**payload, "vessel": b""}, use_bin_type=True))
 
 
 def _payloads(path: str) -> dict[str, dict]:
-    return {p["id"]: p for p in records.iter_records(path, decode_images=False)}
+    return {p["id"]: p for p in shards.iter_records(path, decode_images=False)}
 
 
 def _run(*args: str, devices: int = 1) -> None:
@@ -94,7 +95,7 @@ def teacher_pass(synthetic, teacher_dir, tmp_path_factory):
 
 
 def _truth(synthetic) -> dict[str, np.ndarray]:
-    return {r["id"]: r["vessel"] for r in records.iter_records(synthetic[0], "test")}
+    return {r["id"]: r["vessel"] for r in shards.iter_records(synthetic[0], "test")}
 
 
 # --------------------------------------------------------------------------- the teacher's pass
@@ -113,8 +114,8 @@ def test_teacher_pass_adds_a_mask_to_every_record_and_copies_every_other_field_b
 @pytest.mark.slow
 def test_teacher_pass_manifest_counts_the_masks_and_names_method_and_checkpoint(synthetic, teacher_dir,
                                                                                 teacher_pass):
-    manifest = records.read_manifest(teacher_pass)
-    source = records.read_manifest(synthetic[1])
+    manifest = shards.read_manifest(teacher_pass)
+    source = shards.read_manifest(synthetic[1])
     assert set(manifest["splits"]) == set(source["splits"])
     for split, entry in manifest["splits"].items():
         assert entry["with_vessel_mask"] == entry["num_records"] == source["splits"][split]["num_records"]
@@ -139,7 +140,7 @@ def test_teacher_masks_score_the_teachers_own_evaluation_and_beat_an_all_zero_ma
 def test_frangi_pass_needs_no_teacher_and_reaches_the_stated_dice(synthetic, tmp_path):
     out = str(tmp_path / "frangi")
     assert pseudo_masks.main(["--shards", synthetic[1], "--method", "frangi", "--out", out, "--workers", "1"]) == 0
-    manifest = records.read_manifest(out)
+    manifest = shards.read_manifest(out)
     assert {e["vessel_masks"]["method"] for e in manifest["splits"].values()} == {"frangi"}
     assert _pooled_dice(out, _truth(synthetic)) > FRANGI_MIN_DICE
 
@@ -147,7 +148,7 @@ def test_frangi_pass_needs_no_teacher_and_reaches_the_stated_dice(synthetic, tmp
 def test_a_masked_set_carries_every_sidecar_and_feeds_a_class_balanced_loader(synthetic, tmp_path):
     out = str(tmp_path / "masked")
     assert pseudo_masks.main(["--shards", synthetic[1], "--method", "matched", "--out", out, "--workers", "1"]) == 0
-    manifest = records.read_manifest(out)
+    manifest = shards.read_manifest(out)
     for split, entry in manifest["splits"].items():
         with open(os.path.join(synthetic[1], entry["labels"])) as a, open(os.path.join(out, entry["labels"])) as b:
             assert a.read() == b.read(), split
@@ -162,7 +163,7 @@ def test_a_masked_set_carries_every_sidecar_and_feeds_a_class_balanced_loader(sy
 def test_a_damaged_input_shard_is_named_before_any_shard_is_masked(synthetic, tmp_path, capsys):
     damaged = str(tmp_path / "damaged")
     shutil.copytree(synthetic[1], damaged)
-    shard = records.split_shards(damaged, "val")[0]
+    shard = shards.split_shards(damaged, "val")[0]
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     out = str(tmp_path / "out")
@@ -204,14 +205,14 @@ def test_a_pass_interrupted_mid_shard_resumes_to_the_uninterrupted_result_withou
         pseudo_masks.run_pass(plain, resumed, _failing_after(masker, 5), settings, batch_size=2)
     done_before = _shard_files(resumed)
     assert 0 < len(done_before) < len(_shard_files(straight))
-    assert not os.path.exists(os.path.join(resumed, records.MANIFEST))  # incomplete: no manifest
+    assert not os.path.exists(os.path.join(resumed, shards.MANIFEST))  # incomplete: no manifest
     open(os.path.join(resumed, f".{next(iter(done_before))}.tmp-99999"), "wb").close()  # a killed writer's leftover
     pseudo_masks.run_pass(plain, resumed, masker, settings, batch_size=2)
     after = _shard_files(resumed)
     assert {n: after[n] for n in done_before} == done_before  # finished shards were not redone
     assert sorted(os.listdir(resumed)) == sorted(os.listdir(straight))  # no partial files left
-    ids = [p["id"] for p in records.iter_records(resumed, decode_images=False)]
-    assert len(ids) == len(set(ids)) == sum(e["num_records"] for e in records.read_manifest(plain)["splits"].values())
+    ids = [p["id"] for p in shards.iter_records(resumed, decode_images=False)]
+    assert len(ids) == len(set(ids)) == sum(e["num_records"] for e in shards.read_manifest(plain)["splits"].values())
     for name in after:
         with open(os.path.join(resumed, name), "rb") as a, open(os.path.join(straight, name), "rb") as b:
             assert a.read() == b.read(), name
@@ -226,7 +227,7 @@ def test_rerunning_a_finished_pass_rewrites_nothing_but_other_settings_redo_ever
     assert _shard_files(out) == first
     assert pseudo_masks.main(args + ["--method", "frangi"]) == 0
     assert all(t != first[n] for n, t in _shard_files(out).items())
-    with open(os.path.join(out, records.MANIFEST)) as f:
+    with open(os.path.join(out, shards.MANIFEST)) as f:
         assert {e["vessel_masks"]["method"] for e in json.load(f)["splits"].values()} == {"frangi"}
 
 
@@ -234,10 +235,10 @@ def test_keep_existing_copies_records_that_carry_a_mask_unchanged(synthetic, tmp
     out = str(tmp_path / "kept")
     assert pseudo_masks.main(["--shards", synthetic[0], "--out", out, "--method", "matched", "--workers", "1",
                               "--keep-existing"]) == 0
-    source = {r["id"]: r for r in records.iter_records(synthetic[0], decode_images=False)}
+    source = {r["id"]: r for r in shards.iter_records(synthetic[0], decode_images=False)}
     assert _payloads(out) == source
     assert all(e["vessel_masks"]["kept_existing"] == e["num_records"]
-               for e in records.read_manifest(out)["splits"].values())
+               for e in shards.read_manifest(out)["splits"].values())
 
 
 # --------------------------------------------------------------------------- guardrails
@@ -259,7 +260,7 @@ def test_a_checkpoint_of_another_stage_is_refused_by_name(tmp_path, capsys):
     from cleaq_jax.runtime import checkpoint
 
     batch = tiny.random_batch(1, 32)
-    with records.ShardWriter(str(tmp_path / "shards"), "tiny", "train", num_shards=1) as w:
+    with shards.ShardWriter(str(tmp_path / "shards"), "tiny", "train", num_shards=1) as w:
         w.write({"image": batch["image"][0], "mask": batch["mask"][0], "id": "a"})
     ckpt = str(tmp_path / "stage1" / "checkpoints")
     with checkpoint.Checkpointer(ckpt, async_save=False) as saver:

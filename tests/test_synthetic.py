@@ -12,6 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cleaq_jax.data import location, records, synthetic
+from cleaq_jax.data import shards
 from data_prep import synthetic as prep
 
 FIELDS = {"image", "clean", "mask", "vessel", "lesion", "dr_grade", "quality", "id", "source"}
@@ -75,7 +76,7 @@ def test_build_records_a_lesion_scale_and_rebuilds_when_it_changes(tmp_path):
     assert "lesion_scale" not in plain["splits"]["train"]["generator"]
     scaled = location.build_synthetic(out, 2, size=32, splits={"train": 1.0}, workers=1, lesion_scale=4)
     assert scaled["splits"]["train"]["generator"]["lesion_scale"] == 4.0
-    rec = next(records.iter_records(os.path.join(out, scaled["splits"]["train"]["shards"][0])))
+    rec = next(shards.iter_records(os.path.join(out, scaled["splits"]["train"]["shards"][0])))
     scaled_example = synthetic.generate_example(0, 0, 32, population=synthetic.Population(lesion_scale=4))
     np.testing.assert_array_equal(rec["image"], scaled_example["image"])
 
@@ -88,7 +89,7 @@ def test_a_run_builds_its_synthetic_set_with_the_configured_splits_and_names_a_b
     cfg = tiny.tiny_config(**{"data.dir": "", "data.synthetic.num": 10, "data.synthetic.splits.train": 0.3,
                               "data.synthetic.splits.val": 0.0, "data.synthetic.splits.test": 0.7})
     path = location.ensure_data(cfg, str(tmp_path / "run"))
-    counts = {k: v["num_records"] for k, v in records.read_manifest(path)["splits"].items()}
+    counts = {k: v["num_records"] for k, v in shards.read_manifest(path)["splits"].items()}
     assert counts == {"train": 3, "test": 7}
     cfg.data.synthetic.splits.test = 0.5
     with pytest.raises(ValueError, match=r"config\.data\.synthetic\.splits: the split fractions must sum to 1"):
@@ -100,7 +101,7 @@ def test_built_records_keep_the_clean_image_as_reference_at_every_quality_level(
     manifest = location.build_synthetic(str(tmp_path), 12, size=32, splits={"train": 1.0}, workers=1)
     assert manifest["splits"]["train"]["with_reference"] == 12
     seen = set()
-    for i, rec in enumerate(sorted(records.iter_records(str(tmp_path), "train"), key=lambda r: r["id"])):
+    for i, rec in enumerate(sorted(shards.iter_records(str(tmp_path), "train"), key=lambda r: r["id"])):
         ex = synthetic.generate_example(0, i, 32)
         assert rec["id"] == ex["id"]
         np.testing.assert_array_equal(rec["reference"], ex["clean"])
@@ -202,12 +203,12 @@ def test_cli_writes_the_splits_with_their_counts_and_decodable_records(tmp_path,
     rc = prep.main(["--out", str(out), "--num", "10", "--size", "32", "--seed", "3",
                     "--splits", "train=0.8,test=0.2", "--workers", "1"])
     assert rc == 0
-    manifest = json.loads((out / records.MANIFEST).read_text())
+    manifest = json.loads((out / shards.MANIFEST).read_text())
     assert {k: v["num_records"] for k, v in manifest["splits"].items()} == {"train": 8, "test": 2}
     assert manifest["splits"]["train"]["image_size"] == [32, 32]
-    test_ids = [r["id"] for r in records.iter_records(str(out), "test")]
+    test_ids = [r["id"] for r in shards.iter_records(str(out), "test")]
     assert test_ids == [synthetic.example_id(3, 8), synthetic.example_id(3, 9)]
-    for rec in records.iter_records(str(out), "train"):
+    for rec in shards.iter_records(str(out), "train"):
         want = synthetic.generate_example(3, int(rec["id"].rsplit("-", 1)[1]), 32)
         np.testing.assert_array_equal(rec["image"], want["image"])
         assert (rec["dr_grade"], rec["quality"], rec["source"]) == (want["dr_grade"], want["quality"], "synthetic")

@@ -16,6 +16,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from google.protobuf import json_format  # noqa: E402
 
 from cleaq_jax.data import pipeline, records, tfds_features, tfds_metadata  # noqa: E402
+from cleaq_jax.data import shards  # noqa: E402
 from data_prep import pseudo_masks  # noqa: E402
 from cleaq_jax.data.location import build_synthetic  # noqa: E402
 
@@ -37,7 +38,7 @@ def _example(i: int, *, vessel: bool) -> dict:
 
 
 def test_builder_lists_every_split_with_the_manifests_counts_and_shards(prepared):
-    manifest = records.read_manifest(prepared)
+    manifest = shards.read_manifest(prepared)
     info = tfds.builder_from_directory(prepared).info
     assert (info.name, str(info.version), info.file_format.value) == ("synthetic", "1.0.0", "array_record")
     assert sorted(info.splits) == sorted(manifest["splits"]) == ["test", "train", "val"]
@@ -57,7 +58,7 @@ def test_builder_lists_every_split_with_the_manifests_counts_and_shards(prepared
 def test_data_source_returns_each_record_as_decode_record_does(prepared):
     sources = tfds.builder_from_directory(prepared).as_data_source()
     for split in ("train", "val", "test"):
-        want = list(records.iter_records(prepared, split))
+        want = list(shards.iter_records(prepared, split))
         got = sources[split]
         assert len(got) == len(want)
         for i, record in enumerate(want):
@@ -78,7 +79,7 @@ def test_raw_bytes_data_source_yields_the_stored_record_bytes(prepared):
     from array_record.python import array_record_module
 
     stored = []
-    for shard in records.split_shards(prepared, "test"):
+    for shard in shards.split_shards(prepared, "test"):
         reader = array_record_module.ArrayRecordReader(shard)
         stored += reader.read(list(range(reader.num_records())))
         reader.close()
@@ -86,7 +87,7 @@ def test_raw_bytes_data_source_yields_the_stored_record_bytes(prepared):
 
 
 def test_record_without_vessel_mask_reads_as_zeros_with_has_vessel_false(tmp_path):
-    with records.ShardWriter(str(tmp_path), "t", "train", num_shards=1) as w:
+    with shards.ShardWriter(str(tmp_path), "t", "train", num_shards=1) as w:
         w.write(_example(0, vessel=False))
         w.write(_example(1, vessel=True))
     source = tfds.builder_from_directory(str(tmp_path)).as_data_source("train")
@@ -97,16 +98,16 @@ def test_record_without_vessel_mask_reads_as_zeros_with_has_vessel_false(tmp_pat
 
 
 def test_splits_whose_shards_carry_another_name_open_too(tmp_path):
-    with records.ShardWriter(str(tmp_path), "alpha", "train", num_shards=2) as w:
+    with shards.ShardWriter(str(tmp_path), "alpha", "train", num_shards=2) as w:
         for i in range(3):
             w.write(_example(i, vessel=True))
-    with records.ShardWriter(str(tmp_path), "beta", "test", num_shards=1) as w:
+    with shards.ShardWriter(str(tmp_path), "beta", "test", num_shards=1) as w:
         w.write(_example(9, vessel=True))
     builder = tfds.builder_from_directory(str(tmp_path))
     assert builder.info.name == "beta"  # the first split in sorted order names the dataset
-    assert builder.info.splits["train"].filenames == records.read_manifest(str(tmp_path))["splits"]["train"]["shards"]
+    assert builder.info.splits["train"].filenames == shards.read_manifest(str(tmp_path))["splits"]["train"]["shards"]
     sources = builder.as_data_source()
-    assert [sources["train"][i]["id"] for i in range(3)] == [r["id"] for r in records.iter_records(str(tmp_path), "train")]
+    assert [sources["train"][i]["id"] for i in range(3)] == [r["id"] for r in shards.iter_records(str(tmp_path), "train")]
     assert sources["test"][0]["id"] == "img_09"
 
 
@@ -170,7 +171,7 @@ def test_derived_shard_sets_carry_metadata_of_their_own_shards(prepared, tmp_pat
     ones = lambda payloads: [np.ones_like(records.decode_png(p["mask"], color=False)) for p in payloads]  # noqa: E731
     pseudo_masks.run_pass(prepared, out, ones, {"method": "ones"})
     info = tfds.builder_from_directory(out).info
-    manifest = records.read_manifest(out)
+    manifest = shards.read_manifest(out)
     for split, entry in manifest["splits"].items():
         assert info.splits[split].num_bytes == sum(os.path.getsize(os.path.join(out, s)) for s in entry["shards"])
     assert f"{manifest['splits']['train']['num_records']} with a vessel mask" in info.description

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cleaq_jax.data import records
+from cleaq_jax.data import shards
 
 # The epoch plan's random stream of a seed; the loader's augmentation draws from another.
 PLAN_STREAM = 0
@@ -70,10 +71,10 @@ def _class_counts(labels: np.ndarray) -> dict[int, int]:
 def manifest_class_counts(data_dir: str, split: str, balance_by: str) -> tuple[dict[int, int], int]:
     """({class: count} of known labels, number of unknown labels) of a split, from manifest.json.
 
-    Reads the manifest's quality x grade table (`records.count_table`), so no record is opened.
+    Reads the manifest's quality x grade table (`shards.count_table`), so no record is opened.
     """
     counts: dict[int, int] = {}
-    for quality_name, row in records.split_entry(data_dir, split)["counts"].items():
+    for quality_name, row in shards.split_entry(data_dir, split)["counts"].items():
         for grade_key, n in row.items():
             if grade_key == "all":
                 continue
@@ -88,10 +89,10 @@ def manifest_class_counts(data_dir: str, split: str, balance_by: str) -> tuple[d
 def split_labels(data_dir: str, split: str, balance_by: str) -> np.ndarray:
     """(N,) int32 labels (``dr_grade`` or ``quality``) of a split's records, in source order.
 
-    From the split's labels file (`records.split_labels`): no record is opened, so a host reads only
+    From the split's labels file (`shards.split_labels`): no record is opened, so a host reads only
     its own records. Read-only, as the plan cache shares it between threads.
     """
-    labels = np.asarray(records.split_labels(data_dir, split)[balance_by], np.int32)
+    labels = np.asarray(shards.split_labels(data_dir, split)[balance_by], np.int32)
     labels.setflags(write=False)
     return labels
 

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 
 from cleaq_jax.data import records, synthetic
+from cleaq_jax.data import shards
 from cleaq_jax.runtime import console, parallel, storage
 
 NAME = "synthetic"
@@ -51,7 +52,7 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     their directory. Every process calls it; process 0 builds, the others wait."""
     path = data_dir(cfg, workdir)
     storage.require_local(path, "config.data.dir" if cfg.data.dir else "the synthetic shard directory <workdir>/data")
-    manifest = os.path.join(path, records.MANIFEST)
+    manifest = os.path.join(path, shards.MANIFEST)
     if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
         splits = {k: float(v) for k, v in cfg.data.synthetic.get("splits", DEFAULT_SPLITS).items() if v > 0}
         check_fractions(splits, "config.data.synthetic.splits")
@@ -64,10 +65,10 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
         parallel.barrier("synthetic-data")
     if not os.path.exists(manifest):
         raise FileNotFoundError(
-            f"no shards at config.data.dir={path} ({records.MANIFEST} missing). Build them first, e.g. "
+            f"no shards at config.data.dir={path} ({shards.MANIFEST} missing). Build them first, e.g. "
             f"`python -m data_prep.synthetic --out {path} --size {cfg.data.image_size}` or the data_prep "
             f"CLI for your dataset (docs/data.md)")
-    size = records.read_manifest(path)["splits"].get(cfg.data.train_split, {}).get("image_size")
+    size = shards.read_manifest(path)["splits"].get(cfg.data.train_split, {}).get("image_size")
     if size and size[0] != cfg.data.image_size:
         raise ValueError(f"config.data.image_size={cfg.data.image_size} but the shards in {path} are "
                          f"{size[0]} px: set --config.data.image_size={size[0]} or re-run data_prep with --size")
@@ -129,9 +130,9 @@ def _generator_info(num: int, size: int, seed: int, splits: Mapping[str, float],
 
 def _is_built(out: str, info: Mapping[str, Any]) -> bool:
     """True when ``out`` already holds the complete shard set these arguments would write."""
-    if not os.path.exists(os.path.join(out, records.MANIFEST)):
+    if not os.path.exists(os.path.join(out, shards.MANIFEST)):
         return False
-    manifest = records.read_manifest(out)
+    manifest = shards.read_manifest(out)
     built = manifest.get("splits", {})
     return set(built) == set(info["generator"]["splits"]) and all(
         s.get("generator") == info["generator"] for s in built.values())
@@ -168,7 +169,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
         raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
     info = _generator_info(num, size, seed, splits, lesion_scale)
     if not overwrite and _is_built(out, info):
-        return records.read_manifest(out)
+        return shards.read_manifest(out)
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".build-")
     try:
@@ -176,7 +177,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
         _replace_set(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return records.read_manifest(out)
+    return shards.read_manifest(out)
 
 
 def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str, float], workers: int,
@@ -190,8 +191,8 @@ def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str,
         for split, count in split_counts(num, splits).items():
             jobs = [(seed, i, size, float(lesion_scale)) for i in range(start, start + count)]
             start += count
-            shards = num_shards or min(count, max(2, math.ceil(count / 1024)))
-            with records.ShardWriter(tmp, NAME, split, num_shards=shards, extra_manifest=info) as writer:
+            parts = num_shards or min(count, max(2, math.ceil(count / 1024)))
+            with shards.ShardWriter(tmp, NAME, split, num_shards=parts, extra_manifest=info) as writer:
                 encoded = pool.imap(_encode, jobs, chunksize=4) if pool else map(_encode, jobs)
                 for data in encoded:  # imap keeps index order, so shards do not depend on workers
                     writer.write(data)
@@ -204,14 +205,14 @@ def _write_splits(tmp: str, num: int, size: int, seed: int, splits: Mapping[str,
 
 def _replace_set(tmp: str, out: str) -> None:
     """Shards first, manifest last; shards of an older set in ``out`` are removed first."""
-    old = os.path.join(out, records.MANIFEST)
+    old = os.path.join(out, shards.MANIFEST)
     if os.path.exists(old):
-        for split in records.read_manifest(out).get("splits", {}).values():
+        for split in shards.read_manifest(out).get("splits", {}).values():
             for shard in split.get("shards", []):
                 if os.path.exists(os.path.join(out, shard)):
                     os.remove(os.path.join(out, shard))
         os.remove(old)
     for name in sorted(os.listdir(tmp)):
-        if name != records.MANIFEST and not name.startswith("."):
+        if name != shards.MANIFEST and not name.startswith("."):
             storage.move_into_place(os.path.join(tmp, name), os.path.join(out, name))
-    storage.move_into_place(os.path.join(tmp, records.MANIFEST), old)
+    storage.move_into_place(os.path.join(tmp, shards.MANIFEST), old)

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from cleaq_jax.data import balance, decode, records
+from cleaq_jax.data import shards
 
 # Each copy's augmentation draws from a random stream of the seed apart from the epoch plan's.
 _AUGMENT_STREAM = balance.PLAN_STREAM + 1
@@ -168,14 +169,14 @@ def num_batches_per_epoch(data_dir: str, split: str = "train", *, global_batch_s
 
 def num_eval_batches(data_dir: str, split: str, *, global_batch_size: int) -> int:
     """Batches `eval_loader` yields: ceil(num_records / global_batch_size)."""
-    return -(-records.split_entry(data_dir, split)["num_records"] // global_batch_size)
+    return -(-shards.split_entry(data_dir, split)["num_records"] // global_batch_size)
 
 
 def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int, sampling: EpochSampling,
                  num_epochs: int | None = None, reading: RecordReading = RecordReading()) -> LoaderIterator:
     """Shuffled, class-balanced, augmented training batches of this process (see module docstring).
 
-    data_dir/split: a shard set written by `records.ShardWriter`. global_batch_size: G, a multiple
+    data_dir/split: a shard set written by `shards.ShardWriter`. global_batch_size: G, a multiple
     of the process count P (b = G // P rows per batch here). sampling: seed, class balance and
     augmentation (`EpochSampling`). num_epochs: None for endless. reading: image size, this
     process's place, workers, threads and an optional TFDS source (`RecordReading`).
@@ -300,7 +301,7 @@ def _process(reading: RecordReading) -> tuple[int, int]:
 
 
 class _CheckedShards(grain.MapDataset):
-    """The records of a split's shards; a failed read raises `records.ShardError` naming the shard."""
+    """The records of a split's shards; a failed read raises `shards.ShardError` naming the shard."""
 
     def __init__(self, paths: list[str], counts: list[int]):
         # "path[start:end]" tells grain each shard's size, so it does not open every shard again.
@@ -322,7 +323,7 @@ class _CheckedShards(grain.MapDataset):
         except RuntimeError as e:  # riegeli reports a damaged chunk as RuntimeError, naming no file
             shard = int(np.searchsorted(self._ends, index, side="right"))
             local = index - (int(self._ends[shard - 1]) if shard else 0)
-            raise records.shard_error(self._paths[shard], f"reading its record {local} failed ({e or 'unreadable'})") from e
+            raise shards.shard_error(self._paths[shard], f"reading its record {local} failed ({e or 'unreadable'})") from e
 
 
 def _source(data_dir: str, split: str, records_in: Sequence[Any] | None = None) -> grain.MapDataset:
@@ -330,26 +331,26 @@ def _source(data_dir: str, split: str, records_in: Sequence[Any] | None = None) 
     whole split), checked against the manifest's count."""
     if records_in is not None:
         source = grain.MapDataset.source(records_in)
-        expected = records.split_entry(data_dir, split)["num_records"]
+        expected = shards.split_entry(data_dir, split)["num_records"]
         if len(source) != expected:
             raise records.RecordError(
-                f"{os.path.join(data_dir, records.MANIFEST)} lists {expected} records for split {split!r} "
+                f"{os.path.join(data_dir, shards.MANIFEST)} lists {expected} records for split {split!r} "
                 f"but the given source holds {len(source)}: pass the whole split (no TFDS slice)")
         return source
-    paths = records.check_shards(data_dir, split)
-    entry = records.split_entry(data_dir, split)
+    paths = shards.check_shards(data_dir, split)
+    entry = shards.split_entry(data_dir, split)
     source = _CheckedShards(paths, list(entry["records_per_shard"]))
     if len(source) != entry["num_records"]:
         raise records.RecordError(
-            f"{os.path.join(data_dir, records.MANIFEST)} lists {entry['num_records']} records for split "
-            f"{split!r} but its shards hold {len(source)}: {records.rebuild_hint(data_dir, split)}")
+            f"{os.path.join(data_dir, shards.MANIFEST)} lists {entry['num_records']} records for split "
+            f"{split!r} but its shards hold {len(source)}: {shards.rebuild_hint(data_dir, split)}")
     return source
 
 
 def _image_size(data_dir: str, split: str, image_size: int | None) -> int:
     if image_size is not None:
         return int(image_size)
-    shape = records.split_entry(data_dir, split).get("image_size") or []
+    shape = shards.split_entry(data_dir, split).get("image_size") or []
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(
             f"records of split {split!r} in {data_dir} are {shape or 'of unknown size'}, not square: "

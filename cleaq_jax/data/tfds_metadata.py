@@ -1,7 +1,7 @@
 """TensorFlow Datasets metadata for a shard set: the ``dataset_info.json`` and ``features.json`` that
 ``tfds.builder_from_directory`` reads, derived from ``manifest.json`` alone.
 
-`records.write_manifest` writes both beside every manifest (no TensorFlow or TFDS needed to write),
+`shards.write_manifest` writes both beside every manifest (no TensorFlow or TFDS needed to write),
 so a shard directory opens as a TFDS dataset::
 
     import tensorflow_datasets as tfds
@@ -86,7 +86,7 @@ def dataset_name(manifest: Mapping[str, Any]) -> str:
 def dataset_info(manifest: Mapping[str, Any], shard_bytes: Mapping[str, int]) -> dict[str, Any]:
     """The content of ``dataset_info.json`` (TFDS DatasetInfo proto as JSON) for a manifest.
 
-    manifest: as `records.read_manifest` returns it; shard_bytes: {shard file name: size in bytes}.
+    manifest: as `shards.read_manifest` returns it; shard_bytes: {shard file name: size in bytes}.
     Splits keep the manifest's shards in order with their record counts (``shardLengths``).
     """
     name = dataset_name(manifest)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cleaq_jax.models.resnet import ResNet, resnet34, resnet50
-from cleaq_jax.runtime.storage import atomic_file
+from cleaq_jax.runtime import storage
 
 ARCHS = {"resnet34": resnet34, "resnet50": resnet50}
 VARIABLES_FILE = "variables.msgpack"
@@ -245,9 +246,9 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
            stage_sizes: Sequence[int] | None = None) -> dict:
     """Convert a torchvision weight file into a pretrained directory.
 
-    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head). Each file is put
-    whole (`storage.atomic_file`), ``meta.json`` last: `load` reads that first, so a directory is used only
-    when complete, and a failed export removes the directory it made.
+    The class count comes from the file's ``fc.weight`` (no fc: a trunk without head). The directory is
+    written under a hidden name beside ``out_dir`` and moved into place whole (`storage.move_into_place`),
+    so an interrupted export leaves no directory that looks complete and blocks no rerun.
     Returns the meta dict also written to ``out_dir/meta.json``.
     """
     if os.path.exists(out_dir):
@@ -259,15 +260,15 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
     meta = {"arch": arch, "width": width, "stage_sizes": list(model.stage_sizes),
             "num_classes": num_classes, "source": os.path.basename(weights_file),
             "sha256": _sha256(weights_file), "num_params": num_params(variables)}
-    os.makedirs(out_dir)
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
+    os.makedirs(tmp)  # the usual umask permissions, as the directory will have
     try:
-        atomic_file(os.path.join(out_dir, VARIABLES_FILE),
-                    lambda tmp: _write(tmp, flax.serialization.msgpack_serialize(variables)))
-        atomic_file(os.path.join(out_dir, META_FILE),
-                    lambda tmp: _write(tmp, json.dumps(meta, indent=2).encode()))
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+        _write(os.path.join(tmp, VARIABLES_FILE), flax.serialization.msgpack_serialize(variables))
+        _write(os.path.join(tmp, META_FILE), json.dumps(meta, indent=2).encode())
+        storage.move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

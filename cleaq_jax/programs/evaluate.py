@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cleaq_jax.data import degrade, location, pipeline, records
+from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference, metrics, report, restore
 from cleaq_jax.programs import pictures
 from cleaq_jax.runtime import console, parallel, storage
@@ -269,6 +270,6 @@ def merge_for_eval(trained: ml_collections.ConfigDict, cfg: ml_collections.Confi
         merged.data.dir = cfg.data.dir
     elif not trained.data.dir and trained.data.synthetic.num > 0 and directory:
         train_data = os.path.join(os.path.dirname(os.path.dirname(directory)), "data")  # <workdir>/<stage>/checkpoints
-        if not storage.is_remote(train_data) and os.path.exists(os.path.join(train_data, records.MANIFEST)):
+        if not storage.is_remote(train_data) and os.path.exists(os.path.join(train_data, shards.MANIFEST)):
             merged.data.dir = train_data
     return merged

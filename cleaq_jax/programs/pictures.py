@@ -26,7 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cleaq_jax.data import pipeline, records, vesselness
+from cleaq_jax.data import pipeline, vesselness
+from cleaq_jax.data import shards
 from cleaq_jax.data.records import QUALITY_NAMES
 from cleaq_jax.evaluation import gradcam, inference, metrics, report, restore
 from cleaq_jax.models import factory
@@ -87,7 +88,7 @@ def segmenter_for(cfg: ml_collections.ConfigDict) -> Segmenter:
 
 def true_vessels(data_dir: str, split: str) -> str:
     """Why the split's vessel masks cannot score a segmentation ("" when they are ground truth)."""
-    entry = records.read_manifest(data_dir)["splits"].get(split, {})
+    entry = shards.read_manifest(data_dir)["splits"].get(split, {})
     if not entry.get("with_vessel_mask"):
         return f"split {split!r} of {data_dir} has no vessel masks"
     if "vessel_masks" in entry:

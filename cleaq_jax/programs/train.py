@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cleaq_jax.data import location, pipeline, records
+from cleaq_jax.data import location, pipeline
+from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference
 from cleaq_jax.models import factory
 from cleaq_jax.programs import evaluate, teacher
@@ -67,7 +68,7 @@ def _validation_split(cfg: ml_collections.ConfigDict, data_dir: str, stage: str)
     if not int(cfg.eval_every_epochs) or stage in stages.TEACHER_STAGES:
         return None
     split = str(cfg.data.val_split)
-    if split not in records.read_manifest(data_dir)["splits"]:
+    if split not in shards.read_manifest(data_dir)["splits"]:
         console.say("%s: no validation during training: %s has no %r split (config.data.val_split; prepare "
                     "one with data_prep's --split %s, or set config.eval_every_epochs=0 to silence this)",
                     stage, data_dir, split, split)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cleaq_jax.data import records
+from cleaq_jax.data import shards
 from cleaq_jax.programs.ablations.collect import collect_results
 from cleaq_jax.programs.ablations.figures import enhancement_examples_figure, per_quality_kappa_figure
 from cleaq_jax.programs.ablations.plan import VARIANTS, config_path, load_config, typed_command
@@ -23,7 +24,7 @@ def describe_study(args: argparse.Namespace, data_dir: str, overrides: Mapping[s
                    runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What results.md states about the study: command, data, schedule, machine."""
     cfg = load_config(config_path(runs[0]["variant"]), overrides)
-    splits = records.read_manifest(data_dir)["splits"]
+    splits = shards.read_manifest(data_dir)["splits"]
     data = {name: {"num_records": s.get("num_records"),
                    "quality": {q: s.get("counts", {}).get(q, {}).get("all", 0) for q in records.QUALITY_NAMES}}
             for name, s in sorted(splits.items())}

@@ -7,7 +7,8 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from cleaq_jax.data import location, records
+from cleaq_jax.data import location
+from cleaq_jax.data import shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +25,14 @@ class SyntheticSet:
 def prepare_shards(data_dir: str, size: int | None, synthetic: SyntheticSet) -> int:
     """Check the shards in ``data_dir`` (building ``synthetic`` there when there are none and it asks for
     examples) against ``size``; returns their image size."""
-    if not os.path.exists(os.path.join(data_dir, records.MANIFEST)):
+    if not os.path.exists(os.path.join(data_dir, shards.MANIFEST)):
         if not synthetic.num:
             raise FileNotFoundError(
-                f"--data {data_dir}: no {records.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
+                f"--data {data_dir}: no {shards.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
                 "or pass --build-synthetic N (and --size S) to build a synthetic set there")
         location.build_synthetic(data_dir, num=synthetic.num, size=size or synthetic.size, seed=synthetic.seed,
                                   lesion_scale=synthetic.lesion_scale, splits=synthetic.splits)
-    splits = records.read_manifest(data_dir)["splits"]
+    splits = shards.read_manifest(data_dir)["splits"]
     sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
     built = next(iter(sizes))[0] if len(sizes) == 1 else None
     if size is not None and built is not None and size != built:
