@@ -88,12 +88,12 @@ def test_a_run_builds_its_synthetic_set_with_the_configured_splits_and_names_a_b
 
     cfg = tiny.tiny_config(**{"data.dir": "", "data.synthetic.num": 10, "data.synthetic.splits.train": 0.3,
                               "data.synthetic.splits.val": 0.0, "data.synthetic.splits.test": 0.7})
-    path = location.ensure_data(cfg, str(tmp_path / "run"))
+    path = location.ensure_data(cfg.data, str(tmp_path / "run"))
     counts = {k: v["num_records"] for k, v in shards.read_manifest(path)["splits"].items()}
     assert counts == {"train": 3, "test": 7}
     cfg.data.synthetic.splits.test = 0.5
     with pytest.raises(ValueError, match=r"config\.data\.synthetic\.splits: the split fractions must sum to 1"):
-        location.ensure_data(cfg, str(tmp_path / "other"))
+        location.ensure_data(cfg.data, str(tmp_path / "other"))
     assert not os.path.exists(tmp_path / "other")
 
 

@@ -37,40 +37,41 @@ GENERATOR_VERSION = 2
 
 
 # --------------------------------------------------------------------------- a run's data
-def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """config.data.dir, or <workdir>/data when it is empty and synthetic data is configured."""
-    if cfg.data.dir:
-        return cfg.data.dir
-    if cfg.data.synthetic.num > 0:
+def data_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
+    """config.data.dir, or <workdir>/data when it is empty and synthetic data is configured (data:
+    the config's data block)."""
+    if data.dir:
+        return data.dir
+    if data.synthetic.num > 0:
         return os.path.join(workdir, "data")
     raise ValueError("config.data.dir is empty: point it at shards written by data_prep "
                      "(e.g. `python -m data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
 
 
-def ensure_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Check the shards exist (building the synthetic set on first use when configured); returns
-    their directory. Every process calls it; process 0 builds, the others wait."""
-    path = data_dir(cfg, workdir)
-    storage.require_local(path, "config.data.dir" if cfg.data.dir else "the synthetic shard directory <workdir>/data")
+def ensure_data(data: ml_collections.ConfigDict, workdir: str) -> str:
+    """Check the shards of the config's data block exist (building the synthetic set on first use when
+    configured); returns their directory. Every process calls it; process 0 builds, the others wait."""
+    path = data_dir(data, workdir)
+    storage.require_local(path, "config.data.dir" if data.dir else "the synthetic shard directory <workdir>/data")
     manifest = os.path.join(path, shards.MANIFEST)
-    if not os.path.exists(manifest) and cfg.data.synthetic.num > 0:
-        splits = {k: float(v) for k, v in cfg.data.synthetic.get("splits", DEFAULT_SPLITS).items() if v > 0}
+    if not os.path.exists(manifest) and data.synthetic.num > 0:
+        splits = {k: float(v) for k, v in data.synthetic.splits.items() if v > 0}
         check_fractions(splits, "config.data.synthetic.splits")
         if jax.process_index() == 0:
-            console.say("building %d synthetic fundus images at %d px into %s", cfg.data.synthetic.num,
-                        cfg.data.image_size, path)
-            build_synthetic(path, num=int(cfg.data.synthetic.num), size=int(cfg.data.image_size),
-                            seed=int(cfg.data.synthetic.seed), splits=splits,
-                            lesion_scale=float(cfg.data.synthetic.lesion_scale))
+            console.say("building %d synthetic fundus images at %d px into %s", data.synthetic.num,
+                        data.image_size, path)
+            build_synthetic(path, num=int(data.synthetic.num), size=int(data.image_size),
+                            seed=int(data.synthetic.seed), splits=splits,
+                            lesion_scale=float(data.synthetic.lesion_scale))
         parallel.barrier("synthetic-data")
     if not os.path.exists(manifest):
         raise FileNotFoundError(
             f"no shards at config.data.dir={path} ({shards.MANIFEST} missing). Build them first, e.g. "
-            f"`python -m data_prep.synthetic --out {path} --size {cfg.data.image_size}` or the data_prep "
+            f"`python -m data_prep.synthetic --out {path} --size {data.image_size}` or the data_prep "
             f"CLI for your dataset (docs/data.md)")
-    size = shards.read_manifest(path)["splits"].get(cfg.data.train_split, {}).get("image_size")
-    if size and size[0] != cfg.data.image_size:
-        raise ValueError(f"config.data.image_size={cfg.data.image_size} but the shards in {path} are "
+    size = shards.read_manifest(path)["splits"].get(data.train_split, {}).get("image_size")
+    if size and size[0] != data.image_size:
+        raise ValueError(f"config.data.image_size={data.image_size} but the shards in {path} are "
                          f"{size[0]} px: set --config.data.image_size={size[0]} or re-run data_prep with --size")
     return path
 

@@ -60,7 +60,7 @@ def _steps_per_epoch(stage_dir: str) -> float | None:
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
     if not steps:
         return None
-    epochs = int(checkpoint.read_trained_config(directory, steps[-1]).get("num_epochs", 0))
+    epochs = int(checkpoint.read_trained_config(directory, steps[-1]).num_epochs)
     return steps[-1] / epochs if epochs else None
 
 

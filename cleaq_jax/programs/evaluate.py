@@ -248,7 +248,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 restored.chosen, restored.stage, "+".join(restored.nets), merged.data.eval_split)
     # The restored stage as trained, reading this run's data and writing into <workdir>/eval.
     stage = stages.Stage.from_config(merged, restored.stage, steps_per_epoch=0, directory=workdir,
-                                     data_dir=location.ensure_data(merged, workdir))
+                                     data_dir=location.ensure_data(merged.data, workdir))
     return evaluate_state(merged, stage, restored.state, restored.models, mesh)
 
 

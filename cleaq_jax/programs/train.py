@@ -39,7 +39,7 @@ def describe(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> tuple[s
     per epoch, validation split, earlier stages' directories and checkpoint ranking resolved; and the
     config its checkpoints save (naming the stage and the metric that ranks them, which evaluation
     restores the best by)."""
-    data_dir = location.ensure_data(cfg, workdir)
+    data_dir = location.ensure_data(cfg.data, workdir)
     nets = stages.stage_nets(cfg, name)
     val_split = _validation_split(cfg, data_dir, name)
     metric, mode = checkpoint.best_metric(cfg.checkpoint_metric, cfg.checkpoint_mode, nets,
