@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from cleaq_jax.data import balance, pipeline
+from cleaq_jax.data import balance, pipeline, shards
 from cleaq_jax.data import records as records_lib
 from cleaq_jax.data.shards import iter_records
 from data_prep import drive, eyeq, messidor
@@ -101,7 +101,7 @@ def test_eyeq_manifest_counts_only_the_written_records(eyeq_data, eyeq_run):
 
 def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
     out = str(eyeq_run[2])
-    split = records_lib.read_manifest(out)["splits"]["train"]
+    split = shards.read_manifest(out)["splits"]["train"]
     # The label CSV is provenance under its own key; "labels" stays the class-label file of the shards.
     assert split["labels"] == "eyeq-train.labels.json" and split["source_labels"] == "Label_EyeQ_train.csv"
     grades = balance.split_labels(out, "train", "dr_grade")
@@ -115,9 +115,9 @@ def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
 
 def test_eyeq_manifest_records_the_command_that_rebuilds_the_split(eyeq_data, eyeq_run):
     out = str(eyeq_run[2])
-    command = records_lib.read_manifest(out)["splits"]["train"]["prep_command"]
+    command = shards.read_manifest(out)["splits"]["train"]["prep_command"]
     assert command.startswith("python -m data_prep.eyeq --images ") and f"--out {out}" in command
-    assert records_lib.rebuild_hint(out, "train") == f"rebuild it with `{command}`"
+    assert shards.rebuild_hint(out, "train") == f"rebuild it with `{command}`"
 
 
 def test_progress_line_reports_count_rate_and_eta(eyeq_data, eyeq_run):
@@ -317,7 +317,7 @@ def test_messidor_records_do_not_depend_on_the_qt_batch_or_worker_count(messidor
 
 def test_messidor_prints_the_counts_table_of_its_manifest(messidor_run):
     _, err, out = messidor_run
-    table = records_lib.format_counts(records_lib.read_manifest(str(out)))
+    table = shards.format_counts(shards.read_manifest(str(out)))
     assert table in err
     rows = {tuple(line.split()[:2]): [int(x) for x in line.split()[2:]] for line in table.splitlines()[1:]}
     assert rows[("train", "all")][-1] + rows[("test", "all")][-1] == len(messidor_run_records(out))
