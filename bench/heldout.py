@@ -1,7 +1,7 @@
 """DR kappa per quality level, enhancement and IQA kappa of trained runs on a held-out shard set, mean ± sd over
 seeds and paired differences between methods.
 
-    python -m data_prep.synthetic --out HELDOUT --num 1200 --size 64 --seed 1 --lesion-scale 4 --splits test=1.0
+    python -m cleaq_jax.data_prep.synthetic --out HELDOUT --num 1200 --size 64 --seed 1 --lesion-scale 4 --splits test=1.0
     python bench/heldout.py --data HELDOUT \
         --method "DR alone=RUNS/dr20/seed{seed}/stage1" \
         --method "CLEQ-DR=RUNS/cleq_dr/seed{seed}/stage3" [--seeds 0,1,2] [--split test] [--json OUT.json]

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32,
                         help="EyeQ global batch (paper: 32); raised to the device count")
     parser.add_argument("--devices-per-host", type=int, default=4, help="accelerators per host (TPU v4/v5p: 4)")
-    parser.add_argument("--shards", type=int, default=16, help="EyeQ training shards (data_prep.eyeq's default)")
+    parser.add_argument("--shards", type=int, default=16, help="EyeQ training shards (cleaq_jax.data_prep.eyeq's default)")
     parser.add_argument("--work", default="", help="folder for the synthetic shards (default: a temp dir)")
     args = parser.parse_args(argv)
     from absl import flags

@@ -115,7 +115,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def bench_config(stage: str, size: int, global_batch: int, dtype: str, remat: bool, width: float,
                  overrides: dict[str, Any]):
     """configs/default.py with the benchmark's size, batch, dtype, remat and width, then overrides."""
-    from configs import default
+    from cleaq_jax.configs import default
 
     cfg = default.get_config()
     cfg.stage, cfg.batch_size = stage, global_batch

@@ -6,11 +6,11 @@ against the true vessels of synthetic fundus images (a stand-in for DRIVE in the
     python bench/vessel_masks.py --workdir W --data data/drive --size 512 --width 1 --encoder-stages 3 4 6 3
 
 1. Builds ``--num`` synthetic images at ``--size`` px (train 80% / test 20%; image, field-of-view mask
-   and true vessel mask in every record, like `python -m data_prep.drive` writes DRIVE), or takes the
+   and true vessel mask in every record, like `python -m cleaq_jax.data_prep.drive` writes DRIVE), or takes the
    shards of ``--data`` (DRIVE itself: then the scores are against its manual masks).
 2. Trains the teacher with configs/vessel_teacher.py on the train split: teacher_a, then teacher_b on
    QT-degraded copies, ``--epochs`` each (skipped when ``<workdir>/teacher_b`` holds a finished run).
-3. Runs the mask pass of `data_prep.pseudo_masks` over the held-out test images with the teacher and
+3. Runs the mask pass of `cleaq_jax.data_prep.pseudo_masks` over the held-out test images with the teacher and
    with the frangi and matched fallbacks, and scores each, with an all-field-of-view mask as the
    trivial baseline: Dice pooled over the pixels inside the field of view, mean Dice per image,
    precision and recall, overall and per quality level (good / usable / reject), and the wall-clock
@@ -37,14 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cleaq_jax.data import records, synthetic, vesselness  # noqa: E402
 from cleaq_jax.data import shards  # noqa: E402
 from cleaq_jax.evaluation import restore  # noqa: E402
-from data_prep import pseudo_masks  # noqa: E402
+from cleaq_jax.data_prep import pseudo_masks  # noqa: E402
 
 BATCH = 16  # records per mask-pass batch
 
 
 def build_data(workdir: str, args: argparse.Namespace) -> tuple[str, str]:
     """(shards with train and test splits, a copy of the test split alone under workdir): ``args.data``
-    when given (e.g. DRIVE from data_prep.drive), else synthetic images built into workdir."""
+    when given (e.g. DRIVE from cleaq_jax.data_prep.drive), else synthetic images built into workdir."""
     from cleaq_jax.data.location import build_synthetic
 
     data, held_out = args.data or os.path.join(workdir, "data"), os.path.join(workdir, "held_out")
@@ -62,7 +62,7 @@ def train_teacher(workdir: str, data: str, args: argparse.Namespace) -> str:
     from absl import flags, logging
 
     from cleaq_jax.programs import pipeline
-    from configs import vessel_teacher
+    from cleaq_jax.configs import vessel_teacher
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain reads absl flags

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m cleaq_jax.main --config=configs/stage3.py --workdir=DIR``.
+"""Entry point: ``cleaq-run --config=configs/stage3.py --workdir=DIR`` (or ``python -m cleaq_jax.main``).
 
 Parses flags and checks every config key (`config_checks`: a bad key, value or type stops the run
 with one line and exit code 2, before any data or model work), joins the other processes of a
@@ -12,10 +12,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import config_checks
+from cleaq_jax import config_checks, configs
 from cleaq_jax.runtime import console
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "A config file, or the name of one that ships with cleaq_jax: "
+    + ", ".join(configs.names()) + " (configs/NAME.py in a checkout).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process GPU/CPU runs (TPU and SLURM auto-detect); "
@@ -37,6 +39,7 @@ def _usage_error(line: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every failure (unknown config key, wrong type, config file that does not
     load, missing flag) reported as one line and exit code 2 instead of a traceback."""
+    argv = with_config_resolved(argv)
     try:
         rest = FLAGS(argv)
     # ml_collections raises AttributeError / KeyError for an unknown override, TypeError for a bad value.
@@ -46,6 +49,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     if missing:
         _usage_error(missing)
     return rest
+
+
+def with_config_resolved(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config``'s value a file path: a shipped config's name (``stage3``,
+    ``configs/stage3.py`` outside a checkout) becomes its file (`configs.resolve`)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith(("--config=", "-config=")):
+            flag, value = arg.split("=", 1)
+            out[i] = f"{flag}={configs.resolve(value)}"
+        elif arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = configs.resolve(out[i + 1])
+    return out
+
+
+def run() -> None:
+    """The ``cleaq-run`` console script."""
+    app.run(main, flags_parser=parse_flags)
 
 
 def distributed_args(config) -> dict:
@@ -93,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run()

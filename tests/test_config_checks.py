@@ -1,7 +1,6 @@
 """A bad command line or config stops `python -m cleaq_jax.main` at once: one stderr line naming the key,
 the value and what is allowed, exit code 2, no traceback, nothing written."""
 
-import glob
 import json
 import os
 import subprocess
@@ -11,18 +10,18 @@ import time
 import pytest
 from ml_collections.config_flags import config_flags
 
-from cleaq_jax import config_checks
+from cleaq_jax import config_checks, configs
 from cleaq_jax.data import vesselness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(tmp_path, *args, config="configs/stage1.py"):
+def _main(tmp_path, *args, config="configs/stage1.py", cwd=REPO):
     workdir = tmp_path / "run"
     argv = [sys.executable, "-m", "cleaq_jax.main", *([f"--config={config}"] if config else []),
             f"--workdir={workdir}", *args]
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": REPO})
     return proc, time.monotonic() - start, workdir
 
@@ -70,7 +69,7 @@ def test_missing_config_file_and_missing_flag_are_one_line_too(tmp_path):
 
 
 def test_checking_needs_neither_jax_nor_tensorflow():
-    code = ("import sys\nfrom cleaq_jax import config_checks, main\nfrom configs import default\n"
+    code = ("import sys\nfrom cleaq_jax import config_checks, main\nfrom cleaq_jax.configs import default\n"
             "assert config_checks.check(default.get_config()) == []\n"
             "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'grain', 'orbax') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -78,21 +77,38 @@ def test_checking_needs_neither_jax_nor_tensorflow():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
+@pytest.mark.parametrize("config", ["stage1", "stage1.py", "configs/stage1.py", "ablations/dr_only"])
+def test_a_shipped_config_is_found_by_name_outside_the_checkout(tmp_path, config):
+    # From an empty folder: the config loads (the override's key is checked against it) and is the shipped one.
+    proc, _, _ = _main(tmp_path, "--config.batch_size=0", config=config, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: config.batch_size=0: must be an integer >= 1"
+    proc, _, _ = _main(tmp_path, "--config.nope=1", config=config, cwd=tmp_path)
+    assert "config has no key 'nope'" in proc.stderr
 
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
-                      if os.path.basename(p) not in ("__init__.py", "presets.py"))
+
+def test_a_config_file_of_your_own_wins_over_the_shipped_one_of_that_name(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "stage1.py").write_text(
+        "from cleaq_jax.configs import stage1\n\n\ndef get_config():\n"
+        "    c = stage1.get_config()\n    c.batch_size = 0\n    return c\n")
+    proc, _, _ = _main(tmp_path, config="configs/stage1.py", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: config.batch_size=0: must be an integer >= 1"
+    assert configs.resolve("nope") == "nope" and configs.path_of("configs/nope.py") is None
+
+
+CONFIG_FILES = [configs.path_of(name) for name in configs.names()]
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections' loader
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.relpath(p, REPO))
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=configs.names())
 def test_every_shipped_config_passes_the_checks(path):
     config = config_flags.ConfigFileFlagParser(name="config").parse(path)
     assert config_checks.check(config) == []
 
 
 def test_every_ablation_preset_passes_the_checks():
-    from configs import default
-    from configs.ablations import presets
+    from cleaq_jax.configs import default
+    from cleaq_jax.configs.ablations import presets
 
     for name, preset in presets.PRESETS.items():
         config = default.get_config()
@@ -106,7 +122,7 @@ def test_every_ablation_preset_passes_the_checks():
 
 
 def test_every_default_key_has_a_rule_and_every_rule_a_key():
-    from configs import default
+    from cleaq_jax.configs import default
 
     keys = set(config_checks.flatten(default.get_config()))
     missing = sorted(keys - set(config_checks.RULES) - set(config_checks.FREE_BLOCKS))

@@ -42,7 +42,7 @@ QUALITIES = (0, 1, 2, 0, 1, 2)
 # --------------------------------------------------------------------------- shared with test_predict.py
 def tiny_config(stage: str = "stage3") -> ml_collections.ConfigDict:
     """configs/demo.py shrunk to 32 px and width 1/16: every subnetwork, seconds to compile."""
-    from configs import demo
+    from cleaq_jax.configs import demo
 
     cfg = demo.get_config()
     cfg.stage = stage
@@ -161,7 +161,7 @@ def data_dir(tmp_path_factory):
 
 
 def _evaluate(stage3_dir: str, data_dir: str, out: str):
-    from configs import eval as eval_config
+    from cleaq_jax.configs import eval as eval_config
 
     cfg = eval_config.get_config()
     cfg.checkpoint_dir = stage3_dir
@@ -211,7 +211,7 @@ def test_a_folder_without_checkpoints_is_named(tmp_path):
 
 
 def test_eval_without_checkpoint_dir_names_the_key(tmp_path):
-    from configs import eval as eval_config
+    from cleaq_jax.configs import eval as eval_config
 
     with pytest.raises(ValueError, match="config.checkpoint_dir"):
         evaluate.run(eval_config.get_config(), str(tmp_path))

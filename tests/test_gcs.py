@@ -130,7 +130,7 @@ def test_a_stage_trains_resumes_and_evaluates_in_a_gs_workdir(gcs_emulator, tmp_
     bucket = gcs_emulator.new_bucket()
     shards, cwd = str(tmp_path / "shards"), tmp_path / "cwd"
     cwd.mkdir()
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", shards, "--num", "40", "--size", "32"],
+    subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.synthetic", "--out", shards, "--num", "40", "--size", "32"],
                    cwd=tiny.REPO, env=tiny.subprocess_env(), check=True, capture_output=True, timeout=600)
     run = f"gs://{bucket}/run"
     stage1 = (f"--config={tiny.REPO}/configs/stage1.py", f"--workdir={run}", f"--config.data.dir={shards}", *_TINY)

@@ -12,7 +12,7 @@ from tiny import REPO, random_batch, run_python
 from cleaq_jax.models import factory, layers
 from cleaq_jax.training import optim, steps
 from cleaq_jax.training import state as train_state
-from configs import default
+from cleaq_jax.configs import default
 
 SIZE, WIDTH = 32, 1 / 16
 

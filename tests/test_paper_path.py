@@ -39,13 +39,15 @@ STAGE_LOSSES = {"stage1": ("loss_iqe", "loss_qe", "loss_seg", "loss_dr"),
                 "teacher_a": ("loss_dice", "loss_bce"), "teacher_b": ("loss_dice", "loss_bce")}
 
 
-def _run(log: list, *args: str) -> str:
-    """Run ``python args...`` in the repository as a user would; its stdout + stderr."""
+def _run(log: list, command: str, *args: str) -> str:
+    """Run the console script ``command`` with ``args`` in the repository as a user would (the install
+    put it beside this Python); its stdout + stderr."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, *args], env=tiny.subprocess_env(1), cwd=tiny.REPO,
+    script = os.path.join(os.path.dirname(sys.executable), command)
+    proc = subprocess.run([script, *args], env=tiny.subprocess_env(1), cwd=tiny.REPO,
                           capture_output=True, text=True, timeout=900)
-    log.append((" ".join(args[:3]), round(time.monotonic() - start, 1)))
-    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    log.append((" ".join((command, *args[:2])), round(time.monotonic() - start, 1)))
+    assert proc.returncode == 0, f"{command} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
 
@@ -112,27 +114,27 @@ def paper_path(tmp_path_factory):
     layouts.messidor_layout(p("messidor"), per_base=9, bases=("11", "12"), faults=False)
     layouts.drive_layout(p("drive"), train=(21, 22, 23, 24), test=(1, 2))
     common = ("--size", str(SIZE), "--workers", "1")
-    _run(log, "-m", "data_prep.eyeq", "--images", images, "--labels", train_csv, "--split", "train",
+    _run(log, "cleaq-prep-eyeq", "--images", images, "--labels", train_csv, "--split", "train",
          "--out", p("eyeq_shards"), *common)
-    _run(log, "-m", "data_prep.eyeq", "--images", images, "--labels", test_csv, "--split", "test",
+    _run(log, "cleaq-prep-eyeq", "--images", images, "--labels", test_csv, "--split", "test",
          "--out", p("eyeq_shards"), *common)
-    messidor_out = _run(log, "-m", "data_prep.messidor", "--root", p("messidor"), "--out", p("messidor_shards"),
+    messidor_out = _run(log, "cleaq-prep-messidor", "--root", p("messidor"), "--out", p("messidor_shards"),
                         "--train", "12", "--test", "6", *common)
-    _run(log, "-m", "data_prep.drive", "--root", p("drive"), "--out", p("drive_shards"), *common)
-    _run(log, "-m", "cleaq_jax.main", "--config=configs/vessel_teacher.py", f"--workdir={p('teacher')}",
+    _run(log, "cleaq-prep-drive", "--root", p("drive"), "--out", p("drive_shards"), *common)
+    _run(log, "cleaq-run", "--config=configs/vessel_teacher.py", f"--workdir={p('teacher')}",
          f"--config.data.dir={p('drive_shards')}", *TINY, "--config.batch_size=2", "--config.eval_batch_size=2")
     for data in ("eyeq", "messidor"):
-        _run(log, "-m", "data_prep.pseudo_masks", "--shards", p(f"{data}_shards"), "--teacher",
+        _run(log, "cleaq-prep-pseudo-masks", "--shards", p(f"{data}_shards"), "--teacher",
              p("teacher", "teacher_b"), "--out", p(f"{data}_v"))
     for stage in ("stage1", "stage2", "stage3"):
-        _run(log, "-m", "cleaq_jax.main", f"--config=configs/{stage}.py", f"--config.data.dir={p('eyeq_v')}",
+        _run(log, "cleaq-run", f"--config=configs/{stage}.py", f"--config.data.dir={p('eyeq_v')}",
              f"--workdir={p('run')}", "--config.data.class_balance=0.5", *TINY)
-    _run(log, "-m", "cleaq_jax.main", "--config=configs/eval.py", f"--config.checkpoint_dir={p('run', 'stage3')}",
+    _run(log, "cleaq-run", "--config=configs/eval.py", f"--config.checkpoint_dir={p('run', 'stage3')}",
          f"--config.data.dir={p('eyeq_v')}", f"--workdir={p('eval')}", "--config.eval_batch_size=4")
-    _run(log, "-m", "cleaq_jax.programs.predict", "--checkpoint", p("run", "stage3"), "--input", images,
+    _run(log, "cleaq-predict", "--checkpoint", p("run", "stage3"), "--input", images,
          "--out", p("predicted"), "--batch-size", "4")
     for stage in ("stage1", "stage3"):
-        _run(log, "-m", "cleaq_jax.main", f"--config=configs/{stage}.py", f"--config.data.dir={p('messidor_v')}",
+        _run(log, "cleaq-run", f"--config=configs/{stage}.py", f"--config.data.dir={p('messidor_v')}",
              f"--workdir={p('messidor_run')}", "--config.data.class_balance=0.5", "--config.data.num_grades=4",
              f"--config.init.stage2={p('run', 'stage2')}", *TINY)
     return {"root": root, "log": log, "messidor_out": messidor_out}

@@ -14,8 +14,8 @@ from cleaq_jax.evaluation import report
 from cleaq_jax.programs import evaluate, pictures
 from cleaq_jax.runtime import parallel
 from cleaq_jax.training import stages
-from configs import default as default_config
-from configs import eval as eval_config
+from cleaq_jax.configs import default as default_config
+from cleaq_jax.configs import eval as eval_config
 
 SIZE = 64
 PER_LEVEL = 4

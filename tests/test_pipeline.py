@@ -394,7 +394,7 @@ def _damaged_copy(tmp_path, damage) -> tuple[str, str]:
     """A 2-shard set written with a recorded prep command, one shard damaged; (directory, that shard)."""
     out = str(tmp_path / "shards")
     with shards.ShardWriter(out, "fixture", "train", num_shards=2,
-                             extra_manifest={"prep_command": f"python -m data_prep.eyeq --out {out}"}) as writer:
+                             extra_manifest={"prep_command": f"python -m cleaq_jax.data_prep.eyeq --out {out}"}) as writer:
         for i, grade in enumerate(GRADES):
             writer.write(_fixture_example(i, grade))
     shard = shards.split_shards(out, "train")[1]
@@ -421,7 +421,7 @@ def test_a_truncated_shard_is_named_with_its_rebuild_command_before_any_batch(tm
                  lambda: pipeline.eval_loader(out, "train", global_batch_size=4)):
         with pytest.raises(shards.ShardError) as error:
             make()
-        assert shard in str(error.value) and f"`python -m data_prep.eyeq --out {out}`" in str(error.value)
+        assert shard in str(error.value) and f"`python -m cleaq_jax.data_prep.eyeq --out {out}`" in str(error.value)
 
 
 @pytest.mark.parametrize("read_threads", [0, 2])
@@ -430,4 +430,4 @@ def test_a_corrupt_record_is_named_with_its_shard_and_rebuild_command(tmp_path, 
     loader = pipeline.eval_loader(out, "train", global_batch_size=4, reading=RecordReading(read_threads=read_threads))
     with pytest.raises(shards.ShardError, match="reading its record 0 failed") as error:
         list(loader)
-    assert shard in str(error.value) and "rebuild it with `python -m data_prep.eyeq" in str(error.value)
+    assert shard in str(error.value) and "rebuild it with `python -m cleaq_jax.data_prep.eyeq" in str(error.value)

@@ -1,4 +1,4 @@
-"""Specification of the dataset prep CLIs (data_prep.eyeq, .messidor, .drive) and their shared machinery,
+"""Specification of the dataset prep CLIs (cleaq_jax.data_prep.eyeq, .messidor, .drive) and their shared machinery,
 run on fixtures built in the published folder layouts from scikit-image's real retina photo."""
 
 import collections
@@ -17,7 +17,7 @@ import pytest
 from cleaq_jax.data import balance, pipeline, shards
 from cleaq_jax.data import records as records_lib
 from cleaq_jax.data.shards import iter_records
-from data_prep import drive, eyeq, messidor
+from cleaq_jax.data_prep import drive, eyeq, messidor
 from fixtures_layouts import EYEQ_HEADER, MESSIDOR_HEADER, drive_layout, eyeq_layout, messidor_layout, retina_disc
 from fixtures_layouts import small_fundus, write_csv, write_image, write_xls
 
@@ -116,7 +116,7 @@ def test_eyeq_shards_feed_a_class_balanced_loader(eyeq_data, eyeq_run):
 def test_eyeq_manifest_records_the_command_that_rebuilds_the_split(eyeq_data, eyeq_run):
     out = str(eyeq_run[2])
     command = shards.read_manifest(out)["splits"]["train"]["prep_command"]
-    assert command.startswith("python -m data_prep.eyeq --images ") and f"--out {out}" in command
+    assert command.startswith("python -m cleaq_jax.data_prep.eyeq --images ") and f"--out {out}" in command
     assert shards.rebuild_hint(out, "train") == f"rebuild it with `{command}`"
 
 
@@ -171,7 +171,7 @@ def test_shards_are_identical_whatever_the_worker_count(eyeq_data, eyeq_run, tmp
 
 
 def test_module_entry_point_runs_in_a_subprocess(eyeq_data, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "data_prep.eyeq", *eyeq_args(eyeq_data, tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.eyeq", *eyeq_args(eyeq_data, tmp_path),
                            "--size", SIZE, "--workers", "1", "--num-shards", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -191,7 +191,7 @@ def test_a_run_killed_midway_leaves_nothing_that_looks_complete(eyeq_data, tmp_p
                        [[0, "10009_right.jpeg", 0, 0], [1, "10010_left.jpeg", 1, 1], [2, "99998_left.jpeg", 0, 0],
                         [3, "99999_left.jpeg", 0, 0]])
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.eyeq", "--images", eyeq_data["images"], "--labels",
+    proc = subprocess.Popen([sys.executable, "-m", "cleaq_jax.data_prep.eyeq", "--images", eyeq_data["images"], "--labels",
                              labels, "--split", "train", "--out", str(out), "--size", SIZE, "--workers", "1"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     writer = None

@@ -24,7 +24,7 @@ import pytest
 
 from cleaq_jax.data import pipeline, records
 from cleaq_jax.data import shards
-from data_prep import pseudo_masks
+from cleaq_jax.data_prep import pseudo_masks
 from tests import tiny
 
 SIZE = 64
@@ -67,7 +67,7 @@ def synthetic(tmp_path_factory):
     """(48 synthetic 64-px images with true vessels: train 33 / val 5 / test 10, the same without vessels)."""
     root = tmp_path_factory.mktemp("pseudo")
     data, plain = str(root / "data"), str(root / "plain")
-    _run("-m", "data_prep.synthetic", "--out", data, "--num", "48", "--size", str(SIZE), "--workers", "1")
+    _run("-m", "cleaq_jax.data_prep.synthetic", "--out", data, "--num", "48", "--size", str(SIZE), "--workers", "1")
     _strip_vessels(data, plain)
     return data, plain
 
@@ -89,7 +89,7 @@ def teacher_dir(synthetic, tmp_path_factory):
 def teacher_pass(synthetic, teacher_dir, tmp_path_factory):
     """The pass over the vessel-free copy with that teacher, on two devices, 5 records per batch."""
     out = str(tmp_path_factory.mktemp("teacher_masks") / "out")
-    _run("-m", "data_prep.pseudo_masks", "--shards", synthetic[1], "--teacher", teacher_dir, "--out", out,
+    _run("-m", "cleaq_jax.data_prep.pseudo_masks", "--shards", synthetic[1], "--teacher", teacher_dir, "--out", out,
          "--batch-size", "5", devices=2)
     return out
 

@@ -174,7 +174,7 @@ def _two_shards(tmp_path, **extra) -> list[str]:
 
 
 def test_a_truncated_shard_is_named_by_iter_records_and_check_shards(tmp_path):
-    shard = _two_shards(tmp_path, prep_command="python -m data_prep.drive --root DRIVE --out x")[1]
+    shard = _two_shards(tmp_path, prep_command="python -m cleaq_jax.data_prep.drive --root DRIVE --out x")[1]
     with open(shard, "rb") as f:
         data = f.read()
     with open(shard, "wb") as f:
@@ -183,7 +183,7 @@ def test_a_truncated_shard_is_named_by_iter_records_and_check_shards(tmp_path):
                  lambda: list(shards.iter_records(str(tmp_path), "train"))):
         with pytest.raises(shards.ShardError) as error:
             read()
-        assert shard in str(error.value) and "`python -m data_prep.drive --root DRIVE --out x`" in str(error.value)
+        assert shard in str(error.value) and "`python -m cleaq_jax.data_prep.drive --root DRIVE --out x`" in str(error.value)
 
 
 def test_a_shard_with_fewer_records_than_listed_is_named(tmp_path):
@@ -202,5 +202,5 @@ def test_the_rebuild_hint_of_a_synthetic_set_is_its_generator_command(tmp_path):
                           "splits": {"train": 1.0}}}
     _two_shards(tmp_path, **info)
     assert shards.rebuild_hint(str(tmp_path), "train") == (
-        f"rebuild it with `python -m data_prep.synthetic --out {tmp_path} --num 6 --size 32 --seed 3 "
+        f"rebuild it with `python -m cleaq_jax.data_prep.synthetic --out {tmp_path} --num 6 --size 32 --seed 3 "
         "--splits train=1.0 --overwrite`")

@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cleaq_jax.data import location, records, synthetic
 from cleaq_jax.data import shards
-from data_prep import synthetic as prep
+from cleaq_jax.data_prep import synthetic as prep
 
 FIELDS = {"image", "clean", "mask", "vessel", "lesion", "dr_grade", "quality", "id", "source"}
 

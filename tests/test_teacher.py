@@ -50,7 +50,7 @@ def test_segmentation_counts_use_only_pixels_inside_the_mask_of_weighted_images(
 def drive_teacher(tmp_path_factory):
     """DRIVE's published layout (6 training, 2 test images) prepared at 32 px, then configs/vessel_teacher.py
     (teacher_a, then teacher_b) at width 1/16 for 2 epochs each, in a subprocess."""
-    from data_prep import drive
+    from cleaq_jax.data_prep import drive
 
     root = tmp_path_factory.mktemp("drive")
     fixtures_layouts.drive_layout(str(root / "DRIVE"), train=(21, 22, 23, 24), test=(1, 2))

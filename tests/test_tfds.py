@@ -17,7 +17,7 @@ from google.protobuf import json_format  # noqa: E402
 
 from cleaq_jax.data import pipeline, records, tfds_features, tfds_metadata  # noqa: E402
 from cleaq_jax.data import shards  # noqa: E402
-from data_prep import pseudo_masks  # noqa: E402
+from cleaq_jax.data_prep import pseudo_masks  # noqa: E402
 from cleaq_jax.data.location import build_synthetic  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_builder_lists_every_split_with_the_manifests_counts_and_shards(prepared
         table = tfds_metadata.count_table_markdown(entry["counts"])
         assert "\n".join(table) in info.description and table[-1].endswith(f"| {entry['num_records']} |")
     assert "10.1109/JBHI.2022.3231276" in info.citation
-    assert "data_prep.synthetic" in info.description
+    assert "cleaq_jax.data_prep.synthetic" in info.description
 
 
 def test_data_source_returns_each_record_as_decode_record_does(prepared):
@@ -185,13 +185,13 @@ def test_metadata_command_writes_what_an_older_shard_set_lacks(prepared, tmp_pat
     shutil.copytree(prepared, old)
     for name in (tfds_metadata.DATASET_INFO, tfds_metadata.FEATURES):
         os.remove(os.path.join(old, name))
-    proc = subprocess.run([sys.executable, "-m", "data_prep.tfds_metadata", "--shards", old], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.tfds_metadata", "--shards", old], capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
     for name in (tfds_metadata.DATASET_INFO, tfds_metadata.FEATURES):
         with open(os.path.join(old, name)) as a, open(os.path.join(prepared, name)) as b:
             assert json.load(a) == json.load(b)
     missing = str(tmp_path / "nothing")
-    proc = subprocess.run([sys.executable, "-m", "data_prep.tfds_metadata", "--shards", missing], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.tfds_metadata", "--shards", missing], capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "manifest.json does not exist" in proc.stderr

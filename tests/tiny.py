@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
     """configs/demo.py shrunk: 32 px, width 1/16, one block per ResNet stage, 1 epoch."""
-    from configs import demo
+    from cleaq_jax.configs import demo
 
     c = demo.get_config()
     c.data.image_size = 32

@@ -3,7 +3,7 @@
 `data_dir` / `ensure_data` resolve config.data.dir (or ``<workdir>/data`` for configured synthetic
 data), build the synthetic set when it is missing, and refuse to go on without shards, naming the
 command that makes them. `build_synthetic` writes a synthetic set (`cleaq_jax.data.synthetic`'s
-generator) as split shards plus manifest.json; ``python -m data_prep.synthetic`` is its command line.
+generator) as split shards plus manifest.json; ``python -m cleaq_jax.data_prep.synthetic`` is its command line.
 
 Examples (seed, index) are split by fractions in index order: the first train fraction of indices
 is train, and so on, so a split never changes when another grows. Every shard and the manifest are
@@ -45,7 +45,7 @@ def data_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
     if data.synthetic.num > 0:
         return os.path.join(workdir, "data")
     raise ValueError("config.data.dir is empty: point it at shards written by data_prep "
-                     "(e.g. `python -m data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
+                     "(e.g. `python -m cleaq_jax.data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
 
 
 def ensure_data(data: ml_collections.ConfigDict, workdir: str) -> str:
@@ -67,7 +67,7 @@ def ensure_data(data: ml_collections.ConfigDict, workdir: str) -> str:
     if not os.path.exists(manifest):
         raise FileNotFoundError(
             f"no shards at config.data.dir={path} ({shards.MANIFEST} missing). Build them first, e.g. "
-            f"`python -m data_prep.synthetic --out {path} --size {data.image_size}` or the data_prep "
+            f"`python -m cleaq_jax.data_prep.synthetic --out {path} --size {data.image_size}` or the data_prep "
             f"CLI for your dataset (docs/data.md)")
     size = shards.read_manifest(path)["splits"].get(data.train_split, {}).get("image_size")
     if size and size[0] != data.image_size:

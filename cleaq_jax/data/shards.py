@@ -72,7 +72,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: {data_dir} holds no complete shard set. Build one with "
-            f"`python -m data_prep.synthetic --out {data_dir}` or the data_prep CLI for your dataset.")
+            f"`python -m cleaq_jax.data_prep.synthetic --out {data_dir}` or the data_prep CLI for your dataset.")
     with open(path) as f:
         return json.load(f)
 
@@ -318,13 +318,13 @@ def rebuild_hint(data_dir: str, split: str) -> str:
         masks = entry["vessel_masks"]
         method = masks.get("method", "teacher")
         teacher = f" --teacher {masks['teacher']}" if masks.get("teacher") else ""
-        return (f"delete it and rerun `python -m data_prep.pseudo_masks --shards {masks.get('input', '<input shards>')} "
+        return (f"delete it and rerun `python -m cleaq_jax.data_prep.pseudo_masks --shards {masks.get('input', '<input shards>')} "
                 f"--out {data_dir} --method {method}{teacher}` (it redoes only the missing shards)")
     if "generator" in entry:
         g = entry["generator"]
         splits = ",".join(f"{k}={v}" for k, v in g.get("splits", {}).items())
         scale = f" --lesion-scale {g['lesion_scale']}" if "lesion_scale" in g else ""
-        return (f"rebuild it with `python -m data_prep.synthetic --out {data_dir} --num {g.get('num')} "
+        return (f"rebuild it with `python -m cleaq_jax.data_prep.synthetic --out {data_dir} --num {g.get('num')} "
                 f"--size {g.get('size')} --seed {g.get('seed')} --splits {splits}{scale} --overwrite`")
     if "prep_command" in entry:
         return f"rebuild it with `{entry['prep_command']}`"

@@ -51,7 +51,7 @@ class RecordFeatures(tfds.features.FeaturesDict):
         if feature_dict is not None and set(feature_dict) != set(expected):
             raise ValueError(
                 f"features.json lists the fields {sorted(feature_dict)} but this cleaq_jax reads "
-                f"{sorted(expected)}: rewrite the metadata with `python -m data_prep.tfds_metadata --shards DIR`")
+                f"{sorted(expected)}: rewrite the metadata with `python -m cleaq_jax.data_prep.tfds_metadata --shards DIR`")
         super().__init__(expected if feature_dict is None else feature_dict, doc=doc or tfds_metadata.RECORD_DOC)
 
     def deserialize_example_np(self, serialized_example, *, decoders=None) -> dict[str, Any]:

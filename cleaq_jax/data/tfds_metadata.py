@@ -180,7 +180,7 @@ _SOURCES: dict[str, dict[str, str]] = {
         "manual": "EyeQ: download the EyePACS `train` and `test` images of Kaggle's \"Diabetic "
                   "Retinopathy Detection\" competition (https://www.kaggle.com/c/diabetic-retinopathy-detection, "
                   "after accepting its rules) and `Label_EyeQ_train.csv` / `Label_EyeQ_test.csv` from the EyeQ "
-                  "repository, then run `python -m data_prep.eyeq --images EyePACS/train --labels "
+                  "repository, then run `python -m cleaq_jax.data_prep.eyeq --images EyePACS/train --labels "
                   "EyeQ/Label_EyeQ_train.csv --split train --out DIR` and the same for `test` (docs/data.md).",
         "citation": """@inproceedings{fu2019eyeq,
   title     = {Evaluation of Retinal Image Quality Assessment Networks in Different Color-spaces},
@@ -196,7 +196,7 @@ _SOURCES: dict[str, dict[str, str]] = {
                  "no quality labels (the paper makes three quality levels with its quality transform).",
         "manual": "Messidor: request the images and the `Annotation_BaseNN.xls` spreadsheets from the "
                   "Messidor distribution page (registration required), unpack them as they come, then run "
-                  "`python -m data_prep.messidor --root Messidor --out DIR` (docs/data.md).",
+                  "`python -m cleaq_jax.data_prep.messidor --root Messidor --out DIR` (docs/data.md).",
         "citation": """@article{decenciere2014messidor,
   title   = {Feedback on a publicly distributed image database: the Messidor database},
   author  = {Decenci{\\`e}re, Etienne and others},
@@ -212,7 +212,7 @@ _SOURCES: dict[str, dict[str, str]] = {
         "about": "DRIVE: 40 photographs with manual vessel segmentations and field-of-view masks (training "
                  "the CE-Net vessel teacher); grade and quality unknown.",
         "manual": "DRIVE: download `training/` and `test/` from the DRIVE challenge page (registration "
-                  "required), then run `python -m data_prep.drive --root DRIVE --out DIR` (docs/data.md).",
+                  "required), then run `python -m cleaq_jax.data_prep.drive --root DRIVE --out DIR` (docs/data.md).",
         "citation": """@article{staal2004drive,
   title   = {Ridge-based vessel segmentation in color images of the retina},
   author  = {Staal, Joes and Abramoff, Michael D. and Niemeijer, Meindert and Viergever, Max A. and van Ginneken, Bram},
@@ -227,7 +227,7 @@ _SOURCES: dict[str, dict[str, str]] = {
         "homepage": "",
         "about": "Synthetic: procedural fundus images with DR lesions, vessels and quality levels "
                  "(cleaq_jax/data/synthetic.py), ground truth for grade, quality and vessels.",
-        "manual": "Synthetic: nothing to download; `python -m data_prep.synthetic --out DIR` rebuilds it.",
+        "manual": "Synthetic: nothing to download; `python -m cleaq_jax.data_prep.synthetic --out DIR` rebuilds it.",
         "citation": "",
     },
 }

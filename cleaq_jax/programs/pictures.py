@@ -6,7 +6,7 @@
   reference as it is, op1 of a usable one without), IQE's enhancement of it and its reference; Dice, AUC
   and accuracy inside the field of view against the split's true vessels, per quality level of the
   original (`vessel_table`). Only splits whose vessel masks are ground truth
-  count (synthetic sets, DRIVE): pseudo masks written by ``data_prep.pseudo_masks`` are not.
+  count (synthetic sets, DRIVE): pseudo masks written by ``cleaq_jax.data_prep.pseudo_masks`` are not.
 - `gradcam_grid`: a few test photographs per grade (the lowest quality first), IQE's enhancement of them
   and the grader's Grad-CAM on each.
 
@@ -92,7 +92,7 @@ def true_vessels(data_dir: str, split: str) -> str:
     if not entry.get("with_vessel_mask"):
         return f"split {split!r} of {data_dir} has no vessel masks"
     if "vessel_masks" in entry:
-        return (f"split {split!r} of {data_dir} carries pseudo vessel masks (data_prep.pseudo_masks, "
+        return (f"split {split!r} of {data_dir} carries pseudo vessel masks (cleaq_jax.data_prep.pseudo_masks, "
                 f"{entry['vessel_masks'].get('method', '?')}), not true vessels")
     return ""
 

@@ -6,7 +6,7 @@ QT-degraded copies of them (op1 or op2 by example id, fixed keys), written as ev
 
 Its training steps are in `cleaq_jax.training.steps` (on-device augmentation: `cleaq_jax.data.augment`);
 restoring it is `restore.restore_teacher`, its vessel probabilities `inference.predict_vessels`
-(used by ``python -m data_prep.pseudo_masks``).
+(used by ``python -m cleaq_jax.data_prep.pseudo_masks``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cleaq_jax.programs.ablations.plan import ROOT, typed_command
+import cleaq_jax
+from cleaq_jax.programs.ablations.plan import typed_command
 from cleaq_jax.programs.ablations.run_files import eval_json_path, read_run_record, run_json_path, write_json
+
+# The folder holding the cleaq_jax that plans the study; the runs import cleaq_jax from there.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(cleaq_jax.__file__)))
 
 
 def check_same_settings(run: Mapping[str, Any]) -> None:
@@ -27,10 +31,11 @@ def check_same_settings(run: Mapping[str, Any]) -> None:
 
 
 def _run_environment(workdir: str) -> dict[str, str]:
-    """The runs' environment: the study's shared compilation cache, and the repository importable."""
+    """The runs' environment: the study's shared compilation cache, and this cleaq_jax importable first (a
+    run trains with the code that planned it)."""
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, ".jax_cache"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_PARENT, env.get("PYTHONPATH", "")]))
     return env
 
 
@@ -40,7 +45,7 @@ def _start_run(run: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     print(f"[ablations] start {run['variant']} seed {run['seed']}: {typed_command(run['command'])}", flush=True)
     started = time.time()
     write_json(run_json_path(run), {"command": run["command"], "status": "running", "started": started})
-    proc = subprocess.Popen(run["command"], cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(run["command"], env=dict(env), stdout=log, stderr=subprocess.STDOUT)
     return {"run": run, "proc": proc, "log": log, "started": started, "load_start": os.getloadavg()[0]}
 
 

@@ -3,7 +3,7 @@ and which variants the tables compare.
 
 A run is a dict: variant, seed, dir (``<workdir>/<variant>/seed<k>``), stage (the one whose evaluation
 holds the variant's results), pretrained (the variant whose run directory holds this run's stage-1/2
-checkpoints), command (argv, run from the repository root) and, for a run that starts from another
+checkpoints), command (argv) and, for a run that starts from another
 run's pre-training, after (that run's directory).
 """
 
@@ -19,12 +19,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from cleaq_jax import configs as shipped_configs
+from cleaq_jax.configs.ablations import presets
 from cleaq_jax.training import stages
-from configs.ablations import presets
 
-# The repository root: runs start there, and the variant configs are relative to it.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIG_DIR = os.path.join("configs", "ablations")
 # The paper's names for the variants, in the order the tables list them.
 VARIANTS = {"dr_only": "DR grading", "iqe_only": "IQE", "iqe_no_seg": "IQE w/o Seg-IQE", "iqa_only": "IQA",
             "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR",
@@ -46,10 +44,11 @@ PAIRS = (("cleaq_dr", "cleq_dr"), ("cleaq_dr_to_good", "cleq_dr"), ("cleaq_dr_to
 
 # --------------------------------------------------------------------------- configs and flags
 def config_path(variant: str) -> str:
-    """configs/ablations/<variant>.py, relative to the repository root (raises ValueError if unknown)."""
-    path = os.path.join(CONFIG_DIR, f"{variant}.py")
-    if variant not in VARIANTS or not os.path.exists(os.path.join(ROOT, path)):
-        raise ValueError(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)} (configs in {CONFIG_DIR}/)")
+    """``configs/ablations/<variant>.py``, as a run's ``--config`` names it (`cleaq_jax.configs` finds the
+    shipped file by that name); raises ValueError if there is no such variant."""
+    path = f"configs/ablations/{variant}.py"
+    if variant not in VARIANTS or shipped_configs.path_of(path) is None:
+        raise ValueError(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)} (configs/ablations/)")
     return path
 
 
@@ -84,9 +83,9 @@ def override_flags(overrides: Mapping[str, str]) -> list[str]:
 
 
 def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
-    """The config file at ``path`` (relative to the repository root) with overrides applied exactly as
-    ``cleaq_jax.main`` applies them; a bad key or value raises naming it."""
-    argv = ["ablations", f"--config={os.path.join(ROOT, path)}", *override_flags(overrides)]
+    """The config file at ``path`` (a path, or a shipped config's name: `cleaq_jax.configs.resolve`) with
+    overrides applied exactly as ``cleaq_jax.main`` applies them; a bad key or value raises naming it."""
+    argv = ["ablations", f"--config={shipped_configs.resolve(path)}", *override_flags(overrides)]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
                                     sys_argv=argv)
@@ -115,7 +114,7 @@ def _longer_schedule(cfg: ml_collections.ConfigDict, factor: int) -> dict[str, s
 def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
               overrides: Mapping[str, str], share_pretraining: bool = True) -> list[dict[str, Any]]:
     """One entry per variant x seed (seed-major, so later seeds reuse the first seed's compilations):
-    variant, seed, dir, stage (the evaluated one), command (argv, run from the repository root), and
+    variant, seed, dir, stage (the evaluated one), command (argv), and
     pretrained: the variant whose run directory holds this run's stage-1/2 checkpoints and evaluations
     (itself, or its `SHARED_PRETRAINING` base, whose run is then listed first and is this one's ``after``)."""
     configs = {v: load_config(config_path(v), overrides) for v in variants}
@@ -140,5 +139,5 @@ def plan_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int],
 
 
 def typed_command(command: Sequence[str]) -> str:
-    """A run's command as a user types it (``python -m cleaq_jax.main ...``, from the repository root)."""
+    """A run's command as a user types it (``python -m cleaq_jax.main ...``)."""
     return shlex.join(["python", *command[1:]])

@@ -1,6 +1,6 @@
 """Ablation "IQE w/o Seg-IQE" (paper Table IV): U-IQE alone, without the Seg-IQE structure branch."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "IQA only" (paper Table VI): IQA pre-trained alone (stage 2)."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

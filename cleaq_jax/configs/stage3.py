@@ -1,6 +1,6 @@
 """Stage 3: joint fine-tuning of IQE, IQA and DR (paper eq. 3, 11), from the stage-1 and stage-2 checkpoints."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

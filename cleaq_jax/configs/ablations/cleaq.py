@@ -1,6 +1,6 @@
 """Ablation "CLEAQ (no DR)" (paper Tables IV, VI): IQE and IQA trained jointly, no DR grader."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

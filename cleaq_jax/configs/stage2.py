@@ -1,6 +1,6 @@
 """Stage 2: pre-train IQA on (X, QT(X), quality labels) (paper eq. 2)."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

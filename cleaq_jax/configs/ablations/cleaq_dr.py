@@ -1,6 +1,6 @@
 """Ablation "CLEAQ-DR" (paper Tables IV-VI): the full method: stage 1, 2 and the joint stage 3."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Prepare Messidor as ArrayRecord shards the way the paper does (IV-A, Table I).
 
-    python -m data_prep.messidor --root Messidor --out data/messidor            # train 1000, test 200
+    python -m cleaq_jax.data_prep.messidor --root Messidor --out data/messidor            # train 1000, test 200
 
 Reads every ``Annotation_Base*.xls`` under ``--root`` (sheet ``Feuil1``; columns ``Image name`` and
 ``Retinopathy grade`` 0-3) and finds each image (.tif) by name anywhere under ``--root``. Then, from
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from cleaq_jax.data import degrade, records
-from data_prep import common
+from cleaq_jax.data_prep import common
 
 SOURCE = "messidor"
 SHEET = "Feuil1"
@@ -292,7 +292,7 @@ def _count(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare train and test, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.messidor", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.messidor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the Messidor folder (spreadsheets and images, any depth)")
     parser.add_argument("--train", type=_count, default=TRAIN, help=f"training images (default {TRAIN})")
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_split = {s: {"quality_of": plan.quality_of[s]} for s in ("train", "test")}
     return common.run(args, SOURCE, jobs, skips,
                       encoding=common.Encoding(finish=_finisher(args.seed, args.qt_batch), finish_batch=args.qt_batch),
-                      provenance=common.Provenance(command=common.command_line("data_prep.messidor", argv),
+                      provenance=common.Provenance(command=common.command_line("cleaq_jax.data_prep.messidor", argv),
                                                    extra={"protocol": protocol}, per_split=per_split))
 
 

@@ -1,7 +1,7 @@
 """Prepare EyeQ (EyePACS images with EyeQ quality labels) as ArrayRecord shards.
 
-    python -m data_prep.eyeq --images EyePACS/train --labels Label_EyeQ_train.csv --split train --out data/eyeq
-    python -m data_prep.eyeq --images EyePACS/test --labels Label_EyeQ_test.csv --split test --out data/eyeq
+    python -m cleaq_jax.data_prep.eyeq --images EyePACS/train --labels Label_EyeQ_train.csv --split train --out data/eyeq
+    python -m cleaq_jax.data_prep.eyeq --images EyePACS/test --labels Label_EyeQ_test.csv --split test --out data/eyeq
 
 Label CSVs as published by EyeQ: columns ``,image,quality,DR_grade`` (an unnamed index first), image
 like ``10009_left.jpeg``, quality 0 Good / 1 Usable / 2 Reject, DR_grade 0-4. Record id = image stem.
@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from data_prep import common
+from cleaq_jax.data_prep import common
 
 SOURCE = "eyeq"
 COLUMNS = ("image", "quality", "DR_grade")
@@ -94,7 +94,7 @@ def read_labels(path: str, image_dirs: Sequence[str], split: str) -> tuple[list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare the split, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.eyeq", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.eyeq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, nargs="+", help="folder(s) holding the EyePACS .jpeg files")
     parser.add_argument("--labels", required=True, help="EyeQ label CSV, e.g. Label_EyeQ_train.csv")
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "Label_EyeQ_test.csv)")
     jobs, skips = read_labels(args.labels, args.images, args.split)
     return common.run(args, SOURCE, jobs, skips, provenance=common.Provenance(
-        command=common.command_line("data_prep.eyeq", argv), extra={"source_labels": os.path.basename(args.labels)}))
+        command=common.command_line("cleaq_jax.data_prep.eyeq", argv), extra={"source_labels": os.path.basename(args.labels)}))
 
 
 if __name__ == "__main__":

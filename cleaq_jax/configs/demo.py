@@ -4,7 +4,7 @@ use, small enough to finish on a 2-core CPU in minutes. Same code path as a real
     python -m cleaq_jax.main --config=configs/demo.py --workdir=demo_workdir
 """
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "CLEQ-DR (no IQA)" (paper Tables IV, V): IQE and DR trained jointly, no quality assessment."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -7,7 +7,7 @@ checkpoint_dir is a stage directory (<workdir>/stage3) or its checkpoints/ folde
 must match the ones the checkpoint was trained with (they are read back from the checkpoint's config).
 """
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,10 +1,10 @@
 """Write synthetic fundus shards (and pictures of them): the command line of
 `cleaq_jax.data.location.build_synthetic`.
 
-    python -m data_prep.synthetic --out DIR --num N --size S --seed K \\
+    python -m cleaq_jax.data_prep.synthetic --out DIR --num N --size S --seed K \\
         [--splits train=0.7,val=0.1,test=0.2] [--workers W] [--num-shards M]
-    python -m data_prep.synthetic --grid PNG [--size S] [--seed K]
-    python -m data_prep.synthetic --qt-examples PNG [--size S] [--seed K]
+    python -m cleaq_jax.data_prep.synthetic --grid PNG [--size S] [--seed K]
+    python -m cleaq_jax.data_prep.synthetic --qt-examples PNG [--size S] [--seed K]
 
 Examples (seed, index) are split by fractions in index order: the first train fraction of indices
 is train, and so on, so a split never changes when another grows. Every shard and the manifest are
@@ -118,7 +118,7 @@ def write_qt_examples(path: str, size: int = 256, seed: int = 0, rows: int = 2) 
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.synthetic", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="directory for the shards and manifest.json")
     p.add_argument("--num", type=int, default=1000, help="number of examples (default 1000)")

@@ -1,6 +1,6 @@
 """Ablation "IQE only" (paper Table IV): IQE pre-trained alone (stage 1 without DR)."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "DR grading only" (paper Tables II, V): DR trained alone on the original images (stage 1, no IQE/IQA)."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "IQA w/o LQI-IQA" (paper Table VI): C-IQA alone, without the LQI-IQA branch."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

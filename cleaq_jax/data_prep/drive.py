@@ -1,6 +1,6 @@
 """Prepare DRIVE (vessel segmentation) as ArrayRecord shards with vessel and retinal masks.
 
-    python -m data_prep.drive --root DRIVE --out data/drive
+    python -m cleaq_jax.data_prep.drive --root DRIVE --out data/drive
 
 Expects DRIVE's published layout: ``training/images/21_training.tif``, ``training/1st_manual/21_manual1.gif``,
 ``training/mask/21_training_mask.gif`` and ``test/images/01_test.tif``, ``test/1st_manual/01_manual1.gif``,
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cleaq_jax.data import fundus
-from data_prep import common
+from cleaq_jax.data_prep import common
 
 SOURCE = "drive"
 # DRIVE folder -> (split written, suffix of image and mask names)
@@ -69,7 +69,7 @@ def encode_drive(job: common.Job, size: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare train and test, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.drive", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.drive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the DRIVE folder holding training/ and test/")
     common.add_arguments(parser, num_shards=1)
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return common.run(args, SOURCE, jobs, skips, encoding=common.Encoding(encode=encode_drive),
-                      provenance=common.Provenance(command=common.command_line("data_prep.drive", argv)))
+                      provenance=common.Provenance(command=common.command_line("cleaq_jax.data_prep.drive", argv)))
 
 
 if __name__ == "__main__":

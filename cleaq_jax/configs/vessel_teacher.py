@@ -7,20 +7,20 @@ Each stage trains with Dice + BCE inside the field of view, augmented as CE-Net'
 rotation and flips in the loader, HSV colour shift and scale/aspect/shift on device (cleaq_jax/data/augment.py),
 and ends with an evaluation on DRIVE test (Dice, accuracy, AUC inside the FOV mask) in <stage>/eval/.
 
-    python -m data_prep.drive --root DRIVE --out data/drive --size 512
+    python -m cleaq_jax.data_prep.drive --root DRIVE --out data/drive --size 512
     python -m cleaq_jax.main --config=configs/vessel_teacher.py --workdir=runs/teacher
-    python -m data_prep.pseudo_masks --shards data/eyeq --teacher runs/teacher/teacher_b --out data/eyeq_vessels
+    python -m cleaq_jax.data_prep.pseudo_masks --shards data/eyeq --teacher runs/teacher/teacher_b --out data/eyeq_vessels
 
 (docs/vessel_masks.md has the whole chain and the classical fallback for when DRIVE is not at hand.)
 """
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():
     c = default.get_config()
     c.stage = "teacher"  # teacher_a, then teacher_b (or name one of them to run it alone)
-    # DRIVE shards from `python -m data_prep.drive --root DRIVE --out data/drive --size 512`.
+    # DRIVE shards from `python -m cleaq_jax.data_prep.drive --root DRIVE --out data/drive --size 512`.
     c.data.dir = "data/drive"
     c.data.train_split = "train"  # DRIVE training/, 20 images with 1st_manual masks
     c.data.eval_split = "test"  # DRIVE test/, 20 images

@@ -3,7 +3,7 @@
 Every data_prep command writes it already; this is for shard sets built before it existed, or after
 copying shards by hand. It reads manifest.json only::
 
-    python -m data_prep.tfds_metadata --shards data/eyeq
+    python -m cleaq_jax.data_prep.tfds_metadata --shards data/eyeq
     python -c "import tensorflow_datasets as tfds; print(tfds.builder_from_directory('data/eyeq').info.splits)"
 """
 
@@ -19,7 +19,7 @@ from cleaq_jax.data import shards
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tfds_metadata", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.tfds_metadata", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="shard directory (holds manifest.json)")
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """Write pseudo vessel masks into a shard set: the CE-Net teacher's (paper III-C) or a classical filter's.
 
-    python -m data_prep.pseudo_masks --shards data/eyeq --teacher runs/teacher/teacher_b --out data/eyeq_vessels
-    python -m data_prep.pseudo_masks --shards data/eyeq --method frangi --out data/eyeq_vessels
+    python -m cleaq_jax.data_prep.pseudo_masks --shards data/eyeq --teacher runs/teacher/teacher_b --out data/eyeq_vessels
+    python -m cleaq_jax.data_prep.pseudo_masks --shards data/eyeq --method frangi --out data/eyeq_vessels
 
 Every record of every split in ``--shards`` is written to ``--out`` under the same shard name with its
 ``vessel`` field set; every other field (image and mask PNG bytes, labels, id, source) is copied byte for
@@ -45,7 +45,7 @@ from cleaq_jax.data import records, vesselness
 from cleaq_jax.data import shards
 from cleaq_jax.evaluation import restore
 from cleaq_jax.runtime import storage
-from data_prep.common import positive_int
+from cleaq_jax.data_prep.common import positive_int
 
 METHODS = ("teacher",) + vesselness.METHODS
 # A masker maps record payloads (decode_record(..., decode_images=False)) to HxW uint8 {0, 1} masks.
@@ -256,7 +256,7 @@ def _probability(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.pseudo_masks", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.pseudo_masks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="input shard directory (holds manifest.json)")
     parser.add_argument("--out", required=True, help="output directory (not the input one)")

@@ -1,6 +1,6 @@
 """Stage 1: pre-train IQE on (QT_op2(X^H) -> X^H, pseudo vessel masks) and DR on X (paper eq. 1, IV-B)."""
 
-from configs import default
+from cleaq_jax.configs import default
 
 
 def get_config():

@@ -2,7 +2,7 @@
 epochs (the ablation script doubles num_epochs and optim.constant_epochs), as many as a joint variant's DR
 trains in stages 1 and 3 together: the baseline that tells joint training from longer training."""
 
-from configs.ablations import dr_only
+from cleaq_jax.configs.ablations import dr_only
 
 
 def get_config():
