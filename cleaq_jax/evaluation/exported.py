@@ -23,9 +23,10 @@ B is a symbolic dimension: any batch size runs. The weights are arguments rather
 into the function, so the function stays small (it is the same bytes for every checkpoint of one model
 shape), the weights stay plain arrays anyone can read with numpy, and they are put on the device once.
 
-This module needs jax, numpy and the standard library only (and `runtime.storage`, which reaches remote
-paths through etils when it is installed): predict runs an exported model where flax, orbax and the
-model code are not installed (setup.cfg's import contracts hold it to that).
+This module needs jax (with flatbuffers, which jax.export's deserialization imports), numpy and the
+standard library only (and `runtime.storage`, which reaches remote paths through etils when it is
+installed): predict runs an exported model where flax, orbax and the model code are not installed
+(setup.cfg's import contracts hold it to that).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoi
     python -m cleaq_jax.programs.predict --model MODEL_DIR --input photos/ --out predictions/ [--gate-quality]
 
 --model takes a directory written by `python -m cleaq_jax.programs.export` and gives the same predictions
-with only jax, numpy and OpenCV installed: this module imports no model, training or checkpoint code; the
-checkpoint backend (`predict_checkpoint`, with flax and orbax) is imported only for --checkpoint. Grad-CAM
-(--explain, --report) needs the model code and so a checkpoint.
+with only jax (and flatbuffers, for jax.export), numpy and OpenCV installed: this module imports no model,
+training or checkpoint code; the checkpoint backend (`predict_checkpoint`, with flax and orbax) is
+imported only for --checkpoint. Grad-CAM (--explain, --report) needs the model code and so a checkpoint.
 
 Each photograph (JPEG, PNG, TIFF, any size; folders are searched recursively) is disc-cropped and resized
 to the model's image size exactly as data preparation does (`fundus.preprocess`), then IQA rates its
