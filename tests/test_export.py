@@ -300,7 +300,8 @@ def _one_line_error(code: int, log: str) -> str:
 
 
 @pytest.mark.parametrize("damage", ["no directory", "no weights", "no function", "format version",
-                                    "not a model.json", "garbled function", "weights of another model"])
+                                    "not a model.json", "garbled function", "another function",
+                                    "weights of another model"])
 def test_a_broken_model_directory_is_one_line_and_status_2(damage, model_dir, photos, tmp_path):
     broken = str(tmp_path / "model")
     shutil.copytree(model_dir, broken)
@@ -325,6 +326,10 @@ def test_a_broken_model_directory_is_one_line_and_status_2(damage, model_dir, ph
     elif damage == "garbled function":
         pathlib.Path(broken, exported.FUNCTION_FILE).write_bytes(b"\x00" * 64)
         expected = "function.jaxexport cannot be loaded by jax"
+    elif damage == "another function":
+        other = jax.export.export(jax.jit(lambda x: 2 * x))(jax.ShapeDtypeStruct((3,), np.float32))
+        pathlib.Path(broken, exported.FUNCTION_FILE).write_bytes(other.serialize())
+        expected = "function.jaxexport is not a function of (weights, image, mask, gate)"
     else:
         with np.load(os.path.join(broken, exported.WEIGHTS_FILE)) as npz:
             weights = {k: npz[k] for k in npz.files}

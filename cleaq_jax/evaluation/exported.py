@@ -115,10 +115,13 @@ def read_meta(directory: str) -> dict[str, Any]:
     path = storage.join(directory, MODEL_JSON)
     try:
         text = storage.read_text(path)
-    except FileNotFoundError:
-        what = "no such directory" if not storage.isdir(directory) else f"no {MODEL_JSON} in it"
+    except (FileNotFoundError, NotADirectoryError):
+        what = (f"no {MODEL_JSON} in it" if storage.isdir(directory) else
+                "not a directory" if storage.exists(directory) else "no such directory")
         raise FileNotFoundError(f"{directory} is not an exported model ({what}); write one with "
                                 f"{EXPORT_COMMAND}") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error})") from None
     try:
         meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -142,6 +145,8 @@ def _read(directory: str, name: str) -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory} has no {name}: an exported model is {', '.join(FILES)} together; "
                                 "copy the whole directory, or export the model again") from None
+    except OSError as error:
+        raise ValueError(f"{storage.join(directory, name)} cannot be read ({error.strerror or error})") from None
 
 
 def _deserialize(directory: str, blob: bytes) -> jax.export.Exported:
@@ -173,6 +178,17 @@ def _weights(directory: str, blob: bytes, expected: dict[str, Any]) -> dict[str,
     return weights
 
 
+def _arguments(exported: jax.export.Exported) -> tuple[dict[str, Any], Any] | None:
+    """The abstract weights ({name: aval}) and image the function takes, or None when it does not take
+    (weights, image, mask, gate) as the exporter writes it."""
+    try:
+        (weights, image, mask, gate), kwargs = jax.tree.unflatten(exported.in_tree, exported.in_avals)
+    except (TypeError, ValueError):
+        return None
+    shaped = [getattr(a, "ndim", None) for a in (image, mask, gate)] == [4, 3, 0]
+    return (weights, image) if isinstance(weights, dict) and not kwargs and shaped else None
+
+
 def load(directory: str) -> ExportedModel:
     """Load an exported model (a local or ``gs://`` directory) onto the default device.
 
@@ -187,7 +203,11 @@ def load(directory: str) -> ExportedModel:
     if here not in exported.platforms:
         raise ValueError(f"{directory} was exported for {', '.join(exported.platforms)}, and jax runs on {here} "
                          f"here: export it again with --platforms {','.join((*exported.platforms, here))}")
-    (weight_avals, image, *_), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
+    arguments = _arguments(exported)
+    if arguments is None:
+        raise ValueError(f"{storage.join(directory, FUNCTION_FILE)} is not a function of (weights, image, mask, "
+                         f"gate); write the model with {EXPORT_COMMAND}")
+    weight_avals, image = arguments
     size = int(meta["image_size"])
     if tuple(image.shape[1:]) != (size, size, 3):
         raise ValueError(f"{storage.join(directory, MODEL_JSON)} says image_size {size}, but "
