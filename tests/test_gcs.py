@@ -173,3 +173,37 @@ epath.Path("gs://{bucket}/photos/notes.txt").write_text("not a photograph")
     assert len(rows) == 3 and rows[1].startswith(f"gs://{bucket}/photos/a.png"), rows
     assert {"run/predicted/enhanced/a.png", "run/predicted/enhanced/b.png"} <= set(_objects(gcs_emulator, bucket))
     assert os.listdir(cwd) == []  # nothing written to a local folder named gs:
+
+
+def test_predict_runs_an_exported_model_from_the_bucket(gcs_emulator, tmp_path):
+    """predict --model reads model.json, the function and the weights from gs:// (through etils) and gives
+    what the same model gives from a local directory."""
+    import cv2
+    import skimage.data
+    from test_predict import _canvas, _checkpoint
+
+    from cleaq_jax.programs import export
+
+    bucket = gcs_emulator.new_bucket()
+    local_model = str(tmp_path / "model")
+    assert export.main(["--checkpoint", _checkpoint(tmp_path / "run"), "--out", local_model]) == 0
+    names = sorted(os.listdir(local_model))
+    emulator_lib.run_python(gcs_emulator, f"""
+import os
+from etils import epath
+for name in {names!r}:
+    epath.Path("gs://{bucket}/model/" + name).write_bytes(open(os.path.join({local_model!r}, name), "rb").read())
+""")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "retina.jpg"), _canvas(skimage.data.retina(), 640, 480)[..., ::-1])
+    outputs = {}
+    for where, model in (("local", local_model), ("bucket", f"gs://{bucket}/model")):
+        out = str(tmp_path / where)
+        proc = subprocess.run([sys.executable, "-m", "cleaq_jax.programs.predict", "--model", model, "--input",
+                               str(photos), "--out", out], cwd=str(tmp_path), env=tiny.subprocess_env(**gcs_emulator.env),
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with open(os.path.join(out, "predictions.csv")) as f:
+            outputs[where] = f.read()
+    assert outputs["bucket"] == outputs["local"] and outputs["local"].count("\n") == 2

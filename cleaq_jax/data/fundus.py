@@ -17,7 +17,6 @@ import os
 
 import cv2
 import numpy as np
-from etils import epath
 
 from cleaq_jax.runtime import storage
 
@@ -62,7 +61,7 @@ class Disc:
 def _read_bytes(path: str | os.PathLike) -> np.ndarray:
     try:
         if storage.is_remote(path):
-            data = np.frombuffer(epath.Path(path).read_bytes(), np.uint8)
+            data = np.frombuffer(storage.read_bytes(path), np.uint8)
         else:
             data = np.fromfile(path, np.uint8)
     except OSError as e:

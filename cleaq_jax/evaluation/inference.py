@@ -61,13 +61,18 @@ def grade(models: dict, state, x, enhanced, rows, enhance_first: bool) -> jax.Ar
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
-def rows_to_enhance(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gate: bool) -> jax.Array:
-    """(B,) bool: images IQE enhances; with gating only those IQA does not rate good."""
-    if not gate:
+def rows_to_enhance(probs: jax.Array | None, batch: int, nets: tuple[str, ...], gate: bool | jax.Array
+                    ) -> jax.Array:
+    """(B,) bool: images IQE enhances; with gating only those IQA does not rate good.
+
+    gate: a Python bool, fixed when the function is traced, or a () bool array, an input of the traced
+    function (an exported model's, `cleaq_jax.programs.export`), which then serves both settings.
+    """
+    if not isinstance(gate, jax.Array) and not gate:
         return jnp.full((batch,), "iqe" in nets)
     if probs is None:
         raise ValueError("quality gating needs an IQA network, but this model has only " + "+".join(nets))
-    return (jnp.argmax(probs, -1) != GOOD) & ("iqe" in nets)
+    return ((jnp.argmax(probs, -1) != GOOD) | ~jnp.asarray(gate, bool)) & ("iqe" in nets)
 
 
 def has_reference(batch: Batch) -> jax.Array:
@@ -109,13 +114,14 @@ def enhancement_pair(qt: degrade.QTParams, batch: Batch, x: jax.Array, mask: jax
 
 # --------------------------------------------------------------------------- raw photographs
 def inference_outputs(models: dict, state, x: jax.Array, mask: jax.Array, *, nets: tuple[str, ...],
-                      enhance_first: bool, gate_quality: bool) -> dict[str, jax.Array]:
+                      enhance_first: bool, gate_quality: bool | jax.Array) -> dict[str, jax.Array]:
     """The model's answers for raw images (pure; see `compiled_inference` for a cached jit).
 
     x: (B, H, W, 3) float32 in [0, 1], zero outside the mask; mask: (B, H, W) float32 {0, 1}.
     Returns, for the subnetworks present: ``quality_probs`` (B, 3) IQA on x; ``enhanced`` (B, H, W, 3)
     IQE of x, masked; ``enhance`` (B,) bool: whether the image counts as enhanced (with
-    ``gate_quality`` only those IQA does not rate good); ``dr_probs`` (B, K) DR on the enhanced image
+    ``gate_quality``, a bool or a traced () bool as `rows_to_enhance` takes it, only those IQA does not
+    rate good); ``dr_probs`` (B, K) DR on the enhanced image
     where ``enhance_first`` and ``enhance``, else on x.
     """
     out: dict[str, jax.Array] = {}

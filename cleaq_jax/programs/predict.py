@@ -1,10 +1,16 @@
-r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint:
+r"""Grade, quality-assess and enhance fundus photographs with a trained checkpoint or an exported model:
 
     python -m cleaq_jax.programs.predict --checkpoint RUN/stage3 --input photos/ extra.jpg --out predictions/ \
         [--gate-quality] [--explain] [--report] [--batch-size 8]
+    python -m cleaq_jax.programs.predict --model MODEL_DIR --input photos/ --out predictions/ [--gate-quality]
+
+--model takes a directory written by `python -m cleaq_jax.programs.export` and gives the same predictions
+with only jax (and flatbuffers, for jax.export), numpy and OpenCV installed: this module imports no model,
+training or checkpoint code; the checkpoint backend (`predict_checkpoint`, with flax and orbax) is
+imported only for --checkpoint. Grad-CAM (--explain, --report) needs the model code and so a checkpoint.
 
 Each photograph (JPEG, PNG, TIFF, any size; folders are searched recursively) is disc-cropped and resized
-to the checkpoint's image size exactly as data preparation does (`fundus.preprocess`), then IQA rates its
+to the model's image size exactly as data preparation does (`fundus.preprocess`), then IQA rates its
 quality, IQE enhances it, and DR grades it: a stage-3 (joint) model grades the enhanced image (paper
 III-B), a stage-1 DR network the processed photograph. With ``--gate-quality`` only images IQA does not
 rate good are enhanced and graded enhanced (enhancing good images costs accuracy, paper Fig. 12).
@@ -34,18 +40,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cv2
-import jax
 import numpy as np
-from etils import epath
 
-from cleaq_jax.data import fundus, records
-from cleaq_jax.evaluation import inference, restore
-from cleaq_jax.programs import explain as explain_lib
-from cleaq_jax.runtime import parallel, storage
+from cleaq_jax.data import fundus
+from cleaq_jax.evaluation import exported
+from cleaq_jax.runtime import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
 NET_ROLES = {"dr": "grade", "iqa": "quality", "iqe": "enhanced image"}
 PROGRESS_EVERY_S = 10.0
+DIGITS = 6  # decimals of the probabilities in predictions.csv
 
 
 # --------------------------------------------------------------------------- inputs
@@ -58,6 +62,8 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
             found.append(path)
             continue
         if storage.is_remote(path):
+            from etils import epath  # a bucket folder: etils is there wherever gs:// paths are read
+
             found += _remote_images(epath.Path(path))
             continue
         for root, dirs, files in os.walk(path):
@@ -67,7 +73,7 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
     return found
 
 
-def _remote_images(folder: epath.Path) -> list[str]:
+def _remote_images(folder: Any) -> list[str]:
     """`list_inputs` for a bucket folder: one listing per folder, sub-folders after files, sorted."""
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
     found = [str(p) for p in entries if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
@@ -127,49 +133,54 @@ def enhanced_name(path: str, taken: set[str]) -> str:
     return name
 
 
-def csv_header(num_grades: int) -> list[str]:
+def csv_header(num_grades: int, quality_names: tuple[str, ...]) -> list[str]:
     """Columns of predictions.csv."""
     return (["file", "grade"] + [f"p_grade_{g}" for g in range(num_grades)] + ["quality"]
-            + [f"p_{q}" for q in records.QUALITY_NAMES] + ["enhanced"])
+            + [f"p_{q}" for q in quality_names] + ["enhanced"])
 
 
-def csv_row(path: str, out: dict[str, np.ndarray], i: int, num_grades: int, enhanced_file: str) -> list[str]:
+def csv_row(path: str, out: dict[str, np.ndarray], i: int, num_grades: int, enhanced_file: str,
+            quality_names: tuple[str, ...]) -> list[str]:
     """One row of predictions.csv from row i of the model's outputs (empty cells for absent networks)."""
     row = [path]
     if "dr_probs" in out:
         p = out["dr_probs"][i]
-        row += [str(int(np.argmax(p)))] + [f"{v:.6f}" for v in p]
+        row += [str(int(np.argmax(p)))] + [f"{v:.{DIGITS}f}" for v in p]
     else:
         row += [""] * (1 + num_grades)
     if "quality_probs" in out:
         p = out["quality_probs"][i]
-        row += [records.QUALITY_NAMES[int(np.argmax(p))]] + [f"{v:.6f}" for v in p]
+        row += [quality_names[int(np.argmax(p))]] + [f"{v:.{DIGITS}f}" for v in p]
     else:
-        row += [""] * (1 + len(records.QUALITY_NAMES))
+        row += [""] * (1 + len(quality_names))
     return row + [enhanced_file]
 
 
 # --------------------------------------------------------------------------- the model
-def check_checkpoint(restored: restore.Restored, gate_quality: bool) -> list[str]:
-    """Notes on what a checkpoint cannot answer; raises ValueError when --gate-quality cannot work."""
-    where = f"{restored.directory} ({restored.stage}: {'+'.join(restored.nets)})"
-    if gate_quality and "iqa" not in restored.nets:
+# A model, for `predict`, is either backend: `exported.ExportedModel` (--model) or
+# `predict_checkpoint.CheckpointModel` (--checkpoint). Both have directory, stage, nets, image_size,
+# num_grades, quality_names and description, and are called as model(image, mask, gate) with a batch of
+# uint8 crops (B, S, S, 3) and masks (B, S, S), returning inference.inference_outputs' arrays as numpy.
+# The checkpoint backend also draws Grad-CAM (`outputs`, `heatmaps`) and checks the batch against its mesh.
+def check_checkpoint(model, gate_quality: bool) -> list[str]:
+    """Notes on what a model (a checkpoint or an exported one) cannot answer; raises ValueError when
+    --gate-quality cannot work."""
+    where = f"{model.directory} ({model.stage}: {'+'.join(model.nets)})"
+    if gate_quality and "iqa" not in model.nets:
         raise ValueError(f"--gate-quality needs the IQA network, which {where} lacks; use a stage-3 "
                          "checkpoint (configs/stage3.py) or drop --gate-quality")
     return [f"{where} has no {net.upper()} network: the {role} columns stay empty (a stage-3 checkpoint, "
-            f"configs/stage3.py, has all three)" for net, role in NET_ROLES.items() if net not in restored.nets]
+            f"configs/stage3.py, has all three)" for net, role in NET_ROLES.items() if net not in model.nets]
 
 
-def _run_batch(fn, restored: restore.Restored, mesh, images: list[np.ndarray], masks: list[np.ndarray],
-               batch_size: int) -> dict[str, np.ndarray]:
+def _run_batch(model, images: list[np.ndarray], masks: list[np.ndarray], batch_size: int,
+               gate_quality: bool) -> dict[str, np.ndarray]:
     """The model on up to batch_size images, padded to batch_size (one compilation for every batch)."""
     n = len(images)
     pad = batch_size - n
     image = np.stack(images + [np.zeros_like(images[0])] * pad)
-    mask = np.stack(masks + [np.zeros_like(masks[0])] * pad).astype(np.float32)
-    x = image.astype(np.float32) / 255.0 * mask[..., None]
-    batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
-    out = jax.device_get(fn(restored.state, batch["x"], batch["mask"]))
+    mask = np.stack(masks + [np.zeros_like(masks[0])] * pad)
+    out = model(image, mask, gate_quality)
     return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
@@ -192,31 +203,33 @@ class _Progress:
               file=self.stream, flush=True)
 
 
-def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_quality: bool = False,
-            batch_size: int = 8, mesh=None, log=None, explain: bool = False, report_html: bool = False
-            ) -> dict[str, Any]:
-    """Run the checkpoint over photographs and write predictions.csv, enhanced/*.png and skipped.txt.
+def predict(model, paths: list[str], out_dir: str, *, gate_quality: bool = False, batch_size: int = 8,
+            log=None, explain: bool = False, report_html: bool = False) -> dict[str, Any]:
+    """Run a model over photographs and write predictions.csv, enhanced/*.png and skipped.txt.
 
-    restored: from `restore.load_checkpoint`; paths: photograph files; batch_size: images per step (a
-    multiple of the device count); log: where notes, skips and progress go (default stderr);
-    explain: Grad-CAM overlays into explain/; report_html: report.html (and crops/, explain/) too.
+    model: a checkpoint (`predict_checkpoint.open_checkpoint`) or an exported model (`exported.load`);
+    paths: photograph files; batch_size: images per step (for a checkpoint a multiple of the device
+    count); log: where notes, skips and progress go (default stderr); explain: Grad-CAM overlays into
+    explain/; report_html: report.html (and crops/, explain/) too; both need a checkpoint.
     Returns {'rows': CSV rows (lists of str), 'skipped': [(path, reason)], 'report': its path or None}.
     """
     log = sys.stderr if log is None else log
-    mesh = parallel.make_mesh(-1, 1) if mesh is None else mesh
-    parallel.check_batch_divisible(batch_size, mesh, "--batch-size")
-    for note in check_checkpoint(restored, gate_quality):
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    if hasattr(model, "check_batch"):
+        model.check_batch(batch_size)
+    if (explain or report_html) and not hasattr(model, "outputs"):
+        raise ValueError(f"--explain and --report draw Grad-CAM, which needs the model code: the exported model "
+                         f"{model.directory} has none; pass the checkpoint it was exported from with --checkpoint")
+    for note in check_checkpoint(model, gate_quality):
         print(f"note: {note}", file=log)
-    if (explain or report_html) and "dr" not in restored.nets:
+    if (explain or report_html) and "dr" not in model.nets:
         print("note: Grad-CAM explains the DR grade, and this checkpoint has no DR network: no heatmaps",
               file=log)
-    size, grades = int(restored.config.data.image_size), int(restored.config.data.num_grades)
-    fn = inference.compiled_inference(restored.models, restored.nets, gate_quality=gate_quality,
-                                      enhance_first=inference.enhance_before_grading(restored.stage))
+    size, grades, qualities = int(model.image_size), int(model.num_grades), tuple(model.quality_names)
     enhanced_dir = os.path.join(out_dir, "enhanced")
     storage.makedirs(enhanced_dir)
-    extras = explain_lib.Outputs(out_dir, explain=explain, report_html=report_html,
-                                 subtitle=f"{restored.directory} ({restored.stage}, step {restored.step})")
+    extras = model.outputs(out_dir, explain=explain, report_html=report_html) if explain or report_html else None
     rows: list[list[str]] = []
     skipped: list[tuple[str, str]] = []
     taken: set[str] = set()
@@ -225,9 +238,9 @@ def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_
 
     def flush() -> None:
         images, masks = [c[1] for c in chunk], [c[2] for c in chunk]
-        out = _run_batch(fn, restored, mesh, images, masks, batch_size)
-        heat = (explain_lib.padded_heatmaps(restored, images, masks, out, batch_size)
-                if extras.needs_heatmaps and "dr_probs" in out else [None] * len(chunk))
+        out = _run_batch(model, images, masks, batch_size, gate_quality)
+        heat = (model.heatmaps(images, masks, out, batch_size)
+                if extras is not None and extras.needs_heatmaps and "dr_probs" in out else [None] * len(chunk))
         row = lambda key, i: out[key][i] if key in out else None  # noqa: E731
         for i, (path, image, mask) in enumerate(chunk):
             # One name per photograph, shared by its enhanced, explain/ and crops/ files.
@@ -237,9 +250,10 @@ def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_
                 name = os.path.join("enhanced", f"{stem}.png")
                 storage.atomic_file(os.path.join(out_dir, name),
                                     _png(np.clip(np.rint(enhanced * 255.0), 0, 255).astype(np.uint8)))
-            rows.append(csv_row(path, out, i, grades, name))
-            extras.add(path, stem, image.astype(np.float32) / 255.0 * mask[..., None], mask, enhanced, name,
-                       heat[i], row("dr_probs", i), row("quality_probs", i))
+            rows.append(csv_row(path, out, i, grades, name, qualities))
+            if extras is not None:
+                extras.add(path, stem, image.astype(np.float32) / 255.0 * mask[..., None], mask, enhanced, name,
+                           heat[i], row("dr_probs", i), row("quality_probs", i))
         chunk.clear()
         progress(len(rows) + len(skipped), len(skipped))
 
@@ -254,16 +268,17 @@ def predict(restored: restore.Restored, paths: list[str], out_dir: str, *, gate_
             flush()
     if chunk:
         flush()
-    _write_tables(out_dir, rows, skipped, grades)
-    page = extras.finish(skipped)
+    _write_tables(out_dir, rows, skipped, grades, qualities)
+    page = extras.finish(skipped) if extras is not None else None
     progress(len(rows) + len(skipped), len(skipped), final=True)
     return {"rows": rows, "skipped": skipped, "report": page}
 
 
-def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, str]], grades: int) -> None:
+def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, str]], grades: int,
+                  quality_names: tuple[str, ...]) -> None:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(csv_header(grades))
+    writer.writerow(csv_header(grades, quality_names))
     writer.writerows(rows)
     storage.atomic_file(os.path.join(out_dir, "predictions.csv"), text.getvalue().encode())
     # Always written, so an old list from an earlier run in the same folder cannot mislead.
@@ -276,11 +291,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (argv without the program name; default sys.argv[1:])."""
     parser = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")
-    parser.add_argument("--checkpoint-step", default="best", metavar="best|latest|STEP",
-                        help="which of its checkpoints: the best by the run's validation metric (default), "
-                             "the latest, or a step number")
+    source.add_argument("--model", metavar="MODEL_DIR",
+                        help="a model exported by python -m cleaq_jax.programs.export (needs only jax, numpy "
+                             "and OpenCV)")
+    parser.add_argument("--checkpoint-step", default=None, metavar="best|latest|STEP",
+                        help="which of the checkpoint's steps: the best by the run's validation metric "
+                             "(default), the latest, or a step number")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="photographs and/or folders of photographs (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -288,16 +307,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="enhance (and grade enhanced) only images IQA does not rate good")
     parser.add_argument("--explain", action="store_true",
                         help="write Grad-CAM heatmaps of the reported grade over each photograph and its "
-                             "enhancement into explain/")
+                             "enhancement into explain/ (with --checkpoint)")
     parser.add_argument("--report", action="store_true",
                         help="write report.html: a card per photograph, filterable by grade and quality "
-                             "(implies --explain)")
+                             "(implies --explain; with --checkpoint)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     return parser.parse_args(argv)
 
 
+def open_model(args: argparse.Namespace):
+    """The model the command line names: `exported.load` of --model, or the --checkpoint restored.
+
+    Raises FileNotFoundError / ValueError (one line each) for what cannot be read or combined.
+    """
+    if args.model is not None:
+        if args.checkpoint_step is not None:
+            raise ValueError("--checkpoint-step chooses among a checkpoint's steps; an exported model holds one "
+                             "(pick it when exporting)")
+        if args.explain or args.report:
+            raise ValueError("--explain and --report draw Grad-CAM, which needs the model code: pass the "
+                             "checkpoint the model was exported from with --checkpoint instead of --model")
+        return exported.load(args.model)
+    # Flax, orbax and the model code: only a checkpoint needs them (module doc).
+    from cleaq_jax.programs import predict_checkpoint
+
+    return predict_checkpoint.open_checkpoint(args.checkpoint, step=args.checkpoint_step or "best")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (1 when no photograph could be processed)."""
+    """The CLI; returns the exit status (1 when no photograph could be processed, 2 for bad input)."""
     args = parse_args(argv)
     paths = list_inputs(args.input)
     if not paths:
@@ -305,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        restored = restore.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
-        print(f"predict: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
+        model = open_model(args)
+        print(f"predict: {model.description}", file=sys.stderr)
         storage.makedirs(args.out)
-        result = predict(restored, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
+        result = predict(model, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
                          explain=args.explain, report_html=args.report)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Paths that may name Cloud Storage (``gs://BUCKET/...``) as well as local disk.
 
 Checkpoints, iterator positions, evaluation reports and TensorBoard logs go to the run's workdir, which
-on Cloud TPU is usually a bucket. Everything here goes through `etils.epath`, which reaches ``gs://``
+on Cloud TPU is usually a bucket. Remote paths go through `etils.epath`, which reaches ``gs://``
 through TensorFlow's tf.io.gfile when TensorFlow is installed and through gcsfs otherwise
 (``EPATH_USE_TF=false`` chooses gcsfs; the tests do, against a local emulator). Local paths keep plain
-file operations, so local behaviour is that of the standard library.
+file operations, so local behaviour is that of the standard library, and etils is imported only when a
+remote path is met: predict from an exported model runs where etils is not installed.
 
 `atomic_file` puts a file at its path whole, locally or in a bucket; `move_into_place` puts a finished local
 file or directory at its path in one rename. `summary_writer` is clu's TensorBoard
@@ -25,7 +26,12 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
-from etils import epath
+
+def _remote(path: str | os.PathLike) -> Any:
+    """``etils.epath.Path(path)``, for a remote path."""
+    from etils import epath  # only remote paths need it: local ones use the standard library (module doc)
+
+    return epath.Path(path)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -39,24 +45,33 @@ def join(*parts: str | os.PathLike) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+    return _remote(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str | os.PathLike) -> bool:
-    return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+    return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
     """Names in a directory (no order promised)."""
-    return [p.name for p in epath.Path(path).iterdir()] if is_remote(path) else os.listdir(path)
+    return [p.name for p in _remote(path).iterdir()] if is_remote(path) else os.listdir(path)
 
 
 def makedirs(path: str | os.PathLike) -> None:
-    epath.Path(path).mkdir(parents=True, exist_ok=True) if is_remote(path) else os.makedirs(path, exist_ok=True)
+    _remote(path).mkdir(parents=True, exist_ok=True) if is_remote(path) else os.makedirs(path, exist_ok=True)
 
 
 def read_text(path: str | os.PathLike) -> str:
-    return epath.Path(path).read_text()
+    """A UTF-8 text file's content."""
+    return read_bytes(path).decode("utf-8")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's content."""
+    if is_remote(path):
+        return _remote(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def atomic_file(path: str | os.PathLike, content: bytes | str | Callable[[str], None]) -> None:
@@ -74,7 +89,7 @@ def atomic_file(path: str | os.PathLike, content: bytes | str | Callable[[str], 
     path = os.fspath(path)
     tmp = join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     if is_remote(path):
-        target, staged = epath.Path(path), epath.Path(tmp)
+        target, staged = _remote(path), _remote(tmp)
         try:
             with tempfile.TemporaryDirectory(prefix="cleaq-") as local_dir:
                 local = os.path.join(local_dir, os.path.basename(path))
@@ -153,7 +168,7 @@ class MirroredWriter:
                 stat = os.stat(local)
                 if self._copied.get(relative) == (stat.st_size, stat.st_mtime_ns):
                     continue
-                target = epath.Path(self.remote_dir) / relative
+                target = _remote(self.remote_dir) / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(local, "rb") as f:
                     target.write_bytes(f.read())
