@@ -1,9 +1,11 @@
 """TensorBoard summaries without TensorFlow: what the writer puts in an event file comes back through
-TensorBoard's own readers as scalars, images, text and hyperparameters; the profiler hook's schedule."""
+TensorBoard's own readers as scalars, images, text and hyperparameters; the profiler hook's schedule; and a
+training stage that runs, writes its events and a profile, with TensorFlow not importable."""
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from cleaq_jax.runtime import summaries
+from tests import tiny
 
 
 def _provider(logdir: str):
@@ -131,3 +134,58 @@ def test_profiler_traces_at_least_its_steps_and_three_seconds_from_the_fifth_ste
         quiet(step)
     quiet.close()
     assert "x" not in calls
+
+
+_BLOCK_TENSORFLOW = """
+import builtins, json, os, runpy, sys
+sys.modules["tensorflow"] = None  # as if not installed: an import fails, importlib.util.find_spec finds nothing
+tried, _import = [], builtins.__import__
+def _recording_import(name, *args, **kwargs):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+        tried.append(name)
+    return _import(name, *args, **kwargs)
+builtins.__import__ = _recording_import
+sys.argv = ["cleaq_jax.main", *json.loads(os.environ["ARGS"])]
+try:
+    runpy.run_module("cleaq_jax.main", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert not e.code, f"exit code {e.code}"
+assert not tried and not [m for m in sys.modules if m.startswith("tensorflow.")], tried
+from cleaq_jax.programs import curves
+scalars = curves.read_scalars(os.environ["LOGDIR"])
+print("RESULT", json.dumps({tag: steps.tolist() for tag, (steps, _) in scalars.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_trains_writes_its_events_and_a_profile_with_tensorflow_not_importable(tmp_path):
+    """python -m cleaq_jax.main trains a tiny stage 1 (2 epochs) in a child where TensorFlow cannot be imported
+    and every import of it is recorded: none is tried, the events read back (with TensorFlow still
+    blocked, through the project's reader) and the profiler's trace of the steps after the fifth is in the
+    event files' directory."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir = str(tmp_path / "run")
+    cfg = tiny.tiny_config()
+    args = ["--config=configs/demo.py", f"--workdir={workdir}", "--config.stage=stage1", "--config.num_epochs=2",
+            "--config.eval_every_epochs=0", "--config.eval_at_end=False", "--config.profile_steps=1",
+            "--config.checkpoint_every_steps=100", "--config.model.encoder_stages=(1,1,1,1)",
+            "--config.model.classifier_stages=(1,1,1,1)"]
+    for key in ("data.image_size", "data.synthetic.num", "data.synthetic.splits.train", "data.synthetic.splits.val",
+                "data.synthetic.splits.test", "model.width", "batch_size", "eval_batch_size", "log_every_steps",
+                "image_every_steps"):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        args.append(f"--config.{key}={node}")
+    logdir = os.path.join(workdir, "stage1", "tensorboard")
+    proc = tiny.run_python(_BLOCK_TENSORFLOW, ARGS=json.dumps(args), LOGDIR=logdir)
+    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    steps = json.loads(line.removeprefix("RESULT "))
+    logged = steps["train/loss"]
+    assert len(logged) >= 3 and logged == list(range(2, logged[-1] + 1, 2)), steps  # log_every_steps=2
+    assert steps["train/learning_rate"] == logged, steps
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("stage1/low_enhanced_reference_vessel")] == logged  # image_every_steps=2
+    assert glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")), os.listdir(logdir)
