@@ -23,7 +23,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from absl import logging
@@ -103,7 +103,7 @@ class SummaryWriter:
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
                 f"{next(_file_numbers)}.v2")
         self.path = os.path.join(self.logdir, name)
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # noqa: SIM115  (open until close)
         from tensorboard.compat.proto import event_pb2
 
         self._write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -174,7 +174,7 @@ class SummaryWriter:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> SummaryWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -259,7 +259,7 @@ class StepProfiler:
         if step == self.first or (self._last_start is not None and now - self._last_start > self.EVERY_SECONDS):
             try:
                 self._start(self.logdir)
-            except Exception as error:  # a trace started elsewhere: the stage goes on without this one
+            except (RuntimeError, OSError) as error:  # e.g. a trace started elsewhere: the stage goes on
                 logging.warning("could not start a profiler trace after step %d: %s", step, error)
                 return
             logging.info("profiler trace started after step %d, into %s", step, self.logdir)
