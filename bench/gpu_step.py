@@ -1,6 +1,6 @@
 """The joint (stage-3) train step built from the library's modules alone, for machines that have jax,
 flax and optax but not the project's config system (ml_collections) nor its data stack (grain,
-array_record, TensorFlow): the GPU check's benchmark.
+array_record): the GPU check's benchmark.
 
     python bench/gpu_step.py --size 512 --batch 32 --dtype bfloat16 --remat off
     python bench/gpu_step.py --size 64 --batch 4 --width 0.125 --stages 1 --steps 3   # tiny, seconds

@@ -2,9 +2,8 @@
 
 Parses flags and checks every config key (`config_checks`: a bad key, value or type stops the run
 with one line and exit code 2, before any data or model work), joins the other processes of a
-multi-host run, keeps TensorFlow off the accelerators (clu's TensorBoard writer imports it), and hands
-the config to `cleaq_jax.programs.pipeline.run`, which dispatches on ``config.stage``. Override any
-config key on the command line: ``--config.batch_size=8``.
+multi-host run, and hands the config to `cleaq_jax.programs.pipeline.run`, which dispatches on
+``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
 """
 
 import sys
@@ -80,14 +79,6 @@ def distributed_args(config) -> dict:
             "process_id": index if index >= 0 else None}
 
 
-def _hide_accelerators_from_tensorflow() -> None:
-    # TensorFlow is a dependency: clu's TensorBoard writer imports it. It must not claim GPU / TPU memory.
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
-
-
 def main(argv):
     if len(argv) > 1:
         _usage_error(f"unexpected arguments: {' '.join(argv[1:])} (config keys go as --config.KEY=VALUE)")
@@ -96,15 +87,14 @@ def main(argv):
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
-    # Library INFO (orbax, grain, jax, absl, TensorFlow) only when -v / --verbosity was given.
+    # Library INFO (orbax, grain, jax, absl) only when -v / --verbosity was given.
     console.setup(verbose=FLAGS["verbosity"].present)
-    # The library loads JAX, flax and TensorFlow: only once the command line is known to be good.
+    # The library loads JAX and flax: only once the command line is known to be good.
     import jax
 
     from cleaq_jax.programs import pipeline
     from cleaq_jax.runtime import parallel
 
-    _hide_accelerators_from_tensorflow()
     joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))
     console.set_process_index(jax.process_index())
     if joined:

@@ -83,7 +83,7 @@ except ZeroDivisionError:
     pass
 assert epath.Path(run + "/eval/eval.md").read_text() == "| b |"
 
-class Events:  # stands in for clu's writer: appends to one event file
+class Events:  # stands in for the summary writer: appends to one event file
     def __init__(self, d): self.d = d
     def write_scalars(self, step, scalars): open(os.path.join(self.d, "events.out"), "a").write(f"{{step}}\\n")
     def flush(self): pass

@@ -67,7 +67,7 @@ def _eyeq(root: str) -> tuple[str, str, str]:
 def _scalars(stage_dir: str) -> dict[str, list[float]]:
     """{tag: values in step order} of a stage's train scalars from its TensorBoard event files."""
     from tensorboard.backend.event_processing import (
-        event_accumulator,  # heavy: TensorFlow's reader
+        event_accumulator,  # heavy: TensorBoard's reader
     )
     from tensorboard.util import tensor_util
 

@@ -128,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
     # val_iqa_kappa, val_iqa_accuracy, val_psnr_enhanced, val_ssim_enhanced).
     c.checkpoint_metric = "auto"
     c.checkpoint_mode = "auto"  # higher ("max") or lower ("min") is better; "auto": max for val_*, else min
-    c.profile_steps = 0  # >0: write a profile of that many steps to TensorBoard after warm-up.
+    c.profile_steps = 0  # >0: a profiler trace of that many steps (at least 3 s) to TensorBoard after warm-up, hourly.
     c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
 
     # Stage 3 starts from the checkpoints of these stage directories (teacher_b from teacher_a); ""

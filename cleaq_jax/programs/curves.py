@@ -28,8 +28,8 @@ PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation
 
 
 def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tag -> (steps, values) of every scalar in the event files of ``logdir`` (clu writes them as
-    tensor summaries, older writers as scalars)."""
+    """tag -> (steps, values) of every scalar in the event files of ``logdir`` (training writes them as
+    tensor summaries, as TensorFlow 2 does; older writers as scalars)."""
     from tensorboard.backend.event_processing import (
         event_accumulator,  # heavy: only when reading
     )
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the run directory (holds stage1/, stage2/, stage3/)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
-    # TensorBoard's reader imports TensorFlow, whose C++ start-up notices would bury the one line here.
+    # TensorBoard's reader imports TensorFlow when it is installed, whose C++ start-up notices would bury
+    # the one line here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:

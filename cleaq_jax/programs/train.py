@@ -26,7 +26,7 @@ from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference
 from cleaq_jax.models import factory
 from cleaq_jax.programs import evaluate, teacher
-from cleaq_jax.runtime import checkpoint, console, parallel, preemption, storage
+from cleaq_jax.runtime import checkpoint, console, parallel, preemption, summaries
 from cleaq_jax.training import optim, stages, start, steps
 
 
@@ -99,14 +99,18 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
         # Process 0 writes TensorBoard files (through a local directory mirrored to a remote workdir); the
         # others only log. Closing it (also on an error or SIGTERM) copies the last events to a bucket.
         logdir = os.path.join(stage.directory, "tensorboard")
-        writer = storage.summary_writer(logdir, just_logging=jax.process_index() != 0)
+        writer = summaries.open_writer(logdir, just_logging=jax.process_index() != 0)
         log = _Log(writer, name)
-        hooks = _profile_hooks(cfg, writer, logdir, first_step)
+        # config.profile_steps: process 0 traces beside its event files (mirrored with them). Closed before
+        # the writer, so a trace still running when the loop ends is written and copied.
+        profiler = summaries.StepProfiler(summaries.local_logdir(writer, logdir),
+                                          cfg.profile_steps if jax.process_index() == 0 else 0, first_step)
         batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
         progress = console.StageProgress(name, first_step, stage.total_steps, stage.steps_per_epoch)
         # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
         # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
-        with contextlib.closing(writer), preemption.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
+        with contextlib.closing(writer), contextlib.closing(profiler), \
+                preemption.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
             for step in range(first_step + 1, stage.total_steps + 1):
                 batch = next(batches)
                 if step == first_step + 1:
@@ -115,8 +119,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = step_fn(state, batch)
                 log.pending.append(metrics)
-                for hook in hooks:
-                    hook(step)
+                profiler(step)
                 last = step == stage.total_steps
                 if step % cfg.log_every_steps == 0 or last:
                     progress.report(step, log.flush(step))
@@ -165,18 +168,6 @@ class _Log:
         self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         self.last = means
         return means
-
-
-def _profile_hooks(cfg: ml_collections.ConfigDict, writer: Any, logdir: str, first_step: int) -> list:
-    """clu's profiler hook when config.profile_steps asks for one (process 0 only)."""
-    if not cfg.profile_steps or jax.process_index() != 0:
-        return []
-    from clu import periodic_actions  # heavy: pulls TensorFlow, which only the writers need
-
-    # Traces go where the writer's event files go, so a remote workdir gets them mirrored too.
-    local_logdir = writer.local_dir if isinstance(writer, storage.MirroredWriter) else logdir
-    return [periodic_actions.Profile(logdir=local_logdir, num_profile_steps=cfg.profile_steps,
-                                     first_profile=first_step + 5)]
 
 
 def _compile(step_fn, state, batch, stage: str):

@@ -1,6 +1,6 @@
 """What a person reads on the terminal: one line per logging interval, evaluation tables, progress bars.
 
-The libraries underneath (orbax, grain, absl, jax, TensorFlow, clu) log at INFO through absl and Python
+The libraries underneath (orbax, grain, absl, jax, etils, gcsfs) log at INFO through absl and Python
 logging; a run prints hundreds of their lines. `quiet_libraries` raises them to WARNING unless absl's
 ``--verbosity`` / ``-v`` was given on the command line, while `say` writes the project's own lines
 through a logger of its own, so they show either way. Only process 0 writes.
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 LOGGER_NAME = "cleaq_jax.runtime.console"
 # Python loggers of the libraries that log at INFO through Python logging directly.
-LIBRARY_LOGGERS = ("jax", "orbax", "grain", "tensorflow", "clu", "etils", "absl", "fsspec", "gcsfs")
+LIBRARY_LOGGERS = ("jax", "orbax", "grain", "tensorflow", "etils", "absl", "fsspec", "gcsfs")
 
 _logger = logging.getLogger(LOGGER_NAME)
 # Lines every process writes (a process joining a multi-process run), each to its own log.
@@ -46,10 +46,11 @@ def setup(verbose: bool) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # TensorFlow's and XLA's C++ logs (read when TensorFlow / XLA load; an explicit value is kept).
+    # XLA's C++ logs, and TensorFlow's (read when XLA / TensorFlow load; an explicit value is kept).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # TensorFlow only writes TensorBoard files and TFDS metadata here, so its oneDNN kernels do no work;
-    # left on, TensorFlow announces them on every import (two lines each, whatever the log level).
+    # The project does not import TensorFlow; where it is installed anyway, etils.epath loads it for
+    # gs:// paths, which need no oneDNN kernels, and left on it announces them on every import (two lines
+    # each, whatever the log level).
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 

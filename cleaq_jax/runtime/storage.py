@@ -2,16 +2,16 @@
 
 Checkpoints, iterator positions, evaluation reports and TensorBoard logs go to the run's workdir, which
 on Cloud TPU is usually a bucket. Remote paths go through `etils.epath`, which reaches ``gs://``
-through TensorFlow's tf.io.gfile when TensorFlow is installed and through gcsfs otherwise
-(``EPATH_USE_TF=false`` chooses gcsfs; the tests do, against a local emulator). Local paths keep plain
-file operations, so local behaviour is that of the standard library, and etils is imported only when a
-remote path is met: predict from an exported model runs where etils is not installed.
+through gcsfs (a dependency), or through TensorFlow's tf.io.gfile when TensorFlow happens to be installed
+(``EPATH_USE_TF=false`` chooses gcsfs then; the tests do, against a local emulator). Local paths keep
+plain file operations, so local behaviour is that of the standard library, and etils is imported only
+when a remote path is met: predict from an exported model runs where etils is not installed.
 
 `atomic_file` puts a file at its path whole, locally or in a bucket; `move_into_place` puts a finished local
-file or directory at its path in one rename. `summary_writer` is clu's TensorBoard
-writer; for a remote log directory it writes into a local temporary directory that `MirroredWriter`
-copies to the bucket at every flush and at close, because tf.summary reaches ``gs://`` only through
-TensorFlow's own Cloud Storage client.
+file or directory at its path in one rename. `MirroredWriter` is the TensorBoard writer of a remote log
+directory (`summaries.open_writer`): its event files are written in a local temporary directory and
+copied to the bucket at every flush and at close, because an event file grows by appends, which a Cloud
+Storage object cannot take.
 
 Shards are the exception: ArrayRecord reads local files only, so a ``gs://`` data directory is refused
 with the two ways to reach it (`require_local`).
@@ -129,14 +129,14 @@ def move_into_place(finished: str | os.PathLike, path: str | os.PathLike) -> Non
 
 
 class MirroredWriter:
-    """A clu metric writer whose TensorBoard files go to a local directory first and then, whole, to a
+    """A metric writer whose TensorBoard files go to a local directory first and then, whole, to a
     remote one: `flush` and `close` copy every file under ``local_dir`` that changed since the last copy
     (a Cloud Storage object cannot be appended to, so a grown event file is uploaded again), and `close`
-    removes ``local_dir``. tf.summary reaches ``gs://`` only through TensorFlow's own Cloud Storage
-    client; this way the event files travel through `etils.epath` like every other file of a run.
+    removes ``local_dir``. The event files (and profiler traces written beside them) travel through
+    `etils.epath` like every other file of a run.
 
-    inner: the writer into ``local_dir`` (e.g. ``clu.metric_writers.create_default_writer(local_dir)``);
-    every other method is ``inner``'s.
+    inner: the writer into ``local_dir`` (e.g. ``summaries.SummaryWriter(local_dir)``); every other
+    method is ``inner``'s.
     """
 
     def __init__(self, inner: Any, local_dir: str, remote_dir: str):
@@ -175,18 +175,6 @@ class MirroredWriter:
                 self._copied[relative] = (stat.st_size, stat.st_mtime_ns)
                 copied.append(relative)
         return copied
-
-
-def summary_writer(logdir: str, *, just_logging: bool = False) -> Any:
-    """clu's default writer: console log lines and, unless ``just_logging``, TensorBoard event files in
-    ``logdir``, directly when it is local, through a `MirroredWriter` over a local temporary directory
-    when it is remote."""
-    from clu import metric_writers  # heavy: pulls TensorFlow, which only the writers need
-
-    if just_logging or not is_remote(logdir):
-        return metric_writers.create_default_writer(logdir, just_logging=just_logging)
-    local_dir = tempfile.mkdtemp(prefix="cleaq-tensorboard-")
-    return MirroredWriter(metric_writers.create_default_writer(local_dir), local_dir, logdir)
 
 
 def require_local(path: str | os.PathLike, what: str) -> None:
