@@ -120,6 +120,12 @@ def initialize_distributed(
     # Cross-process collectives on CPU need gloo; only the CPU backend reads this flag.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes, process_id, local_device_ids)
+    if jax.default_backend() == "cpu":
+        # jax writes the persistent compilation cache from process 0 only, so in a warm run process 0
+        # loads each program from it while the others compile theirs. On CPU with jaxlib 0.12 (not
+        # 0.10 or 0.11) such a mix never completes its first collective: the job hangs. CPU programs
+        # compile in seconds; a multi-process CPU job leaves the cache off.
+        jax.config.update("jax_enable_compilation_cache", False)
     return plan
 
 
