@@ -41,8 +41,8 @@ case "$action" in
     [[ $# -ge 1 ]] || { echo "tpu_pod.sh setup: pass the repository URL (and optionally a ref)" >&2; exit 2; }
     repo=$(quote "$1") ref=$(quote "${2:-HEAD}")
     remote="set -e; [ -d ~/cleaq_jax/.git ] || git clone $repo ~/cleaq_jax; cd ~/cleaq_jax;"
-    remote+=" git fetch -q origin; git checkout -q $ref; $(quote "${REMOTE_PYTHON:-python3.11}")-m venv .venv;"
-    remote+=" .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'" ;;
+    remote+=" git fetch -q origin; git checkout -q $ref; $(quote "${REMOTE_PYTHON:-python3.13}")-m venv .venv;"
+    remote+=" .venv/bin/pip install -q -c constraints-py313.txt -e . 'jax[tpu]'" ;;
   train)
     [[ $# -ge 1 ]] || { echo "tpu_pod.sh train: pass cleaq_jax.main's arguments (--config=... --workdir=...)" >&2; exit 2; }
     remote="cd ~/cleaq_jax && nohup .venv/bin/python -m cleaq_jax.main $(quote "$@")> train.log 2>&1 < /dev/null &" ;;
