@@ -135,9 +135,11 @@ RULES: dict[str, Rule] = {
     "tasks.iqe": boolean(),
     "tasks.iqa": boolean(),
     "tasks.dr": boolean(),
+    "tasks.joint_iqe": choice("train", "frozen", "off"),
     "loss.qe": choice("l2", "l1"),
     "loss.seg": choice("dice", "bce"),
     "loss.lqi": choice("l2", "l1"),
+    "loss.qe_targets": choice("paper", "all"),
     "loss.lambda_seg": _WEIGHT,
     "loss.lambda_lqi": _WEIGHT,
     "loss.weighting": choice("lbtw", "fixed"),
@@ -170,6 +172,7 @@ RULES: dict[str, Rule] = {
     "distributed.num_processes": integer(1, or_value=0),
     "distributed.process_id": integer(0, or_value=-1),
     "log_every_steps": _POSITIVE,
+    "log_gradient_shares": boolean(),
     "image_every_steps": _COUNT,
     "checkpoint_every_steps": _POSITIVE,
     "keep_checkpoints": _POSITIVE,
@@ -227,6 +230,10 @@ def check(config: Mapping[str, Any]) -> list[str]:
     flat = flatten(config)
     if flat.get("mesh.data") == -1 and flat.get("mesh.fsdp") == -1:
         problems.append("config.mesh.data=-1 and config.mesh.fsdp=-1: at most one axis may take the remaining devices")
+    control = flat.get("tasks.joint_iqe", "train")
+    if control != "train" and (flat.get("tasks.iqa") or not flat.get("tasks.dr")):
+        problems.append(f"config.tasks.joint_iqe={control!r}: a control trains DR without IQA's guidance; "
+                        "set config.tasks.iqa=False and config.tasks.dr=True")
     count, index = flat.get("distributed.num_processes", 0), flat.get("distributed.process_id", -1)
     if count > 0 and index >= count:
         problems.append(f"config.distributed.process_id={index}: must be below config.distributed.num_processes={count}")

@@ -76,9 +76,9 @@ def test_eq11_weights_leave_dr_at_one_and_balance_the_others():
     assert float(metrics["weight_iqe"]) != pytest.approx(1.0, abs=1e-6)
 
 
-def test_l_qe_uses_stored_references_for_every_quality_level():
-    """Reject images have no QT pair; with a stored clean reference they still count in L_QE."""
-    cfg = tiny.tiny_config()
+def test_l_qe_uses_stored_references_for_every_quality_level_with_all_targets():
+    """Reject images have no QT pair; with qe_targets "all" a stored clean reference still counts in L_QE."""
+    cfg = tiny.tiny_config(**{"loss.qe_targets": "all"})
     models = factory.build_models(cfg)
     stage1 = tiny.stage(cfg, "stage1")
     state = jax.jit(lambda k: train_state.init_state(stage1, models, optim.make_optimizer(stage1.optim, 1), k))(
@@ -119,10 +119,10 @@ def test_two_stages_with_the_same_seed_draw_different_first_batches(tmp_path):
     assert first_ids("stage1") != first_ids("stage3")
 
 
-def _stage3_inputs(fraction, n=64):
+def _stage3_inputs(fraction, n=64, targets="all"):
     """Stage 3's X~ for a batch of n images cycling good / usable / reject, half of them with a stored
     clean reference, and the batch's float images."""
-    cfg = tiny.tiny_config(**{"loss.qt_good_fraction": fraction})
+    cfg = tiny.tiny_config(**{"loss.qt_good_fraction": fraction, "loss.qe_targets": targets})
     rng = np.random.default_rng(0)
     size = 16
     batch = {"image": jnp.asarray(rng.integers(50, 200, (n, size, size, 3)), jnp.uint8),
@@ -150,3 +150,11 @@ def test_stage3_input_degrades_good_images_by_qt_good_fraction():
             assert not good.any()
         else:  # 22 good images: all on one side has probability 2 * 0.5 ** 22
             assert good.any() and not good.all()
+
+
+def test_paper_targets_send_every_usable_image_through_op1():
+    """With qe_targets "paper" the stored references are not looked at: QT is eq. (4)'s, op1 on usable images
+    whether or not their record stores a clean one."""
+    changed, quality, has_ref = _stage3_inputs(1.0, targets="paper")
+    assert changed[(quality == 1) & has_ref].any() and changed[(quality == 1) & ~has_ref].any()
+    assert changed[quality == 0].all() and not changed[quality == 2].any()

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_split = "val"  # Validated during training (eval_every_epochs); EyeQ / Messidor prep: --split val.
     c.data.image_size = 512  # Must equal the size the shards were prepared at.
     c.data.num_grades = 5  # 5 for EyeQ (DR-0..4), 4 for Messidor (0..3).
-    c.data.class_balance = 0.0  # 0 natural frequencies, 1 equal classes (paper IV-B class-balanced augmentation).
+    # Copies of each class per epoch, (n_max / n_c) ** class_balance times its images: 0 natural frequencies, 1 equal
+    # classes, the paper's class-balanced augmentation (IV-B).
+    c.data.class_balance = 1.0
     c.data.balance_by = "dr_grade"
     c.data.augment = True  # Random rotation + horizontal/vertical flips.
     c.data.worker_count = 0  # grain worker processes per host (0: decode in the main process).
@@ -60,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Which subnetworks are trained (ablations switch them off). Stage 1 trains IQE and DR, stage 2 IQA.
     c.tasks = ml_collections.ConfigDict(dict(iqe=True, iqa=True, dr=True))
+    # IQE in stage 3: "train" (the method: trained jointly), or one of the controls that tell collaboration
+    # from its side effects (docs/training.md, "Controls"): "frozen", DR trains on the output of the stage-1 IQE
+    # held fixed; "off", DR trains alone on QT(X) with stage 3's schedule. Both need tasks.iqa=False.
+    c.tasks.joint_iqe = "train"
 
     # Quality transform QT (cofe-Net degradation model); empty = the documented defaults. Keys are the
     # fields of cleaq_jax.data.degrade.QTParams.
@@ -69,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.qe = "l2"  # L_QE: "l2" (paper eq. 6) or "l1" (the authors' code).
     c.loss.seg = "dice"  # L_Seg: "dice" (paper eq. 5) or "bce" (the authors' code).
     c.loss.lqi = "l2"  # L_LQI: "l2" (paper eq. 9) or "l1" (the authors' code).
+    # Where L_QE has a target: "paper", only good images, QT-degraded, against their original (eq. 1, the pairs
+    # EyeQ offers); the clean references some records store (synthetic data, Messidor's QT thirds) then only
+    # score the enhancement. "all": also every record's stored clean reference (IQE is told the answer for
+    # usable and reject images, which real data cannot do).
+    c.loss.qe_targets = "paper"
     c.loss.lambda_seg = 1.0
     c.loss.lambda_lqi = 1.0
     c.loss.weighting = "lbtw"  # "lbtw" (loss-balanced task weighting, paper IV-B) or "fixed".
@@ -115,6 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
 
     c.log_every_steps = 50
+    # Stage 3, at each logging step: the norm of each loss term's gradient on IQE's parameters (enhancement, DR
+    # through the enhanced image, IQA's guidance) and its share of their sum, train/grad_norm_* and
+    # train/grad_share_* (docs/training.md, "Gradient shares"; costs about two to three steps each time).
+    c.log_gradient_shares = False
     c.image_every_steps = 500  # TensorBoard image grid (low-quality / enhanced / reference / vessel mask).
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3  # Latest checkpoints kept; the best one by checkpoint_metric is kept as well.

@@ -106,6 +106,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
         profiler = summaries.StepProfiler(summaries.local_logdir(writer, logdir),
                                           cfg.profile_steps if jax.process_index() == 0 else 0, first_step)
         batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
+        shares = _gradient_shares(cfg, stage, models)
         progress = console.StageProgress(name, first_step, stage.total_steps, stage.steps_per_epoch)
         # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
         # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
@@ -123,6 +124,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
                 last = step == stage.total_steps
                 if step % cfg.log_every_steps == 0 or last:
                     progress.report(step, log.flush(step))
+                    if shares:
+                        log.write_shares(step, shares(state, batch))
                 if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last) and "iqe" in stage.nets:
                     grid = inference.enhancement_panels(stage.qt, state, models, jax.tree.map(lambda a: a[:4], batch))
                     writer.write_images(step, {f"{name}/low_enhanced_reference_vessel": grid})
@@ -168,6 +171,21 @@ class _Log:
         self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         self.last = means
         return means
+
+    def write_shares(self, step: int, shares: dict[str, jax.Array]) -> None:
+        """Stage 3's gradient norms and shares on IQE (`steps.gradient_shares`) to TensorBoard and one line."""
+        values = {k: float(v) for k, v in jax.device_get(shares).items()}
+        self.writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+        console.say("%s: step %d, share of the gradient on IQE: %s", self.stage, step,
+                    ", ".join(f"{k.removeprefix('grad_share_')} {v:.3f}" for k, v in values.items()
+                              if k.startswith("grad_share_")))
+
+
+def _gradient_shares(cfg: ml_collections.ConfigDict, stage: stages.Stage, models: dict):
+    """config.log_gradient_shares: stage 3's `steps.gradient_shares`, jitted, when IQE trains; else None."""
+    if not cfg.log_gradient_shares or stage.name != "stage3" or "iqe" not in stage.nets or stage.frozen:
+        return None
+    return jax.jit(steps.gradient_shares(stage, models))
 
 
 def _compile(step_fn, state, batch, stage: str):

@@ -33,7 +33,8 @@ INIT_FROM = {
 
 
 def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
-    """The subnetworks a stage trains, in a fixed order, after the config's task switches."""
+    """The subnetworks a stage trains, in a fixed order, after the config's task switches (stage 3 of the
+    control tasks.joint_iqe="off" trains DR alone; "frozen" keeps IQE, held fixed: `Stage.frozen`)."""
     t = cfg.tasks
     if stage in TEACHER_STAGES:
         return ("cenet",)
@@ -41,6 +42,8 @@ def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
         nets = tuple(n for n in ("iqe", "dr") if t[n])
     elif stage == "stage2":
         nets = ("iqa",) if t.iqa else ()
+    elif t.joint_iqe == "off":
+        nets = ("dr",) if t.dr else ()
     else:
         if not t.iqe:
             raise ValueError("config.tasks.iqe=False: stage 3 trains IQE jointly with IQA and/or DR; "
@@ -92,6 +95,7 @@ class LossSettings:
     grl_scale: float
     grl_schedule: str  # "constant" or "ganin"
     usable_self_reference: bool
+    qe_targets: str  # "paper": L_QE on good images only; "all": also wherever a record stores a clean reference
     iqe_guidance: str  # "reverse" or "to_good"
     guidance_weight: float
     qt_good_fraction: float
@@ -102,7 +106,8 @@ class LossSettings:
                    lambda_lqi=float(loss.lambda_lqi), weighting=loss.weighting, alpha=float(loss.alpha),
                    lbtw_reset=loss.lbtw_reset, fixed=tuple((k, float(loss.fixed[k])) for k in TASK_ORDER),
                    grl_scale=float(loss.grl_scale), grl_schedule=loss.grl_schedule,
-                   usable_self_reference=bool(loss.usable_self_reference), iqe_guidance=loss.iqe_guidance,
+                   usable_self_reference=bool(loss.usable_self_reference), qe_targets=str(loss.qe_targets),
+                   iqe_guidance=loss.iqe_guidance,
                    guidance_weight=float(loss.guidance_weight), qt_good_fraction=float(loss.qt_good_fraction))
 
 
@@ -169,6 +174,7 @@ class Stage:
     pretrained: tuple[tuple[str, str], ...] = ()
     checkpoint_metric: str = "loss"
     checkpoint_mode: str = "min"
+    frozen: tuple[str, ...] = ()  # subnetworks the stage runs but holds fixed (config.tasks.joint_iqe="frozen")
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -195,4 +201,5 @@ class Stage:
                    optim=OptimSettings.from_config(cfg, name, nets), train_split=str(d.train_split),
                    sampling=pipeline.EpochSampling(seed, float(d.class_balance), str(d.balance_by), bool(d.augment)),
                    reading=pipeline.RecordReading(image_size=int(d.image_size), worker_count=int(d.worker_count)),
-                   pretrained=tuple((k, str(v)) for k, v in cfg.pretrained.items() if v), **where)
+                   pretrained=tuple((k, str(v)) for k, v in cfg.pretrained.items() if v),
+                   frozen=("iqe",) if name == "stage3" and cfg.tasks.joint_iqe == "frozen" else (), **where)

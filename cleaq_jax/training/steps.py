@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from cleaq_jax.data import augment, degrade
 from cleaq_jax.evaluation import inference
@@ -77,9 +78,14 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _iqe_terms(b: _Bound, params, state, batch: Batch, degraded: jax.Array, target: tuple[jax.Array, jax.Array]):
     """IQE on ``degraded``; L_IQE (eq. 4) against ``target`` = (clean images, per-example weights).
-    Returns (masked enhancement, L_IQE, its terms, new batch stats)."""
+    Returns (masked enhancement, L_IQE, its terms, new batch stats). An IQE the stage holds fixed
+    (`stages.Stage.frozen`) runs as in inference: BatchNorm statistics kept, no gradient to its parameters."""
     _, mask = inference.inputs(batch)
-    out, bs = _apply(b, params, state, "iqe", degraded)
+    if "iqe" in b.stage.frozen:
+        fixed = {"params": jax.lax.stop_gradient(params["iqe"]), "batch_stats": state.batch_stats["iqe"]}
+        out, bs = b.models["iqe"].apply(fixed, degraded, train=False), state.batch_stats["iqe"]
+    else:
+        out, bs = _apply(b, params, state, "iqe", degraded)
     enhanced = out["enhanced"] * mask[..., None]
     total, terms = losses.iqe_loss(
         enhanced, target[0], target[1], out.get("vessel_logits"), batch["vessel"].astype(jnp.float32),
@@ -103,13 +109,16 @@ def _dr_terms(b: _Bound, params, state, x: jax.Array, grade: jax.Array):
 def _qe_target(s: stages.LossSettings, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """L_QE's target images (B,H,W,3) and per-example weights (B,) float32.
 
-    A record's clean ``reference`` (synthetic data, Messidor's QT thirds) is the target wherever the
-    batch carries one; otherwise the original itself, counted for good images (and usable ones with
-    ``usable_self_reference``, the fallback for data without references such as EyeQ).
+    With qe_targets "paper" the target is the original and only good images count (eq. 1: QT-degraded good
+    images against themselves; usable ones too with ``usable_self_reference``, op1(usable) -> usable).
+    With "all" a record's stored clean ``reference`` (synthetic data, Messidor's QT thirds) is also the
+    target wherever the batch carries one, so IQE is told the clean image of usable and reject images.
     """
     x, mask = inference.inputs(batch)
     quality = batch["quality"]
     counted = (quality == 0) | ((quality == 1) & s.usable_self_reference)
+    if s.qe_targets == "paper":
+        return x, counted.astype(jnp.float32)
     target, has_reference = inference.reference_or_original(batch, x, mask)
     return target, (counted | has_reference).astype(jnp.float32)
 
@@ -206,13 +215,15 @@ def _task_weights(b: _Bound, vector: jax.Array, state: ts.TrainState):
 def _stage3_input(stage: stages.Stage, batch: Batch, key: jax.Array) -> jax.Array:
     """X~, what IQE enhances in stage 3: QT(X) by quality (good -> op2, usable -> op1, reject as it is).
 
-    A usable record with a clean reference is already its degraded image and enters as it is, as in
-    evaluation (`inference.enhancement_pair`). With ``qt_good_fraction`` < 1 only that fraction of good
-    images (drawn per step) is degraded; the others enter as they are, the path DR(IQE(X)) of inference.
+    With qe_targets "all" a usable record with a clean reference is already its degraded image and enters as
+    it is, as in evaluation (`inference.enhancement_pair`); with "paper" every usable image goes through op1,
+    as eq. (4) has it (the stored reference is not looked at). With ``qt_good_fraction`` < 1 only that fraction
+    of good images (drawn per step) is degraded; the others enter as they are, the path DR(IQE(X)) of inference.
     """
     x, mask = inference.inputs(batch)
     quality = batch["quality"]
-    level = jnp.where((quality == 1) & inference.has_reference(batch), 2, quality)  # QT: 0 op2, 1 op1, 2 none
+    as_stored = inference.has_reference(batch) & (stage.loss.qe_targets == "all")
+    level = jnp.where((quality == 1) & as_stored, 2, quality)  # QT: 0 op2, 1 op1, 2 none
     if stage.loss.qt_good_fraction < 1.0:
         key, k_pick = jax.random.split(key)
         spared = jax.random.uniform(k_pick, quality.shape) >= stage.loss.qt_good_fraction
@@ -221,14 +232,24 @@ def _stage3_input(stage: stages.Stage, batch: Batch, key: jax.Array) -> jax.Arra
     return degrade.quality_transform_batch(x, mask, level, keys, stage.qt)
 
 
-def _stage3_loss(b: _Bound, params, state, batch: Batch, key: jax.Array) -> LossOut:
-    """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA guidance (config.loss.iqe_guidance), DR}."""
+# The terms of stage 3's loss that reach IQE's parameters, as `gradient_shares` names them.
+SHARE_TERMS = ("enhancement", "dr", "guidance")
+
+
+def _stage3_terms(b: _Bound, params, state, batch: Batch, key: jax.Array):
+    """Stage 3's loss, eq. (11), and its weighted terms: (total, {"enhancement": w_IQE L_IQE, "dr": w_DR L_DR,
+    "guidance": w_IQA L_IQA + guidance_weight * to_good} for the tasks present, metrics, new batch stats,
+    LBTW state). The terms sum to the total; apart, they tell what each pulls IQE towards (`gradient_shares`)."""
     x, mask = inference.inputs(batch)
     quality, nets = batch["quality"], b.stage.nets
     degraded = _stage3_input(b.stage, batch, key)
-    new_bs = {}
-    enhanced, l_iqe, terms, new_bs["iqe"] = _iqe_terms(b, params, state, batch, degraded, _qe_target(b.s, batch))
-    task_losses, metrics, guidance = {"iqe": l_iqe}, dict(terms), jnp.float32(0.0)
+    new_bs, task_losses, metrics, guidance = {}, {}, {}, jnp.float32(0.0)
+    if "iqe" in nets:
+        enhanced, task_losses["iqe"], terms, new_bs["iqe"] = _iqe_terms(b, params, state, batch, degraded,
+                                                                      _qe_target(b.s, batch))
+        metrics.update(terms)
+    else:  # the control tasks.joint_iqe="off": DR alone on QT(X)
+        enhanced = degraded * mask[..., None]
     if "iqa" in nets:
         guide = _reverse_guidance if b.s.iqe_guidance == "reverse" else _to_good_guidance
         task_losses["iqa"], guidance, terms, new_bs["iqa"] = guide(b, params, state, enhanced,
@@ -240,9 +261,18 @@ def _stage3_loss(b: _Bound, params, state, batch: Batch, key: jax.Array) -> Loss
     names = b.stage.tasks
     vector = jnp.stack([task_losses[t] for t in names])
     weights, lbtw = _task_weights(b, vector, state)
-    total = losses.combine(vector, weights) + b.s.guidance_weight * guidance
+    weighted = dict(zip(names, jax.lax.stop_gradient(weights) * vector))
+    parts = {"enhancement": weighted.get("iqe"), "dr": weighted.get("dr"),
+             "guidance": weighted["iqa"] + b.s.guidance_weight * guidance if "iqa" in names else None}
     for i, t in enumerate(names):
         metrics[f"loss_{t}"], metrics[f"weight_{t}"] = vector[i], weights[i]
+    total = losses.combine(vector, weights) + b.s.guidance_weight * guidance
+    return total, {k: v for k, v in parts.items() if v is not None}, metrics, new_bs, lbtw
+
+
+def _stage3_loss(b: _Bound, params, state, batch: Batch, key: jax.Array) -> LossOut:
+    """Eq. (3), (11): X~ = QT(X) -> IQE -> X^ -> {IQA guidance (config.loss.iqe_guidance), DR}."""
+    total, _, metrics, new_bs, lbtw = _stage3_terms(b, params, state, batch, key)
     return total, (metrics, new_bs, lbtw)
 
 
@@ -279,6 +309,35 @@ def stage_loss(stage: stages.Stage, models: dict[str, nn.Module]) -> Callable[..
     differentiable w.r.t. ``params`` ({subnetwork: params}); ``state`` gives the BatchNorm statistics,
     the weighting state and the step."""
     return functools.partial(_STAGE_LOSSES[stage.name], _Bound(models, stage))
+
+
+def gradient_shares(stage: stages.Stage, models: dict[str, nn.Module]) -> Callable[[ts.TrainState, Batch], Metrics]:
+    """Stage 3's diagnostic ``fn(state, batch) -> metrics``: for each term of `_stage3_terms` that reaches
+    IQE (enhancement, DR through X^, IQA's guidance), the global L2 norm of its gradient with respect to IQE's
+    parameters, ``grad_norm_<term>``, and its share of their sum, ``grad_share_<term>``.
+
+    Computed at the state's next key, so on the same QT draw the step would use: one forward pass and one
+    backward pass per term (``jax.jacrev`` over the terms), about what two to three train steps cost.
+    """
+    bound = _Bound(models, stage)
+
+    def shares(state: ts.TrainState, batch: Batch) -> Metrics:
+        key, _ = state.next_key()
+
+        def terms(iqe_params):
+            params = {**state.params, "iqe": iqe_params}
+            parts = _stage3_terms(bound, params, state, batch, key)[1]
+            return jnp.stack([parts[t] for t in SHARE_TERMS if t in parts])
+
+        names = [t for t, task in zip(SHARE_TERMS, ("iqe", "dr", "iqa")) if task in stage.tasks]
+        jacobian = jax.jacrev(terms)(state.params["iqe"])
+        norms = jax.vmap(optax.global_norm)(jacobian)
+        total = jnp.sum(norms)
+        share = norms / jnp.where(total > 0, total, 1.0)
+        return {**{f"grad_norm_{t}": norms[i] for i, t in enumerate(names)},
+                **{f"grad_share_{t}": share[i] for i, t in enumerate(names)}}
+
+    return shares
 
 
 def make_train_step(stage: stages.Stage, models: dict[str, nn.Module], tx: optim.Optimizer) -> Step:
