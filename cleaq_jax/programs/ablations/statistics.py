@@ -1,5 +1,6 @@
-"""Statistics over seeds: mean and sample standard deviation of a metric, per quality subset, and the
-paired (same seed) difference of a metric between two variants.
+"""Statistics over seeds: mean and sample standard deviation of a metric, per quality subset, the
+paired (same seed) difference of a metric between two variants, and the pre-declared test's interval of
+such a difference (`paired_interval`).
 
 An ``evals`` entry is a run's eval.json dict, or None for a run that did not finish; undefined values
 (None or NaN, e.g. the kappa of a subset with one class) are left out and counted.
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from cleaq_jax.data import records
 from cleaq_jax.programs.ablations.plan import BASELINE
@@ -23,11 +25,52 @@ SUBSETS = ("all",) + records.QUALITY_NAMES
 def mean_sd(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean and sample standard deviation (ddof=1; None with one value) of the defined values; n counts
     them, n_expected counts every value given (undefined ones, e.g. kappa of one class, are left out)."""
-    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    kept = _defined(values)
     if not kept:
         return {"mean": None, "std": None, "n": 0, "n_expected": len(values), "values": []}
     std = float(np.std(kept, ddof=1)) if len(kept) > 1 else None
     return {"mean": float(np.mean(kept)), "std": std, "n": len(kept), "n_expected": len(values), "values": kept}
+
+
+def _defined(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def paired_interval(diffs: Sequence[float | None], confidence: float = 0.95, n_boot: int = 10000, seed: int = 0,
+                    power: float = 0.8) -> dict[str, Any]:
+    """The pre-declared test of one paired difference: ``diffs`` are per-seed differences a - b (None or NaN,
+    e.g. a seed that did not finish, are left out and counted, as in `mean_sd`).
+
+    Returns mean, sd (ddof=1), n, n_expected, values, confidence, power and
+    - t_low, t_high: the paired t interval, mean -+ t_{(1+c)/2, n-1} * sd / sqrt(n);
+    - boot_low, boot_high: the percentile bootstrap interval of the mean (n_boot resamples of the n values
+      with replacement, numpy's default_rng(seed): the same numbers for the same seed), reported beside the
+      t interval as a check that does not assume normal differences;
+    - detected: the pre-declared rule, True exactly where the t interval excludes 0 (the bootstrap interval
+      does not enter it);
+    - smallest_detectable: the smallest true mean difference this test detects with probability ``power``,
+      (t_{(1+c)/2, n-1} + t_{power, n-1}) * sd / sqrt(n), in the metric's units, so that "not detected"
+      says how large a difference the seeds could have missed.
+    With n < 2 the intervals, detected and smallest_detectable are None (sd and mean too where undefined).
+    """
+    kept = _defined(diffs)
+    n = len(kept)
+    out: dict[str, Any] = {"mean": float(np.mean(kept)) if kept else None, "sd": None, "n": n,
+                           "n_expected": len(diffs), "values": kept, "confidence": confidence, "power": power,
+                           "t_low": None, "t_high": None, "boot_low": None, "boot_high": None, "detected": None,
+                           "smallest_detectable": None}
+    if n < 2:
+        return out
+    sd = float(np.std(kept, ddof=1))
+    se = sd / math.sqrt(n)
+    t_c = float(stats.t.ppf((1 + confidence) / 2, n - 1))
+    t_low, t_high = out["mean"] - t_c * se, out["mean"] + t_c * se
+    rng = np.random.default_rng(seed)
+    boot_means = np.asarray(kept)[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    boot_low, boot_high = np.percentile(boot_means, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return out | {"sd": sd, "t_low": t_low, "t_high": t_high, "boot_low": float(boot_low),
+                  "boot_high": float(boot_high), "detected": bool(t_low > 0 or t_high < 0),
+                  "smallest_detectable": (t_c + float(stats.t.ppf(power, n - 1))) * se}
 
 
 def subset_metrics(block: Mapping[str, Any], subset: str) -> Mapping[str, Any]:
@@ -63,3 +106,4 @@ def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any]
             diffs.append(None if a is None or b is None else a - b)
         out[subset] = mean_sd(diffs)
     return out
+
