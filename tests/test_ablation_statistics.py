@@ -1,5 +1,6 @@
 """The ablation study's pre-declared test: `statistics.paired_interval` against hand arithmetic and scipy's
-quantiles."""
+quantiles, and the comparisons `collect` gathers from hand-made eval.json dicts.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cleaq_jax.programs.ablations import statistics
+from cleaq_jax.programs.ablations import collect, plan, statistics
 
 RTOL = 1e-9
 
@@ -75,4 +76,63 @@ def test_smallest_detectable_difference_is_the_sum_of_the_two_quantiles_times_th
     se = np.std(diffs, ddof=1) / math.sqrt(len(diffs))
     expected = (stats.t.ppf(0.975, len(diffs) - 1) + stats.t.ppf(power, len(diffs) - 1)) * se
     assert r["smallest_detectable"] == pytest.approx(expected, rel=RTOL) and r["power"] == power
+
+
+# --------------------------------------------------------------------------- comparisons
+def _eval(kappa, psnr=None, dice=None):
+    """An eval.json dict: DR kappa on all / usable / reject; with psnr, the enhancement's PSNR and SSIM
+    (SSIM = PSNR / 100) on usable / reject; with dice = (input, enhanced), the vessel block's Dice of
+    each on usable / reject."""
+    e = {"dr": {"overall": {"n": 9, "kappa": kappa}, "per_quality": {q: {"n": 3, "kappa": kappa} for q in
+                                                                    ("usable", "reject")}}}
+    if psnr is not None:
+        e["enhancement"] = {"overall": {"n": 9, "psnr_enhanced": psnr, "ssim_enhanced": psnr / 100},
+                            "per_quality": {q: {"n": 3, "psnr_enhanced": psnr, "ssim_enhanced": psnr / 100}
+                                            for q in ("usable", "reject")}}
+    if dice is not None:
+        kinds = {"input": {"n": 3, "dice": dice[0]}, "enhanced": {"n": 3, "dice": dice[1]}}
+        e["vessels"] = {"segmenter": "test", "overall": kinds, "per_quality": {"usable": kinds, "reject": kinds}}
+    return e
+
+
+def _by_key(entries):
+    return {(c["a"], c["b"], c["metric"], c["subset"]): c for c in entries}
+
+
+EVALS = {  # three seeds of three variants; dr_frozen_iqe and dr_qt are not in this study
+    "cleaq_dr": {0: _eval(0.60, 30.0, (0.40, 0.50)), 1: _eval(0.55, 31.0, (0.42, 0.49)), 2: _eval(0.62, 29.0, (0.41, 0.47))},
+    "cleq_dr": {0: _eval(0.50, 29.0, (0.40, 0.45)), 1: _eval(0.52, 30.5, (0.42, 0.46)), 2: None},
+    "dr_only": {0: _eval(0.45), 1: _eval(0.50), 2: _eval(0.40)},
+}
+
+
+def test_each_declared_comparison_present_in_both_variants_is_a_paired_interval_of_the_seeds_differences():
+    got = _by_key(collect.comparisons(EVALS))
+    kappa = got[("cleaq_dr", "cleq_dr", "kappa", "reject")]
+    assert kappa["values"] == pytest.approx([0.10, 0.03], rel=RTOL) and kappa["n_expected"] == 3
+    assert kappa | {"values": None} == statistics.paired_interval([0.60 - 0.50, 0.55 - 0.52, None]) | {
+        "a": "cleaq_dr", "b": "cleq_dr", "task": "dr", "metric": "kappa", "subset": "reject", "values": None}
+    assert got[("cleaq_dr", "dr_only", "kappa", "all")]["values"] == pytest.approx([0.15, 0.05, 0.22], rel=RTOL)
+    assert got[("cleaq_dr", "cleq_dr", "psnr_enhanced", "usable")]["values"] == pytest.approx([1.0, 0.5], rel=RTOL)
+    gain = got[("cleaq_dr", "cleq_dr", plan.VESSEL_DICE_GAIN, "usable")]  # (0.10 - 0.05), (0.07 - 0.04)
+    assert gain["values"] == pytest.approx([0.05, 0.03], rel=RTOL) and gain["task"] == "vessels"
+
+
+def test_comparisons_whose_metric_or_variant_is_absent_are_left_out_and_the_rest_keep_the_declared_order():
+    entries = collect.comparisons(EVALS)
+    pairs = [(c["a"], c["b"]) for c in entries if c["b"] is not None]
+    assert list(dict.fromkeys(pairs)) == [("cleaq_dr", "cleq_dr"), ("cleaq_dr", "dr_only"), ("cleq_dr", "dr_only")]
+    assert {(c["metric"], c["subset"]) for c in entries if c["b"] == "dr_only"} == {
+        ("kappa", s) for s in ("usable", "reject", "all")}  # DR alone has no enhancement and no vessels
+    assert [(c["metric"], c["subset"]) for c in entries if (c["a"], c["b"]) == ("cleaq_dr", "cleq_dr")] == [
+        (m, s) for _, m, subsets in plan.COMPARISON_METRICS for s in subsets]
+
+
+def test_each_variant_with_vessels_reports_its_own_dice_gain_over_seeds():
+    got = _by_key(collect.comparisons(EVALS))
+    own = got[("cleaq_dr", None, plan.VESSEL_DICE_GAIN, "reject")]
+    assert own["values"] == pytest.approx([0.10, 0.07, 0.06], rel=RTOL)
+    assert (own["n"], own["n_expected"]) == (3, 3) and own["detected"] is True
+    assert got[("cleq_dr", None, plan.VESSEL_DICE_GAIN, "usable")]["n_expected"] == 3
+    assert not any(c["a"] == "dr_only" and c["b"] is None for c in got.values())
 

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 
 from cleaq_jax.data import records
-from cleaq_jax.programs.ablations.plan import BASELINE
+from cleaq_jax.programs.ablations.plan import BASELINE, VESSEL_DICE_GAIN
 
 # "all" (eval.json's "overall") and the quality levels of the original image ("per_quality").
 SUBSETS = ("all",) + records.QUALITY_NAMES
@@ -107,3 +107,36 @@ def paired_difference(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any]
         out[subset] = mean_sd(diffs)
     return out
 
+
+def metric_value(e: Mapping[str, Any] | None, task: str, metric: str, subset: str) -> float | None:
+    """One run's ``metric`` of ``task`` on ``subset`` from its eval.json (None where absent). Task "vessels"
+    with `plan.VESSEL_DICE_GAIN` is the Dice of the segmented enhancement minus that of IQE's input, read
+    from the block {'overall' / 'per_quality'[level]: {image kind: {n, dice, auc, accuracy}}}."""
+    block = subset_metrics((e or {}).get(task, {}), subset)
+    if task != "vessels":
+        return block.get(metric)
+    if metric != VESSEL_DICE_GAIN:
+        raise ValueError(f"vessels metric {metric!r}: only {VESSEL_DICE_GAIN!r} is read")
+    enhanced, given = block.get("enhanced", {}).get("dice"), block.get("input", {}).get("dice")
+    return None if enhanced is None or given is None else enhanced - given
+
+
+def has_metric(evals: Mapping[int, Mapping[str, Any] | None], task: str, metric: str, subset: str) -> bool:
+    """Whether any of a variant's runs ({seed: eval.json or None}) reports ``metric`` on ``subset`` (the value
+    may still be undefined there, e.g. the kappa of one class)."""
+    blocks = [subset_metrics((e or {}).get(task, {}), subset) for e in evals.values()]
+    if task == "vessels":
+        return any("dice" in b.get("enhanced", {}) and "dice" in b.get("input", {}) for b in blocks)
+    return any(metric in b for b in blocks)
+
+
+def seed_differences(evals_by_seed: Mapping[str, Mapping[int, Mapping[str, Any] | None]], a: str, b: str,
+                     task: str, metric: str, subset: str) -> list[float | None]:
+    """Per seed (of either variant, in seed order): ``a``'s minus ``b``'s `metric_value`, None where either
+    is undefined or its run did not finish; the input of `paired_interval`."""
+    runs_a, runs_b = evals_by_seed.get(a, {}), evals_by_seed.get(b, {})
+    diffs = []
+    for seed in sorted(set(runs_a) | set(runs_b)):
+        x, y = (metric_value(r.get(seed), task, metric, subset) for r in (runs_a, runs_b))
+        diffs.append(None if x is None or y is None else x - y)
+    return diffs
