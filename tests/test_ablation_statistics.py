@@ -1,16 +1,20 @@
 """The ablation study's pre-declared test: `statistics.paired_interval` against hand arithmetic and scipy's
-quantiles, and the comparisons `collect` gathers from hand-made eval.json dicts.
+quantiles, the comparisons `collect` gathers from hand-made eval.json dicts, and their table in results.md.
+
+No run is trained here: every eval.json is written out below.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from cleaq_jax.programs.ablations import collect, plan, statistics
+from cleaq_jax.programs.ablations import collect, plan, statistics, tables
 
 RTOL = 1e-9
 
@@ -100,7 +104,8 @@ def _by_key(entries):
 
 
 EVALS = {  # three seeds of three variants; dr_frozen_iqe and dr_qt are not in this study
-    "cleaq_dr": {0: _eval(0.60, 30.0, (0.40, 0.50)), 1: _eval(0.55, 31.0, (0.42, 0.49)), 2: _eval(0.62, 29.0, (0.41, 0.47))},
+    "cleaq_dr": {0: _eval(0.60, 30.0, (0.40, 0.50)), 1: _eval(0.55, 31.0, (0.42, 0.49)),
+                 2: _eval(0.62, 29.0, (0.41, 0.47))},
     "cleq_dr": {0: _eval(0.50, 29.0, (0.40, 0.45)), 1: _eval(0.52, 30.5, (0.42, 0.46)), 2: None},
     "dr_only": {0: _eval(0.45), 1: _eval(0.50), 2: _eval(0.40)},
 }
@@ -136,3 +141,46 @@ def test_each_variant_with_vessels_reports_its_own_dice_gain_over_seeds():
     assert got[("cleq_dr", None, plan.VESSEL_DICE_GAIN, "usable")]["n_expected"] == 3
     assert not any(c["a"] == "dr_only" and c["b"] is None for c in got.values())
 
+
+# --------------------------------------------------------------------------- results.md
+def test_the_comparisons_table_states_the_rule_and_a_verdict_per_row(monkeypatch):
+    # dr_qt enters plan.VARIANTS with the study's other controls; its title is set here so that this test
+    # does not depend on them.
+    monkeypatch.setitem(plan.VARIANTS, "dr_qt", "DR alone, QT and stage-3 schedule")
+    evals = {**EVALS, "dr_qt": {0: _eval(0.60), 1: _eval(0.50), 2: _eval(0.60)}}
+    lines = tables.comparisons_section(collect.comparisons(evals))
+    assert lines[0] == "## Pre-declared comparisons (paired by seed, 95% intervals)"
+    assert "excludes 0" in lines[2] and "95%" in lines[2] and "80%" in lines[2]
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line for line in lines[6:-1]}
+    assert lines[4].startswith("| A − B | metric | subset | seeds (n) | mean difference |")
+    detected = rows[("CLEAQ-DR", "vessel Dice, enhanced − input", "reject")]
+    c = _by_key(collect.comparisons(evals))[("cleaq_dr", None, plan.VESSEL_DICE_GAIN, "reject")]
+    assert detected.endswith("| detected |") and f"[{c['t_low']:.3f}, {c['t_high']:.3f}]" in detected
+    assert f"[{c['boot_low']:.3f}, {c['boot_high']:.3f}]" in detected and f"{c['smallest_detectable']:.3f}" in detected
+    assert rows[("DR alone, QT and stage-3 schedule − DR grading", "DR kappa", "all")].endswith(
+        "| not detected at this power |")
+    assert "| 2 of 3 |" in rows[("CLEAQ-DR − CLEQ-DR", "DR kappa", "usable")]
+    assert "| 2 of 3 |" in rows[("CLEAQ-DR − CLEQ-DR", "PSNR enhanced (dB)", "usable")]
+    assert tables.comparisons_section([]) == []
+
+
+def _study():
+    return {"command": "python -m cleaq_jax.programs.ablations", "data_dir": "/d", "eval_split": "test",
+            "data": {"test": {"num_records": 9, "quality": {"good": 3, "usable": 3, "reject": 3}}},
+            "overrides": {}, "preset": "tiny", "num_epochs": 1, "seeds": [0, 1, 2], "machine": "test", "jobs": 1,
+            "load_average": [0.0, 0.0], "wall_s": 1.0, "example_command": "python -m cleaq_jax.main"}
+
+
+def test_results_md_opens_with_the_comparisons_read_from_the_runs_eval_json(tmp_path):
+    runs = plan.plan_runs(str(tmp_path), ["dr_only", "cleq_dr", "cleaq_dr"], range(3), {"data.dir": "/d"})
+    for run in runs:
+        e = EVALS[run["variant"]][run["seed"]]
+        if e is not None:
+            os.makedirs(os.path.join(run["dir"], run["stage"], "eval"))
+            with open(os.path.join(run["dir"], run["stage"], "eval", "eval.json"), "w") as f:
+                json.dump(e, f)
+    collected = collect.collect_results(runs)
+    assert collected["comparisons"] == collect.comparisons(EVALS)
+    text = tables.results_markdown({"study": _study(), **collected})
+    assert text.index("## Pre-declared comparisons") < text.index("## DR grading")
+    assert "| CLEAQ-DR − CLEQ-DR | DR kappa | usable | 2 of 3 |" in text
