@@ -16,9 +16,10 @@ A run is finished when its final stage wrote ``eval/eval.json`` (stage 3 for the
 stage 1 for dr_only / iqe_only / iqe_no_seg, stage 2 for iqa_*); finished runs are skipped, so the
 study resumes where it stopped (an unfinished run resumes from its own checkpoints). The study then
 tabulates every finished run's eval.json into ``results.json``, ``results.md``,
-``per_quality_kappa.png`` and ``enhancement_examples.png`` in the workdir: mean and sample standard
-deviation over seeds, nothing else. Shards from data_prep (EyeQ, Messidor) work unchanged: pass
-``--config.data.num_grades=4`` for Messidor.
+``per_quality_kappa.png`` and ``enhancement_examples.png`` in the workdir: first the pre-declared
+comparisons (``plan.COMPARISONS``: paired-by-seed differences, their t and bootstrap intervals and the
+verdict of the fixed rule), then mean and sample standard deviation over seeds. Shards from data_prep
+(EyeQ, Messidor) work unchanged: pass ``--config.data.num_grades=4`` for Messidor.
 
 Modules, in the order a study uses them:
 
@@ -27,7 +28,8 @@ Modules, in the order a study uses them:
 - `plan`: which variants, seeds and runs, and each run's config flags and command.
 - `run_files`: where a run's eval.json and run.json are, and reading and writing them.
 - `execution`: running the unfinished runs as subprocesses.
-- `statistics`: mean and sample standard deviation over seeds, paired differences between variants.
+- `statistics`: mean and sample standard deviation over seeds, paired differences between variants and
+  the pre-declared test's intervals of them.
 - `collect`: every table's numbers, gathered from the trained runs' files.
 - `tables`: results.md, the Markdown page of those tables.
 - `figures`: the per-quality kappa bars and the enhancement examples.

@@ -41,6 +41,24 @@ BASELINES = (BASELINE, "dr_only_x2")
 # Paired DR-kappa differences the claim is about (besides each variant against DR alone and its own stage 1).
 PAIRS = (("cleaq_dr", "cleq_dr"), ("cleaq_dr_to_good", "cleq_dr"), ("cleaq_dr_to_good", "cleaq_dr"))
 
+# The pre-declared test of the paper's claim, fixed before the runs: each (a, b) is "a minus b, paired by
+# seed", judged by `statistics.paired_interval`'s rule. dr_qt (DR alone in stage 3 on QT-degraded images, the
+# joint stage's schedule) and dr_frozen_iqe (DR on a frozen stage-1 IQE) train as long as the joint stage from
+# the same stage-1 checkpoint, so they separate what joint training adds from longer training, QT's
+# augmentation and an enhancement front end.
+COMPARISONS = (("cleaq_dr", "cleq_dr"), ("cleaq_dr", "dr_only"), ("cleq_dr", "dr_only"), ("cleaq_dr", "dr_qt"),
+               ("cleq_dr", "dr_qt"), ("cleaq_dr", "dr_frozen_iqe"), ("cleq_dr", "dr_frozen_iqe"),
+               ("dr_qt", "dr_only"), ("dr_frozen_iqe", "dr_only"))
+# eval.json's "vessels" metric of the comparisons: Dice of the segmented enhancement minus that of IQE's input
+# (the paper's Fig. 8), per run.
+VESSEL_DICE_GAIN = "dice_enhanced_minus_input"
+# (task, metric, subsets) each comparison is made on; one absent in either variant (no enhancement in DR-only
+# variants, vessels not scored) is left out.
+COMPARISON_METRICS = (("dr", "kappa", ("usable", "reject", "all")),
+                      ("enhancement", "psnr_enhanced", ("usable", "reject")),
+                      ("enhancement", "ssim_enhanced", ("usable", "reject")),
+                      ("vessels", VESSEL_DICE_GAIN, ("usable", "reject")))
+
 
 # --------------------------------------------------------------------------- configs and flags
 def config_path(variant: str) -> str:

@@ -1,5 +1,5 @@
-"""results.md: the study's Markdown page, its tables drawn from `collect.collect_results`' numbers as
-"mean ± sample std" over seeds."""
+"""results.md: the study's Markdown page, its tables drawn from `collect.collect_results`' numbers: first
+the pre-declared comparisons (paired intervals and their verdicts), then "mean ± sample std" over seeds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cleaq_jax.programs.ablations.collect import CLASSIFICATION, ENHANCEMENT
-from cleaq_jax.programs.ablations.plan import VARIANTS, override_flags
+from cleaq_jax.programs.ablations.plan import VARIANTS, VESSEL_DICE_GAIN, override_flags
 from cleaq_jax.programs.ablations.statistics import SUBSETS
 
 
@@ -80,6 +80,49 @@ def _enhancement_difference_table(results: Mapping[str, Any]) -> list[str]:
     return _markdown_table(["paired by seed", "subset", "PSNR enhanced (dB)", "SSIM enhanced"], rows) if rows else []
 
 
+METRIC_NAMES = {"kappa": "DR kappa", "psnr_enhanced": "PSNR enhanced (dB)", "ssim_enhanced": "SSIM enhanced",
+                VESSEL_DICE_GAIN: "vessel Dice, enhanced − input"}
+
+
+def _interval(low: float | None, high: float | None, digits: int) -> str:
+    return "-" if low is None else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def comparison_row(c: Mapping[str, Any]) -> list[str]:
+    """One pre-declared comparison (a `collect.comparisons` entry) as a row: A − B (one method: its own
+    within-run difference), metric, subset, seeds, mean difference, t and bootstrap intervals, smallest
+    detectable difference, verdict ("-" with fewer than two seeds)."""
+    digits = 2 if c["metric"].startswith("psnr") else 3
+    fmt = lambda v: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    verdict = "-" if c["detected"] is None else "detected" if c["detected"] else "not detected at this power"
+    return [variant_title(c["a"]) + ("" if c["b"] is None else f" − {variant_title(c['b'])}"),
+            METRIC_NAMES.get(c["metric"], c["metric"]), c["subset"],
+            str(c["n"]) + ("" if c["n"] == c["n_expected"] else f" of {c['n_expected']}"), fmt(c["mean"]),
+            _interval(c["t_low"], c["t_high"], digits), _interval(c["boot_low"], c["boot_high"], digits),
+            fmt(c["smallest_detectable"]), verdict]
+
+
+def comparisons_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The pre-declared comparisons: the rule, then one row per comparison (`comparison_row`); none when the
+    study holds none. The confidence and power are those the intervals were computed with."""
+    if not comparisons:
+        return []
+    confidence, power = comparisons[0]["confidence"], comparisons[0]["power"]
+    c, p = f"{100 * confidence:g}%", f"{100 * power:g}%"
+    rule = (f"Each row is a difference fixed in the study's plan before the runs (`plan.COMPARISONS`, "
+            f"`plan.COMPARISON_METRICS`): A − B between the two methods' runs of the same seed. The rule: a "
+            f"difference is detected when its paired t interval, mean ± t((1+c)/2, n−1)·sd/√n at c = {c}, excludes "
+            f"0; the percentile bootstrap interval of the mean is reported beside it and does not enter the verdict. "
+            f"The smallest detectable difference is the true mean difference this test detects with probability "
+            f"{p} given the seeds' spread, (t((1+c)/2, n−1) + t({power:g}, n−1))·sd/√n: \"not detected at this "
+            f"power\" rules out little below it, and is no evidence that there is no difference. Rows naming one "
+            f"method are its own runs' vessel Dice of the enhancement minus that of IQE's input (paper Fig. 8).")
+    header = ["A − B", "metric", "subset", "seeds (n)", "mean difference", f"t interval ({c})",
+              f"bootstrap interval ({c})", "smallest detectable difference", "verdict"]
+    return [f"## Pre-declared comparisons (paired by seed, {c} intervals)", "", rule, "",
+            *_markdown_table(header, [comparison_row(x) for x in comparisons]), ""]
+
+
 def _runs_table(results: Mapping[str, Any]) -> list[str]:
     rows = [[VARIANTS[r["variant"]], str(r["seed"]), r["stage"], r["status"],
              "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in results["runs"]]
@@ -112,10 +155,12 @@ def _study_section(study: Mapping[str, Any]) -> list[str]:
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: the study, then Tables V, Fig. 12, IV and VI analogues (mean ± sample std over seeds)."""
+    """results.md: the study, the pre-declared comparisons, then Tables V, Fig. 12, IV and VI analogues (mean ±
+    sample std over seeds)."""
     lines = ["# Ablation study (paper Tables IV-VI, Fig. 12)", "", *_study_section(results["study"]), "",
-             "Every number is the mean ± sample standard deviation over the seeds of that method's runs, read "
-             "from each run's eval.json; n is given where fewer seeds finished.", ""]
+             *comparisons_section(results.get("comparisons", [])),
+             "In the tables below, every number is the mean ± sample standard deviation over the seeds of that "
+             "method's runs, read from each run's eval.json; n is given where fewer seeds finished.", ""]
     if results["dr"]:
         lines += ["## DR grading (Table V analogue)", "", *_classification_table(results["dr"]), "",
                   "## DR grading per quality level of the original image (Fig. 12 analogue)", "",
