@@ -20,7 +20,7 @@ def get_config():
     c.data.synthetic.splits.test = 0.55
     c.data.synthetic.lesion_scale = 4.0  # lesions of 1-2 px at 64 px, not sub-pixel specks (docs/data.md)
     c.data.image_size = 64
-    c.data.class_balance = 0.5
+    c.data.class_balance = 0.5  # the paper's 1.0 makes an epoch of the synthetic grades 1.7x longer
     c.model.width = 0.125
     c.model.encoder_stages = (1, 1, 1, 1)
     c.model.classifier_stages = (1, 1, 1, 1)
@@ -34,7 +34,7 @@ def get_config():
     c.loss.qt_good_fraction = 0.5
     c.loss.iqe_guidance = "to_good"
     # DR at the paper's rate in stage 3 (it must adapt to IQE's enhancements), and L_IQE weighted so that
-    # DR's gradient through IQE does not erode the enhancement (docs/training.md, "Settings").
+    # DR's gradient through IQE does not erode the enhancement (docs/training.md, "Where the code departs from the paper").
     c.optim.joint_net_learning_rate.dr = 1e-3
     c.loss.weighting = "fixed"
     c.loss.fixed.iqe = 100.0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from cleaq_jax.data import location
 from cleaq_jax.programs import ablations
+from cleaq_jax.programs.ablations import sweep
 from cleaq_jax.programs.ablations.execution import check_same_settings, run_unfinished
 from cleaq_jax.programs.ablations.plan import (VARIANTS, config_path, flag_value, parse_overrides, plan_runs,
                                                preset_settings)
@@ -28,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Further arguments --config.KEY=VALUE override every run's config.")
     p.add_argument("--data", required=True, help="shard directory (data_prep output) shared by every run")
     p.add_argument("--workdir", required=True, help="study directory: <variant>/seed<k>/ runs and the results")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: 0..N-1 (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3): FIRST..FIRST+N-1")
+    p.add_argument("--first-seed", type=int, default=0, metavar="FIRST",
+                   help="the first seed (default 0); a new study takes seeds no earlier one used")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the study, the guidance sweep on the validation split (sweep.py): one stage 3 "
+                        "per guidance setting from shared pre-training, tabulated with the point its rule chooses")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the shards' size)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--preset", default="full", help="size preset: tiny, bench, study or full (configs/ablations/presets.py)")
@@ -67,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = prepare_shards(data_dir, args.size, synthetic)
         overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
         overrides.update(parse_overrides(rest))
-        runs = plan_runs(workdir, variants, range(args.seeds), overrides, not args.separate_pretraining)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        runs = (sweep.plan_sweep(workdir, overrides, sys.executable) if args.sweep else
+                plan_runs(workdir, variants, seeds, overrides, not args.separate_pretraining))
         for run in runs:
             check_same_settings(run)
     except (ValueError, FileNotFoundError) as e:
@@ -75,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.makedirs(workdir, exist_ok=True)
     failed = [] if args.tabulate_only else run_unfinished(runs, workdir, args.jobs)
-    study = describe_study(args, data_dir, overrides, range(args.seeds), runs)
+    if args.sweep:
+        chosen = sweep.write_sweep(workdir, runs, "python -m cleaq_jax.programs.ablations " + " ".join(argv))
+        print(f"[ablations] sweep in {os.path.join(workdir, 'sweep', 'sweep.md')}; chosen: {chosen}", flush=True)
+        return 1 if failed else 0
+    study = describe_study(args, data_dir, overrides, seeds, runs)
     study.update(wall_s=time.time() - t0, load_average=[load0, os.getloadavg()[0]])
     if args.tabulate_only:
         study = keep_training_study(study, read_json(os.path.join(workdir, "results.json")))

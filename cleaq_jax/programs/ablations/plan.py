@@ -26,14 +26,16 @@ from cleaq_jax.training import stages
 # The paper's names for the variants, in the order the tables list them.
 VARIANTS = {"dr_only": "DR grading", "iqe_only": "IQE", "iqe_no_seg": "IQE w/o Seg-IQE", "iqa_only": "IQA",
             "iqa_no_lqi": "IQA w/o LQI-IQA", "cleaq": "CLEAQ", "cleq_dr": "CLEQ-DR", "cleaq_dr": "CLEAQ-DR",
-            "cleaq_dr_to_good": "CLEAQ-DR to_good", "dr_only_x2": "DR grading, 2x epochs"}
+            "cleaq_dr_to_good": "CLEAQ-DR to_good", "dr_only_x2": "DR grading, 2x epochs",
+            "dr_qt": "DR alone, QT and stage-3 schedule", "dr_frozen_iqe": "DR on a frozen stage-1 IQE"}
 # Variants trained for a multiple of the study's epochs (num_epochs and optim.constant_epochs): DR alone as long
 # as a joint variant's DR trains in stages 1 and 3 together, so that "joint beats DR alone" is not "more epochs".
 EPOCHS_FACTOR = {"dr_only_x2": 2}
 # Joint variants whose stage 3 starts from another variant's stage-1 and stage-2 checkpoints of the same
 # seed when both are in the study (unless --separate-pretraining): their stages 1 and 2 would train the same
 # networks alone on the same data again, and sharing them pairs the comparison of what stage 3 adds.
-SHARED_PRETRAINING = {"cleaq": "cleaq_dr", "cleq_dr": "cleaq_dr", "cleaq_dr_to_good": "cleaq_dr"}
+SHARED_PRETRAINING = {"cleaq": "cleaq_dr", "cleq_dr": "cleaq_dr", "cleaq_dr_to_good": "cleaq_dr",
+                      "dr_qt": "cleaq_dr", "dr_frozen_iqe": "cleaq_dr"}
 # DR alone: the baseline every variant's DR kappa is compared with.
 BASELINE = "dr_only"
 # Further baselines every variant is paired with when they are in the study.
