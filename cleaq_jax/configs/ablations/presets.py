@@ -8,14 +8,14 @@ study after the preset win over it.
 - tiny: for tests and a first look: 32 px, width 1/16, one block per ResNet stage, one epoch.
   Each run is dominated by XLA compilation (tens of seconds on a 2-core CPU).
 - bench: the benchmark that fits in about 90 minutes on a 2-core x86-64 CPU for all 8 variants x 3
-  seeds (docs/results.md gives the measured step times this was sized from), on synthetic images with
+  seeds (the earlier studies' page, `git show 313a1a5:docs/results.md`, gives the step times it was sized from), on synthetic images with
   4x lesions; residual U-IQE and usable self-reference on (both are config switches, off by default).
-- study: the study of docs/results.md, sized from measured step times to finish in about 2 hours on a
+- study: the earlier studies' (`git show 313a1a5:docs/results.md`), sized from measured step times to finish in about 2 hours on a
   2-core x86-64 CPU for the 8 variants plus CLEAQ-DR to_good and DR alone at 2x epochs x 3 seeds: bench's
   networks on 560 training images, 10 epochs per stage, scored on 1360 test images, and stage 3 in the
   form the held-out runs chose (docs/training.md, "Where the code departs from the paper"): DR at 1e-3 while IQE and IQA
   fine-tune at 1e-4, L_IQE weighted 100, half the good images as they are, clean references for every
-  quality level.
+  quality level (``loss.qe_targets="all"``, which the claim preset does not use).
 - claim: the pre-declared test of docs/results.md (and its guidance sweep on val): the study's networks and
   stage-3 form, but IQE trained only where the paper has a target (``loss.qe_targets="paper"``), the paper's
   class balance, 3 epochs per stage on 480 training images, 400 validation and 1120 test images; sized from
@@ -55,6 +55,7 @@ PRESETS = {
     "bench": {
         "overrides": {
             **_CPU,
+            "loss.qe_targets": "all",  # as the earlier studies trained (docs/training.md, "Stage 1")
             "data.class_balance": 0.5,
             "model.width": 0.125,
             # At 10 epochs the paper's U-IQE still draws a smooth mean fundus; the residual form keeps the
@@ -76,6 +77,7 @@ PRESETS = {
     "study": {
         "overrides": {
             **_CPU,
+            "loss.qe_targets": "all",  # as the earlier studies trained (docs/training.md, "Stage 1")
             "data.class_balance": 0.5,
             "model.width": 0.125,
             "model.uiqe_residual": True,
