@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cleaq_jax import errors
 from cleaq_jax.data import degrade, location, pipeline, records
 from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference, metrics, report, restore
@@ -111,7 +112,7 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
             parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
             progress.update(1)
     if not parts:
-        raise ValueError(f"split {split!r} of {stage.data_dir} is empty (config.data.{key})")
+        raise errors.ConfigError(f"split {split!r} of {stage.data_dir} is empty (config.data.{key})")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     valid = merged.pop("valid").astype(bool)
     return {k: v[valid] for k, v in merged.items()}
@@ -239,8 +240,8 @@ def first_examples(cfg: ml_collections.ConfigDict, data_dir: str, n: int) -> dic
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Restore config.checkpoint_dir onto the present devices and evaluate it into <workdir>/eval."""
     if not cfg.checkpoint_dir:
-        raise ValueError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
-                         "(a stage directory or its checkpoints/ folder)")
+        raise errors.ConfigError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
+                                 "(a stage directory or its checkpoints/ folder)")
     mesh = parallel.make_mesh(-1, 1)
     restored = restore.load_checkpoint(cfg.checkpoint_dir, mesh, cfg.checkpoint_step)
     merged = merge_for_eval(restored.config, cfg, restored.directory)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import degrade, pipeline
 from cleaq_jax.evaluation import inference, report
 from cleaq_jax.models import factory
@@ -118,7 +119,7 @@ def collect_counts(cfg: ml_collections.ConfigDict, stage: stages.Stage, variable
         out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))
         total = out if not total else jax.tree.map(np.add, total, out)
     if not total:
-        raise ValueError(f"split {cfg.data.eval_split!r} of {stage.data_dir} is empty (config.data.eval_split)")
+        raise errors.ConfigError(f"split {cfg.data.eval_split!r} of {stage.data_dir} is empty (config.data.eval_split)")
     return total
 
 
