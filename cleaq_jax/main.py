@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import config_checks, configs
+from cleaq_jax import config_checks, configs, errors
 from cleaq_jax.runtime import console
 
 config_flags.DEFINE_config_file(
@@ -27,7 +27,7 @@ flags.DEFINE_integer("process_id", None, "Index of this process in a multi-proce
                      "config.distributed.process_id.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-USAGE_ERROR = 2  # exit code of a bad command line or config, as argparse's
+USAGE_ERROR = errors.USAGE_ERROR  # exit code of a bad command line or config, as argparse's
 
 
 def _usage_error(line: str) -> None:
@@ -87,20 +87,28 @@ def main(argv):
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
-    # Library INFO (orbax, grain, jax, absl) only when -v / --verbosity was given.
-    console.setup(verbose=FLAGS["verbosity"].present)
+    # Library INFO (orbax, grain, jax, absl), and the traceback of a project error, only when -v /
+    # --verbosity was given.
+    verbose = FLAGS["verbosity"].present
+    console.setup(verbose=verbose)
+    # Data, checkpoint and storage errors met during the run: one line and exit status 2, as a bad config.
+    return errors.reported(lambda: run_config(FLAGS.config, FLAGS.workdir), verbose)
+
+
+def run_config(config, workdir: str) -> None:
+    """Join the other processes of a multi-process run, then run what ``config.stage`` names."""
     # The library loads JAX and flax: only once the command line is known to be good.
     import jax
 
     from cleaq_jax.programs import pipeline
     from cleaq_jax.runtime import parallel
 
-    joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))
+    joined = parallel.initialize_distributed(**distributed_args(config))
     console.set_process_index(jax.process_index())
     if joined:
         console.say_every_process("%s", parallel.process_line(joined))
-    logging.info("config:\n%s", FLAGS.config)
-    pipeline.run(FLAGS.config, FLAGS.workdir)
+    logging.info("config:\n%s", config)
+    pipeline.run(config, workdir)
 
 
 if __name__ == "__main__":
