@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from cleaq_jax import errors
+from cleaq_jax import config_checks, configs, errors
 from cleaq_jax.data import location, shards
 from cleaq_jax.data_prep import synthetic as synthetic_prep
 from cleaq_jax.programs import predict
@@ -129,6 +129,15 @@ def _help(parse, *argv: str) -> str:
         parse([*argv, "--help"])
     assert exit_info.value.code == 0
     return out.getvalue()
+
+
+def test_main_help_names_the_configs_the_programs_and_how_to_set_keys(tmp_path):
+    proc = _run("-m", "cleaq_jax.main", "--help", cwd=str(tmp_path))
+    text = " ".join(proc.stdout.split())  # absl wraps the listings
+    for name in configs.names() + list(config_checks.PROGRAMS):
+        assert f" {name}," in text or f" {name}." in text, name
+    assert "--config.KEY=VALUE" in text and "configs/default.py" in text
+    assert "--workdir" in text and "--config:" in text  # the flags follow the description
 
 
 def test_predict_help_is_the_whole_description_with_defaults():
