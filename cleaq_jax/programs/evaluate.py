@@ -94,6 +94,13 @@ def make_eval_fn(cfg: ml_collections.ConfigDict, stage: stages.Stage, models: di
 
 
 # --------------------------------------------------------------------------- host side
+def progress_bar(stage: stages.Stage, split: str, global_batch_size: int, disable: bool = False):
+    """The progress bar of an evaluation pass over ``split``: its total is the loader's batch count (from
+    the manifest's num_records), so the bar shows how far it is and the time left."""
+    total = pipeline.num_eval_batches(stage.data_dir, split, global_batch_size=global_batch_size)
+    return console.bar(total, f"{stage.name} evaluation ({split})", unit="batch", disable=disable)
+
+
 def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh, split: str | None = None,
             *, show_progress: bool = True) -> dict[str, np.ndarray]:
     """Run the eval function of ``state``'s subnetworks over the whole of ``split`` (default
@@ -106,7 +113,7 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
     loader = pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
                                   reading=pipeline.RecordReading(image_size=stage.image_size))
     parts: list[dict[str, np.ndarray]] = []
-    with console.bar(None, f"{stage.name} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
+    with progress_bar(stage, split, int(cfg.eval_batch_size), disable=not show_progress) as progress:
         for local in loader:
             out = fn(state, parallel.global_batch(local, mesh))
             parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
