@@ -1,22 +1,30 @@
-"""Entry point: ``cleaq-run --config=configs/stage3.py --workdir=DIR`` (or ``python -m cleaq_jax.main``).
+"""Train, evaluate or run the whole pipeline: ``cleaq-run --config=CONFIG --workdir=DIR [--config.KEY=VALUE ...]``
+(or ``python -m cleaq_jax.main``).
 
-Parses flags and checks every config key (`config_checks`: a bad key, value or type stops the run
+    cleaq-run --config=demo --workdir=demo_workdir                   # the demo: synthetic data, every stage
+    cleaq-run --config=stage1 --config.data.dir=SHARDS --workdir=RUN   # one stage of the paper
+    cleaq-run --config=eval --config.checkpoint_dir=RUN/stage3 --config.data.dir=SHARDS --workdir=OUT
+
+Parses the flags and checks every config key (`config_checks`: a bad key, value or type stops the run
 with one line and exit code 2, before any data or model work), joins the other processes of a
-multi-host run, and hands the config to `cleaq_jax.programs.pipeline.run`, which dispatches on
-``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
+multi-host run, and hands the config to `cleaq_jax.programs.pipeline.run`, which runs what
+``config.stage`` names into ``<workdir>/<stage>``. An error in the data, a checkpoint or storage met
+during the run is one line and exit code 2 too; ``--verbosity=1`` (or ``-v 1``) adds its traceback and
+the libraries' INFO lines.
 """
 
 import sys
+import textwrap
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleaq_jax import config_checks, configs
+from cleaq_jax import config_checks, configs, errors
 from cleaq_jax.runtime import console
 
 config_flags.DEFINE_config_file(
-    "config", None, "A config file, or the name of one that ships with cleaq_jax: "
-    + ", ".join(configs.names()) + " (configs/NAME.py in a checkout).", lock_config=True)
+    "config", None, "A config file, or the name of one that ships with cleaq_jax (listed above; "
+    "configs/NAME.py in a checkout).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: every stage writes to <workdir>/<stage>.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process GPU/CPU runs (TPU and SLURM auto-detect); "
@@ -27,7 +35,7 @@ flags.DEFINE_integer("process_id", None, "Index of this process in a multi-proce
                      "config.distributed.process_id.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-USAGE_ERROR = 2  # exit code of a bad command line or config, as argparse's
+USAGE_ERROR = errors.USAGE_ERROR  # exit code of a bad command line or config, as argparse's
 
 
 def _usage_error(line: str) -> None:
@@ -63,8 +71,33 @@ def with_config_resolved(argv: list[str]) -> list[str]:
     return out
 
 
+def usage() -> str:
+    """What ``--help`` prints above the flags: the module description, the shipped configs, what a config
+    can run, and how to see and override its keys."""
+    def listing(title: str, items: list[str]) -> str:
+        return textwrap.fill(f"{title}: {', '.join(items)}.", width=100, subsequent_indent="  ")
+
+    return "\n".join([
+        __doc__.strip(), "",
+        listing("Configs that ship with cleaq_jax (--config=NAME, or a config file of your own)", configs.names()),
+        listing("What a config runs (config.stage)", list(config_checks.PROGRAMS)),
+        "Override any key with --config.KEY=VALUE (--config.batch_size=8, --config.data.dir=SHARDS). Every key,",
+        "its default and what it does: cleaq_jax/configs/default.py (configs/default.py in a checkout); a",
+        "shipped config's values: python -c 'from cleaq_jax.configs import stage3; print(stage3.get_config())'.",
+        "An unknown key's error lists the keys of its level. Flags are absl's: --workdir=DIR (or --workdir DIR);",
+        "the other programs (cleaq-predict, cleaq-prep-*, ...) spell options with dashes (docs/architecture.md).",
+        "Exit status: 0 done, 2 a bad command line or config, or an error in the data, a checkpoint or storage.",
+        "",
+    ]).replace("%", "%%")  # absl's usage fills %s in the text with the program's name
+
+
 def run() -> None:
-    """The ``cleaq-run`` console script."""
+    """The ``cleaq-run`` console script (and ``python -m cleaq_jax.main``)."""
+    # absl's --help prints the __main__ module's docstring and the flags of the module sys.argv[0] names:
+    # the console script's wrapper has neither.
+    sys.modules["__main__"].__doc__ = usage()
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main, flags_parser=parse_flags)
 
 
@@ -87,20 +120,28 @@ def main(argv):
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
-    # Library INFO (orbax, grain, jax, absl) only when -v / --verbosity was given.
-    console.setup(verbose=FLAGS["verbosity"].present)
+    # Library INFO (orbax, grain, jax, absl), and the traceback of a project error, only when -v /
+    # --verbosity was given.
+    verbose = FLAGS["verbosity"].present
+    console.setup(verbose=verbose)
+    # Data, checkpoint and storage errors met during the run: one line and exit status 2, as a bad config.
+    return errors.reported(lambda: run_config(FLAGS.config, FLAGS.workdir), verbose)
+
+
+def run_config(config, workdir: str) -> None:
+    """Join the other processes of a multi-process run, then run what ``config.stage`` names."""
     # The library loads JAX and flax: only once the command line is known to be good.
     import jax
 
     from cleaq_jax.programs import pipeline
     from cleaq_jax.runtime import parallel
 
-    joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))
+    joined = parallel.initialize_distributed(**distributed_args(config))
     console.set_process_index(jax.process_index())
     if joined:
         console.say_every_process("%s", parallel.process_line(joined))
-    logging.info("config:\n%s", FLAGS.config)
-    pipeline.run(FLAGS.config, FLAGS.workdir)
+    logging.info("config:\n%s", config)
+    pipeline.run(config, workdir)
 
 
 if __name__ == "__main__":

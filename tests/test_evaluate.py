@@ -7,9 +7,12 @@ by a subprocess that sees 8 fake CPU devices with parameters sharded over them; 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -172,8 +175,17 @@ def _evaluate(stage3_dir: str, data_dir: str, out: str):
 
 
 @pytest.fixture(scope="module")
-def evaluated(stage3_dir, data_dir, tmp_path_factory):
-    return _evaluate(stage3_dir, data_dir, str(tmp_path_factory.mktemp("eval")))
+def evaluated_and_log(stage3_dir, data_dir, tmp_path_factory):
+    """The evaluation's (result, eval directory) and what it wrote to stderr (its progress bar)."""
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        evaluated = _evaluate(stage3_dir, data_dir, str(tmp_path_factory.mktemp("eval")))
+    return evaluated, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def evaluated(evaluated_and_log):
+    return evaluated_and_log[0]
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +298,14 @@ def test_evaluation_counts_every_test_example_by_quality(evaluated):
     assert np.asarray(result["dr"]["overall"]["confusion_matrix"]).sum(axis=1).tolist() == [2, 1, 1, 1, 1]
     assert np.asarray(result["iqa"]["overall"]["confusion_matrix"]).sum(axis=1).tolist() == [2, 2, 2]
     assert result["iqa_enhanced"]["overall"]["n"] == len(GRADES)
+
+
+def test_evaluation_progress_bar_counts_batches_out_of_the_splits_total(evaluated_and_log):
+    # 6 test records in batches of 4: 2 batches, known from the manifest before the first one is read,
+    # so the bar shows a fraction and the time left ("0/2 [00:00<?, ...]"), not a bare count.
+    log = evaluated_and_log[1]
+    assert "stage3 evaluation (test)" in log
+    assert re.search(r"\b[0-2]/2 \[\d+:\d+<", log), log
 
 
 def test_evaluation_measures_enhancement_on_images_with_a_reference(evaluated):

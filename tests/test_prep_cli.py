@@ -128,7 +128,7 @@ def test_progress_line_reports_count_rate_and_eta(eyeq_data, eyeq_run):
 
 def test_strict_stops_at_a_bad_label_row_naming_it_and_writes_nothing(eyeq_data, tmp_path):
     code, err = run_main(eyeq.main, *eyeq_args(eyeq_data, tmp_path / "out", "--strict"))
-    assert code == 1
+    assert code == 2
     assert "Label_EyeQ_train.csv:11" in err and "not found" in err
     assert looks_complete(tmp_path / "out") == []
 
@@ -138,7 +138,7 @@ def test_strict_stops_at_a_truncated_image_naming_it_and_writes_nothing(eyeq_dat
                        [[0, "10009_right.jpeg", 0, 0], [1, "10010_left.jpeg", 1, 1], [2, "20001_left.jpeg", 0, 1]])
     code, err = run_main(eyeq.main, "--images", eyeq_data["images"], "--labels", labels, "--split", "train",
                          "--out", str(tmp_path / "out"), "--strict")
-    assert code == 1
+    assert code == 2
     assert "20001_left.jpeg" in err and "truncated" in err
     assert os.listdir(tmp_path / "out") == []  # the writer's temporary shards are gone too
 
@@ -147,7 +147,7 @@ def test_malformed_csv_header_is_reported_naming_the_file_and_nothing_is_written
     labels = write_csv(str(tmp_path / "trainLabels.csv"), ["image", "level"], [["10009_right", 0]])
     code, err = run_main(eyeq.main, "--images", eyeq_data["images"], "--labels", labels, "--split", "train",
                          "--out", str(tmp_path / "out"))
-    assert code == 1
+    assert code == 2
     assert "trainLabels.csv" in err and ",image,quality,DR_grade" in err
     assert looks_complete(tmp_path / "out") == []
 
@@ -156,7 +156,7 @@ def test_a_split_whose_every_item_is_skipped_fails_and_writes_nothing(eyeq_data,
     labels = write_csv(str(tmp_path / "labels.csv"), EYEQ_HEADER, [[0, "20003_left.jpeg", 0, 1]])
     code, err = run_main(eyeq.main, "--images", eyeq_data["images"], "--labels", labels, "--split", "train",
                          "--out", str(tmp_path / "out"))
-    assert code == 1 and "no retinal disc" in err
+    assert code == 2 and "no retinal disc" in err
     assert looks_complete(tmp_path / "out") == []
 
 
@@ -398,7 +398,7 @@ def test_messidor_strict_writes_neither_split_when_a_later_image_fails(tmp_path)
     seed = seed_processing_last(str(root), "200511_99999_0100_PP", 3, 3)
     code, err = run_main(messidor.main, "--root", str(root), "--out", str(tmp_path / "out"),
                          "--train", "3", "--test", "3", "--seed", str(seed), "--strict")
-    assert code == 1 and "200511_99999_0100_PP.tif" in err
+    assert code == 2 and "200511_99999_0100_PP.tif" in err
     assert os.listdir(tmp_path / "out") == []
 
 

@@ -167,7 +167,7 @@ def test_a_damaged_input_shard_is_named_before_any_shard_is_masked(synthetic, tm
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     out = str(tmp_path / "out")
-    assert pseudo_masks.main(["--shards", damaged, "--method", "matched", "--out", out, "--workers", "1"]) == 1
+    assert pseudo_masks.main(["--shards", damaged, "--method", "matched", "--out", out, "--workers", "1"]) == 2
     message = capsys.readouterr().err
     assert shard in message and "truncated or corrupt" in message
     assert not [n for n in os.listdir(out) if ".array_record-" in n]
@@ -266,5 +266,5 @@ def test_a_checkpoint_of_another_stage_is_refused_by_name(tmp_path, capsys):
     with checkpoint.Checkpointer(ckpt, async_save=False) as saver:
         saver.save(1, {"x": np.zeros(2, np.float32)}, config={"stage": "stage1"})
     assert pseudo_masks.main(["--shards", str(tmp_path / "shards"), "--teacher", str(tmp_path / "stage1"),
-                              "--out", str(tmp_path / "out")]) == 1
+                              "--out", str(tmp_path / "out")]) == 2
     assert "not a vessel teacher's" in capsys.readouterr().err

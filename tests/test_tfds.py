@@ -194,4 +194,4 @@ def test_metadata_command_writes_what_an_older_shard_set_lacks(prepared, tmp_pat
     missing = str(tmp_path / "nothing")
     proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.tfds_metadata", "--shards", missing], capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "manifest.json does not exist" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "manifest.json does not exist" in proc.stderr

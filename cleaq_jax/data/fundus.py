@@ -18,6 +18,7 @@ import os
 import cv2
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.runtime import storage
 
 # Long side of the downscaled copy the disc is searched on: keeps detection to a few ms per image.
@@ -36,11 +37,11 @@ MIN_VISIBLE_ARC = 0.25
 MAX_IMAGE_PIXELS = 100_000_000
 
 
-class BadImageError(ValueError):
+class BadImageError(errors.UserError, ValueError):
     """A file that cannot be read as an image (missing, unreadable, truncated, over MAX_IMAGE_PIXELS)."""
 
 
-class NoDiscError(ValueError):
+class NoDiscError(errors.UserError, ValueError):
     """An image in which no circular retinal field of view can be found."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from cleaq_jax import errors
 from cleaq_jax.data import records, synthetic
 from cleaq_jax.data import shards
 from cleaq_jax.runtime import console, parallel, storage
@@ -44,8 +45,8 @@ def data_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
         return data.dir
     if data.synthetic.num > 0:
         return os.path.join(workdir, "data")
-    raise ValueError("config.data.dir is empty: point it at shards written by data_prep "
-                     "(e.g. `python -m cleaq_jax.data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
+    raise errors.ConfigError("config.data.dir is empty: point it at shards written by data_prep "
+                             "(e.g. `python -m cleaq_jax.data_prep.eyeq ... --out DIR`, then --config.data.dir=DIR)")
 
 
 def ensure_data(data: ml_collections.ConfigDict, workdir: str) -> str:
@@ -65,21 +66,22 @@ def ensure_data(data: ml_collections.ConfigDict, workdir: str) -> str:
                             lesion_scale=float(data.synthetic.lesion_scale))
         parallel.barrier("synthetic-data")
     if not os.path.exists(manifest):
-        raise FileNotFoundError(
+        raise errors.MissingError(
             f"no shards at config.data.dir={path} ({shards.MANIFEST} missing). Build them first, e.g. "
             f"`python -m cleaq_jax.data_prep.synthetic --out {path} --size {data.image_size}` or the data_prep "
             f"CLI for your dataset (docs/data.md)")
     size = shards.read_manifest(path)["splits"].get(data.train_split, {}).get("image_size")
     if size and size[0] != data.image_size:
-        raise ValueError(f"config.data.image_size={data.image_size} but the shards in {path} are "
-                         f"{size[0]} px: set --config.data.image_size={size[0]} or re-run data_prep with --size")
+        raise errors.ConfigError(
+            f"config.data.image_size={data.image_size} but the shards in {path} are "
+            f"{size[0]} px: set --config.data.image_size={size[0]} or re-run data_prep with --size")
     return path
 
 
 # --------------------------------------------------------------------------- the synthetic set
 def check_fractions(splits: Mapping[str, float], what: str) -> None:
     if not splits or abs(sum(splits.values()) - 1.0) > 1e-6:
-        raise ValueError(f"{what}: the split fractions must sum to 1 (got {sum(splits.values()):.4f})")
+        raise errors.ConfigError(f"{what}: the split fractions must sum to 1 (got {sum(splits.values()):.4f})")
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -92,8 +94,8 @@ def parse_splits(text: str) -> dict[str, float]:
         except ValueError:
             fraction = -1.0
         if not sep or not name.strip() or fraction <= 0 or name.strip() in splits:
-            raise ValueError(f"--splits {text!r}: write NAME=FRACTION pairs with distinct names and positive "
-                             "fractions, e.g. train=0.7,val=0.1,test=0.2")
+            raise errors.ConfigError(f"--splits {text!r}: write NAME=FRACTION pairs with distinct names and positive "
+                                     "fractions, e.g. train=0.7,val=0.1,test=0.2")
         splits[name.strip()] = fraction
     check_fractions(splits, f"--splits {text!r}")
     return splits
@@ -164,10 +166,10 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     check_fractions(splits, "splits")
     if num < len(splits) or size < 16:
-        raise ValueError(f"need num >= {len(splits)} (one example per split) and size >= 16, got num={num}, "
-                         f"size={size}")
+        raise errors.ConfigError(f"need num >= {len(splits)} (one example per split) and size >= 16, got num={num}, "
+                                 f"size={size}")
     if not lesion_scale > 0:
-        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
+        raise errors.ConfigError(f"lesion_scale must be > 0, got {lesion_scale}")
     info = _generator_info(num, size, seed, splits, lesion_scale)
     if not overwrite and _is_built(out, info):
         return shards.read_manifest(out)

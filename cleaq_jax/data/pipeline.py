@@ -40,6 +40,7 @@ import grain
 import jax
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import balance, decode, records
 from cleaq_jax.data import shards
 
@@ -147,7 +148,7 @@ def _eval_element(element: Mapping[str, Any], *, image_size: int):
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     """global_batch_size // process_count; an error naming the config key when it does not divide."""
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise errors.ConfigError(
             f"global_batch_size={global_batch_size} must be a positive multiple of the process count "
             f"({process_count}): change config.batch_size (config.eval_batch_size for evaluation)")
     return global_batch_size // process_count
@@ -198,7 +199,7 @@ def train_loader(data_dir: str, split: str = "train", *, global_batch_size: int,
     labels = balance.split_labels(data_dir, split, sampling.balance_by) if beta > 0 else np.zeros(len(source), np.int32)
     steps = balance.epoch_length(labels, beta) // global_batch_size
     if steps == 0:
-        raise ValueError(
+        raise errors.ConfigError(
             f"global_batch_size={global_batch_size} exceeds the {balance.epoch_length(labels, beta)} "
             f"examples per epoch of split {split!r} in {data_dir}: lower config.batch_size")
     ds = _TrainEpochs(source, plans=balance.PlanCache(labels, sampling.seed, beta),
@@ -272,7 +273,7 @@ class LoaderIterator(grain.DatasetIterator):
     def set_state(self, state: Mapping[str, Any]) -> None:
         differ = {k: (state.get(k), v) for k, v in self._settings.items() if state.get(k) != v}
         if differ or not isinstance(state.get("next_batch"), int) or state["next_batch"] < 0:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"data iterator state {dict(state)} does not fit this loader (saved vs now: {differ}): "
                 f"restore with the same data settings, or start the data iterator afresh")
         self._stop()
@@ -352,7 +353,7 @@ def _image_size(data_dir: str, split: str, image_size: int | None) -> int:
         return int(image_size)
     shape = shards.split_entry(data_dir, split).get("image_size") or []
     if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(
+        raise errors.ConfigError(
             f"records of split {split!r} in {data_dir} are {shape or 'of unknown size'}, not square: "
             f"set image_size")
     return int(shape[0])

@@ -26,13 +26,15 @@ import cv2
 import msgpack
 import numpy as np
 
+from cleaq_jax import errors
+
 SCHEMA_VERSION = 1
 
 
 QUALITY_NAMES = ("good", "usable", "reject")
 
 
-class RecordError(ValueError):
+class RecordError(errors.DataError):
     """A record or shard set that does not follow the schema."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from array_record.python import array_record_module
 
+from cleaq_jax import errors
 from cleaq_jax.data import records, tfds_metadata
 from cleaq_jax.runtime import storage
 
@@ -45,6 +46,10 @@ class ShardError(records.RecordError):
     """A shard file that cannot be read (truncated, corrupt, or not the size its manifest says)."""
 
 
+class UnknownSplitError(errors.ConfigError, KeyError):
+    """A split name (config.data.*_split, --split) that the shard set's manifest does not list."""
+
+
 def shard_name(name: str, split: str, index: int, count: int) -> str:
     return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
 
@@ -58,7 +63,7 @@ def split_labels(data_dir: str, split: str) -> dict[str, list[int]]:
     from the labels file its manifest entry names."""
     path = os.path.join(data_dir, split_entry(data_dir, split)["labels"])
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise errors.MissingError(
             f"{path} is missing: {os.path.join(data_dir, MANIFEST)} lists it beside the shards of split "
             f"{split!r}; copy it with the shards, or {rebuild_hint(data_dir, split)}")
     with open(path) as f:
@@ -70,11 +75,15 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     storage.require_local(data_dir, "the shard directory")
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise errors.MissingError(
             f"{path} does not exist: {data_dir} holds no complete shard set. Build one with "
             f"`python -m cleaq_jax.data_prep.synthetic --out {data_dir}` or the data_prep CLI for your dataset.")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise errors.DataError(f"{path} is not JSON ({e}): the shard set is damaged; rebuild it with the "
+                                   "data_prep command that wrote it") from e
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -127,7 +136,8 @@ def split_entry(data_dir: str, split: str) -> dict[str, Any]:
     the manifest has when ``split`` is not one of them."""
     splits = read_manifest(data_dir).get("splits", {})
     if split not in splits:
-        raise KeyError(f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} (it has: {sorted(splits)})")
+        raise UnknownSplitError(
+            f"split {split!r} is not in {os.path.join(data_dir, MANIFEST)} (it has: {sorted(splits)})")
     return splits[split]
 
 
@@ -136,7 +146,7 @@ def split_shards(data_dir: str, split: str) -> list[str]:
     paths = [os.path.join(data_dir, s) for s in split_entry(data_dir, split)["shards"]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {data_dir}")
+        raise errors.MissingError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {data_dir}")
     return paths
 
 
@@ -285,7 +295,7 @@ def _shard_files(path: str, split: str | None) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is neither a shard file nor a shard directory")
+        raise errors.MissingError(f"{path} is neither a shard file nor a shard directory")
     if split is not None:
         return split_shards(path, split)
     if os.path.exists(os.path.join(path, MANIFEST)):
@@ -293,7 +303,7 @@ def _shard_files(path: str, split: str | None) -> list[str]:
         return [os.path.join(path, s) for sp in sorted(manifest["splits"]) for s in manifest["splits"][sp]["shards"]]
     files = sorted(f for f in os.listdir(path) if ".array_record-" in f and not f.startswith("."))
     if not files:
-        raise FileNotFoundError(f"no ArrayRecord shards in {path}")
+        raise errors.MissingError(f"no ArrayRecord shards in {path}")
     return [os.path.join(path, f) for f in files]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cleaq_jax import errors
 from cleaq_jax.data import records, tfds_metadata
 
 
@@ -49,7 +50,7 @@ class RecordFeatures(tfds.features.FeaturesDict):
     def __init__(self, feature_dict: Mapping[str, Any] | None = None, *, doc: Any = None):
         expected = {k: tfds.features.FeatureConnector.from_json(v) for k, v in tfds_metadata.FIELDS.items()}
         if feature_dict is not None and set(feature_dict) != set(expected):
-            raise ValueError(
+            raise errors.DataError(
                 f"features.json lists the fields {sorted(feature_dict)} but this cleaq_jax reads "
                 f"{sorted(expected)}: rewrite the metadata with `python -m cleaq_jax.data_prep.tfds_metadata --shards DIR`")
         super().__init__(expected if feature_dict is None else feature_dict, doc=doc or tfds_metadata.RECORD_DOC)

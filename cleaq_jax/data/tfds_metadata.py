@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cleaq_jax import errors
+
 DATASET_INFO = "dataset_info.json"
 FEATURES = "features.json"
 FILE_FORMAT = "array_record"
@@ -79,7 +81,7 @@ def dataset_name(manifest: Mapping[str, Any]) -> str:
     """The dataset's TFDS name: the shard name of its first split (in sorted split order)."""
     splits = manifest.get("splits") or {}
     if not splits:
-        raise ValueError("the manifest lists no splits: there is nothing to describe")
+        raise errors.DataError("the manifest lists no splits: there is nothing to describe")
     return str(splits[sorted(splits)[0]]["name"])
 
 
@@ -111,8 +113,8 @@ def _split_info(name: str, split: str, entry: Mapping[str, Any], shard_bytes: Ma
     shards = list(entry["shards"])
     lengths = list(entry.get("records_per_shard") or [])
     if len(lengths) != len(shards) or sum(lengths) != entry["num_records"]:
-        raise ValueError(f"split {split!r}: records_per_shard {lengths} does not match its {len(shards)} "
-                         f"shard(s) and {entry['num_records']} records")
+        raise errors.DataError(f"split {split!r}: records_per_shard {lengths} does not match its {len(shards)} "
+                               f"shard(s) and {entry['num_records']} records")
     info = {"name": split, "numBytes": str(sum(int(shard_bytes[s]) for s in shards)),
             "shardLengths": [str(n) for n in lengths]}
     if entry["name"] != name:  # the shard files of this split carry their own dataset name

@@ -22,13 +22,14 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from cleaq_jax import errors
 from cleaq_jax.data import fundus
 from cleaq_jax.data.records import encode_record
 from cleaq_jax.data.shards import MANIFEST, ShardWriter, format_counts, read_manifest
 from cleaq_jax.runtime import storage
 
 
-class PrepError(Exception):
+class PrepError(errors.UserError):
     """A problem that stops a prep run (missing folder, no usable labels); the message says what to do."""
 
 
@@ -66,14 +67,14 @@ Finisher = Callable[[Sequence[Job], Sequence[bytes]], Sequence[bytes]]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, num_shards: int) -> None:
-    """The options every prep CLI shares: --out, --size, --workers, --num-shards, --strict."""
+    """The options every prep CLI shares: --out, --size, --workers, --num-shards, --strict, -v."""
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and skip reports")
     parser.add_argument("--size", type=positive_int, default=512, help="side of the square output images (px)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes for decoding and cropping (default: all cores)")
     parser.add_argument("--num-shards", type=positive_int, default=num_shards, help="ArrayRecord shards per split")
     parser.add_argument("--strict", action="store_true",
-                        help="stop with exit code 1, writing nothing, at the first item that would be skipped")
+                        help="stop with exit code 2, writing nothing, at the first item that would be skipped")
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
@@ -180,14 +181,15 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
     sorting on id); skips: items the CLI already rejected while reading labels. Writes one shard set
     per split, ``skipped-<split>.txt`` beside it, and merges the splits into manifest.json with the
     ``provenance``; records are made as ``encoding`` says. Prints the manifest's counts table.
-    Returns 1, writing nothing, when --strict meets a skip or a split ends up with no records.
+    Raises `PrepError`, writing nothing (after listing the skips), when --strict meets a skip or a split
+    ends up with no records.
     """
     skips = list(skips)
     splits = list(dict.fromkeys([j.split for j in jobs] + [s.split for s in skips]))
     if skips and args.strict:
-        return _fail(f"--strict: {skips[0].file}: {skips[0].reason}", skips)
+        _fail(f"--strict: {skips[0].file}: {skips[0].reason}", skips)
     if not jobs:
-        return _fail(f"{source}: no usable items to prepare", skips)
+        _fail(f"{source}: no usable items to prepare", skips)
     order = {s: i for i, s in enumerate(splits)}
     jobs = sorted(jobs, key=lambda j: (order[j.split], j.id))
     command = {"prep_command": provenance.command} if provenance.command else {}
@@ -213,7 +215,7 @@ def run(args: argparse.Namespace, source: str, jobs: Sequence[Job], skips: Seque
         for w in writers.values():
             w.abort()
         if isinstance(e, PrepError):
-            return _fail(str(e), skips)
+            _report(skips)
         raise
     _close(args.out, source, writers, skips)
     return 0
@@ -255,7 +257,7 @@ def _close(out: str, source: str, writers: Mapping[str, ShardWriter], skips: Seq
           f"{format_counts(read_manifest(out))}", file=sys.stderr)
 
 
-def _fail(message: str, skips: Sequence[Skip]) -> int:
+def _fail(message: str, skips: Sequence[Skip]) -> None:
+    """List the skips, then stop with `PrepError` (its line comes last, from `errors.reported`)."""
     _report(skips)
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+    raise PrepError(message)

@@ -11,14 +11,15 @@ like the image (vessels so that one-pixel vessels survive). Grade and quality ar
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cleaq_jax import errors
 from cleaq_jax.data import fundus
 from cleaq_jax.data_prep import common
+from cleaq_jax.runtime import cli, console
 
 SOURCE = "drive"
 # DRIVE folder -> (split written, suffix of image and mask names)
@@ -69,20 +70,20 @@ def encode_drive(job: common.Job, size: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare train and test, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.drive", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.data_prep.drive", __doc__)
     parser.add_argument("--root", required=True, help="the DRIVE folder holding training/ and test/")
     common.add_arguments(parser, num_shards=1)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         parser.error(f"--root {args.root}: no such folder (it should hold DRIVE's training/ and test/)")
-    try:
+    console.setup(args.verbose)
+
+    def prepare() -> int:
         jobs, skips = collect(args.root)
-    except common.PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return common.run(args, SOURCE, jobs, skips, encoding=common.Encoding(encode=encode_drive),
-                      provenance=common.Provenance(command=common.command_line("cleaq_jax.data_prep.drive", argv)))
+        return common.run(args, SOURCE, jobs, skips, encoding=common.Encoding(encode=encode_drive),
+                          provenance=common.Provenance(command=common.command_line("cleaq_jax.data_prep.drive", argv)))
+
+    return errors.reported(prepare, args.verbose)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ like ``10009_left.jpeg``, quality 0 Good / 1 Usable / 2 Reject, DR_grade 0-4. Re
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
 import sys
 from collections.abc import Sequence
 
+from cleaq_jax import errors
 from cleaq_jax.data_prep import common
+from cleaq_jax.runtime import cli, console
 
 SOURCE = "eyeq"
 COLUMNS = ("image", "quality", "DR_grade")
@@ -94,8 +95,7 @@ def read_labels(path: str, image_dirs: Sequence[str], split: str) -> tuple[list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare the split, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.eyeq", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.data_prep.eyeq", __doc__)
     parser.add_argument("--images", required=True, nargs="+", help="folder(s) holding the EyePACS .jpeg files")
     parser.add_argument("--labels", required=True, help="EyeQ label CSV, e.g. Label_EyeQ_train.csv")
     parser.add_argument("--split", required=True, help="split name to write, e.g. train or test")
@@ -109,9 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.labels):
         parser.error(f"--labels {args.labels}: no such file (EyeQ publishes Label_EyeQ_train.csv and "
                      "Label_EyeQ_test.csv)")
-    jobs, skips = read_labels(args.labels, args.images, args.split)
-    return common.run(args, SOURCE, jobs, skips, provenance=common.Provenance(
-        command=common.command_line("cleaq_jax.data_prep.eyeq", argv), extra={"source_labels": os.path.basename(args.labels)}))
+    console.setup(args.verbose)
+
+    def prepare() -> int:
+        jobs, skips = read_labels(args.labels, args.images, args.split)
+        return common.run(args, SOURCE, jobs, skips, provenance=common.Provenance(
+            command=common.command_line("cleaq_jax.data_prep.eyeq", argv),
+            extra={"source_labels": os.path.basename(args.labels)}))
+
+    return errors.reported(prepare, args.verbose)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import degrade, records
 from cleaq_jax.data_prep import common
+from cleaq_jax.runtime import cli, console
 
 SOURCE = "messidor"
 SHEET = "Feuil1"
@@ -292,8 +294,7 @@ def _count(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), prepare train and test, return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.messidor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.data_prep.messidor", __doc__)
     parser.add_argument("--root", required=True, help="the Messidor folder (spreadsheets and images, any depth)")
     parser.add_argument("--train", type=_count, default=TRAIN, help=f"training images (default {TRAIN})")
     parser.add_argument("--test", type=_count, default=TEST, help=f"test images (default {TEST})")
@@ -304,11 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(args.root):
         parser.error(f"--root {args.root}: no such folder (it should hold Annotation_Base*.xls and the .tif images)")
     jax.config.update("jax_platforms", "cpu")  # the quality transform of prep never needs an accelerator
-    try:
-        jobs, skips, plan = collect(args.root, args.train, args.test, args.seed)
-    except common.PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    console.setup(args.verbose)
+    return errors.reported(lambda: _prepare(args, argv), args.verbose)
+
+
+def _prepare(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Read the spreadsheets, plan the splits and write the shards; raises `common.PrepError`."""
+    jobs, skips, plan = collect(args.root, args.train, args.test, args.seed)
     if plan.note:
         print(f"note: {plan.note}", file=sys.stderr)
     if plan.left_out:

@@ -41,10 +41,11 @@ import cv2
 import msgpack
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import records, vesselness
 from cleaq_jax.data import shards
 from cleaq_jax.evaluation import restore
-from cleaq_jax.runtime import storage
+from cleaq_jax.runtime import cli, console, storage
 from cleaq_jax.data_prep.common import positive_int
 
 METHODS = ("teacher",) + vesselness.METHODS
@@ -52,7 +53,7 @@ METHODS = ("teacher",) + vesselness.METHODS
 Masker = Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]
 
 
-class PseudoMaskError(Exception):
+class PseudoMaskError(errors.UserError):
     """A problem that stops the pass; the message names the file or option and what to do."""
 
 
@@ -256,8 +257,7 @@ def _probability(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.pseudo_masks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.data_prep.pseudo_masks", __doc__)
     parser.add_argument("--shards", required=True, help="input shard directory (holds manifest.json)")
     parser.add_argument("--out", required=True, help="output directory (not the input one)")
     parser.add_argument("--method", choices=METHODS, default="teacher", help="where the masks come from")
@@ -295,25 +295,25 @@ def _make_masker(args: argparse.Namespace) -> tuple[Masker, dict[str, Any], Call
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse ``argv`` (default sys.argv[1:]), run the pass, return the exit code."""
     args = parse_args(argv)
-    try:
-        shards.read_manifest(args.shards)
-        masker, settings, close = _make_masker(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    console.setup(args.verbose)
+    return errors.reported(lambda: _mask(args), args.verbose)
+
+
+def _mask(args: argparse.Namespace) -> None:
+    """The pass the command line asks for; raises `errors.UserError` for what stops it."""
+    shards.read_manifest(args.shards)
+    masker, settings, close = _make_masker(args)
     settings["keep_existing"] = bool(args.keep_existing)
     try:
         manifest = run_pass(args.shards, args.out, masker, settings, batch_size=args.batch_size,
                             keep_existing=args.keep_existing)
-    except (records.RecordError, ValueError) as e:
-        print(f"error: {e} (the shards finished so far are kept; rerun to resume)", file=sys.stderr)
-        return 1
+    except records.RecordError as e:
+        raise PseudoMaskError(f"{e} (the shards finished so far are kept; rerun to resume)") from e
     finally:
         close()
     for split, entry in sorted(manifest["splits"].items()):
         print(f"{split}: {entry['with_vessel_mask']}/{entry['num_records']} records with a vessel mask "
               f"({settings['method']}) in {args.out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import location, synthetic
-from cleaq_jax.runtime import storage
+from cleaq_jax.runtime import cli, console, storage
 
 
 # --------------------------------------------------------------------------- pictures
@@ -118,8 +119,7 @@ def write_qt_examples(path: str, size: int = 256, seed: int = 0, rows: int = 2) 
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.synthetic", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m cleaq_jax.data_prep.synthetic", __doc__)
     p.add_argument("--out", help="directory for the shards and manifest.json")
     p.add_argument("--num", type=int, default=1000, help="number of examples (default 1000)")
     p.add_argument("--size", type=int, default=None, help="image side in px (default 512; pictures: cell size)")
@@ -143,19 +143,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --out DIR (shards), --grid PNG or --qt-examples PNG")
     try:
         splits = location.parse_splits(args.splits) if args.splits else None
-    except ValueError as e:
+    except errors.ConfigError as e:
         parser.error(str(e))
+    console.setup(args.verbose)
+    return errors.reported(lambda: _write(args, splits), args.verbose)
+
+
+def _write(args: argparse.Namespace, splits: dict[str, float] | None) -> None:
+    """The pictures and the shard set the command line asks for."""
     if args.grid:
         write_grid(args.grid, size=args.size or 144, seed=args.seed)
     if args.qt_examples:
         write_qt_examples(args.qt_examples, size=args.size or 256, seed=args.seed)
     if args.out:
         manifest = location.build_synthetic(args.out, args.num, size=args.size or 512, seed=args.seed, splits=splits,
-                                   workers=args.workers, num_shards=args.num_shards, overwrite=args.overwrite,
-                                   lesion_scale=args.lesion_scale)
+                                            workers=args.workers, num_shards=args.num_shards,
+                                            overwrite=args.overwrite, lesion_scale=args.lesion_scale)
         counts = {k: v["num_records"] for k, v in manifest["splits"].items()}
         print(f"{args.out}: {counts}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,34 +9,36 @@ copying shards by hand. It reads manifest.json only::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
+from cleaq_jax import errors
 from cleaq_jax.data import tfds_metadata
 from cleaq_jax.data import shards
+from cleaq_jax.runtime import cli, console
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.data_prep.tfds_metadata", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m cleaq_jax.data_prep.tfds_metadata", __doc__)
     parser.add_argument("--shards", required=True, help="shard directory (holds manifest.json)")
     args = parser.parse_args(argv)
-    try:
-        manifest = shards.read_manifest(args.shards)
-        missing = [s for e in manifest.get("splits", {}).values() for s in e["shards"]
-                   if not os.path.exists(os.path.join(args.shards, s))]
-        if missing:
-            raise FileNotFoundError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {args.shards}")
-        shards.write_manifest(args.shards, manifest)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    console.setup(args.verbose)
+    return errors.reported(lambda: _write(args.shards), args.verbose)
+
+
+def _write(shard_dir: str) -> None:
+    """Rewrite the manifest of ``shard_dir`` with its TFDS metadata beside it."""
+    manifest = shards.read_manifest(shard_dir)
+    missing = [s for e in manifest.get("splits", {}).values() for s in e["shards"]
+               if not os.path.exists(os.path.join(shard_dir, s))]
+    if missing:
+        raise errors.MissingError(f"manifest lists shards that are missing: {missing[:3]}; rebuild {shard_dir}")
+    shards.write_manifest(shard_dir, manifest)
     for split, entry in sorted(manifest["splits"].items()):
         print(f"{tfds_metadata.dataset_name(manifest)}/{split}: {entry['num_records']} records in "
               f"{len(entry['shards'])} shard(s)", file=sys.stderr)
-    print(f"wrote {tfds_metadata.DATASET_INFO} and {tfds_metadata.FEATURES} in {args.shards}", file=sys.stderr)
-    return 0
+    print(f"wrote {tfds_metadata.DATASET_INFO} and {tfds_metadata.FEATURES} in {shard_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.runtime import storage
 
 FORMAT = "cleaq_jax exported model"
@@ -118,24 +119,25 @@ def read_meta(directory: str) -> dict[str, Any]:
     except (FileNotFoundError, NotADirectoryError):
         what = (f"no {MODEL_JSON} in it" if storage.isdir(directory) else
                 "not a directory" if storage.exists(directory) else "no such directory")
-        raise FileNotFoundError(f"{directory} is not an exported model ({what}); write one with "
-                                f"{EXPORT_COMMAND}") from None
+        raise errors.MissingError(f"{directory} is not an exported model ({what}); write one with "
+                                  f"{EXPORT_COMMAND}") from None
     except OSError as error:
-        raise ValueError(f"{path} cannot be read ({error.strerror or error})") from None
+        raise errors.CheckpointError(f"{path} cannot be read ({error.strerror or error})") from None
     try:
         meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not JSON ({error}); export the model again") from None
+        raise errors.CheckpointError(f"{path} is not JSON ({error}); export the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} does not describe a cleaq_jax exported model (its format is "
-                         f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}); "
-                         f"write one with {EXPORT_COMMAND}")
+        raise errors.CheckpointError(f"{path} does not describe a cleaq_jax exported model (its format is "
+                                     f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}); "
+                                     f"write one with {EXPORT_COMMAND}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta.get('format_version')!r}, and this cleaq_jax reads "
-                         f"version {FORMAT_VERSION}: export the checkpoint again with this cleaq_jax")
+        raise errors.CheckpointError(
+            f"{path} has format version {meta.get('format_version')!r}, and this cleaq_jax reads "
+            f"version {FORMAT_VERSION}: export the checkpoint again with this cleaq_jax")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; export the model again")
+        raise errors.CheckpointError(f"{path} lacks {', '.join(missing)}; export the model again")
     return meta
 
 
@@ -143,10 +145,11 @@ def _read(directory: str, name: str) -> bytes:
     try:
         return storage.read_bytes(storage.join(directory, name))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{directory} has no {name}: an exported model is {', '.join(FILES)} together; "
-                                "copy the whole directory, or export the model again") from None
+        raise errors.MissingError(f"{directory} has no {name}: an exported model is {', '.join(FILES)} together; "
+                                  "copy the whole directory, or export the model again") from None
     except OSError as error:
-        raise ValueError(f"{storage.join(directory, name)} cannot be read ({error.strerror or error})") from None
+        raise errors.CheckpointError(
+            f"{storage.join(directory, name)} cannot be read ({error.strerror or error})") from None
 
 
 def _deserialize(directory: str, blob: bytes) -> jax.export.Exported:
@@ -155,8 +158,9 @@ def _deserialize(directory: str, blob: bytes) -> jax.export.Exported:
     # Whatever the flatbuffer reader or jax's version checks raise: the file is unusable either way.
     except Exception as error:  # noqa: BLE001
         reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise ValueError(f"{storage.join(directory, FUNCTION_FILE)} cannot be loaded by jax {jax.__version__} "
-                         f"({reason}); export the model again with this jax") from None
+        raise errors.CheckpointError(
+            f"{storage.join(directory, FUNCTION_FILE)} cannot be loaded by jax {jax.__version__} "
+            f"({reason}); export the model again with this jax") from None
 
 
 def _weights(directory: str, blob: bytes, expected: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -165,16 +169,17 @@ def _weights(directory: str, blob: bytes, expected: dict[str, Any]) -> dict[str,
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             weights = {name: npz[name] for name in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable .npz ({error}); export the model again") from None
+        raise errors.CheckpointError(f"{path} is not a readable .npz ({error}); export the model again") from None
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
-        raise ValueError(f"{path} does not match {FUNCTION_FILE}: "
-                         + "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        raise errors.CheckpointError(f"{path} does not match {FUNCTION_FILE}: "
+                                     + "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                                      for what, names in (("missing", missing), ("unexpected", extra)) if names))
     for name, aval in expected.items():
         if weights[name].shape != tuple(aval.shape) or weights[name].dtype != aval.dtype:
-            raise ValueError(f"{path}: {name} is {weights[name].dtype}{list(weights[name].shape)}, the function "
-                             f"takes {aval.dtype}{list(aval.shape)}; export the model again")
+            raise errors.CheckpointError(
+                f"{path}: {name} is {weights[name].dtype}{list(weights[name].shape)}, the function "
+                f"takes {aval.dtype}{list(aval.shape)}; export the model again")
     return weights
 
 
@@ -201,17 +206,19 @@ def load(directory: str) -> ExportedModel:
     exported = _deserialize(directory, _read(directory, FUNCTION_FILE))
     here = jax.export.default_export_platform()
     if here not in exported.platforms:
-        raise ValueError(f"{directory} was exported for {', '.join(exported.platforms)}, and jax runs on {here} "
-                         f"here: export it again with --platforms {','.join((*exported.platforms, here))}")
+        raise errors.CheckpointError(
+            f"{directory} was exported for {', '.join(exported.platforms)}, and jax runs on {here} "
+            f"here: export it again with --platforms {','.join((*exported.platforms, here))}")
     arguments = _arguments(exported)
     if arguments is None:
-        raise ValueError(f"{storage.join(directory, FUNCTION_FILE)} is not a function of (weights, image, mask, "
-                         f"gate); write the model with {EXPORT_COMMAND}")
+        raise errors.CheckpointError(
+            f"{storage.join(directory, FUNCTION_FILE)} is not a function of (weights, image, mask, "
+            f"gate); write the model with {EXPORT_COMMAND}")
     weight_avals, image = arguments
     size = int(meta["image_size"])
     if tuple(image.shape[1:]) != (size, size, 3):
-        raise ValueError(f"{storage.join(directory, MODEL_JSON)} says image_size {size}, but "
-                         f"{FUNCTION_FILE} takes images of {image.shape[1:]}; export the model again")
+        raise errors.CheckpointError(f"{storage.join(directory, MODEL_JSON)} says image_size {size}, but "
+                                     f"{FUNCTION_FILE} takes images of {image.shape[1:]}; export the model again")
     weights = _weights(directory, _read(directory, WEIGHTS_FILE), weight_avals)
     device = jax.devices()[0]
     return ExportedModel(directory, meta, exported, {k: jax.device_put(v, device) for k, v in weights.items()})

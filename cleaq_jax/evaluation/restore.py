@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cleaq_jax import config_checks
+from cleaq_jax import config_checks, errors
 from cleaq_jax.models import factory
 from cleaq_jax.runtime import checkpoint, parallel
 
@@ -59,7 +59,7 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None, step: int 
     models = factory.build_models(cfg)
     nets = tuple(n for n in checkpoint.saved_nets(directory, step) if n != "cenet")
     if not nets:
-        raise ValueError(f"checkpoint {directory}/{step} holds none of the subnetworks iqe, iqa, dr")
+        raise errors.CheckpointError(f"checkpoint {directory}/{step} holds none of the subnetworks iqe, iqa, dr")
     target = factory.abstract_variables(models, nets, int(cfg.data.image_size), mesh)
     state = checkpoint.restore_variables(directory, target, step)
     return Restored(cfg, _stage_of(cfg, directory, nets), nets, models, state, directory, int(step), chosen)
@@ -92,8 +92,9 @@ def restore_teacher(path: str, mesh: jax.sharding.Mesh | None = None, step: int 
     directory = checkpoint.checkpoint_directory(path)
     cfg = checkpoint.read_trained_config(directory, step)
     if cfg.stage not in config_checks.TEACHER_STAGES:
-        raise ValueError(f"{directory} holds a {cfg.stage!r} checkpoint, not a vessel teacher's: pass "
-                         "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
+        raise errors.CheckpointError(
+            f"{directory} holds a {cfg.stage!r} checkpoint, not a vessel teacher's: pass "
+            "<workdir>/teacher_b written by `python -m cleaq_jax.main --config=configs/vessel_teacher.py`")
     mesh = parallel.make_mesh(-1, 1, devices=jax.local_devices()) if mesh is None else mesh
     models = factory.build_models(cfg)
     step, _ = checkpoint.select_step(directory, "latest" if step is None else step)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cleaq_jax import errors
 from cleaq_jax.models.resnet import ResNet, resnet34, resnet50
 from cleaq_jax.runtime import storage
 
@@ -52,7 +53,7 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "
                        "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
-class PretrainedError(ValueError):
+class PretrainedError(errors.UserError, ValueError):
     """A weight file or pretrained directory that cannot be used as asked."""
 
 

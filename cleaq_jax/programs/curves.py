@@ -10,15 +10,15 @@ stage's steps per epoch, read from its saved config). The same numbers TensorBoa
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 
 import numpy as np
 
-from cleaq_jax import config_checks
+from cleaq_jax import config_checks, errors
 from cleaq_jax.evaluation import report
+from cleaq_jax.runtime import cli, console
 
 STAGES = config_checks.PAPER_STAGES
 COLOURS = {"stage1": "tab:blue", "stage2": "tab:green", "stage3": "tab:orange"}  # the same in every panel
@@ -73,8 +73,8 @@ def figure(workdir: str, path: str) -> list[str]:
         if glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
             runs[stage] = (read_scalars(logdir), _steps_per_epoch(os.path.join(workdir, stage)))
     if not runs:
-        raise FileNotFoundError(f"no TensorBoard event files under {workdir}/<stage>/tensorboard; "
-                                "pass the --workdir a training run wrote")
+        raise errors.MissingError(f"no TensorBoard event files under {workdir}/<stage>/tensorboard; "
+                                  "pass the --workdir a training run wrote")
     panels = [(tag, title) for tag, title in PANELS if any(tag in scalars for scalars, _ in runs.values())]
     plt = report.pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False)
@@ -98,22 +98,19 @@ def figure(workdir: str, path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.curves", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.programs.curves", __doc__)
     parser.add_argument("--workdir", required=True, help="the run directory (holds stage1/, stage2/, stage3/)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
     # TensorBoard's reader imports TensorFlow when it is installed, whose C++ start-up notices would bury
-    # the one line here.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    try:
-        tags = figure(args.workdir, args.out)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"curves: {', '.join(tags)} -> {args.out}", file=sys.stderr)
-    return 0
+    # the one line here (console.setup sets their level unless --verbose).
+    console.setup(args.verbose)
+    return errors.reported(lambda: _draw(args.workdir, args.out), args.verbose)
+
+
+def _draw(workdir: str, out: str) -> None:
+    tags = figure(workdir, out)
+    print(f"curves: {', '.join(tags)} -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

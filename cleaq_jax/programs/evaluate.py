@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cleaq_jax import errors
 from cleaq_jax.data import degrade, location, pipeline, records
 from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference, metrics, report, restore
@@ -93,6 +94,13 @@ def make_eval_fn(cfg: ml_collections.ConfigDict, stage: stages.Stage, models: di
 
 
 # --------------------------------------------------------------------------- host side
+def progress_bar(stage: stages.Stage, split: str, global_batch_size: int, disable: bool = False):
+    """The progress bar of an evaluation pass over ``split``: its total is the loader's batch count (from
+    the manifest's num_records), so the bar shows how far it is and the time left."""
+    total = pipeline.num_eval_batches(stage.data_dir, split, global_batch_size=global_batch_size)
+    return console.bar(total, f"{stage.name} evaluation ({split})", unit="batch", disable=disable)
+
+
 def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh, split: str | None = None,
             *, show_progress: bool = True) -> dict[str, np.ndarray]:
     """Run the eval function of ``state``'s subnetworks over the whole of ``split`` (default
@@ -105,13 +113,13 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
     loader = pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
                                   reading=pipeline.RecordReading(image_size=stage.image_size))
     parts: list[dict[str, np.ndarray]] = []
-    with console.bar(None, f"{stage.name} evaluation ({split})", unit="batch", disable=not show_progress) as progress:
+    with progress_bar(stage, split, int(cfg.eval_batch_size), disable=not show_progress) as progress:
         for local in loader:
             out = fn(state, parallel.global_batch(local, mesh))
             parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
             progress.update(1)
     if not parts:
-        raise ValueError(f"split {split!r} of {stage.data_dir} is empty (config.data.{key})")
+        raise errors.ConfigError(f"split {split!r} of {stage.data_dir} is empty (config.data.{key})")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     valid = merged.pop("valid").astype(bool)
     return {k: v[valid] for k, v in merged.items()}
@@ -239,8 +247,8 @@ def first_examples(cfg: ml_collections.ConfigDict, data_dir: str, n: int) -> dic
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Restore config.checkpoint_dir onto the present devices and evaluate it into <workdir>/eval."""
     if not cfg.checkpoint_dir:
-        raise ValueError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
-                         "(a stage directory or its checkpoints/ folder)")
+        raise errors.ConfigError("config.checkpoint_dir is empty: pass --config.checkpoint_dir=<workdir>/stage3 "
+                                 "(a stage directory or its checkpoints/ folder)")
     mesh = parallel.make_mesh(-1, 1)
     restored = restore.load_checkpoint(cfg.checkpoint_dir, mesh, cfg.checkpoint_step)
     merged = merge_for_eval(restored.config, cfg, restored.directory)

@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import records
 from cleaq_jax.evaluation import exported as exported_lib
 from cleaq_jax.evaluation import html_report, inference, restore
-from cleaq_jax.runtime import storage
+from cleaq_jax.runtime import cli, console, storage
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -143,14 +144,14 @@ def describe(restored: restore.Restored, exported: jax.export.Exported, weights:
 
 
 def check_out_dir(out_dir: str) -> str:
-    """The absolute path of a new model directory; raises ValueError when it is remote or taken."""
+    """The absolute path of a new model directory; raises `errors.UserError` when it is remote or taken."""
     if storage.is_remote(out_dir):
-        raise ValueError(f"--out {out_dir}: export writes a local directory (renamed into place whole); "
-                         "copy it to the bucket afterwards (gcloud storage cp -r MODEL_DIR gs://...)")
+        raise errors.StorageError(f"--out {out_dir}: export writes a local directory (renamed into place whole); "
+                                  "copy it to the bucket afterwards (gcloud storage cp -r MODEL_DIR gs://...)")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        raise ValueError(f"--out {out_dir} exists and is not an empty directory: choose another --out or "
-                         "remove it first")
+        raise errors.ConfigError(f"--out {out_dir} exists and is not an empty directory: choose another --out or "
+                                 "remove it first")
     return out_dir
 
 
@@ -197,19 +198,18 @@ def _size(n: int) -> str:
 
 
 def parse_platforms(text: str) -> tuple[str, ...]:
-    """"cpu,cuda" -> ("cpu", "cuda"); raises ValueError naming an unknown platform."""
+    """"cpu,cuda" -> ("cpu", "cuda"); raises `errors.ConfigError` naming an unknown platform."""
     platforms = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown or not platforms:
-        raise ValueError(f"--platforms {text!r}: each must be one of {', '.join(PLATFORMS)} (a comma-separated "
-                         "list, e.g. cpu,cuda,tpu)")
+        raise errors.ConfigError(f"--platforms {text!r}: each must be one of {', '.join(PLATFORMS)} (a comma-separated "
+                                 "list, e.g. cpu,cuda,tpu)")
     return platforms
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (argv without the program name; default sys.argv[1:])."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.programs.export", __doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")
     parser.add_argument("--checkpoint-step", default="best", metavar="best|latest|STEP",
@@ -225,19 +225,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (2 for bad input: no checkpoint, unknown platform, --out taken)."""
     args = parse_args(argv)
-    try:
-        platforms = parse_platforms(args.platforms)
-        check_out_dir(args.out)
-        restored = restore.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
-        print(f"export: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
-        meta = export(restored, args.out, platforms)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup(args.verbose)
+    return errors.reported(lambda: run(args), args.verbose)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export what the command line names; raises `errors.UserError` for what cannot be read or written."""
+    platforms = parse_platforms(args.platforms)
+    check_out_dir(args.out)
+    restored = restore.load_checkpoint(args.checkpoint, step=args.checkpoint_step)
+    print(f"export: {restored.directory} step {restored.step} ({restored.chosen})", file=sys.stderr)
+    meta = export(restored, args.out, platforms)
     sizes = ", ".join(f"{name} {_size(os.path.getsize(os.path.join(args.out, name)))}" for name in exported_lib.FILES)
     print(f"export: {args.out} ({meta['stage']}: {'+'.join(meta['nets'])}, {meta['image_size']} px, "
           f"platforms {', '.join(meta['platforms'])}): {sizes}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

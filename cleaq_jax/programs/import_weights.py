@@ -15,18 +15,18 @@ lists every missing, unexpected and mismatched key).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
+from cleaq_jax import errors
 from cleaq_jax.models import pretrained
+from cleaq_jax.runtime import cli, console
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert a torchvision weight file into a pretrained directory; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.import_weights", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("python -m cleaq_jax.programs.import_weights", __doc__)
     ap.add_argument("--torchvision-file", required=True,
                     help="torchvision state_dict as .npz, .safetensors or .pth (needs PyTorch)")
     ap.add_argument("--arch", required=True, choices=sorted(pretrained.ARCHS))
@@ -39,13 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = [int(s) for s in args.stage_sizes.split(",")] if args.stage_sizes else None
     except ValueError:
         ap.error(f"--stage-sizes {args.stage_sizes!r}: expected comma-separated integers")
-    try:
+    console.setup(args.verbose)
+
+    def convert() -> None:
         meta = pretrained.export(args.torchvision_file, args.out, args.arch, args.width, stages)
-    except pretrained.PretrainedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=2))
-    return 0
+        print(json.dumps(meta, indent=2))
+
+    return errors.reported(convert, args.verbose)
 
 
 if __name__ == "__main__":

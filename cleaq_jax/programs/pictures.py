@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import pipeline, vesselness
 from cleaq_jax.data import shards
 from cleaq_jax.data.records import QUALITY_NAMES
@@ -52,7 +53,7 @@ def classical_segmenter(method: str = "frangi") -> Segmenter:
     """The classical fallback (`vesselness.vessel_segmentation`): its response ranks pixels for the AUC, its
     mask (top 12% of the eroded field of view, small components dropped) is the prediction."""
     if method not in vesselness.METHODS:
-        raise ValueError(f"config.eval.vessel_method={method!r}: choose one of {vesselness.METHODS}")
+        raise errors.ConfigError(f"config.eval.vessel_method={method!r}: choose one of {vesselness.METHODS}")
 
     def segment(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pairs = [vesselness.vessel_segmentation(img, m, method) for img, m in zip(images, masks)]

@@ -42,9 +42,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import fundus
 from cleaq_jax.evaluation import exported
-from cleaq_jax.runtime import storage
+from cleaq_jax.runtime import cli, storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
 NET_ROLES = {"dr": "grade", "iqa": "quality", "iqe": "enhanced image"}
@@ -163,12 +164,12 @@ def csv_row(path: str, out: dict[str, np.ndarray], i: int, num_grades: int, enha
 # uint8 crops (B, S, S, 3) and masks (B, S, S), returning inference.inference_outputs' arrays as numpy.
 # The checkpoint backend also draws Grad-CAM (`outputs`, `heatmaps`) and checks the batch against its mesh.
 def check_checkpoint(model, gate_quality: bool) -> list[str]:
-    """Notes on what a model (a checkpoint or an exported one) cannot answer; raises ValueError when
+    """Notes on what a model (a checkpoint or an exported one) cannot answer; raises `errors.ConfigError` when
     --gate-quality cannot work."""
     where = f"{model.directory} ({model.stage}: {'+'.join(model.nets)})"
     if gate_quality and "iqa" not in model.nets:
-        raise ValueError(f"--gate-quality needs the IQA network, which {where} lacks; use a stage-3 "
-                         "checkpoint (configs/stage3.py) or drop --gate-quality")
+        raise errors.ConfigError(f"--gate-quality needs the IQA network, which {where} lacks; use a stage-3 "
+                                 "checkpoint (configs/stage3.py) or drop --gate-quality")
     return [f"{where} has no {net.upper()} network: the {role} columns stay empty (a stage-3 checkpoint, "
             f"configs/stage3.py, has all three)" for net, role in NET_ROLES.items() if net not in model.nets]
 
@@ -215,12 +216,13 @@ def predict(model, paths: list[str], out_dir: str, *, gate_quality: bool = False
     """
     log = sys.stderr if log is None else log
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+        raise errors.ConfigError(f"--batch-size must be at least 1, not {batch_size}")
     if hasattr(model, "check_batch"):
         model.check_batch(batch_size)
     if (explain or report_html) and not hasattr(model, "outputs"):
-        raise ValueError(f"--explain and --report draw Grad-CAM, which needs the model code: the exported model "
-                         f"{model.directory} has none; pass the checkpoint it was exported from with --checkpoint")
+        raise errors.ConfigError(
+            f"--explain and --report draw Grad-CAM, which needs the model code: the exported model "
+            f"{model.directory} has none; pass the checkpoint it was exported from with --checkpoint")
     for note in check_checkpoint(model, gate_quality):
         print(f"note: {note}", file=log)
     if (explain or report_html) and "dr" not in model.nets:
@@ -289,8 +291,7 @@ def _write_tables(out_dir: str, rows: list[list[str]], skipped: list[tuple[str, 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (argv without the program name; default sys.argv[1:])."""
-    parser = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m cleaq_jax.programs.predict", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint",
                         help="stage directory written by training (e.g. RUN/stage3) or its checkpoints/ folder")
@@ -318,15 +319,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_model(args: argparse.Namespace):
     """The model the command line names: `exported.load` of --model, or the --checkpoint restored.
 
-    Raises FileNotFoundError / ValueError (one line each) for what cannot be read or combined.
+    Raises `errors.UserError` (one line each) for what cannot be read or combined.
     """
     if args.model is not None:
         if args.checkpoint_step is not None:
-            raise ValueError("--checkpoint-step chooses among a checkpoint's steps; an exported model holds one "
-                             "(pick it when exporting)")
+            raise errors.ConfigError(
+                "--checkpoint-step chooses among a checkpoint's steps; an exported model holds one "
+                "(pick it when exporting)")
         if args.explain or args.report:
-            raise ValueError("--explain and --report draw Grad-CAM, which needs the model code: pass the "
-                             "checkpoint the model was exported from with --checkpoint instead of --model")
+            raise errors.ConfigError("--explain and --report draw Grad-CAM, which needs the model code: pass the "
+                                     "checkpoint the model was exported from with --checkpoint instead of --model")
         return exported.load(args.model)
     # Flax, orbax and the model code: only a checkpoint needs them (module doc).
     from cleaq_jax.programs import predict_checkpoint
@@ -337,20 +339,24 @@ def open_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (1 when no photograph could be processed, 2 for bad input)."""
     args = parse_args(argv)
+    return errors.reported(lambda: run(args), args.verbose)
+
+
+def run(args: argparse.Namespace) -> int:
+    """What the command line asks; raises `errors.UserError` for what cannot be read or combined."""
     paths = list_inputs(args.input)
     if not paths:
-        print(f"error: no photographs ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.input)}",
-              file=sys.stderr)
-        return 2
-    try:
-        model = open_model(args)
-        print(f"predict: {model.description}", file=sys.stderr)
-        storage.makedirs(args.out)
-        result = predict(model, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
-                         explain=args.explain, report_html=args.report)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise errors.MissingError(f"no photographs ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.input)}")
+    if args.checkpoint is not None:
+        # The checkpoint backend's libraries (orbax, absl) log through the console: quiet unless --verbose.
+        from cleaq_jax.runtime import console
+
+        console.setup(args.verbose)
+    model = open_model(args)
+    print(f"predict: {model.description}", file=sys.stderr)
+    storage.makedirs(args.out)
+    result = predict(model, paths, args.out, gate_quality=args.gate_quality, batch_size=args.batch_size,
+                     explain=args.explain, report_html=args.report)
     print(f"predict: {len(result['rows'])} predicted, {len(result['skipped'])} skipped; "
           f"{os.path.join(args.out, 'predictions.csv')}" + (f", {result['report']}" if result["report"] else ""),
           file=sys.stderr)

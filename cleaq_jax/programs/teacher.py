@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.data import degrade, pipeline
 from cleaq_jax.evaluation import inference, report
 from cleaq_jax.models import factory
@@ -114,11 +115,15 @@ def collect_counts(cfg: ml_collections.ConfigDict, stage: stages.Stage, variable
     loader = pipeline.eval_loader(stage.data_dir, cfg.data.eval_split, global_batch_size=int(cfg.eval_batch_size),
                                   reading=pipeline.RecordReading(image_size=stage.image_size))
     total: dict[str, dict[str, np.ndarray]] = {}
-    for local in loader:
-        out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))
-        total = out if not total else jax.tree.map(np.add, total, out)
+    batches = pipeline.num_eval_batches(stage.data_dir, cfg.data.eval_split,
+                                        global_batch_size=int(cfg.eval_batch_size))
+    with console.bar(batches, f"{stage.name} evaluation ({cfg.data.eval_split})", unit="batch") as progress:
+        for local in loader:
+            out = jax.device_get(fn(variables, parallel.global_batch(local, mesh)))
+            total = out if not total else jax.tree.map(np.add, total, out)
+            progress.update(1)
     if not total:
-        raise ValueError(f"split {cfg.data.eval_split!r} of {stage.data_dir} is empty (config.data.eval_split)")
+        raise errors.ConfigError(f"split {cfg.data.eval_split!r} of {stage.data_dir} is empty (config.data.eval_split)")
     return total
 
 

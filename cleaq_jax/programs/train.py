@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cleaq_jax import errors
 from cleaq_jax.data import location, pipeline
 from cleaq_jax.data import shards
 from cleaq_jax.evaluation import inference
@@ -30,7 +31,7 @@ from cleaq_jax.runtime import checkpoint, console, parallel, preemption, summari
 from cleaq_jax.training import optim, stages, start, steps
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
 
 

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from cleaq_jax import errors
 from cleaq_jax.runtime import parallel, storage
 
 PyTree = Any
@@ -100,8 +101,9 @@ def best_metric(metric: str, mode: str, nets: Iterable[str], validating: bool) -
         metric = ("loss" if not validating else "val_dr_kappa" if "dr" in nets else
                   "val_iqa_kappa" if "iqa" in nets else "val_psnr_enhanced")
     if metric in VALIDATION_METRICS and not validating:
-        raise ValueError(f"config.checkpoint_metric={metric!r} is a validation metric, but this stage is not "
-                         "validated: set config.eval_every_epochs > 0 and give data.val_split a split of the data")
+        raise errors.ConfigError(
+            f"config.checkpoint_metric={metric!r} is a validation metric, but this stage is not "
+            "validated: set config.eval_every_epochs > 0 and give data.val_split a split of the data")
     if mode == "auto":
         mode = "max" if metric.startswith("val_") else "min"
     return metric, mode
@@ -125,7 +127,7 @@ def _has_item(directory: str | os.PathLike, step: int, item: str) -> bool:
     return storage.isdir(storage.join(directory, str(step), item))
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(errors.UserError, RuntimeError):
     """No checkpoint of a stage's directory reads back whole."""
 
 
@@ -222,7 +224,8 @@ class Checkpointer:
             step_dir = storage.join(self.directory, str(step))
             # A wrong request, not damage: raised before the try, so no intact checkpoint is set aside.
             if data_iter is not None and not _has_item(self.directory, step, "data"):
-                raise ValueError(f"checkpoint {step_dir} holds no data-iterator state; restore without data_iter")
+                raise errors.CheckpointError(
+                    f"checkpoint {step_dir} holds no data-iterator state; restore without data_iter")
             try:
                 if data_iter is not None:
                     _restore_position(storage.join(step_dir, "data"), data_iter)
@@ -302,7 +305,7 @@ def _saved_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     if step is None:
         step = manager.latest_step()
     if step is None or step not in steps:
-        raise FileNotFoundError(
+        raise errors.MissingError(
             f"no checkpoint {'' if step is None else f'for step {step} '}in {manager.directory} "
             f"(saved steps: {sorted(steps)}); check the checkpoint path in the config"
         )
@@ -350,7 +353,7 @@ def checkpoint_directory(path: str) -> str:
     for candidate in (storage.join(path, "checkpoints"), path):
         if storage.isdir(candidate) and any(n.isdigit() for n in storage.listdir(candidate)):
             return candidate
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"no checkpoint in {path}: pass a stage directory written by training (e.g. <workdir>/stage3) "
         "or its checkpoints/ folder")
 
@@ -363,8 +366,8 @@ def read_trained_config(directory: str | os.PathLike, step: int | None = None) -
     with _read_only(directory) as manager:
         step = _saved_step(manager, step)
         if not _has_item(manager.directory, step, "config"):
-            raise FileNotFoundError(f"checkpoint {manager.directory}/{step} holds no config item; it was not "
-                                    "written by cleaq_jax training")
+            raise errors.MissingError(f"checkpoint {manager.directory}/{step} holds no config item; it was not "
+                                      "written by cleaq_jax training")
         restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
 
@@ -391,4 +394,4 @@ def select_step(directory: str, which: int | str = "best") -> tuple[int, str]:
             return _saved_step(manager, None), "latest"
         if isinstance(which, int) or str(which).isdigit():
             return _saved_step(manager, int(which)), f"step {int(which)}, as asked"
-    raise ValueError(f"checkpoint step {which!r}: use 'best', 'latest' or a step number")
+    raise errors.ConfigError(f"checkpoint step {which!r}: use 'best', 'latest' or a step number")

@@ -1,9 +1,10 @@
 """What a person reads on the terminal: one line per logging interval, evaluation tables, progress bars.
 
 The libraries underneath (orbax, grain, absl, jax, etils, gcsfs) log at INFO through absl and Python
-logging; a run prints hundreds of their lines. `quiet_libraries` raises them to WARNING unless absl's
-``--verbosity`` / ``-v`` was given on the command line, while `say` writes the project's own lines
-through a logger of its own, so they show either way. Only process 0 writes.
+logging; a run prints hundreds of their lines. `setup` raises them to WARNING unless the program was asked
+to say more (absl's ``--verbosity`` / ``-v`` for ``cleaq-run``, ``-v`` / ``--verbose`` for the argparse
+programs: every program calls it), while `say` writes the project's own lines through a logger of its
+own, so they show either way. Only process 0 writes. Errors are shown by `cleaq_jax.errors.reported`.
 """
 
 from __future__ import annotations
@@ -25,23 +26,42 @@ _logger = logging.getLogger(LOGGER_NAME)
 _every_logger = logging.getLogger(LOGGER_NAME + ".every_process")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is written: a program's lines follow a
+    redirection made after `setup` (a test capturing a program it calls in-process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the property always answers sys.stderr
+        pass
+
+
 def _is_main_process() -> bool:
     # jax.process_index() needs jax initialised; JAX_PROCESS_ID-free runs are process 0.
     return os.environ.get("CLEAQ_PROCESS_INDEX", "0") == "0"
 
 
 def setup(verbose: bool) -> None:
-    """Console output for a run: the project's lines on stderr (process 0); library INFO only when
-    ``verbose`` (absl's -v / --verbosity given), otherwise those libraries log warnings and errors only."""
+    """Console output for a program: the project's lines on stderr (process 0); library INFO only when
+    ``verbose`` (absl's -v / --verbosity given to cleaq-run, -v / --verbose to an argparse program),
+    otherwise those libraries log warnings and errors only."""
     for logger in (_logger, _every_logger):
         if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
         logger.propagate = False
     _logger.setLevel(logging.INFO if _is_main_process() else logging.WARNING)
     _every_logger.setLevel(logging.INFO)
     if verbose:
+        # A program that absl's app did not start (the argparse ones) has no handler for library lines yet,
+        # and absl's default hides INFO: show it, as --verbosity=0 does for cleaq-run.
+        if absl_logging.get_absl_handler() not in logging.root.handlers:
+            absl_logging.use_absl_handler()
+            absl_logging.set_verbosity(absl_logging.INFO)
         return
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in LIBRARY_LOGGERS:

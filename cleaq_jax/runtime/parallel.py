@@ -35,6 +35,8 @@ from jax._src import distributed as jax_distributed  # the coordination-service 
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cleaq_jax import errors
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -52,7 +54,8 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer; set one or unset it") from None
+        raise errors.ConfigError(
+            f"environment variable {name}={value!r} is not an integer; set one or unset it") from None
 
 
 def _cluster_detected() -> str | None:
@@ -84,7 +87,7 @@ def _launch_plan(address: str | None, num_processes: int | None, process_id: int
         if value is None
     ]
     if missing and cluster is None:
-        raise ValueError(
+        raise errors.ConfigError(
             f"multi-process start needs {', '.join(missing)}; pass them or set the environment "
             "variables on every process (or unset all of them for a single-process run)"
         )
@@ -163,21 +166,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = 
     count = len(devices)
     sizes = {"mesh.data": int(data), "mesh.fsdp": int(fsdp)}
     if list(sizes.values()).count(-1) > 1:
-        raise ValueError("mesh.data and mesh.fsdp cannot both be -1; set one of them to a device count")
+        raise errors.ConfigError("mesh.data and mesh.fsdp cannot both be -1; set one of them to a device count")
     for key, value in sizes.items():
         if value == 0 or value < -1:
-            raise ValueError(f"{key}={value} must be a positive device count or -1 (all remaining devices)")
+            raise errors.ConfigError(f"{key}={value} must be a positive device count or -1 (all remaining devices)")
     fixed = int(np.prod([v for v in sizes.values() if v != -1]))
     for key, value in sizes.items():
         if value == -1:
             if count % fixed:
-                raise ValueError(
+                raise errors.ConfigError(
                     f"{count} devices cannot be split evenly with {_fmt(sizes)}; "
                     f"make the fixed axis divide {count}"
                 )
             sizes[key] = count // fixed
     if sizes["mesh.data"] * sizes["mesh.fsdp"] != count:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{_fmt(sizes)} asks for {sizes['mesh.data'] * sizes['mesh.fsdp']} devices but {count} are "
             f"available; make mesh.data x mesh.fsdp = {count} (or set mesh.data=-1)"
         )
@@ -239,7 +242,7 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, key: str = "batch_
     """
     size = data_parallel_size(mesh)
     if global_batch_size <= 0 or global_batch_size % size:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{key}={global_batch_size} is not divisible by the data-parallel size {size} "
             f"(mesh.data={mesh.shape[DATA_AXIS]} x mesh.fsdp={mesh.shape[FSDP_AXIS]}); "
             f"set {key} to a multiple of {size}"

@@ -26,6 +26,8 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
+from cleaq_jax import errors
+
 
 def _remote(path: str | os.PathLike) -> Any:
     """``etils.epath.Path(path)``, for a remote path."""
@@ -180,7 +182,7 @@ class MirroredWriter:
 def require_local(path: str | os.PathLike, what: str) -> None:
     """Refuse a remote ``path`` for data that only local file reads can open (ArrayRecord shards)."""
     if is_remote(path):
-        raise ValueError(
+        raise errors.StorageError(
             f"{what} {os.fspath(path)} is on remote storage, which ArrayRecord cannot read: copy the shards to "
             f"a local disk (gcloud storage cp -r {os.fspath(path)} DIR) or mount the bucket with Cloud Storage "
             f"FUSE, and pass that local path (docs/launch.md)")

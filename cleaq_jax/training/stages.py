@@ -14,6 +14,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from cleaq_jax import errors
 from cleaq_jax.config_checks import TEACHER_STAGES, TRAINING_STAGES
 from cleaq_jax.data import degrade, pipeline
 
@@ -46,11 +47,11 @@ def stage_nets(cfg: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
         nets = ("dr",) if t.dr else ()
     else:
         if not t.iqe:
-            raise ValueError("config.tasks.iqe=False: stage 3 trains IQE jointly with IQA and/or DR; "
-                             "for a DR-only model run stage1 with tasks.iqe=False")
+            raise errors.ConfigError("config.tasks.iqe=False: stage 3 trains IQE jointly with IQA and/or DR; "
+                                     "for a DR-only model run stage1 with tasks.iqe=False")
         nets = tuple(n for n in JOINT_NETS if t[n])
     if not nets:
-        raise ValueError(f"config.tasks switches off every subnetwork that {stage} trains")
+        raise errors.ConfigError(f"config.tasks switches off every subnetwork that {stage} trains")
     return nets
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from cleaq_jax import errors
 from cleaq_jax.models import factory, pretrained
 from cleaq_jax.runtime import checkpoint, console
 from cleaq_jax.training import optim, stages
@@ -67,7 +68,7 @@ def earlier_stages(stage: stages.Stage, models: dict, mesh: jax.sharding.Mesh) -
             restored = checkpoint.restore_variables(directory, target)
         except FileNotFoundError as e:
             config_name = dict(stages.INIT_FROM[stage.name])[source]
-            raise FileNotFoundError(
+            raise errors.MissingError(
                 f"{stage.name} starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
                 f"Run `python -m cleaq_jax.main --config={config_name} --workdir={os.path.dirname(stage.directory)}` first, with the "
                 f"same model and data settings.") from e

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from cleaq_jax import errors
 from cleaq_jax.data import location
 from cleaq_jax.programs import ablations
 from cleaq_jax.programs.ablations import sweep
@@ -21,12 +22,12 @@ from cleaq_jax.programs.ablations.plan import (VARIANTS, config_path, flag_value
 from cleaq_jax.programs.ablations.results import describe_study, keep_training_study, write_results
 from cleaq_jax.programs.ablations.run_files import read_json
 from cleaq_jax.programs.ablations.shards import SyntheticSet, prepare_shards
+from cleaq_jax.runtime import cli, console
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cleaq_jax.programs.ablations",
-                                description=ablations.__doc__.split("\n")[0],
-                                epilog="Further arguments --config.KEY=VALUE override every run's config.")
+    p = cli.parser("python -m cleaq_jax.programs.ablations", ablations.__doc__,
+                   epilog="Further arguments --config.KEY=VALUE override every run's config.")
     p.add_argument("--data", required=True, help="shard directory (data_prep output) shared by every run")
     p.add_argument("--workdir", required=True, help="study directory: <variant>/seed<k>/ runs and the results")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3): FIRST..FIRST+N-1")
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead of the study, the guidance sweep on the validation split (sweep.py): one stage 3 "
                         "per guidance setting from shared pre-training, tabulated with the point its rule chooses")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the shards' size)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of the variants (default: all, {','.join(VARIANTS)})")
     p.add_argument("--preset", default="full", help="size preset: tiny, bench, study or full (configs/ablations/presets.py)")
     p.add_argument("--build-synthetic", type=int, default=0, metavar="N",
                    help="when --data has no shards yet, build N synthetic examples there first")
@@ -57,30 +59,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _parser().parse_known_args(argv)
     args.argv = argv
+    console.setup(args.verbose)
+    return errors.reported(lambda: _study(args, rest), args.verbose)
+
+
+def _study(args: argparse.Namespace, rest: list[str]) -> int:
+    """Plan the runs (every check before any work), run the unfinished ones, write the results."""
+    argv = args.argv
     t0, load0 = time.time(), os.getloadavg()[0]
-    try:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        [config_path(v) for v in variants]  # noqa: B018  (unknown names fail before any work)
-        if args.seeds < 1:
-            raise ValueError(f"--seeds {args.seeds}: need at least 1")
-        workdir, data_dir = os.path.abspath(args.workdir), os.path.abspath(args.data)
-        chosen = preset_settings(args.preset)
-        overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
-        synthetic = SyntheticSet(
-            num=args.build_synthetic, seed=args.synthetic_seed, size=chosen["data"]["size"],
-            lesion_scale=chosen["data"].get("lesion_scale", 1.0) if args.lesion_scale is None else args.lesion_scale,
-            splits=location.parse_splits(args.splits) if args.splits else chosen["data"].get("splits"))
-        size = prepare_shards(data_dir, args.size, synthetic)
-        overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
-        overrides.update(parse_overrides(rest))
-        seeds = range(args.first_seed, args.first_seed + args.seeds)
-        runs = (sweep.plan_sweep(workdir, overrides, sys.executable) if args.sweep else
-                plan_runs(workdir, variants, seeds, overrides, not args.separate_pretraining))
-        for run in runs:
-            check_same_settings(run)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    [config_path(v) for v in variants]  # noqa: B018  (unknown names fail before any work)
+    if args.seeds < 1:
+        raise errors.ConfigError(f"--seeds {args.seeds}: need at least 1")
+    workdir, data_dir = os.path.abspath(args.workdir), os.path.abspath(args.data)
+    chosen = preset_settings(args.preset)
+    overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
+    synthetic = SyntheticSet(
+        num=args.build_synthetic, seed=args.synthetic_seed, size=chosen["data"]["size"],
+        lesion_scale=chosen["data"].get("lesion_scale", 1.0) if args.lesion_scale is None else args.lesion_scale,
+        splits=location.parse_splits(args.splits) if args.splits else chosen["data"].get("splits"))
+    size = prepare_shards(data_dir, args.size, synthetic)
+    overrides.update({"data.dir": data_dir, "data.image_size": str(size), "data.synthetic.num": "0"})
+    overrides.update(parse_overrides(rest))
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = (sweep.plan_sweep(workdir, overrides, sys.executable) if args.sweep else
+            plan_runs(workdir, variants, seeds, overrides, not args.separate_pretraining))
+    for run in runs:
+        check_same_settings(run)
     os.makedirs(workdir, exist_ok=True)
     failed = [] if args.tabulate_only else run_unfinished(runs, workdir, args.jobs)
     if args.sweep:

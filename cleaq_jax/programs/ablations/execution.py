@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cleaq_jax
+from cleaq_jax import errors
 from cleaq_jax.programs.ablations.plan import typed_command
 from cleaq_jax.programs.ablations.run_files import eval_json_path, read_run_record, run_json_path, write_json
 
@@ -25,7 +26,7 @@ def check_same_settings(run: Mapping[str, Any]) -> None:
     record = read_run_record(run)
     # Flags in another order (a preset's keys reordered) are the same settings.
     if record is not None and sorted(record["command"][1:]) != sorted(run["command"][1:]):
-        raise ValueError(
+        raise errors.ConfigError(
             f"{run['dir']} was run with other settings:\n  {typed_command(record['command'])}\nnot\n  "
             f"{typed_command(run['command'])}\nUse another --workdir, or delete that run directory to redo it.")
 

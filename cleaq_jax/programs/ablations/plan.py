@@ -19,7 +19,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cleaq_jax import configs as shipped_configs
+from cleaq_jax import configs as shipped_configs, errors
 from cleaq_jax.configs.ablations import presets
 from cleaq_jax.training import stages
 
@@ -68,14 +68,15 @@ def config_path(variant: str) -> str:
     shipped file by that name); raises ValueError if there is no such variant."""
     path = f"configs/ablations/{variant}.py"
     if variant not in VARIANTS or shipped_configs.path_of(path) is None:
-        raise ValueError(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)} (configs/ablations/)")
+        raise errors.ConfigError(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)} (configs/ablations/)")
     return path
 
 
 def preset_settings(name: str) -> dict[str, Any]:
     """configs/ablations/presets.py's entry: {"overrides": {key: value}, "data": {"num", "size"}}."""
     if name not in presets.PRESETS:
-        raise ValueError(f"--preset {name!r} is not one of {', '.join(presets.PRESETS)} (configs/ablations/presets.py)")
+        raise errors.ConfigError(
+            f"--preset {name!r} is not one of {', '.join(presets.PRESETS)} (configs/ablations/presets.py)")
     return presets.PRESETS[name]
 
 
@@ -92,7 +93,7 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
     for arg in args:
         key, sep, value = arg.partition("=")
         if not key.startswith("--config.") or not sep or key == "--config.":
-            raise ValueError(f"unexpected argument {arg!r}: config overrides are written --config.KEY=VALUE")
+            raise errors.ConfigError(f"unexpected argument {arg!r}: config overrides are written --config.KEY=VALUE")
         out[key[len("--config."):]] = value
     return out
 
@@ -112,8 +113,8 @@ def load_config(path: str, overrides: Mapping[str, str]) -> ml_collections.Confi
     try:
         values(argv)
     except (AttributeError, KeyError, flags.Error) as e:
-        raise ValueError(f"{path}: a --config override does not apply ({e}); keys are listed in "
-                         "configs/default.py") from e
+        raise errors.ConfigError(f"{path}: a --config override does not apply ({e}); keys are listed in "
+                                 "configs/default.py") from e
     return values.config
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from cleaq_jax import errors
 from cleaq_jax.data import location
 from cleaq_jax.data import shards
 
@@ -27,7 +28,7 @@ def prepare_shards(data_dir: str, size: int | None, synthetic: SyntheticSet) -> 
     examples) against ``size``; returns their image size."""
     if not os.path.exists(os.path.join(data_dir, shards.MANIFEST)):
         if not synthetic.num:
-            raise FileNotFoundError(
+            raise errors.MissingError(
                 f"--data {data_dir}: no {shards.MANIFEST} there. Prepare shards with data_prep (docs/data.md), "
                 "or pass --build-synthetic N (and --size S) to build a synthetic set there")
         location.build_synthetic(data_dir, num=synthetic.num, size=size or synthetic.size, seed=synthetic.seed,
@@ -36,8 +37,8 @@ def prepare_shards(data_dir: str, size: int | None, synthetic: SyntheticSet) -> 
     sizes = {tuple(s["image_size"]) for s in splits.values() if s.get("image_size")}
     built = next(iter(sizes))[0] if len(sizes) == 1 else None
     if size is not None and built is not None and size != built:
-        raise ValueError(f"--size {size}, but the shards in {data_dir} are {built} px: pass --size {built} "
-                         "or another --data")
+        raise errors.ConfigError(f"--size {size}, but the shards in {data_dir} are {built} px: pass --size {built} "
+                                 "or another --data")
     if size is None and built is None:
-        raise ValueError(f"--data {data_dir}: the manifest gives no single image size; pass --size S")
+        raise errors.ConfigError(f"--data {data_dir}: the manifest gives no single image size; pass --size S")
     return int(size or built)
