@@ -3,9 +3,13 @@
 Parses flags and checks every config key (`config_checks`: a bad key, value or type stops the run
 with one line and exit code 2, before any data or model work), joins the other processes of a
 multi-host run, and hands the config to `cleaq_jax.programs.pipeline.run`, which dispatches on
-``config.stage``. Override any config key on the command line: ``--config.batch_size=8``.
+``config.stage``. Override any config key on the command line: ``--config.batch_size=8``. A run that
+cannot go on for a reason outside the program (another run training the same stage directory, a
+checkpoint of another model shape, a full disk) also stops with one line and exit code 2.
 """
 
+import errno
+import os
 import sys
 
 from absl import app, flags, logging
@@ -93,14 +97,24 @@ def main(argv):
     import jax
 
     from cleaq_jax.programs import pipeline
-    from cleaq_jax.runtime import parallel
+    from cleaq_jax.runtime import checkpoint, lock, parallel
 
     joined = parallel.initialize_distributed(**distributed_args(FLAGS.config))
     console.set_process_index(jax.process_index())
     if joined:
         console.say_every_process("%s", parallel.process_line(joined))
     logging.info("config:\n%s", FLAGS.config)
-    pipeline.run(FLAGS.config, FLAGS.workdir)
+    try:
+        pipeline.run(FLAGS.config, FLAGS.workdir)
+    # What a person fixes outside the program (another run on the workdir, a checkpoint of another model,
+    # a full disk): one line naming the path and what to do, and exit code 2, as for a bad config.
+    except (lock.StageBusyError, checkpoint.CheckpointError) as e:
+        _usage_error(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _usage_error(f"{e.filename or 'a file of the run'}: {os.strerror(e.errno)}. Free space there and run the "
+                     "same command again: training resumes from its last complete checkpoint")
 
 
 if __name__ == "__main__":
