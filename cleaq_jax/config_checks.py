@@ -184,6 +184,8 @@ RULES: dict[str, Rule] = {
     "init.stage1": text(what="a stage directory, or '' for <workdir>/stage1"),
     "init.stage2": text(what="a stage directory, or '' for <workdir>/stage2"),
     "init.teacher_a": text(what="a stage directory, or '' for <workdir>/teacher_a"),
+    "init.checkpoint_step": Rule(lambda v: isinstance(v, str) and (v in ("best", "latest") or v.isdigit()),
+                                 "'best', 'latest' or a step number (as a string)"),
     "pretrained.dr": text(what="a converted ResNet-50 directory, or ''"),
     "pretrained.c_iqa": text(what="a converted ResNet-50 directory, or ''"),
     "pretrained.resnet34": text(what="a converted ResNet-34 directory, or ''"),

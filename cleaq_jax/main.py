@@ -11,8 +11,12 @@ multi-host run, and hands the config to `cleaq_jax.programs.pipeline.run`, which
 ``config.stage`` names into ``<workdir>/<stage>``. An error in the data, a checkpoint or storage met
 during the run is one line and exit code 2 too; ``--verbosity=1`` (or ``-v 1``) adds its traceback and
 the libraries' INFO lines.
+A run that cannot go on for a reason outside the program (another run training the same stage
+directory, a checkpoint of another model shape, a full disk) stops the same way.
 """
 
+import errno
+import os
 import sys
 import textwrap
 
@@ -141,7 +145,14 @@ def run_config(config, workdir: str) -> None:
     if joined:
         console.say_every_process("%s", parallel.process_line(joined))
     logging.info("config:\n%s", config)
-    pipeline.run(config, workdir)
+    try:
+        pipeline.run(config, workdir)
+    except OSError as e:  # a full disk or quota: one line (errors.reported) naming the path and what to do
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise errors.StorageError(f"{e.filename or 'a file of the run'}: {os.strerror(e.errno)}. Free space there "
+                                  "and run the same command again: training resumes from its last complete "
+                                  "checkpoint") from e
 
 
 if __name__ == "__main__":

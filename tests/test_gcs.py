@@ -41,6 +41,35 @@ assert not (run / "tmp").exists()
     assert os.listdir(tmp_path) == []  # nothing written to a local folder named gs:
 
 
+def test_a_stage_lock_in_a_gs_workdir_refuses_a_second_run_and_a_stale_one_is_taken_over(gcs_emulator, tmp_path):
+    """runtime.lock on a bucket: held, a second taker is refused naming the first; released, the object is
+    gone; another host's lock whose heartbeat is old is taken over."""
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import json, os
+from cleaq_jax.runtime import lock, storage
+os.chdir({str(tmp_path)!r})
+stage = "gs://{bucket}/run/stage1"
+path = stage + "/" + lock.LOCK_NAME
+held = lock.StageLock(stage)
+held.acquire()
+try:
+    lock.StageLock(stage).acquire()
+    raise SystemExit("a second run took a held lock")
+except lock.StageBusyError as e:
+    assert f"is being trained by another run: pid {{os.getpid()}} on host " in str(e), e
+held.release()
+assert not storage.exists(path)
+storage.atomic_file(path, json.dumps({{"host": "elsewhere", "pid": 1, "started": 0, "heartbeat": 0, "token": "x"}}))
+with lock.StageLock(stage):
+    assert json.loads(storage.read_text(path))["pid"] == os.getpid()
+assert not storage.exists(path)
+"""
+    emulator_lib.run_python(gcs_emulator, code)
+    assert _objects(gcs_emulator, bucket) == []
+    assert os.listdir(tmp_path) == []  # nothing written to a local folder named gs:
+
+
 def test_orbax_checkpoint_saves_to_and_restores_from_gs(gcs_emulator):
     bucket = gcs_emulator.new_bucket()
     code = f"""

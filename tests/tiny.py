@@ -51,6 +51,28 @@ def tiny_config(**overrides):
     return c
 
 
+def main_command(workdir: str, *overrides: str) -> list[str]:
+    """`python -m cleaq_jax.main` on the tiny config (3 epochs of 40 images, 14 of them training ones)
+    in ``workdir``; ``overrides``: more ``KEY=VALUE`` config settings, which win."""
+    cfg = tiny_config()
+    args = [sys.executable, "-m", "cleaq_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"]
+    for key in ("data.image_size", "data.synthetic.num", "data.synthetic.lesion_scale", "model.width",
+                "model.uiqe_residual", "loss.usable_self_reference", "loss.grl_scale", "loss.iqe_guidance",
+                "loss.qt_good_fraction", "optim.joint_learning_rate", "optim.joint_net_learning_rate.dr",
+                "loss.weighting", "loss.fixed.iqe", "loss.guidance_weight", "batch_size",
+                "eval_batch_size", "log_every_steps", "eval_every_epochs", "image_every_steps", "checkpoint_every_steps"):
+        node = cfg
+        for p in key.split("."):
+            node = node[p]
+        args.append(f"--config.{key}={node}")
+    args += ["--config.model.encoder_stages=(1,1,1,1)", "--config.model.classifier_stages=(1,1,1,1)",
+             "--config.num_epochs=3", "--config.optim.constant_epochs=2",
+             # 14 training, 2 validation and 24 test images of the 40, whatever split the demo uses.
+             "--config.data.synthetic.splits.train=0.35", "--config.data.synthetic.splits.val=0.05",
+             "--config.data.synthetic.splits.test=0.6"]
+    return args + [f"--config.{o}" for o in overrides]
+
+
 def stage(cfg, name: str = "stage3", steps_per_epoch: int = 1):
     """The `stages.Stage` of a tiny config without data on disk: its networks, losses, optimiser and step."""
     from cleaq_jax.training import stages

@@ -147,8 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
 
     # Stage 3 starts from the checkpoints of these stage directories (teacher_b from teacher_a); ""
-    # means <workdir>/<stage> (every stage writes to <workdir>/<stage>).
-    c.init = ml_collections.ConfigDict(dict(stage1="", stage2="", teacher_a=""))
+    # means <workdir>/<stage> (every stage writes to <workdir>/<stage>). checkpoint_step: which of their
+    # checkpoints: "best" (the one each stage's validation ranked best; the latest where that stage was not
+    # validated or none carries the metric), "latest", or a step number (as a string).
+    c.init = ml_collections.ConfigDict(dict(stage1="", stage2="", teacher_a="", checkpoint_step="best"))
     # Optional torchvision ImageNet weights, converted with `python -m cleaq_jax.programs.import_weights`
     # (docs/pretrained.md): a ResNet-50 directory for the DR grader and for C-IQA, a ResNet-34 directory
     # for the Seg-IQE, LQI-IQA and CE-Net encoders. Used when a stage starts from scratch.

@@ -50,6 +50,10 @@ class UnknownSplitError(errors.ConfigError, KeyError):
     """A split name (config.data.*_split, --split) that the shard set's manifest does not list."""
 
 
+class ShardWriteError(ShardError):
+    """Shards that could not be written whole (a full disk); none of them was put under its name."""
+
+
 def shard_name(name: str, split: str, index: int, count: int) -> str:
     return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
 
@@ -205,7 +209,10 @@ class ShardWriter:
         if self._image_size is None:
             self._image_size = records.decode_png(meta["image"], color=False).shape
         shard = self._n % len(self._writers)
-        self._writers[shard].write(data)
+        try:
+            self._writers[shard].write(data)
+        except Exception as e:
+            self._failed(e)
         self._counts[shard] += 1
         self._shard_labels[shard].append((meta["dr_grade"], meta["quality"]))
         self._grades.append(meta["dr_grade"])
@@ -218,9 +225,15 @@ class ShardWriter:
         return self._n
 
     def close(self) -> list[str]:
-        """Finish: move shards into place, update the manifest; returns the shard paths."""
-        for w in self._writers:
-            w.close()
+        """Finish: move shards into place, update the manifest; returns the shard paths.
+
+        ArrayRecord reports a failed write (a full disk) only when its writer closes: then nothing is
+        moved into place, the temporary directory is removed, and `ShardWriteError` names the folder."""
+        try:
+            for w in self._writers:
+                w.close()
+        except Exception as e:  # ArrayRecord raises RuntimeError("write() failed: No space left on device; ...")
+            self._failed(e)
         try:
             self.extra = _checked_extra(self.extra)  # callers may add provenance after construction
         except ValueError:
@@ -246,6 +259,14 @@ class ShardWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._update_manifest(names)
         return [os.path.join(self.out_dir, n) for n in names]
+
+    def _failed(self, error: Exception) -> None:
+        """Discard everything written and raise `ShardWriteError` for a write that failed."""
+        self.abort()
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ShardWriteError(
+            f"cannot write the {self.name}/{self.split} shards in {self.out_dir}: {reason}. No shard of it was put "
+            "in place; free space there and run the same command again") from error
 
     def abort(self) -> None:
         for w in self._writers:

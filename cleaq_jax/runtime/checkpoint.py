@@ -20,6 +20,7 @@ the parameters and BatchNorm statistics of some subnetworks) read it onto a mesh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as pylogging
 import math
@@ -127,8 +128,40 @@ def _has_item(directory: str | os.PathLike, step: int, item: str) -> bool:
     return storage.isdir(storage.join(directory, str(step), item))
 
 
-class CorruptCheckpointError(errors.UserError, RuntimeError):
+class CheckpointError(errors.CheckpointError, RuntimeError):
+    """A checkpoint that cannot be used or written; the message names it and what to do."""
+
+
+class CorruptCheckpointError(CheckpointError):
     """No checkpoint of a stage's directory reads back whole."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint holds parameters of other shapes than the model it is restored into."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a lost mount); the earlier ones are intact."""
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """What went wrong, in words, when ``error`` (or one it was raised from) is a failed write to the
+    file system: an OSError, or tensorstore's error for one (a ValueError whose text carries the
+    operating system's message, e.g. "No space left on device [os_error_code='28']"). None otherwise."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return os.strerror(error.errno)
+        text = str(error)
+        if "os_error_code=" in text or "No space left on device" in text:
+            for words in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                          "Input/output error"):
+                if words in text:
+                    return words
+            return text.splitlines()[0][:300] if text else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class Checkpointer:
@@ -165,6 +198,8 @@ class Checkpointer:
         self.best_metric = best_metric
         self._manager = _manager(directory, self._options)
         self.directory = self._manager.directory
+        # The newest step known complete on disk, and the one an asynchronous save is still writing.
+        self._complete, self._writing = self._manager.latest_step(), None
 
     def save(
         self,
@@ -199,7 +234,34 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_json(config))
-        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        self.wait_until_finished()  # a failure of the previous save is reported as that step's
+        with self._write_errors(step):
+            saved = self._write(step, ocp.args.Composite(**items), metrics, force)
+        if saved:
+            self._writing = step
+        return saved
+
+    def _write(self, step: int, args: ocp.args.Composite, metrics: dict[str, float] | None, force: bool) -> bool:
+        """Start writing one checkpoint (orbax: into a temporary directory renamed to ``<step>`` when
+        complete). Every checkpoint write of a stage passes here."""
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """A failed write of checkpoint ``step`` (a full disk, ...) as one `CheckpointWriteError` naming
+        it and the newest complete checkpoint, which a rerun resumes from; other errors pass unchanged."""
+        try:
+            yield
+        except Exception as e:
+            reason = _write_failure(e)
+            if reason is None:
+                raise
+            path = storage.join(self.directory, str(step)) if step is not None else str(self.directory)
+            kept = (f"the checkpoint of step {self._complete} is intact" if self._complete is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {reason}. The run stopped; {kept}: free space there (or fix "
+                f"the disk) and run the same command again to resume") from e
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when the directory holds no checkpoint."""
@@ -230,7 +292,9 @@ class Checkpointer:
                 if data_iter is not None:
                     _restore_position(storage.join(step_dir, "data"), data_iter)
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(target_abstract_state))
-                return self._manager.restore(step, args=args).state, step
+                state = self._manager.restore(step, args=args).state
+                self._complete = step
+                return state, step
             except Exception as e:  # orbax and tensorstore raise many types for unreadable bytes
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 logging.warning("checkpoint %s cannot be read (%s); moving it to corrupt-%d and trying the "
@@ -250,19 +314,31 @@ class Checkpointer:
         self._manager = _manager(self.directory, self._options)
 
     def wait_until_finished(self) -> None:
-        """Blocks until every asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every asynchronous save is on disk; `CheckpointWriteError` if one failed."""
+        with self._write_errors(self._writing):
+            self._manager.wait_until_finished()
+        if self._writing is not None:
+            self._complete, self._writing = self._writing, None
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Leaving on an error: the pending save still completes, but a failure of it (the same full disk)
+        # must not hide the error that is on its way out.
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            logging.warning("while stopping on an error, the checkpoint manager of %s failed too: %s",
+                            self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _restore_position(data_dir: str, data_iter: Any) -> None:
@@ -323,14 +399,47 @@ def restore_state(directory: str | os.PathLike, target: PyTree, step: int | None
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps a checkpoints/ folder holds, oldest first (none when the folder does not exist)."""
+    if not storage.isdir(directory):
+        return []
+    with _read_only(directory) as manager:
+        return sorted(int(s) for s in manager.all_steps())
+
+
+def _shape_mismatch(saved: PyTree, wanted: PyTree, prefix: str) -> str | None:
+    """The first leaf of ``wanted`` (shapes) that ``saved`` (orbax metadata) lacks or holds with another
+    shape, in words; None when every leaf matches."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(wanted):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        node = saved
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                return f"{'/'.join([prefix, *keys])} is missing there, shaped {tuple(leaf.shape)} here"
+        if tuple(node.shape) != tuple(leaf.shape):
+            return f"{'/'.join([prefix, *keys])} is shaped {tuple(node.shape)} there, {tuple(leaf.shape)} here"
+    return None
+
+
 def restore_variables(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
     """Restores the parameters and BatchNorm statistics of the subnetworks in ``target`` (from
     `factory.abstract_variables`) out of a saved train state, leaving the rest unread (optimizer
-    state, other subnetworks). step: default the latest."""
+    state, other subnetworks). step: default the latest.
+
+    Raises `CheckpointMismatchError`, before reading any array, naming the first parameter whose saved
+    shape differs from ``target``'s (a checkpoint of another model size or architecture)."""
     _check_target(target)
     with _read_only(directory, partial=True) as manager:
         step = _saved_step(manager, step)
         item = {"params": target.params, "batch_stats": target.batch_stats}
+        saved = manager.item_metadata(step)["state"]
+        for name in ("params", "batch_stats"):
+            mismatch = _shape_mismatch(dict(saved.get(name) or {}), item[name], name)
+            if mismatch:
+                raise CheckpointMismatchError(
+                    f"checkpoint {storage.join(manager.directory, str(step))} holds another model shape: {mismatch} "
+                    "(the config.model settings, e.g. model.width, differ from those it was trained with)")
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
         restored = manager.restore(step, args=ocp.args.Composite(state=args)).state

@@ -15,7 +15,8 @@ Cloud TPU slices or multi-GPU hosts. The recipe (no pmap anywhere):
    assembles the global-view array whose batch dimension is split over every device, so
    BatchNorm statistics are global without any ``pmean``.
 
-`barrier` lines the processes up at the coordination service (no device collective).
+`barrier` lines the processes up at the coordination service (no device collective), and
+`broadcast_text` hands process 0's words to the others through it.
 """
 
 from __future__ import annotations
@@ -154,6 +155,22 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     else:
         client.wait_at_barrier(f"cleaq_jax:{name}", timeout_in_ms=timeout_s * 1000)
 
+
+
+def broadcast_text(name: str, text: str, timeout_s: int = 3600) -> str:
+    """Process 0's ``text``, on every process (each passes its own; only process 0's is read), through
+    the coordination service's key-value store (no device collective). ``text`` as it is with one process."""
+    if jax.process_count() == 1:
+        return text
+    client = jax_distributed.global_state.client
+    key = f"cleaq_jax:{name}"
+    if client is None:
+        data = np.frombuffer(text.encode("utf-8")[:4096].ljust(4096, b"\0"), np.uint8)
+        return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode("utf-8", "replace")
+    if jax.process_index() == 0:
+        client.key_value_set(key, text or " ")  # an empty value is not stored everywhere: a space stands for it
+        return text
+    return client.blocking_key_value_get(key, timeout_s * 1000).strip()
 
 # --------------------------------------------------------------------------- mesh and shardings
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:

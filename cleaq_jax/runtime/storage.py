@@ -63,6 +63,16 @@ def makedirs(path: str | os.PathLike) -> None:
     _remote(path).mkdir(parents=True, exist_ok=True) if is_remote(path) else os.makedirs(path, exist_ok=True)
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file."""
+    _remote(path).unlink() if is_remote(path) else os.remove(path)
+
+
+def mtime(path: str | os.PathLike) -> float:
+    """A file's modification time (seconds since the epoch)."""
+    return _remote(path).stat().mtime if is_remote(path) else os.path.getmtime(path)
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file's content."""
     return read_bytes(path).decode("utf-8")

@@ -150,7 +150,7 @@ class Stage:
     """One training stage: everything its start, step, loop and evaluation need, derived once.
 
     ``init_from``: (source stage, the subnetworks it trained, its stage directory) of the checkpoints it
-    starts from (stage 3 and teacher_b); ``pretrained``: (config.pretrained key, converted ImageNet weights directory) of the
+    starts from (stage 3 and teacher_b), ``init_step`` which of each source's checkpoints; ``pretrained``: (config.pretrained key, converted ImageNet weights directory) of the
     trunks to graft into a fresh state; ``checkpoint_metric`` / ``checkpoint_mode``: what ranks its
     checkpoints (config.checkpoint_metric with "auto" resolved).
     """
@@ -172,6 +172,7 @@ class Stage:
     data_dir: str = ""
     val_split: str | None = None
     init_from: tuple[tuple[str, tuple[str, ...], str], ...] = ()
+    init_step: str = "best"  # which of their checkpoints: "best", "latest" or a step (config.init.checkpoint_step)
     pretrained: tuple[tuple[str, str], ...] = ()
     checkpoint_metric: str = "loss"
     checkpoint_mode: str = "min"
@@ -203,4 +204,5 @@ class Stage:
                    sampling=pipeline.EpochSampling(seed, float(d.class_balance), str(d.balance_by), bool(d.augment)),
                    reading=pipeline.RecordReading(image_size=int(d.image_size), worker_count=int(d.worker_count)),
                    pretrained=tuple((k, str(v)) for k, v in cfg.pretrained.items() if v),
+                   init_step=str(cfg.init.get("checkpoint_step", "best")),
                    frozen=("iqe",) if name == "stage3" and cfg.tasks.joint_iqe == "frozen" else (), **where)

@@ -1,10 +1,12 @@
 """How a stage's training starts: from its own latest checkpoint (resume), else from a fresh state with
 ImageNet trunks grafted in (config.pretrained) and, for stage 3 and teacher_b, the subnetworks the
-earlier stages trained (config.init). Every state comes from the builder in `training.state`.
+earlier stages trained (config.init: their best checkpoints by default). Every state comes from the
+builder in `training.state`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -12,9 +14,12 @@ import jax
 
 from cleaq_jax import errors
 from cleaq_jax.models import factory, pretrained
-from cleaq_jax.runtime import checkpoint, console
+from cleaq_jax.runtime import checkpoint, console, storage
 from cleaq_jax.training import optim, stages
 from cleaq_jax.training import state as ts
+
+# Beside a stage's checkpoints: the earlier stages' checkpoints it started from, which step and why.
+INIT_RECORD = "init.json"
 
 
 def initial_state(stage: stages.Stage, models: dict, tx: optim.Optimizer, mesh: jax.sharding.Mesh,
@@ -52,27 +57,56 @@ def graft_imagenet(stage: stages.Stage, state: ts.TrainState, skip: tuple[str, .
     return state.replace(params=params, batch_stats=batch_stats)
 
 
+def _chosen_step(directory: str, source: str, which: str) -> tuple[int, str]:
+    """`checkpoint.select_step`, except that "best" means best by validation: a source stage that was not
+    validated ranks its checkpoints by a training metric, which says nothing of how well it generalises, so
+    its latest checkpoint is taken."""
+    if which == "best":
+        metric = str(checkpoint.read_trained_config(directory).checkpoint_metric)
+        if not metric.startswith("val_"):
+            return checkpoint.select_step(directory, "latest")[0], f"latest: {source} was not validated (ranked by {metric})"
+    return checkpoint.select_step(directory, which)
+
+
 def earlier_stages(stage: stages.Stage, models: dict, mesh: jax.sharding.Mesh) -> dict[str, factory.Variables]:
     """Stage 3 starts from the stage-1 (IQE, DR) and stage-2 (IQA) checkpoints, teacher_b from teacher_a's
-    (``stage.init_from``: (source stage, its nets, its stage directory)). Returns {subnetwork: its
-    variables}, laid out on ``mesh`` as a train state's; only those subnetworks' parameters and
-    BatchNorm statistics are read."""
+    (``stage.init_from``: (source stage, its nets, its stage directory)): by default the one each
+    source's validation ranked best, the latest where it was not validated (``stage.init_step``,
+    config.init.checkpoint_step, as `checkpoint.select_step` reads it). Says in one line per source
+    which step and why, and records them in ``<stage dir>/init.json`` (`INIT_RECORD`). Returns
+    {subnetwork: its variables}, laid out on ``mesh`` as a train state's; only those subnetworks'
+    parameters and BatchNorm statistics are read, after their shapes are checked against the models'."""
     given: dict[str, factory.Variables] = {}
+    record: dict[str, Any] = {}
     for source, nets, source_dir in stage.init_from:
         wanted = tuple(n for n in nets if n in stage.nets)
         if not wanted:
             continue
         directory = os.path.join(source_dir, "checkpoints")
-        target = factory.abstract_variables(models, wanted, stage.image_size, mesh)
-        try:
-            restored = checkpoint.restore_variables(directory, target)
-        except FileNotFoundError as e:
+        kept = checkpoint.saved_steps(directory)
+        if not kept:
             config_name = dict(stages.INIT_FROM[stage.name])[source]
             raise errors.MissingError(
                 f"{stage.name} starts from {source}'s checkpoint, but {directory} holds none (config.init.{source}). "
                 f"Run `python -m cleaq_jax.main --config={config_name} --workdir={os.path.dirname(stage.directory)}` first, with the "
-                f"same model and data settings.") from e
+                f"same model and data settings.")
+        try:
+            step, why = _chosen_step(directory, source, stage.init_step)
+        except FileNotFoundError as e:  # a step not kept, or a checkpoint without the config that ranks it
+            raise FileNotFoundError(f"{stage.name}: config.init.checkpoint_step={stage.init_step!r}: {e}") from e
+        target = factory.abstract_variables(models, wanted, stage.image_size, mesh)
+        try:
+            restored = checkpoint.restore_variables(directory, target, step)
+        except checkpoint.CheckpointMismatchError as e:
+            raise checkpoint.CheckpointMismatchError(
+                f"{stage.name} cannot start from {source} (config.init.{source}): {e}") from e
         for n in wanted:
             given[n] = factory.variables(restored, n)
-        console.say("%s: %s initialised from %s", stage.name, "+".join(wanted), directory)
+        console.say("%s: %s from %s step %d of %d kept (%s) in %s", stage.name, "+".join(wanted), source, step,
+                    len(kept), why, directory)
+        record[source] = {"directory": directory, "step": step, "why": why, "kept": kept, "nets": list(wanted),
+                          "checkpoint_step": stage.init_step}
+    if record and jax.process_index() == 0:
+        storage.makedirs(stage.directory)
+        storage.atomic_file(os.path.join(stage.directory, INIT_RECORD), json.dumps(record, indent=2) + "\n")
     return given
