@@ -126,7 +126,7 @@ PRESETS = {
             "loss.grl_schedule": "ganin",
             "loss.grl_scale": 0.3,
             # The paper's class balance (1.0) at 3 epochs per stage: 225 steps a stage on 480 training images,
-            # what 8 seeds of 5 variants afford in about 70 minutes on a 2-core CPU (docs/results.md).
+            # 8 seeds of 5 variants took 56 minutes on a 2-core CPU, the sweep 30 (docs/results.md).
             "num_epochs": 3,
             "optim.constant_epochs": 2,
             # No validation during training: the study scores each stage's final state (the sweep on val).
