@@ -72,7 +72,7 @@ def test_both_stages_run_from_drive_fixtures_and_leave_a_teacher_b_checkpoint(dr
     workdir, log = drive_teacher
     for stage in ("teacher_a", "teacher_b"):
         assert os.listdir(os.path.join(workdir, stage, "checkpoints")), f"{stage} saved no checkpoint"
-    assert "teacher_b: cenet initialised from" in log and os.path.join(workdir, "teacher_a") in log
+    assert "teacher_b: cenet from teacher_a step 2 of" in log and os.path.join(workdir, "teacher_a") in log
     restored = restore.restore_teacher(os.path.join(workdir, "teacher_b"))
     assert restored.config.stage == "teacher_b" and restored.step == 2 and restored.image_size == 32
 
