@@ -207,3 +207,44 @@ for name in {names!r}:
         with open(os.path.join(out, "predictions.csv")) as f:
             outputs[where] = f.read()
     assert outputs["bucket"] == outputs["local"] and outputs["local"].count("\n") == 2
+
+
+def test_storage_lists_and_copies_gs_objects_for_readers_of_local_files(gcs_emulator, tmp_path):
+    """The helpers the programs read a bucket with: glob, absolute and basename of gs:// paths, and local
+    copies (of a file, of a directory's matching files) that are gone after use."""
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import os
+from etils import epath
+from cleaq_jax.runtime import storage
+os.chdir({str(tmp_path)!r})
+logdir = "gs://{bucket}/run/stage1/tensorboard"
+for name in ("events.out.tfevents.2", "events.out.tfevents.1", "notes.txt"):
+    epath.Path(logdir, name).write_text(name)
+epath.Path(logdir, "plugins", "events.out.tfevents.9").write_text("nested")
+assert storage.glob(logdir, "events.out.tfevents.*") == [logdir + "/events.out.tfevents.1",
+                                                         logdir + "/events.out.tfevents.2"]
+assert storage.glob("gs://{bucket}/nothing", "*") == []
+assert storage.absolute("gs://{bucket}/run/") == "gs://{bucket}/run" and storage.basename("gs://{bucket}/run/") == "run"
+with storage.local_file(logdir + "/notes.txt") as local:
+    assert not storage.is_remote(local) and open(local).read() == "notes.txt"
+with storage.local_files(logdir, "events.out.tfevents.*") as copy:
+    assert sorted(os.listdir(copy)) == ["events.out.tfevents.1", "events.out.tfevents.2"]
+assert not os.path.exists(local) and not os.path.exists(copy)
+"""
+    emulator_lib.run_python(gcs_emulator, code)
+    assert os.listdir(tmp_path) == []
+
+
+def test_storage_keeps_local_paths_as_the_standard_library_has_them(tmp_path):
+    (tmp_path / "events.out.tfevents.1").write_text("a")
+    (tmp_path / "[x]").mkdir()
+    (tmp_path / "[x]" / "events.out.tfevents.2").write_text("b")
+    from cleaq_jax.runtime import storage
+
+    assert storage.glob(tmp_path, "events.*") == [str(tmp_path / "events.out.tfevents.1")]
+    assert storage.glob(tmp_path / "[x]", "events.*") == [str(tmp_path / "[x]" / "events.out.tfevents.2")]
+    assert storage.glob(tmp_path / "none", "*") == []
+    assert storage.absolute("run/") == os.path.join(os.getcwd(), "run") and storage.basename(".") == os.path.basename(os.getcwd())
+    with storage.local_file(tmp_path / "events.out.tfevents.1") as local, storage.local_files(tmp_path) as folder:
+        assert (local, folder) == (str(tmp_path / "events.out.tfevents.1"), str(tmp_path))
