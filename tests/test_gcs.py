@@ -248,3 +248,29 @@ def test_storage_keeps_local_paths_as_the_standard_library_has_them(tmp_path):
     assert storage.absolute("run/") == os.path.join(os.getcwd(), "run") and storage.basename(".") == os.path.basename(os.getcwd())
     with storage.local_file(tmp_path / "events.out.tfevents.1") as local, storage.local_files(tmp_path) as folder:
         assert (local, folder) == (str(tmp_path / "events.out.tfevents.1"), str(tmp_path))
+
+
+def test_curves_reads_a_bucket_runs_event_files_and_draws_its_figure_there(gcs_emulator, tmp_path):
+    """cleaq-curves on a gs:// workdir: the event files a stage mirrored into the bucket are found and read
+    (from a local copy, with TensorFlow not importable), and the PNG is written into the bucket."""
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import os, sys
+sys.modules["tensorflow"] = None  # as where TensorFlow is not installed: TensorBoard's reader uses its own files
+os.chdir({str(tmp_path)!r})
+from cleaq_jax.programs import curves
+from cleaq_jax.runtime import summaries
+run = "gs://{bucket}/run"
+writer = summaries.open_writer(run + "/stage1/tensorboard")
+for step in (2, 4):
+    writer.write_scalars(step, {{"train/loss": 1.0 / step, "val/dr_kappa": step / 8}})
+writer.close()
+assert curves.main(["--workdir", run, "--out", run + "/curves.png"]) == 0
+steps, values = curves.read_scalars(run + "/stage1/tensorboard")["val/dr_kappa"]
+assert steps.tolist() == [2, 4] and values.tolist() == [0.25, 0.5], (steps, values)
+"""
+    proc = emulator_lib.run_python(gcs_emulator, code)
+    assert f"curves: val/dr_kappa, train/loss -> gs://{bucket}/run/curves.png" in proc.stderr, proc.stderr[-3000:]
+    objects = _objects(gcs_emulator, bucket)
+    assert "run/curves.png" in objects and [p for p in objects if p.startswith("run/stage1/tensorboard/events.")]
+    assert os.listdir(tmp_path) == []
