@@ -274,3 +274,83 @@ assert steps.tolist() == [2, 4] and values.tolist() == [0.25, 0.5], (steps, valu
     objects = _objects(gcs_emulator, bucket)
     assert "run/curves.png" in objects and [p for p in objects if p.startswith("run/stage1/tensorboard/events.")]
     assert os.listdir(tmp_path) == []
+
+
+def _local_gs_paths(root):
+    """Files or folders named gs:... under ``root`` or in the checkout, where the test's subprocesses start
+    (what os.path.abspath or os.makedirs make of a gs:// path)."""
+    found = [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith("gs:")]
+    return found + [os.path.join(tiny.REPO, n) for n in os.listdir(tiny.REPO) if n.startswith("gs:")]
+
+
+def _manifest(size=32):
+    """A manifest.json as data_prep writes it, as much as tabulation reads (no shards: nothing trains)."""
+    entry = {"image_size": [size, size], "num_records": 4, "counts": {"good": {"all": 2}, "usable": {"all": 1},
+                                                                       "reject": {"all": 1}}}
+    return {"schema": 1, "splits": {"train": dict(entry), "val": dict(entry), "test": dict(entry)}}
+
+
+def test_tabulating_a_gs_study_writes_its_tables_into_the_bucket(gcs_emulator, tmp_path):
+    """--tabulate-only over a gs:// study workdir: the runs' eval.json read from the bucket, results.json,
+    results.md and the figure written there (not into $PWD/gs:/...); a gs:// --data is refused in one line."""
+    data, cwd = tmp_path / "data", tmp_path / "cwd"
+    data.mkdir()
+    cwd.mkdir()
+    (data / "manifest.json").write_text(json.dumps(_manifest()))
+    bucket = gcs_emulator.new_bucket()
+    study = f"gs://{bucket}/study"
+    evals = {seed: {"dr": {"overall": {"n": 4, "kappa": 0.25 * (seed + 1), "accuracy": 0.5},
+                           "per_quality": {"reject": {"n": 1, "kappa": 0.5 * seed}}}} for seed in (0, 1)}
+    emulator_lib.run_python(gcs_emulator, f"""
+import json
+from etils import epath
+for seed, result in {evals!r}.items():
+    epath.Path("{study}/dr_only/seed%d/stage1/eval/eval.json" % seed).write_text(json.dumps(result))
+""")
+    args = ["-m", "cleaq_jax.programs.ablations", "--data", str(data), "--workdir", study, "--variants", "dr_only",
+            "--seeds", "2", "--preset", "tiny", "--tabulate-only"]
+    env = tiny.subprocess_env(**gcs_emulator.env)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert f"results in {study}/results.md" in proc.stdout
+    objects = _objects(gcs_emulator, bucket)
+    assert {"study/results.json", "study/results.md", "study/per_quality_kappa.png"} <= set(objects), objects
+    results = json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/results.json")).read())
+    assert results["dr"]["dr_only"]["all"]["kappa"]["values"] == [0.25, 0.5]
+    assert [r["status"] for r in results["runs"]] == ["finished", "finished"]
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)
+
+    refused = subprocess.run([sys.executable, *args[:3], f"gs://{bucket}/data", *args[4:]], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"--data gs://{bucket}/data is on remote storage" in refused.stderr
+
+
+def test_a_study_run_in_a_bucket_leaves_its_log_and_record_there(gcs_emulator, tmp_path):
+    """The study's runner with a gs:// workdir: the run's output lands in the bucket's train.log (appended
+    to at a rerun), its record in run.json, and a run whose eval.json is in the bucket is skipped."""
+    bucket = gcs_emulator.new_bucket()
+    run_dir = f"gs://{bucket}/study/dr_only/seed0"
+    train = ("from etils import epath; print('trained', flush=True); "
+             f"epath.Path('{run_dir}/stage1/eval/eval.json').write_text('{{}}')")
+    code = f"""
+import os, sys
+from cleaq_jax.programs.ablations import execution
+os.chdir({str(tmp_path)!r})
+run = {{"variant": "dr_only", "seed": 0, "dir": "{run_dir}", "stage": "stage1",
+        "command": [sys.executable, "-c", {train!r}]}}
+assert execution.run_unfinished([run], "gs://{bucket}/study") == []
+assert execution.run_unfinished([run], "gs://{bucket}/study") == []  # finished: skipped
+failing = dict(run, dir="{run_dir}-failed", command=[sys.executable, "-c", "print('broken'); raise SystemExit(3)"])
+assert execution.run_unfinished([failing], "gs://{bucket}/study") == [failing]
+assert execution.run_unfinished([failing], "gs://{bucket}/study") == [failing]
+"""
+    proc = emulator_lib.run_python(gcs_emulator, code)
+    assert "skip dr_only seed 0" in proc.stdout
+    root = os.path.join(gcs_emulator.root, bucket, "study", "dr_only")
+    assert open(os.path.join(root, "seed0", "train.log")).read() == "trained\n"
+    assert json.loads(open(os.path.join(root, "seed0", "run.json")).read())["status"] == "finished"
+    assert open(os.path.join(root, "seed0-failed", "train.log")).read() == "broken\nbroken\n"
+    record = json.loads(open(os.path.join(root, "seed0-failed", "run.json")).read())
+    assert (record["status"], record["returncode"]) == ("failed", 3)
+    assert os.listdir(tmp_path) == [] and not _local_gs_paths(tmp_path)
