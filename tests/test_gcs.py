@@ -283,6 +283,55 @@ def _local_gs_paths(root):
     return found + [os.path.join(tiny.REPO, n) for n in os.listdir(tiny.REPO) if n.startswith("gs:")]
 
 
+def test_pretrained_weights_convert_into_and_load_from_the_bucket(gcs_emulator, tmp_path):
+    """import_weights reads a gs:// weight file and writes its directory into the bucket; config.pretrained
+    names that directory and `pretrained.load` reads it as it reads a local one."""
+    import numpy as np
+
+    from cleaq_jax.models import pretrained
+
+    with np.load(os.path.join(tiny.REPO, "tests", "fixtures", "resnet_torch.npz")) as z:
+        state = {k[len("bottleneck/"):]: z[k] for k in z.files
+                 if k.startswith("bottleneck/") and k.split("/")[1] not in ("logits", "feat")}
+    weights = tmp_path / "r50.npz"
+    np.savez(weights, **state)
+    local = str(tmp_path / "local")
+    pretrained.export(str(weights), local, "resnet50", 0.125, (1, 1, 1, 1))
+    bucket = gcs_emulator.new_bucket()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    emulator_lib.run_python(gcs_emulator, f"""
+from etils import epath
+epath.Path("gs://{bucket}/weights/r50.npz").write_bytes(open({str(weights)!r}, "rb").read())
+""")
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.programs.import_weights", "--torchvision-file",
+                           f"gs://{bucket}/weights/r50.npz", "--arch", "resnet50", "--out", f"gs://{bucket}/pretrained/r50",
+                           "--width", "0.125", "--stage-sizes", "1,1,1,1"], cwd=cwd,
+                          env=tiny.subprocess_env(**gcs_emulator.env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    objects = _objects(gcs_emulator, bucket)
+    assert objects == ["pretrained/r50/meta.json", "pretrained/r50/variables.msgpack", "weights/r50.npz"]
+    with open(os.path.join(local, "variables.msgpack"), "rb") as a, \
+            open(os.path.join(gcs_emulator.root, bucket, "pretrained/r50/variables.msgpack"), "rb") as b:
+        assert a.read() == b.read()  # the same conversion as from the local file
+    emulator_lib.run_python(gcs_emulator, f"""
+import json, jax, numpy as np
+from cleaq_jax.models import pretrained
+meta = pretrained.load_meta("gs://{bucket}/pretrained/r50")
+assert meta == json.load(open({os.path.join(local, "meta.json")!r})), meta
+jax.tree.map(np.testing.assert_array_equal, pretrained.load("gs://{bucket}/pretrained/r50"), pretrained.load({local!r}))
+sd = pretrained.read_state_dict("gs://{bucket}/weights/r50.npz")
+assert sorted(sd) == sorted(np.load({str(weights)!r}).files)
+try:
+    pretrained.load("gs://{bucket}/pretrained/none")
+except pretrained.PretrainedError as e:
+    assert "gs://{bucket}/pretrained/none/meta.json: missing" in str(e), e
+else:
+    raise AssertionError("a missing directory loaded")
+""")
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)
+
+
 def _manifest(size=32):
     """A manifest.json as data_prep writes it, as much as tabulation reads (no shards: nothing trains)."""
     entry = {"image_size": [size, size], "num_records": 4, "counts": {"good": {"all": 2}, "usable": {"all": 1},
