@@ -403,3 +403,21 @@ assert execution.run_unfinished([failing], "gs://{bucket}/study") == [failing]
     record = json.loads(open(os.path.join(root, "seed0-failed", "run.json")).read())
     assert (record["status"], record["returncode"]) == ("failed", 3)
     assert os.listdir(tmp_path) == [] and not _local_gs_paths(tmp_path)
+
+
+def test_shard_writers_refuse_a_gs_output_in_one_line_and_write_nothing_locally(tmp_path, monkeypatch):
+    """Shards are local (ArrayRecord): a data-prep --out in a bucket stops before any work, naming the two
+    ways to get them there, instead of building them under $PWD/gs:/..."""
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.synthetic", "--out", "gs://bucket/shards",
+                           "--num", "4", "--size", "32"], cwd=tmp_path, env=tiny.subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "gs://bucket/shards is on remote storage" in proc.stderr and "gcloud storage cp" in proc.stderr
+    assert os.listdir(tmp_path) == []
+    from cleaq_jax import errors
+    from cleaq_jax.data import shards
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.StorageError, match="the shard output directory gs://bucket/x is on remote storage"):
+        shards.ShardWriter("gs://bucket/x", "synthetic", "train")
+    assert os.listdir(tmp_path) == []
