@@ -421,3 +421,23 @@ def test_shard_writers_refuse_a_gs_output_in_one_line_and_write_nothing_locally(
     with pytest.raises(errors.StorageError, match="the shard output directory gs://bucket/x is on remote storage"):
         shards.ShardWriter("gs://bucket/x", "synthetic", "train")
     assert os.listdir(tmp_path) == []
+
+
+def test_predict_lists_the_photographs_of_a_bucket_folder_as_of_a_local_one(gcs_emulator, tmp_path):
+    bucket = gcs_emulator.new_bucket()
+    names = ("b.png", "a.JPG", "notes.txt", ".hidden.png", "sub/c.png", "sub/deeper/d.tif", "zz/e.png")
+    code = f"""
+import os
+from etils import epath
+from cleaq_jax.programs import predict
+for name in {names!r}:
+    epath.Path("gs://{bucket}/photos/" + name).write_bytes(b"x")
+    os.makedirs(os.path.dirname(os.path.join({str(tmp_path)!r}, "photos", name)), exist_ok=True)
+    open(os.path.join({str(tmp_path)!r}, "photos", name), "wb").write(b"x")
+remote = predict.list_inputs(["gs://{bucket}/photos/"])
+local = predict.list_inputs([{str(tmp_path / "photos")!r}])
+assert [p.split("/photos/")[1] for p in remote] == [p.split("/photos/")[1] for p in local] == [
+    "a.JPG", "b.png", "sub/c.png", "sub/deeper/d.tif", "zz/e.png"], (remote, local)
+assert remote[0] == "gs://{bucket}/photos/a.JPG"
+"""
+    emulator_lib.run_python(gcs_emulator, code)
