@@ -441,3 +441,69 @@ assert [p.split("/photos/")[1] for p in remote] == [p.split("/photos/")[1] for p
 assert remote[0] == "gs://{bucket}/photos/a.JPG"
 """
     emulator_lib.run_python(gcs_emulator, code)
+
+
+def _program(emulator, cwd, module, *args, timeout=900):
+    """python -m ``module`` ``args`` in a child process with the emulator's environment, started in ``cwd``."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=tiny.subprocess_env(**emulator.env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_tiny_study_its_evaluation_curves_tables_and_predict_report_live_in_the_bucket(gcs_emulator, tmp_path):
+    """The demo-sized pipeline (CLEAQ-DR, stages 1-3, at the ablations' tiny preset) trained by the study
+    runner into a gs:// workdir, then every program that reads a run, each against the bucket: the
+    evaluation of its stage-3 checkpoint, its curves, the study's tables (--tabulate-only over the finished
+    run) and predict --report. Every file they write is in the bucket; the folder they start in stays empty,
+    and no local path named gs: appears. The shards are the one local input (ArrayRecord reads local files)."""
+    bucket = gcs_emulator.new_bucket()
+    data, cwd = str(tmp_path / "data"), tmp_path / "cwd"
+    cwd.mkdir()
+    study = f"gs://{bucket}/study"
+    run = f"{study}/cleaq_dr/seed0"
+    flags = ["--data", data, "--workdir", study, "--variants", "cleaq_dr", "--seeds", "1", "--preset", "tiny"]
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.ablations", *flags, "--build-synthetic", "40", "--size", "32")
+    assert "finished cleaq_dr seed 0" in out and f"results in {study}/results.md" in out
+
+    _program(gcs_emulator, cwd, "cleaq_jax.main", f"--config={tiny.REPO}/configs/eval.py",
+             f"--config.checkpoint_dir={run}/stage3", f"--config.data.dir={data}", f"--workdir={study}/evaluated",
+             "--config.eval_batch_size=8", "--config.eval.vessel_max_images=0", "--config.eval.num_examples_grid=0")
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.curves", "--workdir", run, "--out", f"{run}/curves.png")
+    assert "val/dr_kappa" in out and "train/loss" in out, out
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.ablations", *flags, "--tabulate-only")
+    assert "start cleaq_dr" not in out and "skip cleaq_dr seed 0" not in out  # --tabulate-only starts nothing
+
+    emulator_lib.run_python(gcs_emulator, f"""
+import cv2, skimage.data
+from etils import epath
+ok, png = cv2.imencode(".png", cv2.cvtColor(skimage.data.retina(), cv2.COLOR_RGB2BGR))
+for name in ("a.png", "b.png"):
+    epath.Path("gs://{bucket}/photos/" + name).write_bytes(png.tobytes())
+""")
+    _program(gcs_emulator, cwd, "cleaq_jax.programs.predict", "--checkpoint", f"{run}/stage3", "--input",
+             f"gs://{bucket}/photos", "--out", f"{study}/predicted", "--batch-size", "2", "--report")
+
+    objects = set(_objects(gcs_emulator, bucket))
+    expected = {f"study/cleaq_dr/seed0/{name}" for name in ("run.json", "train.log", "curves.png")}
+    for stage in ("stage1", "stage2", "stage3"):
+        expected |= {f"study/cleaq_dr/seed0/{stage}/eval/{name}" for name in ("eval.json", "eval.md")}
+        assert any(p.startswith(f"study/cleaq_dr/seed0/{stage}/tensorboard/events.out.tfevents.") for p in objects)
+        assert any(p.startswith(f"study/cleaq_dr/seed0/{stage}/checkpoints/") for p in objects)
+    expected |= {f"study/{name}" for name in ("results.json", "results.md", "per_quality_kappa.png",
+                                               "enhancement_examples.png")}
+    expected |= {f"study/evaluated/eval/{name}" for name in ("eval.json", "eval.md", "confusion_matrix.png",
+                                                              "per_quality.png")}
+    expected |= {f"study/predicted/{name}" for name in ("predictions.csv", "report.html", "enhanced/a.png",
+                                                         "enhanced/b.png", "explain/a.png", "crops/a.png")}
+    assert expected <= objects, sorted(expected - objects)
+    assert not [p for p in objects if "/.tmp-" in p or p.startswith(".tmp-")]  # each file renamed into place
+    results = json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/results.json")).read())
+    assert [r["status"] for r in results["runs"]] == ["finished"]
+    assert results["study"]["tabulated_by"].endswith("--tabulate-only")  # the training study's command kept
+    assert "kappa" in json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/evaluated/eval/eval.json"))
+                                 .read())["dr"]["overall"]
+    report = open(os.path.join(gcs_emulator.root, bucket, "study/predicted/report.html")).read()
+    assert report.count('<article class="card"') == 2, report[:2000]
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)
