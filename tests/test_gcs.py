@@ -236,3 +236,303 @@ for name in {names!r}:
         with open(os.path.join(out, "predictions.csv")) as f:
             outputs[where] = f.read()
     assert outputs["bucket"] == outputs["local"] and outputs["local"].count("\n") == 2
+
+
+def test_storage_lists_and_copies_gs_objects_for_readers_of_local_files(gcs_emulator, tmp_path):
+    """The helpers the programs read a bucket with: glob, absolute and basename of gs:// paths, and local
+    copies (of a file, of a directory's matching files) that are gone after use."""
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import os
+from etils import epath
+from cleaq_jax.runtime import storage
+os.chdir({str(tmp_path)!r})
+logdir = "gs://{bucket}/run/stage1/tensorboard"
+for name in ("events.out.tfevents.2", "events.out.tfevents.1", "notes.txt"):
+    epath.Path(logdir, name).write_text(name)
+epath.Path(logdir, "plugins", "events.out.tfevents.9").write_text("nested")
+assert storage.glob(logdir, "events.out.tfevents.*") == [logdir + "/events.out.tfevents.1",
+                                                         logdir + "/events.out.tfevents.2"]
+assert storage.glob("gs://{bucket}/nothing", "*") == []
+assert storage.absolute("gs://{bucket}/run/") == "gs://{bucket}/run" and storage.basename("gs://{bucket}/run/") == "run"
+with storage.local_file(logdir + "/notes.txt") as local:
+    assert not storage.is_remote(local) and open(local).read() == "notes.txt"
+with storage.local_files(logdir, "events.out.tfevents.*") as copy:
+    assert sorted(os.listdir(copy)) == ["events.out.tfevents.1", "events.out.tfevents.2"]
+assert not os.path.exists(local) and not os.path.exists(copy)
+"""
+    emulator_lib.run_python(gcs_emulator, code)
+    assert os.listdir(tmp_path) == []
+
+
+def test_storage_keeps_local_paths_as_the_standard_library_has_them(tmp_path):
+    (tmp_path / "events.out.tfevents.1").write_text("a")
+    (tmp_path / "[x]").mkdir()
+    (tmp_path / "[x]" / "events.out.tfevents.2").write_text("b")
+    from cleaq_jax.runtime import storage
+
+    assert storage.glob(tmp_path, "events.*") == [str(tmp_path / "events.out.tfevents.1")]
+    assert storage.glob(tmp_path / "[x]", "events.*") == [str(tmp_path / "[x]" / "events.out.tfevents.2")]
+    assert storage.glob(tmp_path / "none", "*") == []
+    assert storage.absolute("run/") == os.path.join(os.getcwd(), "run") and storage.basename(".") == os.path.basename(os.getcwd())
+    with storage.local_file(tmp_path / "events.out.tfevents.1") as local, storage.local_files(tmp_path) as folder:
+        assert (local, folder) == (str(tmp_path / "events.out.tfevents.1"), str(tmp_path))
+
+
+def test_curves_reads_a_bucket_runs_event_files_and_draws_its_figure_there(gcs_emulator, tmp_path):
+    """cleaq-curves on a gs:// workdir: the event files a stage mirrored into the bucket are found and read
+    (from a local copy, with TensorFlow not importable), and the PNG is written into the bucket."""
+    bucket = gcs_emulator.new_bucket()
+    code = f"""
+import os, sys
+sys.modules["tensorflow"] = None  # as where TensorFlow is not installed: TensorBoard's reader uses its own files
+os.chdir({str(tmp_path)!r})
+from cleaq_jax.programs import curves
+from cleaq_jax.runtime import summaries
+run = "gs://{bucket}/run"
+writer = summaries.open_writer(run + "/stage1/tensorboard")
+for step in (2, 4):
+    writer.write_scalars(step, {{"train/loss": 1.0 / step, "val/dr_kappa": step / 8}})
+writer.close()
+assert curves.main(["--workdir", run, "--out", run + "/curves.png"]) == 0
+steps, values = curves.read_scalars(run + "/stage1/tensorboard")["val/dr_kappa"]
+assert steps.tolist() == [2, 4] and values.tolist() == [0.25, 0.5], (steps, values)
+"""
+    proc = emulator_lib.run_python(gcs_emulator, code)
+    assert f"curves: val/dr_kappa, train/loss -> gs://{bucket}/run/curves.png" in proc.stderr, proc.stderr[-3000:]
+    objects = _objects(gcs_emulator, bucket)
+    assert "run/curves.png" in objects and [p for p in objects if p.startswith("run/stage1/tensorboard/events.")]
+    assert os.listdir(tmp_path) == []
+
+
+def _local_gs_paths(root):
+    """Files or folders named gs:... under ``root`` or in the checkout, where the test's subprocesses start
+    (what os.path.abspath or os.makedirs make of a gs:// path)."""
+    found = [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith("gs:")]
+    return found + [os.path.join(tiny.REPO, n) for n in os.listdir(tiny.REPO) if n.startswith("gs:")]
+
+
+def test_pretrained_weights_convert_into_and_load_from_the_bucket(gcs_emulator, tmp_path):
+    """import_weights reads a gs:// weight file and writes its directory into the bucket; config.pretrained
+    names that directory and `pretrained.load` reads it as it reads a local one."""
+    import numpy as np
+
+    from cleaq_jax.models import pretrained
+
+    with np.load(os.path.join(tiny.REPO, "tests", "fixtures", "resnet_torch.npz")) as z:
+        state = {k[len("bottleneck/"):]: z[k] for k in z.files
+                 if k.startswith("bottleneck/") and k.split("/")[1] not in ("logits", "feat")}
+    weights = tmp_path / "r50.npz"
+    np.savez(weights, **state)
+    local = str(tmp_path / "local")
+    pretrained.export(str(weights), local, "resnet50", 0.125, (1, 1, 1, 1))
+    bucket = gcs_emulator.new_bucket()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    emulator_lib.run_python(gcs_emulator, f"""
+from etils import epath
+epath.Path("gs://{bucket}/weights/r50.npz").write_bytes(open({str(weights)!r}, "rb").read())
+""")
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.programs.import_weights", "--torchvision-file",
+                           f"gs://{bucket}/weights/r50.npz", "--arch", "resnet50", "--out", f"gs://{bucket}/pretrained/r50",
+                           "--width", "0.125", "--stage-sizes", "1,1,1,1"], cwd=cwd,
+                          env=tiny.subprocess_env(**gcs_emulator.env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    objects = _objects(gcs_emulator, bucket)
+    assert objects == ["pretrained/r50/meta.json", "pretrained/r50/variables.msgpack", "weights/r50.npz"]
+    with open(os.path.join(local, "variables.msgpack"), "rb") as a, \
+            open(os.path.join(gcs_emulator.root, bucket, "pretrained/r50/variables.msgpack"), "rb") as b:
+        assert a.read() == b.read()  # the same conversion as from the local file
+    emulator_lib.run_python(gcs_emulator, f"""
+import json, jax, numpy as np
+from cleaq_jax.models import pretrained
+meta = pretrained.load_meta("gs://{bucket}/pretrained/r50")
+assert meta == json.load(open({os.path.join(local, "meta.json")!r})), meta
+jax.tree.map(np.testing.assert_array_equal, pretrained.load("gs://{bucket}/pretrained/r50"), pretrained.load({local!r}))
+sd = pretrained.read_state_dict("gs://{bucket}/weights/r50.npz")
+assert sorted(sd) == sorted(np.load({str(weights)!r}).files)
+try:
+    pretrained.load("gs://{bucket}/pretrained/none")
+except pretrained.PretrainedError as e:
+    assert "gs://{bucket}/pretrained/none/meta.json: missing" in str(e), e
+else:
+    raise AssertionError("a missing directory loaded")
+""")
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)
+
+
+def _manifest(size=32):
+    """A manifest.json as data_prep writes it, as much as tabulation reads (no shards: nothing trains)."""
+    entry = {"image_size": [size, size], "num_records": 4, "counts": {"good": {"all": 2}, "usable": {"all": 1},
+                                                                       "reject": {"all": 1}}}
+    return {"schema": 1, "splits": {"train": dict(entry), "val": dict(entry), "test": dict(entry)}}
+
+
+def test_tabulating_a_gs_study_writes_its_tables_into_the_bucket(gcs_emulator, tmp_path):
+    """--tabulate-only over a gs:// study workdir: the runs' eval.json read from the bucket, results.json,
+    results.md and the figure written there (not into $PWD/gs:/...); a gs:// --data is refused in one line."""
+    data, cwd = tmp_path / "data", tmp_path / "cwd"
+    data.mkdir()
+    cwd.mkdir()
+    (data / "manifest.json").write_text(json.dumps(_manifest()))
+    bucket = gcs_emulator.new_bucket()
+    study = f"gs://{bucket}/study"
+    evals = {seed: {"dr": {"overall": {"n": 4, "kappa": 0.25 * (seed + 1), "accuracy": 0.5},
+                           "per_quality": {"reject": {"n": 1, "kappa": 0.5 * seed}}}} for seed in (0, 1)}
+    emulator_lib.run_python(gcs_emulator, f"""
+import json
+from etils import epath
+for seed, result in {evals!r}.items():
+    epath.Path("{study}/dr_only/seed%d/stage1/eval/eval.json" % seed).write_text(json.dumps(result))
+""")
+    args = ["-m", "cleaq_jax.programs.ablations", "--data", str(data), "--workdir", study, "--variants", "dr_only",
+            "--seeds", "2", "--preset", "tiny", "--tabulate-only"]
+    env = tiny.subprocess_env(**gcs_emulator.env)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert f"results in {study}/results.md" in proc.stdout
+    objects = _objects(gcs_emulator, bucket)
+    assert {"study/results.json", "study/results.md", "study/per_quality_kappa.png"} <= set(objects), objects
+    results = json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/results.json")).read())
+    assert results["dr"]["dr_only"]["all"]["kappa"]["values"] == [0.25, 0.5]
+    assert [r["status"] for r in results["runs"]] == ["finished", "finished"]
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)
+
+    refused = subprocess.run([sys.executable, *args[:3], f"gs://{bucket}/data", *args[4:]], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"--data gs://{bucket}/data is on remote storage" in refused.stderr
+
+
+def test_a_study_run_in_a_bucket_leaves_its_log_and_record_there(gcs_emulator, tmp_path):
+    """The study's runner with a gs:// workdir: the run's output lands in the bucket's train.log (appended
+    to at a rerun), its record in run.json, and a run whose eval.json is in the bucket is skipped."""
+    bucket = gcs_emulator.new_bucket()
+    run_dir = f"gs://{bucket}/study/dr_only/seed0"
+    train = ("from etils import epath; print('trained', flush=True); "
+             f"epath.Path('{run_dir}/stage1/eval/eval.json').write_text('{{}}')")
+    code = f"""
+import os, sys
+from cleaq_jax.programs.ablations import execution
+os.chdir({str(tmp_path)!r})
+run = {{"variant": "dr_only", "seed": 0, "dir": "{run_dir}", "stage": "stage1",
+        "command": [sys.executable, "-c", {train!r}]}}
+assert execution.run_unfinished([run], "gs://{bucket}/study") == []
+assert execution.run_unfinished([run], "gs://{bucket}/study") == []  # finished: skipped
+failing = dict(run, dir="{run_dir}-failed", command=[sys.executable, "-c", "print('broken'); raise SystemExit(3)"])
+assert execution.run_unfinished([failing], "gs://{bucket}/study") == [failing]
+assert execution.run_unfinished([failing], "gs://{bucket}/study") == [failing]
+"""
+    proc = emulator_lib.run_python(gcs_emulator, code)
+    assert "skip dr_only seed 0" in proc.stdout
+    root = os.path.join(gcs_emulator.root, bucket, "study", "dr_only")
+    assert open(os.path.join(root, "seed0", "train.log")).read() == "trained\n"
+    assert json.loads(open(os.path.join(root, "seed0", "run.json")).read())["status"] == "finished"
+    assert open(os.path.join(root, "seed0-failed", "train.log")).read() == "broken\nbroken\n"
+    record = json.loads(open(os.path.join(root, "seed0-failed", "run.json")).read())
+    assert (record["status"], record["returncode"]) == ("failed", 3)
+    assert os.listdir(tmp_path) == [] and not _local_gs_paths(tmp_path)
+
+
+def test_shard_writers_refuse_a_gs_output_in_one_line_and_write_nothing_locally(tmp_path, monkeypatch):
+    """Shards are local (ArrayRecord): a data-prep --out in a bucket stops before any work, naming the two
+    ways to get them there, instead of building them under $PWD/gs:/..."""
+    proc = subprocess.run([sys.executable, "-m", "cleaq_jax.data_prep.synthetic", "--out", "gs://bucket/shards",
+                           "--num", "4", "--size", "32"], cwd=tmp_path, env=tiny.subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "gs://bucket/shards is on remote storage" in proc.stderr and "gcloud storage cp" in proc.stderr
+    assert os.listdir(tmp_path) == []
+    from cleaq_jax import errors
+    from cleaq_jax.data import shards
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.StorageError, match="the shard output directory gs://bucket/x is on remote storage"):
+        shards.ShardWriter("gs://bucket/x", "synthetic", "train")
+    assert os.listdir(tmp_path) == []
+
+
+def test_predict_lists_the_photographs_of_a_bucket_folder_as_of_a_local_one(gcs_emulator, tmp_path):
+    bucket = gcs_emulator.new_bucket()
+    names = ("b.png", "a.JPG", "notes.txt", ".hidden.png", "sub/c.png", "sub/deeper/d.tif", "zz/e.png")
+    code = f"""
+import os
+from etils import epath
+from cleaq_jax.programs import predict
+for name in {names!r}:
+    epath.Path("gs://{bucket}/photos/" + name).write_bytes(b"x")
+    os.makedirs(os.path.dirname(os.path.join({str(tmp_path)!r}, "photos", name)), exist_ok=True)
+    open(os.path.join({str(tmp_path)!r}, "photos", name), "wb").write(b"x")
+remote = predict.list_inputs(["gs://{bucket}/photos/"])
+local = predict.list_inputs([{str(tmp_path / "photos")!r}])
+assert [p.split("/photos/")[1] for p in remote] == [p.split("/photos/")[1] for p in local] == [
+    "a.JPG", "b.png", "sub/c.png", "sub/deeper/d.tif", "zz/e.png"], (remote, local)
+assert remote[0] == "gs://{bucket}/photos/a.JPG"
+"""
+    emulator_lib.run_python(gcs_emulator, code)
+
+
+def _program(emulator, cwd, module, *args, timeout=900):
+    """python -m ``module`` ``args`` in a child process with the emulator's environment, started in ``cwd``."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=tiny.subprocess_env(**emulator.env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_tiny_study_its_evaluation_curves_tables_and_predict_report_live_in_the_bucket(gcs_emulator, tmp_path):
+    """The demo-sized pipeline (CLEAQ-DR, stages 1-3, at the ablations' tiny preset) trained by the study
+    runner into a gs:// workdir, then every program that reads a run, each against the bucket: the
+    evaluation of its stage-3 checkpoint, its curves, the study's tables (--tabulate-only over the finished
+    run) and predict --report. Every file they write is in the bucket; the folder they start in stays empty,
+    and no local path named gs: appears. The shards are the one local input (ArrayRecord reads local files)."""
+    bucket = gcs_emulator.new_bucket()
+    data, cwd = str(tmp_path / "data"), tmp_path / "cwd"
+    cwd.mkdir()
+    study = f"gs://{bucket}/study"
+    run = f"{study}/cleaq_dr/seed0"
+    flags = ["--data", data, "--workdir", study, "--variants", "cleaq_dr", "--seeds", "1", "--preset", "tiny"]
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.ablations", *flags, "--build-synthetic", "40", "--size", "32")
+    assert "finished cleaq_dr seed 0" in out and f"results in {study}/results.md" in out
+
+    _program(gcs_emulator, cwd, "cleaq_jax.main", f"--config={tiny.REPO}/configs/eval.py",
+             f"--config.checkpoint_dir={run}/stage3", f"--config.data.dir={data}", f"--workdir={study}/evaluated",
+             "--config.eval_batch_size=8", "--config.eval.vessel_max_images=0", "--config.eval.num_examples_grid=0")
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.curves", "--workdir", run, "--out", f"{run}/curves.png")
+    assert "val/dr_kappa" in out and "train/loss" in out, out
+    out = _program(gcs_emulator, cwd, "cleaq_jax.programs.ablations", *flags, "--tabulate-only")
+    assert "start cleaq_dr" not in out and "skip cleaq_dr seed 0" not in out  # --tabulate-only starts nothing
+
+    emulator_lib.run_python(gcs_emulator, f"""
+import cv2, skimage.data
+from etils import epath
+ok, png = cv2.imencode(".png", cv2.cvtColor(skimage.data.retina(), cv2.COLOR_RGB2BGR))
+for name in ("a.png", "b.png"):
+    epath.Path("gs://{bucket}/photos/" + name).write_bytes(png.tobytes())
+""")
+    _program(gcs_emulator, cwd, "cleaq_jax.programs.predict", "--checkpoint", f"{run}/stage3", "--input",
+             f"gs://{bucket}/photos", "--out", f"{study}/predicted", "--batch-size", "2", "--report")
+
+    objects = set(_objects(gcs_emulator, bucket))
+    expected = {f"study/cleaq_dr/seed0/{name}" for name in ("run.json", "train.log", "curves.png")}
+    for stage in ("stage1", "stage2", "stage3"):
+        expected |= {f"study/cleaq_dr/seed0/{stage}/eval/{name}" for name in ("eval.json", "eval.md")}
+        assert any(p.startswith(f"study/cleaq_dr/seed0/{stage}/tensorboard/events.out.tfevents.") for p in objects)
+        assert any(p.startswith(f"study/cleaq_dr/seed0/{stage}/checkpoints/") for p in objects)
+    expected |= {f"study/{name}" for name in ("results.json", "results.md", "per_quality_kappa.png",
+                                               "enhancement_examples.png")}
+    expected |= {f"study/evaluated/eval/{name}" for name in ("eval.json", "eval.md", "confusion_matrix.png",
+                                                              "per_quality.png")}
+    expected |= {f"study/predicted/{name}" for name in ("predictions.csv", "report.html", "enhanced/a.png",
+                                                         "enhanced/b.png", "explain/a.png", "crops/a.png")}
+    assert expected <= objects, sorted(expected - objects)
+    assert not [p for p in objects if "/.tmp-" in p or p.startswith(".tmp-")]  # each file renamed into place
+    results = json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/results.json")).read())
+    assert [r["status"] for r in results["runs"]] == ["finished"]
+    assert results["study"]["tabulated_by"].endswith("--tabulate-only")  # the training study's command kept
+    assert "kappa" in json.loads(open(os.path.join(gcs_emulator.root, bucket, "study/evaluated/eval/eval.json"))
+                                 .read())["dr"]["overall"]
+    report = open(os.path.join(gcs_emulator.root, bucket, "study/predicted/report.html")).read()
+    assert report.count('<article class="card"') == 2, report[:2000]
+    assert os.listdir(cwd) == [] and not _local_gs_paths(tmp_path)

@@ -15,6 +15,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from google.protobuf import json_format  # noqa: E402
 
+from cleaq_jax import errors  # noqa: E402
 from cleaq_jax.data import pipeline, records, tfds_features, tfds_metadata  # noqa: E402
 from cleaq_jax.data import shards  # noqa: E402
 from cleaq_jax.data_prep import pseudo_masks  # noqa: E402
@@ -120,12 +121,39 @@ def test_features_json_is_what_the_feature_connector_writes(prepared):
     assert json_format.MessageToDict(restored.to_proto()) == written
 
 
-def test_tf_data_reading_and_decoders_are_refused_with_what_to_use():
+def test_as_dataset_stops_with_one_line_naming_what_reads_the_records(prepared):
+    """TFDS's own tf.data path (builder.as_dataset, run as a user would, in a fresh interpreter) stops with
+    the project's one-line error naming the data source and the grain loaders, not inside TFDS's parser;
+    the same builder's data source reads the split."""
+    code = ("import sys, tensorflow_datasets as tfds\n"
+            "from cleaq_jax import errors\n"
+            f"builder = tfds.builder_from_directory({prepared!r})\n"
+            "print(len(builder.as_data_source('test')), builder.as_data_source('test')[0]['id'])\n"
+            "sys.exit(errors.reported(lambda: builder.as_dataset(split='test')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a traceback (status 1) is a bug's, not this error's
+    first = next(shards.iter_records(prepared, "test"))
+    assert proc.stdout.split() == [str(shards.split_entry(prepared, "test")["num_records"]), first["id"]]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0] == f"error: {tfds_features.AS_DATASET_ERROR}", proc.stderr[-3000:]
+    assert "builder.as_data_source(split)" in lines[0] and "cleaq_jax.data.pipeline" in lines[0]
+    assert "Traceback" not in proc.stderr and "Multiple unknown dimension" not in proc.stderr
+    description = tfds.builder_from_directory(prepared).info.description  # offers what reads, warns of the rest
+    assert "as_data_source()" in description and "Not readable: `as_dataset`" in description
+
+
+def test_tfds_decoders_and_tf_parsing_are_refused_with_what_to_use(prepared):
+    source = tfds.builder_from_directory(prepared).as_data_source(
+        "test", decoders={"image": tfds.decode.SkipDecoding()})
+    with pytest.raises(tfds_features.TFDataReadingError, match="RAW_BYTES"):
+        source[0]
     features = tfds_features.RecordFeatures()
-    with pytest.raises(NotImplementedError, match="as_data_source"):
-        features.deserialize_example(b"")
-    with pytest.raises(NotImplementedError, match="RAW_BYTES"):
-        features.deserialize_example_np(b"", decoders={"image": tfds.decode.SkipDecoding()})
+    for refused in (features.get_serialized_info, lambda: features.deserialize_example(b"")):
+        with pytest.raises(tfds_features.TFDataReadingError, match="as_data_source") as caught:
+            refused()
+        # The project's error (one line from every program) and the NotImplementedError TFDS callers expect.
+        assert isinstance(caught.value, errors.DataError) and isinstance(caught.value, NotImplementedError)
 
 
 def test_reading_through_tfds_imports_no_tensorflow(prepared):

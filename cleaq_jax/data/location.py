@@ -170,6 +170,7 @@ def build_synthetic(out: str, num: int, size: int = 512, seed: int = 0,
                                  f"size={size}")
     if not lesion_scale > 0:
         raise errors.ConfigError(f"lesion_scale must be > 0, got {lesion_scale}")
+    storage.require_local(out, "the synthetic shard directory")
     info = _generator_info(num, size, seed, splits, lesion_scale)
     if not overwrite and _is_built(out, info):
         return shards.read_manifest(out)

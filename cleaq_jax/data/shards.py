@@ -184,6 +184,7 @@ class ShardWriter:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir, self.name, self.split = out_dir, name, split
         self.extra = _checked_extra(extra_manifest)
+        storage.require_local(out_dir, "the shard output directory")
         os.makedirs(out_dir, exist_ok=True)
         self._tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{name}-{split}-")
         self._writers = [

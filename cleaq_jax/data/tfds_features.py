@@ -5,8 +5,14 @@ see `tfds_metadata`) to read the records, which are msgpack maps (`records`), no
 ``tf.train.Example`` protos TFDS's own features parse. Reading needs tensorflow-datasets; TensorFlow
 is not imported. Supported: ``as_data_source(split)`` (decoded records, below) and
 ``as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)`` (record bytes,
-for `records.decode_record` or the grain pipeline). ``as_dataset`` (tf.data) and custom
-``decoders`` are not.
+for `records.decode_record` or the grain pipeline).
+
+Not supported, and refused with `TFDataReadingError` (one line, naming what to use instead):
+``builder.as_dataset`` (tf.data), whose reader parses every record as a ``tf.train.Example`` with the
+specs `RecordFeatures.get_serialized_info` would give (the first thing ``as_dataset`` asks of the
+features, so the refusal comes before TFDS's own parser fails on the records' unknown image sizes), and
+custom ``decoders``. Making ``as_dataset`` work would take a second copy of the data as
+``tf.train.Example`` records; the data source gives the same records without TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ import tensorflow_datasets as tfds
 
 from cleaq_jax import errors
 from cleaq_jax.data import records, tfds_metadata
+
+
+AS_DATASET_ERROR = (
+    "cleaq_jax shards hold msgpack records, not tf.train.Example, so TFDS's tf.data reading (builder.as_dataset) "
+    "cannot parse them: use builder.as_data_source(split) (decoded records, random access) or the grain loaders "
+    "of cleaq_jax.data.pipeline (docs/data.md)")
+
+
+class TFDataReadingError(errors.DataError, NotImplementedError):
+    """TFDS was asked to read the records in a way they do not support (tf.data, TFDS decoders)."""
 
 
 def as_tfds_example(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,12 +74,14 @@ class RecordFeatures(tfds.features.FeaturesDict):
     def deserialize_example_np(self, serialized_example, *, decoders=None) -> dict[str, Any]:
         """Record bytes -> the decoded fields (see `as_tfds_example`)."""
         if decoders is not None:
-            raise NotImplementedError(
+            raise TFDataReadingError(
                 "cleaq_jax records take no TFDS decoders: read raw bytes with deserialize_method="
                 "tfds.decode.DeserializeMethod.RAW_BYTES and decode them with cleaq_jax.data.records.decode_record")
         return as_tfds_example(records.decode_record(bytes(serialized_example)))
 
+    def get_serialized_info(self):
+        """The ``tf.train.Example`` specs that tf.data reading parses records with: refused (module doc)."""
+        raise TFDataReadingError(AS_DATASET_ERROR)
+
     def deserialize_example(self, serialized_example, *, decoders=None):
-        raise NotImplementedError(
-            "cleaq_jax shards are msgpack records, not tf.train.Example: tf.data reading (as_dataset) is not "
-            "supported; use builder.as_data_source(split), or cleaq_jax.data.pipeline")
+        raise TFDataReadingError(AS_DATASET_ERROR)

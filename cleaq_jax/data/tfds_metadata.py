@@ -13,7 +13,8 @@ records are this project's msgpack schema (`records`), not ``tf.train.Example`` 
 ``features.json`` names `cleaq_jax.data.tfds_features.RecordFeatures` as the top-level feature: TFDS
 imports that module (cleaq_jax must be importable, tensorflow-datasets installed; TensorFlow is not
 needed) and it decodes each record as `records.decode_record` does. ``tf.data`` reading
-(``builder.as_dataset``) would parse ``tf.train.Example`` and is not supported.
+(``builder.as_dataset``) would parse ``tf.train.Example``: it stops with one line saying what to use
+instead (`tfds_features.TFDataReadingError`).
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def _description(name: str, manifest: Mapping[str, Any], sources: list[str]) -> 
              "photographs with DR grade, image quality (good / usable / reject), retinal mask and, where "
              "known, a vessel mask. Records are cleaq_jax's msgpack schema, decoded by "
              f"`{FEATURE_CLASS}`: read with `tfds.builder_from_directory(DIR).as_data_source()` "
-             "(needs cleaq_jax and tensorflow-datasets, not TensorFlow); `as_dataset` is not supported."]
+             "(needs cleaq_jax and tensorflow-datasets, not TensorFlow), or "
+             "`as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)` for the record "
+             "bytes. Not readable: `as_dataset` (tf.data parses `tf.train.Example`; it stops with an error "
+             "naming these), `DeserializeMethod.DESERIALIZE_NO_DECODE` and TFDS `decoders`."]
     for s in sources:
         parts.append(_SOURCES.get(s, {}).get("about", f"Source: {s}."))
     parts.append("Counts by quality x DR grade (the layout of the paper's Table I), from manifest.json:")

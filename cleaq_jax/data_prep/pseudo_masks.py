@@ -223,6 +223,7 @@ def run_pass(shard_dir: str, out: str, masker: Masker, settings: dict[str, Any],
     settings: what the masks are made with (method, teacher, step, threshold), kept in markers and manifest.
     """
     manifest = shards.read_manifest(shard_dir)
+    storage.require_local(out, "--out")
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):  # partial shards of a killed pass (one pass per --out at a time)
         if name.startswith(".") and ".array_record-" in name and ".tmp-" in name:

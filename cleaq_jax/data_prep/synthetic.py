@@ -51,7 +51,7 @@ def _write_png(path: str, image: np.ndarray, bits: int = 6) -> None:
     """
     import cv2
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    storage.makedirs(os.path.dirname(storage.absolute(path)))
     step = 2 ** (8 - bits)
     image = np.minimum(255, np.round(image.astype(np.float32) / step) * step).astype(np.uint8)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 9])

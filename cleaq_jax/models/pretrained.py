@@ -1,6 +1,6 @@
 """Import torchvision ImageNet ResNet weights and graft them into bigger models.
 
-A user brings a torchvision state_dict as a local file (exported once with PyTorch, see
+A user brings a torchvision state_dict as a file, local or in a bucket (exported once with PyTorch, see
 docs/pretrained.md):
 
   * ``.npz``          numpy archive, keys = torchvision names (``layer1.0.conv1.weight``, ...)
@@ -15,7 +15,8 @@ and converts it once (`export`, the library side of ``python -m cleaq_jax.progra
 DIR holds ``variables.msgpack`` (flax.serialization, {'params', 'batch_stats'}) and ``meta.json``
 (arch, width, stage sizes, classes, source file name, its sha256, parameter count). Training
 configs name such directories per sub-network (``config.pretrained.dr = DIR``) and the trainer
-calls ``graft(variables, load(DIR), into=...)`` to put the trunk into the model's variables.
+calls ``graft(variables, load(DIR), into=...)`` to put the trunk into the model's variables. The file
+and DIR may be ``gs://`` paths: every read and write goes through `runtime.storage`.
 
 Mapping (torchvision -> this package's ResNet): conv weight OIHW -> kernel HWIO; BN weight,
 bias, running_mean, running_var -> params scale, bias and batch_stats mean, var; fc weight
@@ -62,14 +63,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Parse a .safetensors file with numpy.
 
     Args:
-      path: file path.
+      path: file path, local or remote.
     Returns:
       {tensor name: array}; F64/F32/F16/integer/bool keep their dtype, BF16 becomes float32.
     Raises:
       PretrainedError naming the file when the header or a buffer is malformed.
     """
-    with open(path, "rb") as f:
-        blob = f.read()
+    return _parse_safetensors(storage.read_bytes(path), path)
+
+
+def _parse_safetensors(blob: bytes, path: str) -> dict[str, np.ndarray]:
+    """`read_safetensors` of a file's content ``blob`` (errors name ``path``)."""
     if len(blob) < 8:
         raise PretrainedError(f"{path}: too short to be a .safetensors file")
     n = int(np.frombuffer(blob[:8], "<u8")[0])
@@ -103,7 +107,7 @@ def _safetensors_array(path: str, name: str, info: Mapping, data: memoryview) ->
     return arr.reshape(shape)
 
 
-def _read_pth(path: str) -> dict[str, np.ndarray]:
+def _read_pth(path: str, local: str) -> dict[str, np.ndarray]:
     try:
         import torch  # optional: only for users who have it
     except ImportError:
@@ -111,7 +115,7 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
             f"{path}: reading .pth needs PyTorch, which is not importable here; export the "
             "state_dict to .npz or .safetensors on a machine with PyTorch (docs/pretrained.md)"
         ) from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(local, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -124,18 +128,30 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Read a torchvision state_dict from .npz, .safetensors or (with PyTorch) .pth/.pt.
 
     Returns {torchvision key: numpy array}. A ``module.`` prefix on every key (saved from
-    DataParallel) is stripped.
+    DataParallel) is stripped. ``path`` may be remote (``gs://...``).
     """
-    if not os.path.isfile(path):
+    with storage.local_file(_weight_file(path)) as local:
+        return _read_state_dict(path, local)
+
+
+def _weight_file(path: str) -> str:
+    """``path``, checked to be a file."""
+    if not storage.exists(path) or storage.isdir(path):
         raise PretrainedError(f"{path}: no such file (pass the exported torchvision weights)")
+    return path
+
+
+def _read_state_dict(path: str, local: str) -> dict[str, np.ndarray]:
+    """`read_state_dict` of ``path`` from ``local``, a local file with its content (errors name ``path``)."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(local, allow_pickle=False) as z:
             sd = {k: z[k] for k in z.files}
     elif ext == ".safetensors":
-        sd = read_safetensors(path)
+        with open(local, "rb") as f:
+            sd = _parse_safetensors(f.read(), path)
     elif ext in (".pth", ".pt"):
-        sd = _read_pth(path)
+        sd = _read_pth(path, local)
     else:
         raise PretrainedError(f"{path}: unknown weight format {ext!r}; use .npz, .safetensors or .pth")
     if sd and all(k.startswith("module.") for k in sd):
@@ -249,18 +265,27 @@ def export(weights_file: str, out_dir: str, arch: str, width: float = 1.0,
 
     The class count comes from the file's ``fc.weight`` (no fc: a trunk without head). The directory is
     written under a hidden name beside ``out_dir`` and moved into place whole (`storage.move_into_place`),
-    so an interrupted export leaves no directory that looks complete and blocks no rerun.
+    so an interrupted export leaves no directory that looks complete and blocks no rerun. A bucket has
+    no directory rename: a ``gs://`` ``out_dir`` gets ``variables.msgpack`` first and ``meta.json``, which
+    `load` looks for first, last, each file whole; one without ``meta.json`` is incomplete and rewritten.
     Returns the meta dict also written to ``out_dir/meta.json``.
     """
-    if os.path.exists(out_dir):
+    remote = storage.is_remote(out_dir)
+    if storage.exists(storage.join(out_dir, META_FILE) if remote else out_dir):
         raise PretrainedError(f"{out_dir}: already exists; remove it or choose another --out")
-    sd = read_state_dict(weights_file)
+    with storage.local_file(_weight_file(weights_file)) as local:
+        sd = _read_state_dict(weights_file, local)
+        digest = _sha256(local)
     num_classes = int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else None
     model = build(arch, num_classes, width, stage_sizes)
     variables = convert(sd, model, source=weights_file)
     meta = {"arch": arch, "width": width, "stage_sizes": list(model.stage_sizes),
-            "num_classes": num_classes, "source": os.path.basename(weights_file),
-            "sha256": _sha256(weights_file), "num_params": num_params(variables)}
+            "num_classes": num_classes, "source": storage.basename(weights_file),
+            "sha256": digest, "num_params": num_params(variables)}
+    if remote:
+        storage.atomic_file(storage.join(out_dir, VARIABLES_FILE), flax.serialization.msgpack_serialize(variables))
+        storage.atomic_file(storage.join(out_dir, META_FILE), json.dumps(meta, indent=2).encode())
+        return meta
     parent, name = os.path.split(os.path.abspath(out_dir))
     tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
     os.makedirs(tmp)  # the usual umask permissions, as the directory will have
@@ -280,21 +305,19 @@ def _write(path: str, data: bytes) -> None:
 
 def load_meta(directory: str) -> dict:
     """The meta.json of a pretrained directory written by ``export``."""
-    path = os.path.join(directory, META_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(directory, META_FILE)
+    if not storage.exists(path) or storage.isdir(path):
         raise PretrainedError(f"{path}: missing; create the directory with `python -m "
                               "cleaq_jax.programs.import_weights --torchvision-file F --arch A --out DIR`")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def load(directory: str) -> dict:
     """Load a pretrained directory: {'params': ..., 'batch_stats': ...} of float32 numpy arrays."""
     load_meta(directory)
-    path = os.path.join(directory, VARIABLES_FILE)
+    path = storage.join(directory, VARIABLES_FILE)
     try:
-        with open(path, "rb") as f:
-            variables = flax.serialization.msgpack_restore(f.read())
+        variables = flax.serialization.msgpack_restore(storage.read_bytes(path))
     except (OSError, ValueError) as e:
         raise PretrainedError(f"{path}: unreadable ({e}); re-run the export") from None
     if set(variables) != {"params", "batch_stats"}:

@@ -5,21 +5,22 @@
 One panel per metric (validation DR kappa, IQA kappa, enhancement PSNR and SSIM, then the training
 loss), one line per stage directory of RUN that logged it, against the epoch (the step divided by the
 stage's steps per epoch, read from its saved config). The same numbers TensorBoard shows
-(``tensorboard --logdir RUN``); this draws them without a browser.
+(``tensorboard --logdir RUN``); this draws them without a browser. RUN and the PNG may be in a bucket
+(``gs://...``): the event files are read from a local copy (TensorBoard's reader would reach a bucket
+only through TensorFlow's file system when TensorFlow is installed, gcsfs otherwise).
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 
 import numpy as np
 
 from cleaq_jax import config_checks, errors
 from cleaq_jax.evaluation import report
-from cleaq_jax.runtime import cli, console
+from cleaq_jax.runtime import cli, console, storage
 
+EVENT_FILES = "events.out.tfevents.*"
 STAGES = config_checks.PAPER_STAGES
 COLOURS = {"stage1": "tab:blue", "stage2": "tab:green", "stage3": "tab:orange"}  # the same in every panel
 PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation IQA kappa"),
@@ -28,8 +29,13 @@ PANELS = (("val/dr_kappa", "validation DR kappa"), ("val/iqa_kappa", "validation
 
 
 def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tag -> (steps, values) of every scalar in the event files of ``logdir`` (training writes them as
-    tensor summaries, as TensorFlow 2 does; older writers as scalars)."""
+    """tag -> (steps, values) of every scalar in the event files of ``logdir``, local or remote (training
+    writes them as tensor summaries, as TensorFlow 2 does; older writers as scalars)."""
+    with storage.local_files(logdir, EVENT_FILES) as local:
+        return _read_local_scalars(local)
+
+
+def _read_local_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from tensorboard.backend.event_processing import (
         event_accumulator,  # heavy: only when reading
     )
@@ -56,8 +62,8 @@ def _steps_per_epoch(stage_dir: str) -> float | None:
         checkpoint,  # heavy (orbax, jax): only for a stage that has checkpoints
     )
 
-    directory = os.path.join(stage_dir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+    directory = storage.join(stage_dir, "checkpoints")
+    steps = sorted(int(d) for d in storage.listdir(directory) if d.isdigit()) if storage.isdir(directory) else []
     if not steps:
         return None
     epochs = int(checkpoint.read_trained_config(directory, steps[-1]).num_epochs)
@@ -69,9 +75,9 @@ def figure(workdir: str, path: str) -> list[str]:
     the tags drawn. Raises FileNotFoundError when no stage there has event files."""
     runs = {}
     for stage in STAGES:
-        logdir = os.path.join(workdir, stage, "tensorboard")
-        if glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-            runs[stage] = (read_scalars(logdir), _steps_per_epoch(os.path.join(workdir, stage)))
+        logdir = storage.join(workdir, stage, "tensorboard")
+        if storage.glob(logdir, EVENT_FILES):
+            runs[stage] = (read_scalars(logdir), _steps_per_epoch(storage.join(workdir, stage)))
     if not runs:
         raise errors.MissingError(f"no TensorBoard event files under {workdir}/<stage>/tensorboard; "
                                   "pass the --workdir a training run wrote")
@@ -90,7 +96,7 @@ def figure(workdir: str, path: str) -> list[str]:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(os.path.basename(os.path.abspath(workdir)), fontsize=10)
+    fig.suptitle(storage.basename(workdir), fontsize=10)
     fig.tight_layout()
     report.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -99,8 +105,9 @@ def figure(workdir: str, path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m cleaq_jax.programs.curves", __doc__)
-    parser.add_argument("--workdir", required=True, help="the run directory (holds stage1/, stage2/, stage3/)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--workdir", required=True,
+                        help="the run directory (holds stage1/, stage2/, stage3/), local or gs://")
+    parser.add_argument("--out", required=True, help="PNG file to write, local or gs://")
     args = parser.parse_args(argv)
     # TensorBoard's reader imports TensorFlow when it is installed, whose C++ start-up notices would bury
     # the one line here (console.setup sets their level unless --verbose).

@@ -4,7 +4,8 @@
         [--width 1.0] [--stage-sizes 3,4,6,3]
 
 The file is a state_dict exported once with PyTorch (docs/pretrained.md): ``.npz``, ``.safetensors``, or
-``.pth`` / ``.pt`` where PyTorch is importable. DIR must not exist; it gets ``variables.msgpack``
+``.pth`` / ``.pt`` where PyTorch is importable; it may be in a bucket (``gs://...``). DIR (local or gs://)
+must not exist; it gets ``variables.msgpack``
 ({'params', 'batch_stats'}) and ``meta.json`` (arch, width, stage sizes, classes, source file name, its
 sha256, parameter count), and the meta is printed. ``config.pretrained.dr = DIR`` (and ``c_iqa``,
 ``resnet34``) puts the weights into a stage that starts from scratch.
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--torchvision-file", required=True,
                     help="torchvision state_dict as .npz, .safetensors or .pth (needs PyTorch)")
     ap.add_argument("--arch", required=True, choices=sorted(pretrained.ARCHS))
-    ap.add_argument("--out", required=True, help="directory to create (must not exist)")
+    ap.add_argument("--out", required=True, help="directory to create, local or gs:// (must not exist)")
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 for torchvision)")
     ap.add_argument("--stage-sizes", default="",
                     help="blocks per stage, e.g. 1,1,1,1 (default: the arch's 3,4,6,3)")

@@ -63,9 +63,7 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
             found.append(path)
             continue
         if storage.is_remote(path):
-            from etils import epath  # a bucket folder: etils is there wherever gs:// paths are read
-
-            found += _remote_images(epath.Path(path))
+            found += _remote_images(storage.absolute(path))
             continue
         for root, dirs, files in os.walk(path):
             dirs.sort()
@@ -74,12 +72,13 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
     return found
 
 
-def _remote_images(folder: Any) -> list[str]:
+def _remote_images(folder: str) -> list[str]:
     """`list_inputs` for a bucket folder: one listing per folder, sub-folders after files, sorted."""
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    found = [str(p) for p in entries if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
-             and not p.is_dir()]
-    for sub in (p for p in entries if p.is_dir()):
+    entries = [(storage.join(folder, name), name) for name in sorted(storage.listdir(folder))]
+    folders = {path for path, _ in entries if storage.isdir(path)}
+    found = [path for path, name in entries if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+             and path not in folders]
+    for sub in (path for path, _ in entries if path in folders):
         found += _remote_images(sub)
     return found
 

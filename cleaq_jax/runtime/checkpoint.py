@@ -458,7 +458,7 @@ def checkpoint_directory(path: str) -> str:
 
     Raises FileNotFoundError naming ``path`` when neither holds a checkpoint.
     """
-    path = os.fspath(path).rstrip("/") if storage.is_remote(path) else os.path.abspath(os.fspath(path))
+    path = storage.absolute(path)
     for candidate in (storage.join(path, "checkpoints"), path):
         if storage.isdir(candidate) and any(n.isdigit() for n in storage.listdir(candidate)):
             return candidate

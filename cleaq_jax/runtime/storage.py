@@ -7,6 +7,13 @@ through gcsfs (a dependency), or through TensorFlow's tf.io.gfile when TensorFlo
 plain file operations, so local behaviour is that of the standard library, and etils is imported only
 when a remote path is met: predict from an exported model runs where etils is not installed.
 
+Every program reads and writes a run's files (workdirs, reports, study results, pretrained weights,
+TensorBoard logs) through this module, so the same code serves a local folder and a bucket; a local
+path is always made absolute with `absolute`, which leaves ``gs://`` paths as they are (``os.path.abspath``
+would turn ``gs://B`` into ``$PWD/gs:/B``). A library that opens local files only (TensorBoard's event
+reader, numpy's ``.npz`` loader) gets a local copy of a remote file or of a directory's files from
+`local_file` / `local_files`, removed afterwards.
+
 `atomic_file` puts a file at its path whole, locally or in a bucket; `move_into_place` puts a finished local
 file or directory at its path in one rename. `MirroredWriter` is the TensorBoard writer of a remote log
 directory (`summaries.open_writer`): its event files are written in a local temporary directory and
@@ -19,12 +26,15 @@ with the two ways to reach it (`require_local`).
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import functools
+import glob as glob_lib
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cleaq_jax import errors
 
@@ -46,6 +56,17 @@ def join(*parts: str | os.PathLike) -> str:
     return os.path.join(*(os.fspath(p) for p in parts))
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """``os.path.abspath`` of a local path; a remote path as given, without a trailing ``/``."""
+    path = os.fspath(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
+def basename(path: str | os.PathLike) -> str:
+    """The last name of a path, local or remote (``gs://b/run/`` -> ``run``; ``.`` -> the current folder's)."""
+    return os.path.basename(absolute(path))
+
+
 def exists(path: str | os.PathLike) -> bool:
     return _remote(path).exists() if is_remote(path) else os.path.exists(path)
 
@@ -57,6 +78,16 @@ def isdir(path: str | os.PathLike) -> bool:
 def listdir(path: str | os.PathLike) -> list[str]:
     """Names in a directory (no order promised)."""
     return [p.name for p in _remote(path).iterdir()] if is_remote(path) else os.listdir(path)
+
+
+def glob(directory: str | os.PathLike, pattern: str) -> list[str]:
+    """Paths of the entries directly in ``directory`` whose names match the shell ``pattern`` (sorted;
+    none when ``directory`` does not exist)."""
+    if not is_remote(directory):
+        return sorted(glob_lib.glob(os.path.join(glob_lib.escape(os.fspath(directory)), pattern)))
+    if not isdir(directory):
+        return []
+    return sorted(join(directory, name) for name in listdir(directory) if fnmatch.fnmatchcase(name, pattern))
 
 
 def makedirs(path: str | os.PathLike) -> None:
@@ -84,6 +115,35 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return _remote(path).read_bytes()
     with open(path, "rb") as f:
         return f.read()
+
+
+@contextlib.contextmanager
+def local_file(path: str | os.PathLike) -> Iterator[str]:
+    """A local file name holding ``path``'s content, for readers that open local files only: ``path``
+    itself when local, else a copy in a temporary directory that is removed on leaving the context."""
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="cleaq-") as local_dir:
+        local = os.path.join(local_dir, os.path.basename(absolute(path)))
+        with open(local, "wb") as f:
+            f.write(read_bytes(path))
+        yield local
+
+
+@contextlib.contextmanager
+def local_files(directory: str | os.PathLike, pattern: str = "*") -> Iterator[str]:
+    """A local directory holding the files directly in ``directory`` whose names match ``pattern``:
+    ``directory`` itself when local, else a temporary copy removed on leaving the context."""
+    if not is_remote(directory):
+        yield os.fspath(directory)
+        return
+    with tempfile.TemporaryDirectory(prefix="cleaq-") as local_dir:
+        for path in glob(directory, pattern):
+            if not isdir(path):
+                with open(os.path.join(local_dir, os.path.basename(path)), "wb") as f:
+                    f.write(read_bytes(path))
+        yield local_dir
 
 
 def atomic_file(path: str | os.PathLike, content: bytes | str | Callable[[str], None]) -> None:

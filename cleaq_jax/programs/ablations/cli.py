@@ -1,7 +1,8 @@
 """The study's command line: parse the flags, plan the runs, run the unfinished ones, write the results.
 
 Exit status: 0 when every run finished, 1 when some failed (the results of the others are written), 2 for
-bad arguments or data (nothing is run).
+bad arguments or data (nothing is run). The workdir may be a bucket (``gs://...``); the data must be local
+(ArrayRecord reads local files only).
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from cleaq_jax.programs.ablations.plan import (VARIANTS, config_path, flag_value
 from cleaq_jax.programs.ablations.results import describe_study, keep_training_study, write_results
 from cleaq_jax.programs.ablations.run_files import read_json
 from cleaq_jax.programs.ablations.shards import SyntheticSet, prepare_shards
-from cleaq_jax.runtime import cli, console
+from cleaq_jax.runtime import cli, console, storage
 
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m cleaq_jax.programs.ablations", ablations.__doc__,
                    epilog="Further arguments --config.KEY=VALUE override every run's config.")
-    p.add_argument("--data", required=True, help="shard directory (data_prep output) shared by every run")
-    p.add_argument("--workdir", required=True, help="study directory: <variant>/seed<k>/ runs and the results")
+    p.add_argument("--data", required=True, help="local shard directory (data_prep output) shared by every run")
+    p.add_argument("--workdir", required=True,
+                   help="study directory, local or gs://: <variant>/seed<k>/ runs and the results")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3): FIRST..FIRST+N-1")
     p.add_argument("--first-seed", type=int, default=0, metavar="FIRST",
                    help="the first seed (default 0); a new study takes seeds no earlier one used")
@@ -71,7 +73,8 @@ def _study(args: argparse.Namespace, rest: list[str]) -> int:
     [config_path(v) for v in variants]  # noqa: B018  (unknown names fail before any work)
     if args.seeds < 1:
         raise errors.ConfigError(f"--seeds {args.seeds}: need at least 1")
-    workdir, data_dir = os.path.abspath(args.workdir), os.path.abspath(args.data)
+    storage.require_local(args.data, "--data")
+    workdir, data_dir = storage.absolute(args.workdir), os.path.abspath(args.data)
     chosen = preset_settings(args.preset)
     overrides = {k: flag_value(v) for k, v in chosen["overrides"].items()}
     synthetic = SyntheticSet(
@@ -86,18 +89,18 @@ def _study(args: argparse.Namespace, rest: list[str]) -> int:
             plan_runs(workdir, variants, seeds, overrides, not args.separate_pretraining))
     for run in runs:
         check_same_settings(run)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     failed = [] if args.tabulate_only else run_unfinished(runs, workdir, args.jobs)
     if args.sweep:
         chosen = sweep.write_sweep(workdir, runs, "python -m cleaq_jax.programs.ablations " + " ".join(argv))
-        print(f"[ablations] sweep in {os.path.join(workdir, 'sweep', 'sweep.md')}; chosen: {chosen}", flush=True)
+        print(f"[ablations] sweep in {storage.join(workdir, 'sweep', 'sweep.md')}; chosen: {chosen}", flush=True)
         return 1 if failed else 0
     study = describe_study(args, data_dir, overrides, seeds, runs)
     study.update(wall_s=time.time() - t0, load_average=[load0, os.getloadavg()[0]])
     if args.tabulate_only:
-        study = keep_training_study(study, read_json(os.path.join(workdir, "results.json")))
+        study = keep_training_study(study, read_json(storage.join(workdir, "results.json")))
     write_results(workdir, study, runs)
-    print(f"[ablations] results in {os.path.join(workdir, 'results.md')}", flush=True)
+    print(f"[ablations] results in {storage.join(workdir, 'results.md')}", flush=True)
     if failed:
         print(f"[ablations] {len(failed)} run(s) failed: " + ", ".join(f"{r['variant']} seed {r['seed']}"
                                                                       for r in failed), file=sys.stderr)

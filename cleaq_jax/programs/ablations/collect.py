@@ -6,7 +6,6 @@ subnetworks, read from its earlier stages.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from cleaq_jax.programs.ablations.plan import (BASELINES, COMPARISON_METRICS, CO
 from cleaq_jax.programs.ablations.run_files import eval_json_path, read_json, read_run_record
 from cleaq_jax.programs.ablations.statistics import (has_metric, mean_sd_per_subset, metric_value, paired_difference,
                                                      paired_interval, seed_differences)
+from cleaq_jax.runtime import storage
 
 CLASSIFICATION = ("accuracy", "kappa", "precision", "f1")
 ENHANCEMENT = ("psnr_input", "psnr_enhanced", "ssim_input", "ssim_enhanced")
@@ -27,7 +27,7 @@ def _pretraining_stages(run: Mapping[str, Any]) -> list[tuple[str, str]]:
     if run["stage"] != "stage3":
         return []
     source = run.get("after", run["dir"])
-    return [(f"{run.get('pretrained', run['variant'])}@{s}", os.path.join(source, s, "eval", "eval.json"))
+    return [(f"{run.get('pretrained', run['variant'])}@{s}", storage.join(source, s, "eval", "eval.json"))
             for s in ("stage1", "stage2")]
 
 
@@ -61,7 +61,7 @@ def collect_results(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     listed = []
     for run in runs:
         record = read_run_record(run) or {}
-        done = os.path.exists(eval_json_path(run))
+        done = storage.exists(eval_json_path(run))
         for name, path in [(run["variant"], eval_json_path(run))] + _pretraining_stages(run):
             if done or run["seed"] not in evals.get(name, {}):
                 evals.setdefault(name, {})[run["seed"]] = read_json(path) if done else None

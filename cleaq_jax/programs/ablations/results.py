@@ -17,7 +17,7 @@ from cleaq_jax.programs.ablations.figures import enhancement_examples_figure, pe
 from cleaq_jax.programs.ablations.plan import VARIANTS, config_path, load_config, typed_command
 from cleaq_jax.programs.ablations.run_files import eval_json_path, write_json
 from cleaq_jax.programs.ablations.tables import results_markdown
-from cleaq_jax.runtime.storage import atomic_file
+from cleaq_jax.runtime import storage
 
 
 def describe_study(args: argparse.Namespace, data_dir: str, overrides: Mapping[str, str], seeds: Sequence[int],
@@ -52,12 +52,12 @@ def keep_training_study(study: dict[str, Any], previous: Mapping[str, Any] | Non
 def write_results(workdir: str, study: dict[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """results.json, results.md and the figures into workdir, from the runs' own files."""
     results = {"study": study, **collect_results(runs)}
-    write_json(os.path.join(workdir, "results.json"), results)
-    atomic_file(os.path.join(workdir, "results.md"), lambda tmp: open(tmp, "w").write(results_markdown(results)))
+    write_json(storage.join(workdir, "results.json"), results)
+    storage.atomic_file(storage.join(workdir, "results.md"), results_markdown(results))
     if results["dr"]:
-        per_quality_kappa_figure(results, os.path.join(workdir, "per_quality_kappa.png"))
-    joint = [r for r in runs if r["variant"] == "cleaq_dr" and os.path.exists(eval_json_path(r))]
+        per_quality_kappa_figure(results, storage.join(workdir, "per_quality_kappa.png"))
+    joint = [r for r in runs if r["variant"] == "cleaq_dr" and storage.exists(eval_json_path(r))]
     if joint:
-        enhancement_examples_figure(os.path.join(joint[0]["dir"], joint[0]["stage"]),
-                                    os.path.join(workdir, "enhancement_examples.png"))
+        enhancement_examples_figure(storage.join(joint[0]["dir"], joint[0]["stage"]),
+                                    storage.join(workdir, "enhancement_examples.png"))
     return results

@@ -20,7 +20,7 @@ import numpy as np
 from cleaq_jax.programs.ablations.plan import config_path, override_flags
 from cleaq_jax.programs.ablations.run_files import eval_json_path, read_json, write_json
 from cleaq_jax.programs.ablations.statistics import subset_metrics
-from cleaq_jax.runtime.storage import atomic_file
+from cleaq_jax.runtime import storage
 
 SEED = 100
 # (name, variant, overrides) of each point; the first is the baseline the rule compares with.
@@ -63,8 +63,8 @@ def _mean_shares(stage_dir: str) -> dict[str, float]:
     """Mean over the logged steps of each term's share of the gradient on IQE (TensorBoard train/grad_share_*)."""
     from cleaq_jax.programs import curves
 
-    logdir = os.path.join(stage_dir, "tensorboard")
-    if not os.path.isdir(logdir):
+    logdir = storage.join(stage_dir, "tensorboard")
+    if not storage.isdir(logdir):
         return {}
     scalars = curves.read_scalars(logdir)
     return {t: float(np.mean(scalars[f"train/grad_share_{t}"][1])) for t in SHARES
@@ -124,5 +124,5 @@ def write_sweep(workdir: str, runs: Sequence[Mapping[str, Any]], command: str) -
     chosen = choose(rows)
     out = os.path.join(workdir, "sweep")
     write_json(os.path.join(out, "sweep.json"), {"command": command, "seed": SEED, "rows": rows, "chosen": chosen})
-    atomic_file(os.path.join(out, "sweep.md"), lambda tmp: open(tmp, "w").write(sweep_markdown(rows, chosen, command)))
+    storage.atomic_file(storage.join(out, "sweep.md"), sweep_markdown(rows, chosen, command))
     return chosen
