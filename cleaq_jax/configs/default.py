@@ -128,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     # Stage 3, at each logging step: the norm of each loss term's gradient on IQE's parameters (enhancement, DR
     # through the enhanced image, IQA's guidance) and its share of their sum, train/grad_norm_* and
-    # train/grad_share_* (docs/training.md, "Gradient shares"; costs about two to three steps each time).
+    # train/grad_share_* (docs/training.md, "Gradient shares"; costs about two train steps each time).
     c.log_gradient_shares = False
     c.image_every_steps = 500  # TensorBoard image grid (low-quality / enhanced / reference / vessel mask).
     c.checkpoint_every_steps = 500
