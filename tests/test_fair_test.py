@@ -42,7 +42,7 @@ def _l_qe_gradient_norm(targets: str, name: str, quality: int) -> float:
     def l_qe(iqe):
         return loss_fn({**state.params, "iqe": iqe}, state, _batch_of(quality), jax.random.key(1))[1][0]["loss_qe"]
 
-    return float(optax.global_norm(jax.jit(jax.grad(l_qe))(state.params["iqe"])))
+    return float(optax.tree.norm(jax.jit(jax.grad(l_qe))(state.params["iqe"])))
 
 
 @pytest.mark.parametrize("name", ["stage1", "stage3"])

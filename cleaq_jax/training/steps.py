@@ -331,7 +331,7 @@ def gradient_shares(stage: stages.Stage, models: dict[str, nn.Module]) -> Callab
 
         names = [t for t, task in zip(SHARE_TERMS, ("iqe", "dr", "iqa")) if task in stage.tasks]
         jacobian = jax.jacrev(terms)(state.params["iqe"])
-        norms = jax.vmap(optax.global_norm)(jacobian)
+        norms = jax.vmap(optax.tree.norm)(jacobian)
         total = jnp.sum(norms)
         share = norms / jnp.where(total > 0, total, 1.0)
         return {**{f"grad_norm_{t}": norms[i] for i, t in enumerate(names)},
