@@ -267,17 +267,20 @@ def test_the_heartbeat_refreshes_the_lock_and_release_leaves_another_runs_lock(t
 
 
 # --------------------------------------------------------------------------- a full disk
-def _small_filesystem(code: str, tmp_path, size: str = "2m", **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python inside a user and mount namespace of its own, where $ROOT is a
-    tmpfs of ``size``: a disk that really fills, mounted without root. Skips where the system forbids
-    unprivileged user namespaces (then the fault-injecting tests below stand alone)."""
+def _small_filesystem(code: str, tmp_path, size: str = "2m", runs: int = 1,
+                      **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` ``runs`` times, one fresh Python after another (argument: the run's number), inside a
+    user and mount namespace of its own where $ROOT is a tmpfs of ``size``: a disk that really fills,
+    mounted without root, kept across the runs. Skips where the system forbids unprivileged user
+    namespaces (then the fault-injecting tests below stand alone)."""
     root = tmp_path / "small"
     root.mkdir()
     mount = f'mount -t tmpfs -o size={size} cleaq-test "$1"'
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "-rm", "sh", "-c", mount, "sh", str(root)], capture_output=True).returncode != 0:
         pytest.skip("no unprivileged user and mount namespaces here (unshare -rm) to mount a small tmpfs")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", mount + ' && exec "$2" -c "$3"', "sh", str(root),
+    python = " && ".join(f'"$2" -c "$3" {i}' for i in range(runs))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && {python}", "sh", str(root),
                            sys.executable, code], env=tiny.subprocess_env(ROOT=str(root), **env), cwd=tiny.REPO,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -298,7 +301,7 @@ def fill(path):
 """
 
 _FULL_DISK_CHECKPOINT = r"""
-import errno, json, os
+import errno, json, os, sys
 import jax, numpy as np
 from cleaq_jax.runtime import checkpoint, parallel
 """ + _FILL + r"""
@@ -306,37 +309,43 @@ root = os.environ["ROOT"]
 directory = os.path.join(root, "checkpoints")
 state = lambda seed: {"w": jax.random.normal(jax.random.key(seed), (50_000,))}  # 200 kB that do not compress
 out = {}
-ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
-ckpt.save(1, state(1))
-ckpt.wait_until_finished()
-fill(os.path.join(root, "filler"))
-try:
-    ckpt.save(2, state(2))
+if sys.argv[1] == "0":  # the run that meets the full disk
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+    ckpt.save(1, state(1))
     ckpt.wait_until_finished()
-except checkpoint.CheckpointWriteError as e:
-    out["error"] = str(e)
-os.remove(os.path.join(root, "filler"))  # space freed, the run starts again
-again = checkpoint.Checkpointer(directory, max_to_keep=3)
-abstract = jax.eval_shape(lambda: state(0))
-target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
-restored, out["resumed"] = again.restore_intact(target)
-out["equal"] = bool(np.array_equal(restored["w"], state(1)["w"]))
-again.save(2, state(2))
-again.close()
-out["kept"] = checkpoint.saved_steps(directory)
-print(json.dumps(out))
+    fill(os.path.join(root, "filler"))
+    try:
+        ckpt.save(2, state(2))
+        ckpt.wait_until_finished()
+    except checkpoint.CheckpointWriteError as e:
+        out["error"] = str(e)
+    os.remove(os.path.join(root, "filler"))  # the user frees space
+else:  # the same run started again
+    again = checkpoint.Checkpointer(directory, max_to_keep=3)
+    abstract = jax.eval_shape(lambda: state(0))
+    target = parallel.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
+    restored, out["resumed"] = again.restore_intact(target)
+    out["equal"] = bool(np.array_equal(restored["w"], state(1)["w"]))
+    again.save(2, state(2))
+    again.close()
+    out["kept"] = checkpoint.saved_steps(directory)
+    out["left"] = sorted(os.listdir(directory))
+print(json.dumps(out), flush=True)
+os._exit(0)  # the failed write's threads are not waited for (orbax's may wait 300 s for a signal that never comes)
 """
 
 
 def test_a_full_disk_during_a_checkpoint_write_names_it_and_keeps_the_previous_one(tmp_path):
     """A real full disk (a 2 MB tmpfs filled up): orbax's asynchronous write fails inside tensorstore;
-    the error names the checkpoint and the intact one, which a restart resumes from and saves after."""
-    proc = _small_filesystem(_FULL_DISK_CHECKPOINT, tmp_path)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    the error names the checkpoint and the intact one; started again after space is freed, the run
+    resumes from that one, clears what the failed write left and saves the step again."""
+    proc = _small_filesystem(_FULL_DISK_CHECKPOINT, tmp_path, runs=2)
+    failed, resumed = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
     root = str(tmp_path / "small")
-    assert out.get("error", "").startswith(f"cannot write checkpoint {root}/checkpoints/2: No space left on device. "
-                                           "The run stopped; the checkpoint of step 1 is intact"), out
-    assert out["resumed"] == 1 and out["equal"] and out["kept"] == [1, 2], out
+    assert failed.get("error", "").startswith(f"cannot write checkpoint {root}/checkpoints/2: No space left on "
+                                              "device. The run stopped; the checkpoint of step 1 is intact"), failed
+    assert resumed["resumed"] == 1 and resumed["equal"] and resumed["kept"] == [1, 2], resumed
+    assert resumed["left"] == ["1", "2"], resumed
 
 
 _FAILING_CHECKPOINT_WRITE = r"""

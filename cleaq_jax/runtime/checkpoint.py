@@ -21,6 +21,7 @@ the parameters and BatchNorm statistics of some subnetworks) read it onto a mesh
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging as pylogging
 import math
@@ -164,6 +165,23 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
+def _clear_unfinished(directory: str | os.PathLike) -> None:
+    """Deletes what writes that never finished left in ``directory`` (orbax's temporary
+    ``<step>.orbax-checkpoint-tmp*`` directories: a full disk, a kill mid-write), before a manager opens it.
+    They hold no complete checkpoint. Left in place, orbax deletes one when that step is saved again,
+    in a race with its own commit threads that fails the save ("Destination <step> already exists",
+    "No such file or directory"). Process 0 deletes; the others wait for it."""
+    path = epath.Path(directory)
+    if jax.process_index() == 0 and path.exists():
+        for left in path.glob("*.orbax-checkpoint-tmp*"):
+            logging.info("removing %s, left by a checkpoint write that did not finish", left)
+            left.rmtree() if left.is_dir() else left.unlink()
+    parallel.barrier(f"checkpoint-clear-unfinished-{next(_OPENED)}")  # every process opens the same sequence
+
+
+_OPENED = itertools.count()
+
+
 class Checkpointer:
     """Saves one stage's checkpoints (see the module docstring for the items) and resumes from them.
 
@@ -196,6 +214,7 @@ class Checkpointer:
             create=True,
         )
         self.best_metric = best_metric
+        _clear_unfinished(directory)
         self._manager = _manager(directory, self._options)
         self.directory = self._manager.directory
         # The newest step known complete on disk, and the one an asynchronous save is still writing.
