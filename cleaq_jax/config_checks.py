@@ -18,8 +18,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ml_collections.config_flags import config_flags
-
 # The programs `cleaq_jax.main` dispatches on (`config.stage`); a test pins them to the programs'.
 # The training stages (paper III-A, IV-B) and the vessel teacher's two (paper III-C); the one stage list.
 PAPER_STAGES = ("stage1", "stage2", "stage3")
@@ -277,6 +275,8 @@ def _unknown_key(config: Any, path: str) -> str | None:
 
 
 def _load(path: str) -> Any:
+    from ml_collections.config_flags import config_flags  # here: the stage names above need no config system
+
     return config_flags.ConfigFileFlagParser(name="config", lock_config=False).parse(path)
 
 

@@ -29,7 +29,6 @@ with byte-identical batches.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -43,48 +42,11 @@ import numpy as np
 from cleaq_jax import errors
 from cleaq_jax.data import balance, decode, records
 from cleaq_jax.data import shards
+# The loader's settings live apart so that a stage's description needs no data stack; named here as before.
+from cleaq_jax.data.loading import EpochSampling, RecordReading
 
 # Each copy's augmentation draws from a random stream of the seed apart from the epoch plan's.
 _AUGMENT_STREAM = balance.PLAN_STREAM + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochSampling:
-    """How a training epoch samples the split: its seed, class balance and augmentation.
-
-    seed: int in [0, 2**32), the same on every process; it draws each epoch's copies and order and
-    each copy's augmentation. class_balance: beta in [0, 1], the exponent of the per-class repeat
-    factor r_c = (n_max / n_c) ** beta over ``balance_by`` ("dr_grade" or "quality"); examples with
-    an unknown (-1) label appear once per epoch. augment: a random rotation about the centre and
-    horizontal/vertical flips of every copy (`decode.augment_matrix`).
-    """
-
-    seed: int
-    class_balance: float = 0.0
-    balance_by: str = "dr_grade"
-    augment: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordReading:
-    """How this process reads and decodes a split's records.
-
-    image_size: output side S (None: the records' size). process_index/process_count: which rows of
-    each global batch this process reads (None: jax.process_index() / jax.process_count()).
-    worker_count: grain worker processes (0 = decode in this process). read_threads: threads per
-    process that prepare whole batches ahead (0 = prepare on demand). source: the split's records to
-    read instead of its shard files, in the shards' order: a TFDS data source of the shard set,
-    ``tfds.builder_from_directory(data_dir).as_data_source(split)`` (decoded records, or record bytes
-    with ``deserialize_method=RAW_BYTES``); the batches are the same either way, and the manifest of
-    ``data_dir`` still gives labels and sizes. Keep worker_count 0 with it.
-    """
-
-    image_size: int | None = None
-    process_index: int | None = None
-    process_count: int | None = None
-    worker_count: int = 0
-    read_threads: int = 1
-    source: Sequence[Any] | None = None
 
 
 # --------------------------------------------------------------------------- grain datasets

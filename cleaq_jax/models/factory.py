@@ -7,13 +7,12 @@ BatchNorm statistics per subnetwork) and the restore target for them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from cleaq_jax.models import cenet as cenet_lib
 from cleaq_jax.models import dr as dr_lib
@@ -21,6 +20,9 @@ from cleaq_jax.models import iqa as iqa_lib
 from cleaq_jax.models import iqe as iqe_lib
 from cleaq_jax.models import layers
 from cleaq_jax.runtime import parallel
+
+if TYPE_CHECKING:  # only named: the config is read by attribute, so any object shaped like one will do
+    import ml_collections
 
 Variables = dict[str, Any]
 

@@ -10,13 +10,16 @@ checkpoints are ranked. Nothing below `programs/train.py` reads the config again
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import ml_collections
 import numpy as np
 
 from cleaq_jax import errors
 from cleaq_jax.config_checks import TEACHER_STAGES, TRAINING_STAGES
-from cleaq_jax.data import degrade, pipeline
+from cleaq_jax.data import degrade, loading
+
+if TYPE_CHECKING:  # only named: a stage built directly needs no config system
+    import ml_collections
 
 TASK_ORDER = ("dr", "iqe", "iqa")
 JOINT_NETS = ("iqe", "iqa", "dr")  # stage 3's subnetworks, each of which may get its own learning rate
@@ -165,8 +168,8 @@ class Stage:
     loss: LossSettings
     optim: OptimSettings
     train_split: str
-    sampling: pipeline.EpochSampling  # the loader's epoch plan and augmentation, seeded by the stage
-    reading: pipeline.RecordReading
+    sampling: loading.EpochSampling  # the loader's epoch plan and augmentation, seeded by the stage
+    reading: loading.RecordReading
     steps_per_epoch: int = 0
     directory: str = ""
     data_dir: str = ""
@@ -201,8 +204,8 @@ class Stage:
         return cls(name=name, nets=nets, seed=seed, image_size=int(d.image_size), batch_size=int(cfg.batch_size),
                    num_epochs=int(cfg.num_epochs), qt=qt_params(cfg), loss=LossSettings.from_config(cfg.loss),
                    optim=OptimSettings.from_config(cfg, name, nets), train_split=str(d.train_split),
-                   sampling=pipeline.EpochSampling(seed, float(d.class_balance), str(d.balance_by), bool(d.augment)),
-                   reading=pipeline.RecordReading(image_size=int(d.image_size), worker_count=int(d.worker_count)),
+                   sampling=loading.EpochSampling(seed, float(d.class_balance), str(d.balance_by), bool(d.augment)),
+                   reading=loading.RecordReading(image_size=int(d.image_size), worker_count=int(d.worker_count)),
                    pretrained=tuple((k, str(v)) for k, v in cfg.pretrained.items() if v),
                    init_step=str(cfg.init.get("checkpoint_step", "best")),
                    frozen=("iqe",) if name == "stage3" and cfg.tasks.joint_iqe == "frozen" else (), **where)
