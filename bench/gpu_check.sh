@@ -12,8 +12,10 @@
 #   bash bench/gpu_check.sh                        # on the GPU machine
 #   PYTHON=/path/python REHEARSE=1 bash bench/gpu_check.sh   # CPU rehearsal: same flow, tiny sizes
 #
-# Needs only jax (with CUDA on the GPU machine), flax, optax and numpy beside this repository: it runs
-# bench/gpu_step.py, which builds the step without the config system or the data stack. A persistent
+# Needs only jax (with CUDA on the GPU machine), flax, optax, orbax-checkpoint and numpy beside this
+# repository: bench/gpu_step.py runs the library's own stage-3 step (training.steps.make_train_step),
+# describing the stage from a plain dict of configs/default.py's keys, so neither the config system
+# (ml_collections) nor the data stack (grain, array_record, OpenCV) is imported. A persistent
 # compilation cache (JAX_COMPILATION_CACHE_DIR, default /tmp/cleaq_jax_xla_cache) keeps every
 # compiled program, with XLA's autotuning results, so a rerun skips compilation.
 set -uo pipefail

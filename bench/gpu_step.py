@@ -1,16 +1,18 @@
-"""The joint (stage-3) train step built from the library's modules alone, for machines that have jax,
-flax and optax but not the project's config system (ml_collections) nor its data stack (grain,
-array_record): the GPU check's benchmark.
+"""The library's joint (stage-3) train step, `training.steps.make_train_step`, timed on machines that
+have jax, flax, optax, orbax-checkpoint and numpy but not the project's config system (ml_collections)
+nor its data stack (grain, array_record, OpenCV): the GPU check's benchmark.
 
     python bench/gpu_step.py --size 512 --batch 32 --dtype bfloat16 --remat off
     python bench/gpu_step.py --size 64 --batch 4 --width 0.125 --stages 1 --steps 3   # tiny, seconds
 
-It computes what ``steps.make_train_step(cfg, ..., "stage3", ...)`` computes with configs/default.py's
-loss settings (the paper's: L2 L_QE on good images, Dice L_Seg, L2 L_LQI, lambdas 1, IQA guidance by
-gradient reversal at a constant scale 1, eq. (11)'s loss-balanced weights on L_IQE and L_IQA with
-alpha 0.5 re-taken every epoch and L_DR at 1) and Adam at a constant learning rate: the quality transform inside the step, IQE -> enhanced image -> IQA through the
-gradient-reversal layer and DR. ``tests/test_gpu_step.py`` checks that its loss and gradients equal
-the training step's, so the two cannot drift apart unnoticed.
+The stage is described by `stages.Stage.from_config`, the networks built by `factory.build_models` and the
+state and optimiser by `state.init_state` / `optim.make_optimizer`, as in training; only the config is a
+plain dict (`CONFIG`) of configs/default.py's keys, read by attribute like the config, with the command
+line's size, batch and model keys set: the paper's loss settings (L2 L_QE on good images, Dice L_Seg, L2
+L_LQI, lambdas 1, IQA guidance by gradient reversal at a constant scale 1, eq. (11)'s loss-balanced weights
+on L_IQE and L_IQA with alpha 0.5 re-taken every epoch and L_DR at 1) and Adam at 1e-3 with the paper's
+schedule (constant over the first 60 epochs, so over any benchmark). ``tests/test_gpu_step.py`` checks
+that every key of `CONFIG` equals configs/default.py's, so the two cannot drift apart unnoticed.
 
 One configuration per process; prints a summary line and one JSON line: ``compile_s`` (lower + compile of the step),
 ``init_s``, ``step_s`` (median of ``--steps`` after ``--warmup``), images/s, FLOPs per image (XLA's
@@ -22,6 +24,7 @@ each phase, so a configuration cut short says how far it got.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -32,23 +35,63 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402  (after the repository is on the path)
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from cleaq_jax.data import degrade  # noqa: E402
-from cleaq_jax.models import dr, iqa, iqe, layers  # noqa: E402
-from cleaq_jax.training import losses  # noqa: E402
+from cleaq_jax.models import factory  # noqa: E402
+from cleaq_jax.training import optim, stages, steps  # noqa: E402
+from cleaq_jax.training import state as train_state  # noqa: E402
 
 _START = time.perf_counter()
-TASKS = ("dr", "iqe", "iqa")  # the training step's task order (steps.TASK_ORDER)
 # No parameter depends on the image size, so every configuration of one width initialises at this size:
 # one init program, compiled once and then read from the persistent cache.
 INIT_SIZE = 64
+# The joint step's epoch length: the loss-balanced weights re-take their initial losses once per epoch.
+STEPS_PER_EPOCH = 1000
+
+# configs/default.py's keys that the stage-3 description and the networks read (a test keeps them equal).
+CONFIG = {
+    "seed": 0,
+    "batch_size": 32,
+    "num_epochs": 150,
+    "data": {"image_size": 512, "num_grades": 5, "train_split": "train", "class_balance": 1.0,
+             "balance_by": "dr_grade", "augment": True, "worker_count": 0},
+    "model": {"width": 1.0, "dtype": "float32", "remat": False, "use_seg": True, "use_lqi": True,
+              "encoder_stages": (3, 4, 6, 3), "classifier_stages": (3, 4, 6, 3), "uiqe_blocks": 1,
+              "uiqe_width": 0.0, "uiqe_residual": False, "upsample": "subpixel4", "upsample_init": "icnr",
+              "stem_pool": "masked", "scan_blocks": False},
+    "tasks": {"iqe": True, "iqa": True, "dr": True, "joint_iqe": "train"},
+    "qt": {},
+    "loss": {"qe": "l2", "seg": "dice", "lqi": "l2", "qe_targets": "paper", "lambda_seg": 1.0, "lambda_lqi": 1.0,
+             "weighting": "lbtw", "alpha": 0.5, "lbtw_reset": "epoch", "fixed": {"dr": 1.0, "iqe": 1.0, "iqa": 1.0},
+             "iqe_guidance": "reverse", "grl_scale": 1.0, "grl_schedule": "constant", "guidance_weight": 0.01,
+             "usable_self_reference": False, "qt_good_fraction": 1.0},
+    "optim": {"learning_rate": 1e-3, "joint_learning_rate": 0.0,
+              "joint_net_learning_rate": {"iqe": 0.0, "iqa": 0.0, "dr": 0.0}, "constant_epochs": 60,
+              "power": 0.9, "b1": 0.9, "b2": 0.999},
+    "init": {"stage1": "", "stage2": "", "teacher_a": "", "checkpoint_step": "best"},
+    "pretrained": {"dr": "", "c_iqa": "", "resnet34": ""},
+}
 
 # Dense peak TFLOP/s per chip (bfloat16, float32 as TF32), as bench/train_step.py's table.
 PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.5)), ("H200", (989.0, 494.5)),
                ("A100", (312.0, 156.0)))
+
+
+class Keys(dict):
+    """A nested dict read as the library reads a config: by key or by attribute."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+
+def keys(tree: dict) -> Keys:
+    return Keys({k: keys(v) if isinstance(v, dict) else v for k, v in tree.items()})
 
 
 def progress(phase: str) -> None:
@@ -77,82 +120,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_models(width: float, stages: int, dtype, remat: bool, forms) -> dict:
-    """IQE, IQA and DR as factory.build_models makes them from configs/default.py's model keys."""
-
-    enc = (stages,) * 4 if stages else (3, 4, 6, 3)
-    common = dict(width=width, dtype=dtype, remat=remat, forms=forms)
-    return {"iqe": iqe.IQE(encoder_stages=enc, **common),
-            "iqa": iqa.IQA(num_classes=3, encoder_stages=enc, classifier_stages=enc, **common),
-            "dr": dr.DRGrader(num_grades=5, stage_sizes=enc, **common)}
-
-
-def joint_loss(models: dict, qt, params: dict, batch_stats: dict, step, lbtw, batch: dict, key,
-               steps_per_epoch: int):
-    """Eq. (3), (11) as the training step computes them, for the state's ``batch_stats``, ``step``
-    (int32 scalar) and ``lbtw`` (losses.LBTWState): -> (loss, (metrics, new batch_stats, new lbtw))."""
-    def apply(name, x):
-        out, upd = models[name].apply({"params": params[name], "batch_stats": batch_stats[name]}, x,
-                                      train=True, mutable=["batch_stats"])
-        return out, upd["batch_stats"]
-
-    mask = batch["mask"].astype(jnp.float32)
-    x = batch["image"].astype(jnp.float32) / 255.0 * mask[..., None]
-    quality = batch["quality"]
-    degraded = degrade.quality_transform_batch(x, mask, quality, jax.random.split(key, x.shape[0]), qt)
-    new_bs, task = {}, {}
-    out, new_bs["iqe"] = apply("iqe", degraded)
-    enhanced = out["enhanced"] * mask[..., None]
-    task["iqe"], metrics = losses.iqe_loss(
-        enhanced, x, (quality == 0).astype(jnp.float32), out["vessel_logits"], batch["vessel"].astype(jnp.float32),
-        batch["has_vessel"].astype(jnp.float32), mask, lambda_seg=1.0, qe="l2", seg="dice")
-    out, new_bs["iqa"] = apply("iqa", layers.grad_reverse(enhanced, jnp.float32(1.0)))
-    task["iqa"], terms = losses.iqa_loss(out["quality_logits"], quality, out["lqi"], degraded, mask,
-                                         lambda_lqi=1.0, lqi="l2")
-    logits, new_bs["dr"] = apply("dr", enhanced)
-    task["dr"] = losses.cross_entropy(logits, batch["dr_grade"])
-    vector = jnp.stack([task[t] for t in TASKS])
-    weights, lbtw = losses.lbtw_weights(vector, lbtw, epoch=step // steps_per_epoch, alpha=0.5, reset="epoch")
-    # Eq. (11): the dynamic weights on L_IQE and L_IQA only (renormalised to sum to 2), L_DR at 1.
-    dynamic = jnp.asarray([t != "dr" for t in TASKS])
-    share = jnp.sum(jnp.where(dynamic, weights, 0.0))
-    weights = jnp.where(dynamic, weights * (dynamic.sum() / jnp.where(share > 0, share, 1.0)), 1.0)
-    lbtw = lbtw.replace(weights=weights)
-    metrics = {**metrics, **terms, **{f"loss_{t}": vector[i] for i, t in enumerate(TASKS)}}
-    return losses.combine(vector, weights), (metrics, new_bs, lbtw)
+def config(args: argparse.Namespace) -> Keys:
+    """`CONFIG` with the command line's image size, batch and model keys."""
+    cfg = keys(CONFIG)
+    cfg.data.image_size, cfg.batch_size = args.size, args.batch
+    m = cfg.model
+    m.width, m.dtype, m.remat = args.width, args.dtype, args.remat == "on"
+    m.upsample, m.stem_pool = args.upsample, args.stem_pool
+    if args.stages:
+        m.encoder_stages = m.classifier_stages = (args.stages,) * 4
+    return cfg
 
 
-def make_step(models: dict, qt, tx, steps_per_epoch: int = 1000):
-    """(state, batch) -> (state, metrics): the joint step with the optimizer update. ``state`` is a
-    dict with train_state.TrainState's fields (that module needs the config system, so it is not used)."""
-
-    def step(state, batch):
-        key, rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        (loss, (metrics, new_bs, lbtw)), grads = jax.value_and_grad(
-            lambda p: joint_loss(models, qt, p, state["batch_stats"], state["step"], state["lbtw"], batch, key,
-                                 steps_per_epoch), has_aux=True)(state["params"])
-        params, opt_state = {}, {}
-        for name, p in state["params"].items():  # one optimizer state per subnetwork, as in training
-            updates, opt_state[name] = tx.update(grads[name], state["opt_state"][name], p)
-            params[name] = optax.apply_updates(p, updates)
-        new = dict(step=state["step"] + 1, params=params, batch_stats={**state["batch_stats"], **new_bs},
-                   opt_state=opt_state, lbtw=lbtw, rng=jax.random.key_data(rng))
-        return new, {**metrics, "loss": loss}
-
-    return step
+def joint_stage(cfg: Keys) -> stages.Stage:
+    """Stage 3 of ``cfg`` as the stage runner derives it, without data on disk."""
+    return stages.Stage.from_config(cfg, "stage3", steps_per_epoch=STEPS_PER_EPOCH)
 
 
-def init_state(models: dict, tx, size: int, key) -> dict:
-    """The train state of the three subnetworks, initialised at ``size`` (call under jit)."""
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    init_key, state_key = jax.random.split(key)
-    params, stats = {}, {}
-    for i, name in enumerate(("iqe", "iqa", "dr")):  # stages.stage_nets order for stage 3
-        v = models[name].init(jax.random.fold_in(init_key, i), x, train=False)
-        params[name], stats[name] = v["params"], v.get("batch_stats", {})
-    return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                opt_state={k: tx.init(p) for k, p in params.items()}, lbtw=losses.lbtw_init(len(TASKS)),
-                rng=jax.random.key_data(state_key))
+def init_setup(cfg: Keys, stage: stages.Stage) -> tuple[stages.Stage, dict]:
+    """The stage and networks every configuration of one width initialises with: INIT_SIZE px, float32,
+    no remat (the parameters are the same; one init program for all of them)."""
+    init_cfg = keys(cfg)
+    init_cfg.model.dtype, init_cfg.model.remat = "float32", False
+    return dataclasses.replace(stage, image_size=INIT_SIZE), factory.build_models(init_cfg)
 
 
 def random_batch(n: int, size: int, seed: int = 0) -> dict:
@@ -180,20 +170,19 @@ def measure(args: argparse.Namespace) -> dict:
     """Build, initialise, compile and time one configuration."""
     device = jax.devices()[0]
     progress(f"backend {device.platform} ready")
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    forms = layers.LayerForms(upsample=args.upsample, stem_pool=args.stem_pool)
-    models = build_models(args.width, args.stages, dtype, args.remat == "on", forms)
-    init_models = build_models(args.width, args.stages, jnp.float32, False, forms)  # one init program for all
-    tx = optax.adam(1e-3)
+    cfg = config(args)
+    stage = joint_stage(cfg)
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(stage.optim, stage.steps_per_epoch)
+    init_stage, init_models = init_setup(cfg, stage)
     start = time.perf_counter()
-    state = jax.jit(lambda k: init_state(init_models, tx, INIT_SIZE, k))(jax.random.key(0))
+    state = jax.jit(lambda k: train_state.init_state(init_stage, init_models, tx, k))(jax.random.key(0))
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
     progress("initialised")
-    qt = degrade.QTParams.from_config(None, image_size=args.size)
     batch = jax.device_put(random_batch(args.batch, args.size))
     start = time.perf_counter()
-    compiled = jax.jit(make_step(models, qt, tx), donate_argnums=(0,)).lower(state, batch).compile()
+    compiled = jax.jit(steps.make_train_step(stage, models, tx), donate_argnums=(0,)).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     progress("compiled")
     cost = compiled.cost_analysis()
