@@ -154,9 +154,10 @@ def test_evaluation_writes_the_vessel_table_and_both_figures(evaluated_synthetic
     test_count = result["num_examples"]
     assert vessels["overall"]["input"]["n"] == vessels["overall"]["enhanced"]["n"] == test_count
     assert vessels["overall"]["reference"]["n"] == test_count  # synthetic records carry clean references
+    assert vessels["overall"]["Seg-IQE"]["n"] == test_count  # IQE's own vessel map, scored beside the segmenter
     assert vessels["figure_rows"] == [q for q in ("good", "usable", "reject") if q in vessels["per_quality"]]
     md = open(os.path.join(out_dir, "eval.md")).read()
-    assert "## Downstream vessel segmentation" in md and "| all | enhanced |" in md
+    assert "## Downstream vessel segmentation" in md and "| all | enhanced |" in md and "| all | Seg-IQE |" in md
     for name in ("vessels.png", "gradcam_grid.png"):
         with open(os.path.join(out_dir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

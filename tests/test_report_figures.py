@@ -31,7 +31,7 @@ def test_write_adds_the_vessel_figure_and_the_gradcam_grid(tmp_path):
     images = {k: rng.random((n, s, s, 3)) for k in ("input", "enhanced", "reference")}
     segmented = {k: rng.random((n, s, s)) > 0.8 for k in images}
     rows = report.vessel_rows(images, segmented, rng.random((n, s, s)) > 0.8)
-    assert rows.shape == (n, s, 7 * s, 3)
+    assert rows.shape == (n, s, 8 * s, 3)
     np.testing.assert_array_equal(rows[..., s:2 * s, 0], segmented["input"].astype(np.float32))
     grid = {k: rng.random((3, s, s, 3)) for k in ("input", "enhanced", "heat_input", "heat_enhanced")}
     grid.update(grade=np.array([0, 2, 4]), pred_input=np.array([0, 1, 4]), pred_enhanced=np.array([0, 2, 3]),

@@ -104,6 +104,7 @@ def console_summary(result: dict[str, Any], out_dir: str) -> str:
 
 
 VESSEL_INPUTS = {"input": "the degraded input of the enhancement table",
+                 "Seg-IQE": "that input segmented by IQE's own Seg-IQE branch (probability > 0.5), not by the segmenter",
                  "enhanced": "IQE's enhancement of it",
                  "reference": "its reference (the clean image where the record has one, else the original)"}
 
@@ -238,24 +239,28 @@ def grid_figure(panels: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
-VESSEL_COLUMNS = ("degraded input", "its vessels", "enhanced", "its vessels", "reference", "its vessels",
-                  "true vessels")
+VESSEL_COLUMNS = ("degraded input", "its vessels", "Seg-IQE's map", "enhanced", "its vessels", "reference",
+                  "its vessels", "true vessels")
 
 
 def vessel_rows(images: dict[str, np.ndarray], segmented: dict[str, np.ndarray], truth: np.ndarray) -> np.ndarray:
-    """Panels for `vessel_figure`: each row the degraded input, enhancement and reference, each followed by
-    its segmentation, then the true vessels.
+    """Panels for `vessel_figure` (`VESSEL_COLUMNS`): each row the degraded input, its segmentation and
+    Seg-IQE's map of it, the enhancement and the reference each followed by its segmentation, then the
+    true vessels.
 
     images: {'input', 'enhanced', 'reference'} (n, H, W, 3) float in [0, 1] (a missing one is drawn black);
-    segmented: the same keys, (n, H, W) binary; truth: (n, H, W) binary. Returns (n, H, 7W, 3) float32.
+    segmented: the same keys and 'Seg-IQE', (n, H, W) binary (a missing one is drawn black); truth: (n, H, W)
+    binary. Returns (n, H, 8W, 3) float32.
     """
     n, h, w = truth.shape
     black = np.zeros((n, h, w, 3), np.float32)
     grey = lambda m: np.repeat(np.asarray(m, np.float32)[..., None], 3, axis=-1)  # noqa: E731
     parts = []
+    segmentation = lambda kind: grey(segmented[kind]) if kind in segmented else black  # noqa: E731
     for kind in ("input", "enhanced", "reference"):
-        seg = grey(segmented[kind]) if kind in segmented else black
-        parts += [np.asarray(images.get(kind, black), np.float32), seg]
+        parts += [np.asarray(images.get(kind, black), np.float32), segmentation(kind)]
+        if kind == "input":
+            parts.append(segmentation("Seg-IQE"))
     return np.concatenate(parts + [grey(truth)], axis=2)
 
 

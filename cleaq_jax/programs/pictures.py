@@ -35,7 +35,7 @@ from cleaq_jax.models import factory
 from cleaq_jax.programs import teacher as teacher_program
 from cleaq_jax.training import stages
 
-VESSEL_KINDS = ("input", "enhanced", "reference")
+VESSEL_KINDS = ("input", "Seg-IQE", "enhanced", "reference")
 SCORES = ("dice", "auc", "accuracy")
 
 
@@ -186,7 +186,7 @@ def _jit_enhance(model_items: tuple):
 
     def enhance(state, image, mask):
         x, mask = inference.inputs({"image": image, "mask": mask})
-        return inference.enhance(models, state, x, mask)["enhanced"]
+        return inference.enhance(models, state, x, mask)
 
     return jax.jit(enhance)
 
@@ -220,10 +220,26 @@ def _in_chunks(fn, n: int, size: int, *arrays):
     return jax.tree.map(lambda *rows: np.concatenate(rows), *parts)
 
 
-def enhance_examples(models: dict, state, examples: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """IQE's enhancement of each example: (N, S, S, 3) float32 in [0, 1], zero outside the mask."""
+def iqe_outputs(models: dict, state, examples: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """IQE's outputs for each example (`inference.enhance`): "enhanced" (N, S, S, 3) float32 in [0, 1] and,
+    with Seg-IQE, "vessel_logits" (N, S, S, 1); zero outside the mask."""
     fn = functools.partial(_jit_enhance(tuple(sorted(models.items()))), state)
     return _in_chunks(fn, len(examples["image"]), batch_size, examples["image"], examples["mask"])
+
+
+def enhance_examples(models: dict, state, examples: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """IQE's enhancement of each example: (N, S, S, 3) float32 in [0, 1], zero outside the mask."""
+    return iqe_outputs(models, state, examples, batch_size)["enhanced"]
+
+
+def score_seg_iqe(vessel_logits: np.ndarray, image: np.ndarray, vessel: np.ndarray, mask: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Seg-IQE's own vessel map of the images IQE enhanced, scored as `segment_kinds` scores a segmenter's:
+    its probability ranks pixels for the AUC, probability > 0.5 is its segmentation."""
+    probs = jax.nn.sigmoid(np.asarray(vessel_logits, np.float32)[..., 0]) * (mask != 0)
+    vessels = np.asarray(probs > 0.5)
+    values = jax.device_get(metrics.segmentation_scores(probs, vessel, mask, pred=vessels))
+    return {**{k: np.asarray(v, np.float64) for k, v in values.items()}, "vessels": vessels, "image": image}
 
 
 def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> tuple[np.ndarray, list[str]]:
@@ -259,10 +275,13 @@ def vessel_evaluation(cfg: ml_collections.ConfigDict, stage: stages.Stage, state
     rows = np.asarray(examples["has_vessel"], bool)
     examples = {k: v[rows] for k, v in examples.items()}
     images, has_reference = vessel_inputs(stage.qt, examples, batch_size)
-    images["enhanced"] = _uint8(enhance_examples(models, state, {"image": images["input"], "mask": examples["mask"]},
-                                                 batch_size))
+    iqe = iqe_outputs(models, state, {"image": images["input"], "mask": examples["mask"]}, batch_size)
+    images["enhanced"] = _uint8(iqe["enhanced"])
     segmenter = segmenter_for(cfg) if segmenter is None else segmenter
     per_kind = segment_kinds(segmenter, images, {"reference": has_reference}, examples["vessel"], examples["mask"])
+    if "vessel_logits" in iqe:
+        per_kind["Seg-IQE"] = score_seg_iqe(iqe["vessel_logits"], images["input"], examples["vessel"],
+                                            examples["mask"])
     note = (f"{int(rows.sum())} examples with vessels among the first {len(rows)} of split "
             f"{cfg.data.eval_split!r} (config.eval.vessel_max_images), degraded and referenced as in the "
             "enhancement table.")
