@@ -112,12 +112,14 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
         batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
         shares = _gradient_shares(cfg, stage, models)
         progress = console.StageProgress(name, first_step, stage.total_steps, stage.steps_per_epoch)
+        images = bool(cfg.image_every_steps) and "iqe" in stage.nets
+        ahead = _CompileAhead()
         # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
         # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
-        images = bool(cfg.image_every_steps) and "iqe" in stage.nets
-        ahead = _CompileAhead({})
-        # The prefetcher's thread stops with the stage (a pipeline's later stages run in the same process).
+        # The prefetcher's thread stops with the stage (a pipeline's later stages run in the same process), and
+        # however the loop ends, it first waits for a compilation still running (no exit under it).
         with contextlib.closing(writer), contextlib.closing(profiler), contextlib.closing(batches), \
+                contextlib.closing(ahead), \
                 preemption.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
             for step in range(first_step + 1, stage.total_steps + 1):
                 batch = next(batches)
@@ -127,8 +129,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = step_fn(state, batch)
                 if step == first_step + 1:
-                    ahead = _CompileAhead(_periodic_programs(cfg, stage, models, mesh, state, batch, images=images,
-                                                            validating=validate is not None))
+                    ahead.start(_periodic_programs(cfg, stage, models, mesh, state, batch, images=images,
+                                                   validating=validate is not None))
                 log.pending.append(metrics)
                 profiler(step)
                 last = step == stage.total_steps
@@ -226,14 +228,18 @@ def _periodic_programs(cfg: ml_collections.ConfigDict, stage: stages.Stage, mode
 class _CompileAhead:
     """The loop's periodic programs (validation's evaluation, the image grid) compiled in a background
     thread while the steps run. Compiled at their first call instead, each would stop training for as
-    long as compiling takes (on a 2-core CPU, 5 to 25 s each at the demo's size); compiled ahead, the
+    long as compiling takes (on a 2-core CPU, 5 to 20 s each at the demo's size); compiled ahead, the
     call finds them in jax's in-memory caches. The loop calls `wait` before each periodic call, so no
-    program is compiled twice. A failure is logged and leaves the compilation to the call, as without
-    this. Nothing here runs a program: a background thread launching computations on a mesh spanning
-    processes could interleave its collectives with the steps'."""
+    program is compiled twice, and `close` when it ends. A failure is logged and leaves the compilation
+    to the call, as without this. Nothing here runs a program: a background thread launching
+    computations on a mesh spanning processes could interleave its collectives with the steps'."""
 
-    def __init__(self, programs: dict[str, Callable[[], None]]):
+    def __init__(self):
         self._thread: threading.Thread | None = None
+
+    def start(self, programs: dict[str, Callable[[], None]]) -> None:
+        """Compile ``programs`` (name: a function compiling it) one after the other in a background thread."""
+        self.wait()
         if programs:
             self._thread = threading.Thread(target=self._compile, args=(programs,), name="compile-ahead", daemon=True)
             self._thread.start()
@@ -252,6 +258,8 @@ class _CompileAhead:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    close = wait
 
 
 def _compile(step_fn, state, batch, stage: str):
