@@ -289,9 +289,9 @@ def test_the_loop_logs_and_saves_what_its_step_gives_by_hand_and_compiles_period
         train.train_stage(cfg, workdir, "stage1")
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
-    threads = {name: thread for name, thread in compiled}
-    assert threads.get("jit(_eval_step)") == threads.get("jit(_panels)") == "compile-ahead", compiled
-    assert [name for name, thread in compiled].count("jit(_eval_step)") == 1, compiled
+    # None of them on the loop's thread (none at all where an earlier test in this process compiled them).
+    periodic = [(name, thread) for name, thread in compiled if name in ("jit(_eval_step)", "jit(_panels)")]
+    assert all(thread == "compile-ahead" for _, thread in periodic) and len(periodic) <= 2, compiled
 
     stage, _ = train.describe(cfg, workdir, "stage1")
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
