@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import jax
@@ -266,6 +267,60 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_equal_to_an_uninterrupted_ru
 
 def _ls(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
+
+
+def test_the_loop_logs_and_saves_what_its_step_gives_by_hand_and_compiles_periodic_work_aside(tmp_path):
+    """The loop's machinery (batches prefetched to the device, metrics kept on device until each logging
+    step, validation and the image grid compiled in a background thread) changes no number: the losses it
+    logs are the interval means of those the stage's step returns when called by hand on the loader's
+    batches from the same start, and its last checkpoint holds the state those calls end in, bit for bit.
+    Validation's and the image grid's programs are compiled off the loop's thread."""
+    cfg = tiny.tiny_config(stage="stage1", num_epochs=2, eval_at_end=False, log_every_steps=2, image_every_steps=2,
+                           checkpoint_every_steps=2, eval_every_epochs=1)
+    workdir = str(tmp_path / "run")
+    compiled: list[tuple[str, str]] = []  # (program, thread) of every compilation during the stage
+
+    def on_compile(event: str, _duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append((str(kwargs.get("fun_name")), threading.current_thread().name))
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        train.train_stage(cfg, workdir, "stage1")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    # None of them on the loop's thread (none at all where an earlier test in this process compiled them).
+    periodic = [(name, thread) for name, thread in compiled if name in ("jit(_eval_step)", "jit(_panels)")]
+    assert all(thread == "compile-ahead" for _, thread in periodic) and len(periodic) <= 2, compiled
+
+    stage, _ = train.describe(cfg, workdir, "stage1")
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    models = factory.build_models(cfg)
+    tx = optim.make_optimizer(stage.optim, stage.steps_per_epoch)
+    loader = train.pipeline.train_loader(stage.data_dir, stage.train_split, global_batch_size=stage.batch_size,
+                                         sampling=stage.sampling, reading=stage.reading)
+    with checkpoint.Checkpointer(str(tmp_path / "none")) as empty:
+        state, shardings = stage_init.initial_state(stage, models, tx, mesh, empty, loader)
+    step = parallel.jit_train_step(steps.make_train_step(stage, models, tx), shardings, mesh)
+    losses = []
+    for _, local in zip(range(stage.total_steps), loader):
+        state, metrics = step(state, parallel.global_batch(local, mesh))
+        losses.append(np.float32(jax.device_get(metrics["loss"])))
+    assert stage.total_steps >= 4 and len(losses) == stage.total_steps
+
+    from cleaq_jax.programs import curves
+
+    logged_steps, logged = curves.read_scalars(os.path.join(workdir, "stage1", "tensorboard"))["train/loss"]
+    starts = [0, *logged_steps[:-1]]
+    # Every logging step, and the validation steps, whose checkpoints write the means of their interval.
+    assert set(range(2, stage.total_steps + 1, 2)) <= set(logged_steps) and logged_steps[-1] == stage.total_steps
+    expected = [np.float32(np.mean(np.stack(losses[a:b]))) for a, b in zip(starts, logged_steps)]
+    np.testing.assert_array_equal(np.asarray(logged, np.float32), expected)
+    target, _ = train_state.abstract_state(lambda k: train_state.init_state(stage, models, tx, k), mesh,
+                                           jax.random.key(0))
+    saved = checkpoint.restore_state(os.path.join(workdir, "stage1", "checkpoints"), target, stage.total_steps)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 # --------------------------------------------------------------------------- guardrails

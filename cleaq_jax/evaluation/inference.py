@@ -170,10 +170,18 @@ def enhancement_panels(qt: degrade.QTParams, state, models: dict, batch) -> np.n
     qt: the quality transform of the run; state: a TrainState or InferenceState holding "iqe"; batch: loader arrays (uint8 image, mask,
     vessel, quality, id_hash, optionally reference and has_reference) with n rows, host or device.
     """
-    keys = [k for k in ("image", "mask", "vessel", "quality", "id_hash", "reference", "has_reference")
-            if k in batch]
-    return np.asarray(jax.device_get(_jit_panels(models["iqe"], qt, state,
-                                                 {k: batch[k] for k in keys})))
+    return np.asarray(jax.device_get(_jit_panels(models["iqe"], qt, state, _panel_inputs(batch))))
+
+
+def compile_enhancement_panels(qt: degrade.QTParams, state, models: dict, batch) -> None:
+    """Compile `enhancement_panels` for these arguments without running it (``state`` may be
+    ShapeDtypeStructs carrying shardings and weak types): a later call with such arguments finds it compiled."""
+    _jit_panels.lower(models["iqe"], qt, state, _panel_inputs(batch)).compile()
+
+
+def _panel_inputs(batch) -> dict:
+    keys = ("image", "mask", "vessel", "quality", "id_hash", "reference", "has_reference")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 # --------------------------------------------------------------------------- the vessel teacher

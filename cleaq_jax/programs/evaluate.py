@@ -108,10 +108,8 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
     show_progress: a progress bar (off for validation during training)."""
     parallel.check_batch_divisible(int(cfg.eval_batch_size), mesh, "eval_batch_size")
     split, key = (cfg.data.eval_split, "eval_split") if split is None else (split, "val_split")
-    nets = tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
-    fn = make_eval_fn(cfg, stage, models, nets)
-    loader = pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
-                                  reading=pipeline.RecordReading(image_size=stage.image_size))
+    fn = make_eval_fn(cfg, stage, models, _state_nets(state))
+    loader = _loader(cfg, stage, split)
     parts: list[dict[str, np.ndarray]] = []
     with progress_bar(stage, split, int(cfg.eval_batch_size), disable=not show_progress) as progress:
         for local in loader:
@@ -123,6 +121,27 @@ def collect(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: 
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     valid = merged.pop("valid").astype(bool)
     return {k: v[valid] for k, v in merged.items()}
+
+
+def compile_ahead(cfg: ml_collections.ConfigDict, stage: stages.Stage, state, models: dict, mesh,
+                  split: str | None = None) -> None:
+    """Compile what `collect` runs on ``split`` (default config.data.eval_split) for states shaped and laid
+    out as ``state`` (arrays, or ShapeDtypeStructs carrying shardings and weak types), without running it:
+    a later `collect` with such a state finds the program compiled. Reads the split's first batch (for its
+    shapes) and nothing else; an empty split compiles nothing."""
+    split = cfg.data.eval_split if split is None else split
+    local = next(iter(_loader(cfg, stage, split)), None)
+    if local is not None:
+        make_eval_fn(cfg, stage, models, _state_nets(state)).lower(state, parallel.global_batch(local, mesh)).compile()
+
+
+def _state_nets(state) -> tuple[str, ...]:
+    return tuple(n for n in ("iqe", "iqa", "dr") if n in state.params)
+
+
+def _loader(cfg: ml_collections.ConfigDict, stage: stages.Stage, split: str) -> pipeline.LoaderIterator:
+    return pipeline.eval_loader(stage.data_dir, split, global_batch_size=int(cfg.eval_batch_size),
+                                reading=pipeline.RecordReading(image_size=stage.image_size))
 
 
 def _finite(value: Any) -> float | None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -109,9 +112,14 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
         batches = parallel.prefetch_to_device(iter(loader), 2, mesh)
         shares = _gradient_shares(cfg, stage, models)
         progress = console.StageProgress(name, first_step, stage.total_steps, stage.steps_per_epoch)
+        images = bool(cfg.image_every_steps) and "iqe" in stage.nets
+        ahead = _CompileAhead()
         # Several processes stop at one common step after a SIGTERM to any (JAX's preemption sync point);
         # without the preemption service they compare flags at checkpoint steps (an all-gather every step stalls).
-        with contextlib.closing(writer), contextlib.closing(profiler), \
+        # The prefetcher's thread stops with the stage (a pipeline's later stages run in the same process), and
+        # however the loop ends, it first waits for a compilation still running (no exit under it).
+        with contextlib.closing(writer), contextlib.closing(profiler), contextlib.closing(batches), \
+                contextlib.closing(ahead), \
                 preemption.PreemptionGuard(sync_every_steps=cfg.checkpoint_every_steps) as guard:
             for step in range(first_step + 1, stage.total_steps + 1):
                 batch = next(batches)
@@ -120,6 +128,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
                     progress.start()
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = step_fn(state, batch)
+                if step == first_step + 1:
+                    ahead.start(_periodic_programs(cfg, stage, models, mesh, state, batch, images=images,
+                                                   validating=validate is not None))
                 log.pending.append(metrics)
                 profiler(step)
                 last = step == stage.total_steps
@@ -127,11 +138,15 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str, name: str) -> dict
                     progress.report(step, log.flush(step))
                     if shares:
                         log.write_shares(step, shares(state, batch))
-                if cfg.image_every_steps and (step % cfg.image_every_steps == 0 or last) and "iqe" in stage.nets:
-                    grid = inference.enhancement_panels(stage.qt, state, models, jax.tree.map(lambda a: a[:4], batch))
+                if images and (step % cfg.image_every_steps == 0 or last):
+                    ahead.wait()
+                    grid = inference.enhancement_panels(stage.qt, state, models, _grid_rows(batch))
                     writer.write_images(step, {f"{name}/low_enhanced_reference_vessel": grid})
                 stop = guard.should_stop(step)
-                validated = validate(writer, state, step) if validate and not stop and validate.due(step, last) else {}
+                validated = {}
+                if validate and not stop and validate.due(step, last):
+                    ahead.wait()
+                    validated = validate(writer, state, step)
                 if step % cfg.checkpoint_every_steps == 0 or last or stop or validated:
                     # The prefetcher's position is that of the last batch consumed, not of those queued.
                     ckpt.save(step, state, data_iter=batches, config=saved_config,
@@ -187,6 +202,64 @@ def _gradient_shares(cfg: ml_collections.ConfigDict, stage: stages.Stage, models
     if not cfg.log_gradient_shares or stage.name != "stage3" or "iqe" not in stage.nets or stage.frozen:
         return None
     return jax.jit(steps.gradient_shares(stage, models))
+
+
+def _grid_rows(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The rows of a training batch the TensorBoard image grid shows."""
+    return jax.tree.map(lambda a: a[:4], batch)
+
+
+def _periodic_programs(cfg: ml_collections.ConfigDict, stage: stages.Stage, models: dict, mesh, state, batch, *,
+                       images: bool, validating: bool) -> dict[str, Callable[[], None]]:
+    """What `_CompileAhead` compiles for the loop's periodic work: validation's evaluation and the image
+    grid, for states shaped and laid out as ``state`` (a step's output; only its shapes are read)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding, weak_type=a.weak_type),
+                          state)
+    programs: dict[str, Callable[[], None]] = {}
+    if validating:
+        programs["validation"] = functools.partial(evaluate.compile_ahead, cfg, stage, shapes, models, mesh,
+                                                   stage.val_split)
+    if images:
+        programs["the image grid"] = functools.partial(inference.compile_enhancement_panels, stage.qt, shapes,
+                                                       models, _grid_rows(batch))
+    return programs
+
+
+class _CompileAhead:
+    """The loop's periodic programs (validation's evaluation, the image grid) compiled in a background
+    thread while the steps run. Compiled at their first call instead, each would stop training for as
+    long as compiling takes (on a 2-core CPU, 5 to 20 s each at the demo's size); compiled ahead, the
+    call finds them in jax's in-memory caches. The loop calls `wait` before each periodic call, so no
+    program is compiled twice, and `close` when it ends. A failure is logged and leaves the compilation
+    to the call, as without this. Nothing here runs a program: a background thread launching
+    computations on a mesh spanning processes could interleave its collectives with the steps'."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+
+    def start(self, programs: dict[str, Callable[[], None]]) -> None:
+        """Compile ``programs`` (name: a function compiling it) one after the other in a background thread."""
+        self.wait()
+        if programs:
+            self._thread = threading.Thread(target=self._compile, args=(programs,), name="compile-ahead", daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _compile(programs: dict[str, Callable[[], None]]) -> None:
+        for what, compile_program in programs.items():
+            try:
+                compile_program()
+            except Exception as error:  # noqa: BLE001  (the first call compiles it, as without this)
+                logging.warning("compiling %s ahead of its first call failed; it compiles when called: %s",
+                                what, error)
+
+    def wait(self) -> None:
+        """Returns once every program is compiled (or failed to)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    close = wait
 
 
 def _compile(step_fn, state, batch, stage: str):
