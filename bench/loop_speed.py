@@ -47,15 +47,14 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import train_step as tsb  # noqa: E402  (bench/ sibling: where and when a figure was taken)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -286,16 +285,6 @@ def run_loop(cfg, workdir: str, name: str, trace: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- main
-def _context() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
-    return dict(commit=commit, host=platform.machine(), cpus=os.cpu_count(),
-                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(argv)
     load_start = os.getloadavg()[0]
@@ -327,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                   **loop,
                   ratio=round(loop["loop_plain_steps_per_s"] / mean_bare, 3),
                   ratio_all=round(loop["loop_steps_per_s"] / mean_bare, 3),
-                  load_1min_start=round(load_start, 2), load_1min_end=round(os.getloadavg()[0], 2), **_context())
+                  load_1min_start=round(load_start, 2), load_1min_end=round(os.getloadavg()[0], 2), **tsb._context())
     print(json.dumps(record), flush=True)
 
 
