@@ -104,9 +104,9 @@ def console_summary(result: dict[str, Any], out_dir: str) -> str:
 
 
 VESSEL_INPUTS = {"input": "the degraded input of the enhancement table",
-                 "Seg-IQE": "that input segmented by IQE's own Seg-IQE branch (probability > 0.5), not by the segmenter",
                  "enhanced": "IQE's enhancement of it",
-                 "reference": "its reference (the clean image where the record has one, else the original)"}
+                 "reference": "its reference (the clean image where the record has one, else the original)",
+                 "Seg-IQE": "the degraded input segmented by IQE's own Seg-IQE branch (probability > 0.5), not by the segmenter"}
 
 
 def vessel_markdown(block: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ from cleaq_jax.models import factory
 from cleaq_jax.programs import teacher as teacher_program
 from cleaq_jax.training import stages
 
-VESSEL_KINDS = ("input", "Seg-IQE", "enhanced", "reference")
+VESSEL_KINDS = ("input", "enhanced", "reference", "Seg-IQE")
 SCORES = ("dice", "auc", "accuracy")
 
 
