@@ -145,11 +145,17 @@ def segment_kinds(segmenter: Segmenter, images: dict[str, np.ndarray], present: 
     for kind, image in images.items():
         image = (np.asarray(image) * (mask[..., None] != 0)).astype(np.uint8)
         scores, vessels = segmenter.segment(image, mask)
-        values = jax.device_get(metrics.segmentation_scores(scores, vessel, mask, pred=vessels))
-        keep = present.get(kind, np.ones(len(image), bool))
-        out[kind] = {k: np.where(keep, np.asarray(v, np.float64), np.nan) for k, v in values.items()}
-        out[kind]["vessels"], out[kind]["image"] = vessels, image
+        out[kind] = _scored(scores, vessels, image, vessel, mask, present.get(kind))
     return out
+
+
+def _scored(scores, vessels, image, vessel, mask, keep=None) -> dict[str, np.ndarray]:
+    """One kind's row of `segment_kinds`: Dice, AUC and accuracy of ``vessels`` (ranked by ``scores``) against
+    the true ``vessel`` inside ``mask``, NaN outside the rows ``keep`` (default all), with what was segmented."""
+    values = jax.device_get(metrics.segmentation_scores(scores, vessel, mask, pred=vessels))
+    keep = np.ones(len(image), bool) if keep is None else keep
+    return {**{k: np.where(keep, np.asarray(v, np.float64), np.nan) for k, v in values.items()},
+            "vessels": vessels, "image": image}
 
 
 def _means(per_kind: dict[str, dict[str, np.ndarray]], rows: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -236,10 +242,8 @@ def score_seg_iqe(vessel_logits: np.ndarray, image: np.ndarray, vessel: np.ndarr
                   ) -> dict[str, np.ndarray]:
     """Seg-IQE's own vessel map of the images IQE enhanced, scored as `segment_kinds` scores a segmenter's:
     its probability ranks pixels for the AUC, probability > 0.5 is its segmentation."""
-    probs = jax.nn.sigmoid(np.asarray(vessel_logits, np.float32)[..., 0]) * (mask != 0)
-    vessels = np.asarray(probs > 0.5)
-    values = jax.device_get(metrics.segmentation_scores(probs, vessel, mask, pred=vessels))
-    return {**{k: np.asarray(v, np.float64) for k, v in values.items()}, "vessels": vessels, "image": image}
+    probs = np.asarray(jax.nn.sigmoid(np.asarray(vessel_logits, np.float32)[..., 0])) * (mask != 0)
+    return _scored(probs, probs > 0.5, image, vessel, mask)
 
 
 def _example_rows(examples: dict[str, np.ndarray], per_kind: dict) -> tuple[np.ndarray, list[str]]:
