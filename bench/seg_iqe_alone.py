@@ -49,7 +49,8 @@ GOOD_OPS = {"op2": 0, "op1": 1, "none": 2}  # the QT quality code that gives a g
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="where the demo's data is built on first use")
-    p.add_argument("--data", default="", help="shards to use instead of the demo's (64 px)")
+    p.add_argument("--data", default="", help="shards to use instead of the demo's")
+    p.add_argument("--size", type=int, default=64, help="image size of the demo's data built in --workdir (the demo: 64)")
     p.add_argument("--seeds", default="0,1,2", help="comma list of initialisation seeds")
     p.add_argument("--steps", type=int, default=180, help="training steps (the demo's stage 1: 180)")
     p.add_argument("--width", type=float, default=0.125, help="model.width (the demo: 1/8)")
@@ -72,7 +73,7 @@ def resize(x: jax.Array, factor: int, method: str) -> jax.Array:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = demo.get_config()
-    cfg.stage, cfg.model.width = "stage1", args.width
+    cfg.stage, cfg.model.width, cfg.data.image_size = "stage1", args.width, args.size
     if args.data:
         cfg.data.dir = args.data
     for item in args.set:
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
                       "vessel_fraction": round(float(vessel[inside].mean()), 3)}), flush=True)
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
-        variables = model.init(jax.random.key(seed), jnp.zeros((2, 64 * up, 64 * up, 3)), train=False)
+        variables = model.init(jax.random.key(seed), jnp.zeros((2, args.size * up, args.size * up, 3)), train=False)
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
         loader = iter(pipeline.train_loader(stage.data_dir, stage.train_split, global_batch_size=stage.batch_size,
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
         scores = jax.device_get(metrics.segmentation_scores(prob, vessel, mask, pred=hard))
         print(json.dumps({
             "seed": seed, "steps": args.steps, "width": args.width, "lr": args.lr, "loss": args.loss,
-            "upsample": up, "good_op": args.good_op, "set": args.set,
+            "size": args.size, "upsample": up, "good_op": args.good_op, "set": args.set,
             "train_loss_last30": round(float(np.mean(jax.device_get(recent))), 4),
             "test_auc": round(float(np.nanmean(scores["auc"])), 3),
             "test_dice": round(float(np.nanmean(scores["dice"])), 3),
