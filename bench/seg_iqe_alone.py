@@ -6,7 +6,7 @@ demo's vessels at a given width, step count, loss, learning rate and input size.
     python bench/seg_iqe_alone.py --workdir W --loss bce --upsample 2
 
 The data is the demo's (``configs/demo.py``: 800 synthetic images at 64 px, built into ``W/data`` on
-first use, or ``--data DIR``). Every step takes the next batch of stage 1's loader, degrades it as stage 1
+first use; ``--size N`` builds the same eyes at N px; ``--data DIR`` names shards of one's own). Every step takes the next batch of stage 1's loader, degrades it as stage 1
 does (good images by op2, the others as they are; ``--good-op`` changes the good images' operator) and
 trains the CE-Net on the good images' vessel masks with Adam at a constant rate, the loss being stage 1's
 ``L_Seg`` (``loss.seg``). Nothing of U-IQE or DR takes part: this is the ceiling of the branch itself.
