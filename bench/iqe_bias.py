@@ -24,9 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cleaq_jax.data import shards
+from cleaq_jax.data.records import QUALITY_NAMES
 from cleaq_jax.evaluation import inference, restore
-
-QUALITY_NAMES = ("good", "usable", "reject")
 
 
 def main(argv=None) -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cleaq_jax.configs import demo
 from cleaq_jax.data import degrade, pipeline
-from cleaq_jax.evaluation import inference, metrics
+from cleaq_jax.evaluation import inference
 from cleaq_jax.models import factory
 from cleaq_jax.programs import pictures, train
 from cleaq_jax.training import losses
@@ -106,10 +106,11 @@ def main(argv=None) -> None:
 
     @jax.jit
     def predict(params, batch_stats, image, mask):
+        """Vessel logits (B, S, S, 1) at the image's size (linearly resized back under --upsample)."""
         x, _ = inference.inputs({"image": image, "mask": mask})
         logits = model.apply({"params": params, "batch_stats": batch_stats}, resize(x, up, "bilinear"),
                              train=False)["vessel_logits"]
-        return jax.image.resize(jax.nn.sigmoid(logits), (*image.shape[:3], 1), "linear")[..., 0]
+        return jax.image.resize(logits, (*image.shape[:3], 1), "linear")
 
     # The test images the evaluation's vessel table segments, degraded by its rule (op2 on good images, the
     # others as they are, keyed by record), and the classical segmenter's scores on them for comparison.
@@ -138,17 +139,16 @@ def main(argv=None) -> None:
             params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, batch,
                                                         jax.random.fold_in(jax.random.key(seed), i))
             recent = (recent + [loss])[-30:]
-        prob = np.concatenate([np.asarray(predict(params, batch_stats, image[j:j + 40], mask[j:j + 40]))
-                               for j in range(0, len(image), 40)])
-        hard = (prob > 0.5) & inside
-        scores = jax.device_get(metrics.segmentation_scores(prob, vessel, mask, pred=hard))
+        logits = np.concatenate([np.asarray(predict(params, batch_stats, image[j:j + 40], mask[j:j + 40]))
+                                 for j in range(0, len(image), 40)])
+        scores = pictures.score_seg_iqe(logits, image, vessel, mask)  # as eval.md's Seg-IQE row scores it
         print(json.dumps({
             "seed": seed, "steps": args.steps, "width": args.width, "lr": args.lr, "loss": args.loss,
             "size": args.size, "upsample": up, "good_op": args.good_op, "set": args.set,
             "train_loss_last30": round(float(np.mean(jax.device_get(recent))), 4),
             "test_auc": round(float(np.nanmean(scores["auc"])), 3),
             "test_dice": round(float(np.nanmean(scores["dice"])), 3),
-            "predicted_fraction": round(float(hard[inside].mean()), 3),
+            "predicted_fraction": round(float(scores["vessels"][inside].mean()), 3),
             "vessel_fraction": round(float(vessel[inside].mean()), 3),
             "test_images": len(image), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
 
