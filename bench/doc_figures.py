@@ -65,8 +65,10 @@ def finished(workdir: str) -> bool:
 
 
 def _env() -> dict[str, str]:
-    """This environment with the repository on PYTHONPATH (the programs import cleaq_jax and configs)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    """This environment with the repository on PYTHONPATH (the programs import cleaq_jax and configs) and
+    without a persistent compilation cache, so the wall time is a first run's, as on a fresh machine."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+            "JAX_COMPILATION_CACHE_DIR": ""}
 
 
 def run_demo(workdir: str, seed: int) -> float:

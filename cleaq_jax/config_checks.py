@@ -179,6 +179,7 @@ RULES: dict[str, Rule] = {
     "checkpoint_mode": choice("auto", "min", "max"),
     "profile_steps": _COUNT,
     "eval_at_end": boolean(),
+    "compilation_cache_dir": text(what="a directory for XLA's compilation cache, or '' for none"),
     "init.stage1": text(what="a stage directory, or '' for <workdir>/stage1"),
     "init.stage2": text(what="a stage directory, or '' for <workdir>/stage2"),
     "init.teacher_a": text(what="a stage directory, or '' for <workdir>/teacher_a"),

@@ -138,8 +138,9 @@ def run_config(config, workdir: str) -> None:
     import jax
 
     from cleaq_jax.programs import pipeline
-    from cleaq_jax.runtime import parallel
+    from cleaq_jax.runtime import compile_cache, parallel
 
+    compile_cache.use(config.compilation_cache_dir)
     joined = parallel.initialize_distributed(**distributed_args(config))
     console.set_process_index(jax.process_index())
     if joined:

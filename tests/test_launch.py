@@ -71,9 +71,10 @@ def shard_bytes(data_dir: str, split: str) -> int:
 def _env(devices: int, *, compile_cache: bool = True, **extra: str) -> dict[str, str]:
     """A child's environment: ``devices`` CPU devices, no inherited multi-process settings, ``extra``.
 
-    compile_cache=False for the processes of a multi-process job: jax writes the persistent cache from
-    process 0 only, so a warm cache lets process 0 reach the first collective long before the others,
-    past the 30 s within which gloo's CPU collectives must all join.
+    compile_cache=False leaves out the test run's shared compilation cache (JAX_COMPILATION_CACHE_DIR), so the
+    command's config.compilation_cache_dir decides; a multi-process CPU job turns the cache off whatever it
+    says: jax writes the persistent cache from process 0 only, so a warm cache lets process 0 reach the first
+    collective long before the others, past the 30 s within which gloo's CPU collectives must all join.
     """
     env = tiny.subprocess_env(devices, CONFIG="configs/stage1.py", PYTHON=sys.executable)
     # Tiny models: compiling fast matters more than running fast (and keeps the processes in step).
@@ -130,15 +131,19 @@ def launched(tmp_path_factory):
     work = {name: str(tmp / name) for name in ("single", "explicit", "slurm")}
     started: list[subprocess.Popen] = []
     try:
-        started.append(_start(SINGLE_CMD, _env(4, WORKDIR=work["single"], DATA=data), str(tmp / "single.log")))
+        # Each job names its own compilation cache by the config key (test_compilation_cache_...).
+        started.append(_start(SINGLE_CMD, _env(4, compile_cache=False, WORKDIR=work["single"], DATA=data),
+                              str(tmp / "single.log"), f"--config.compilation_cache_dir={tmp / 'xla_single'}"))
         explicit_env = _env(2, compile_cache=False, WORKDIR=work["explicit"], DATA=data, NUM_PROCESSES="2",
                             PORT=str(portpicker.pick_unused_port()))
-        started.append(_start(EXPLICIT_CMD, explicit_env, str(tmp / "explicit.log")))
+        started.append(_start(EXPLICIT_CMD, explicit_env, str(tmp / "explicit.log"),
+                              f"--config.compilation_cache_dir={tmp / 'xla_explicit'}"))
         _finish(started[1], str(tmp / "explicit.log"))
         port = _slurm_port()
         for rank in range(2):
             env = _slurm_task_env(rank, port, WORKDIR=work["slurm"], DATA=data)
-            started.append(_start(SLURM_TASK_CMD, env, str(tmp / f"slurm{rank}.log")))
+            started.append(_start(SLURM_TASK_CMD, env, str(tmp / f"slurm{rank}.log"),
+                                  f"--config.compilation_cache_dir={tmp / 'xla_slurm'}"))
         _finish(started[2], str(tmp / "slurm0.log"))
         _finish(started[3], str(tmp / "slurm1.log"))
         _finish(started[0], str(tmp / "single.log"))
@@ -195,6 +200,16 @@ def test_two_processes_started_with_coordinator_flags_train_what_one_process_tra
                       ("BatchNorm statistics", lambda s: s.batch_stats)):
         difference = tiny.relative_difference(_flat(get(explicit[1])), _flat(get(single[1])))
         assert difference <= tiny.LAYOUT_RTOL, f"{what} of the first step differ by {difference:.2e} (relative)"
+
+
+@pytest.mark.slow
+def test_compilation_cache_dir_keeps_a_single_process_programs_and_a_cpu_job_of_two_processes_leaves_it_empty(launched):
+    """config.compilation_cache_dir reaches jax (runtime.compile_cache); a multi-process CPU job turns the cache
+    off (parallel.initialize_distributed: with jaxlib 0.12 a warm cache hangs its first collective)."""
+    tmp = launched["tmp"]
+    assert [p for p in (tmp / "xla_single").iterdir() if p.name.endswith("-cache")], "the single process cached nothing"
+    for job in ("xla_explicit", "xla_slurm"):
+        assert not (tmp / job).exists() or not any((tmp / job).iterdir()), f"{job}: a multi-process CPU job cached"
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+# Where the programs keep XLA's persistent compilation cache unless told otherwise (`runtime.compile_cache`).
+COMPILATION_CACHE_DIR = "~/.cache/cleaq_jax/xla"
 
 
 def names() -> list[str]:

@@ -6,6 +6,8 @@ few keys. Any key can be overridden on the command line, e.g. ``--config.batch_s
 
 import ml_collections
 
+from cleaq_jax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -145,6 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_mode = "auto"  # higher ("max") or lower ("min") is better; "auto": max for val_*, else min
     c.profile_steps = 0  # >0: a profiler trace of that many steps (at least 3 s) to TensorBoard after warm-up, hourly.
     c.eval_at_end = True  # Evaluate on data.eval_split when a stage ends.
+    # XLA's persistent compilation cache: a rerun, a resumed run or an evaluation of the same model loads
+    # the programs an earlier run compiled (docs/performance.md, "The compilation cache"). '' turns it off;
+    # JAX_COMPILATION_CACHE_DIR, when set, wins.
+    c.compilation_cache_dir = configs.COMPILATION_CACHE_DIR
 
     # Stage 3 starts from the checkpoints of these stage directories (teacher_b from teacher_a); ""
     # means <workdir>/<stage> (every stage writes to <workdir>/<stage>). checkpoint_step: which of their

@@ -42,10 +42,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cleaq_jax import errors
+from cleaq_jax import configs, errors
 from cleaq_jax.data import fundus
 from cleaq_jax.evaluation import exported
-from cleaq_jax.runtime import cli, storage
+from cleaq_jax.runtime import cli, compile_cache, storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp")
 NET_ROLES = {"dr": "grade", "iqa": "quality", "iqe": "enhanced image"}
@@ -312,6 +312,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write report.html: a card per photograph, filterable by grade and quality "
                              "(implies --explain; with --checkpoint)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--compilation-cache", default=configs.COMPILATION_CACHE_DIR, metavar="DIR",
+                        help="XLA's persistent compilation cache: a later prediction with the same model and "
+                             "batch size loads the programs this one compiles; '' for none "
+                             "(JAX_COMPILATION_CACHE_DIR, when set, wins)")
     return parser.parse_args(argv)
 
 
@@ -351,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         from cleaq_jax.runtime import console
 
         console.setup(args.verbose)
+    compile_cache.use(args.compilation_cache)
     model = open_model(args)
     print(f"predict: {model.description}", file=sys.stderr)
     storage.makedirs(args.out)
