@@ -47,7 +47,7 @@ LIGHT_FILES = ("cleaq_jax/__init__.py", "cleaq_jax/data/__init__.py", "cleaq_jax
                "cleaq_jax/evaluation/__init__.py", "cleaq_jax/evaluation/exported.py",
                "cleaq_jax/programs/__init__.py", "cleaq_jax/programs/predict.py",
                "cleaq_jax/runtime/__init__.py", "cleaq_jax/runtime/cli.py", "cleaq_jax/runtime/storage.py",
-               "cleaq_jax/errors.py")
+               "cleaq_jax/runtime/compile_cache.py", "cleaq_jax/configs/__init__.py", "cleaq_jax/errors.py")
 # What it must not reach: the training stack's libraries and cleaq_jax's model, training and checkpoint code.
 ABSENT = ("flax", "orbax", "optax", "grain", "array_record", "etils", "ml_collections", "clu", "tensorflow",
           "absl", "msgpack", "cleaq_jax.models", "cleaq_jax.training", "cleaq_jax.programs.predict_checkpoint",

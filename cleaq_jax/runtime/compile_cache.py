@@ -6,8 +6,8 @@ instead of compiling them again (docs/performance.md, "The compilation cache").
 ``--compilation-cache`` before anything compiles, both defaulting to `configs.COMPILATION_CACHE_DIR`.
 JAX_COMPILATION_CACHE_DIR, when set (empty turns the cache off), is the user's own choice and wins, as XLA_FLAGS does. Every program
 is kept, however quickly it compiled (jax's default keeps only those over 1 s, which leaves out the
-evaluation's many small ones: the demo's second run took 183 s that way, 165 s keeping all; set
-JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS to choose). Entries are never evicted: remove the directory to
+evaluation's many small ones; docs/performance.md measures both; set JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+to choose). Entries are never evicted: remove the directory to
 reclaim its space (the demo's programs take about 8 MB). A multi-process job on CPU leaves the cache off
 (`parallel.initialize_distributed`).
 
