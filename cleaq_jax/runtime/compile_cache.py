@@ -4,12 +4,12 @@ instead of compiling them again (docs/performance.md, "The compilation cache").
 
 ``cleaq-run`` calls `use` with ``config.compilation_cache_dir`` and ``cleaq-predict`` with
 ``--compilation-cache`` before anything compiles, both defaulting to `configs.COMPILATION_CACHE_DIR`.
-JAX_COMPILATION_CACHE_DIR, when set (empty turns the cache off), is the user's own choice and wins, as XLA_FLAGS does. Every program
-is kept, however quickly it compiled (jax's default keeps only those over 1 s, which leaves out the
-evaluation's many small ones; docs/performance.md measures both; set JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
-to choose). Entries are never evicted: remove the directory to
-reclaim its space (the demo's programs take about 8 MB). A multi-process job on CPU leaves the cache off
-(`parallel.initialize_distributed`).
+JAX_COMPILATION_CACHE_DIR, when set (empty turns the cache off), is the user's own choice and wins, as
+XLA_FLAGS does. Every program is kept, however quickly it compiled (jax's default keeps only those over
+1 s, which leaves out the evaluation's many small ones; docs/performance.md measures both); a
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS the user set is kept. Entries are never evicted: remove the
+directory to reclaim its space (the demo's programs take about 8 MB). A multi-process job on CPU leaves the
+cache off (`parallel.initialize_distributed`).
 
 Imports only the standard library until `use` is called: predict from an exported model uses it.
 """
@@ -23,10 +23,9 @@ MIN_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def use(directory: str) -> str | None:
-    """Point jax's persistent compilation cache at ``directory`` (``~`` expanded; a gs:// path works where
-    jax can write there; '' turns it off), unless JAX_COMPILATION_CACHE_DIR is set, which wins. Returns the
-    directory in use, or None when the cache is off. Call it before the first compilation; a later call
-    re-points the cache for later ones."""
+    """Point jax's persistent compilation cache at ``directory`` (``~`` expanded; '' turns it off), unless
+    JAX_COMPILATION_CACHE_DIR is set, which wins. Returns the directory in use, or None when the cache is
+    off. Call it before the first compilation; a later call moves the cache for later ones."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
